@@ -1,0 +1,77 @@
+"""A real, offline corpus for the demo and tests: text that ships with every Python.
+
+`pydoc_data.topics` holds the Language Reference topics (~1 MB of English prose);
+module and function docstrings of the standard library add a few MB more. No
+download, same bytes on every machine with the same Python.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import pkgutil
+import sys
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+# Modules whose import has side effects (GUI, antigravity opens a browser, this prints).
+_SKIP = {"antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "__main__", "lib2to3", "ensurepip"}
+
+
+def pydoc_topics() -> Iterator[tuple[str, str]]:
+    from pydoc_data.topics import topics
+
+    for name in sorted(topics):
+        yield f"topic:{name}", topics[name]
+
+
+def stdlib_docstrings(min_chars: int = 200) -> Iterator[tuple[str, str]]:
+    names = sorted(m.name for m in pkgutil.iter_modules() if m.name in sys.stdlib_module_names)
+    for name in names:
+        if name in _SKIP or name.startswith("_"):
+            continue
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                module = importlib.import_module(name)
+        except Exception:  # noqa: BLE001 - platform-specific modules simply do not contribute
+            continue
+        doc = inspect.getdoc(module)
+        if doc and len(doc) >= min_chars:
+            yield f"module:{name}", doc
+        for attr, obj in sorted(vars(module).items()):
+            if attr.startswith("_") or getattr(obj, "__module__", None) != name:
+                continue
+            doc = inspect.getdoc(obj) if (inspect.isclass(obj) or inspect.isfunction(obj)) else None
+            if doc and len(doc) >= min_chars:
+                yield f"doc:{name}.{attr}", doc
+
+
+def write_demo_corpus(out: str | Path, max_bytes: int | None = None, shards: int = 2) -> list[Path]:
+    """Write the corpus as `shards` jsonl files ({"id", "text"}); return their paths."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / f"python_docs_{i:02d}.jsonl" for i in range(shards)]
+    files = [p.open("w", encoding="utf-8") for p in paths]
+    written = 0
+    try:
+        for i, (doc_id, text) in enumerate(_all_docs()):
+            line = json.dumps({"id": doc_id, "text": text}, ensure_ascii=False) + "\n"
+            files[i % shards].write(line)
+            written += len(line)
+            if max_bytes and written >= max_bytes:
+                break
+    finally:
+        for f in files:
+            f.close()
+    return paths
+
+
+def _all_docs() -> Iterator[tuple[str, str]]:
+    seen: set[str] = set()
+    for doc_id, text in (*pydoc_topics(), *stdlib_docstrings()):
+        if doc_id not in seen:
+            seen.add(doc_id)
+            yield doc_id, text

@@ -1,0 +1,368 @@
+"""Typed configuration for every stage: YAML files, `extends:`, `--set` overrides.
+
+Config mistakes should surface before a single process starts, as one line that
+names the file and the key. Pydantic does the checking; this module turns its
+errors into that line and adds the cross-field rules (parallel layout).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A one-line, user-facing configuration or usage error (CLI exit code 2)."""
+
+
+class KilnError(RuntimeError):
+    """A one-line, user-facing runtime failure (CLI exit code 1): names the file/record/key."""
+
+
+class _Strict(BaseModel):
+    # Unknown keys are typos until proven otherwise.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------- model / training
+
+
+class ModelConfig(_Strict):
+    style: Literal["llama", "gpt2"] = "llama"
+    n_layer: int = Field(12, ge=1)
+    n_head: int = Field(12, ge=1)
+    n_embd: int = Field(768, ge=8)
+    block_size: int = Field(1024, ge=8)
+    vocab_size: int | None = Field(None, ge=8, description="default: taken from the tokenizer")
+    tie_embeddings: bool = True
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    ffn_hidden: int | None = Field(None, ge=8, description="MLP width; default 4*n_embd (gpt2) or ~8/3*n_embd (llama)")
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> ModelConfig:
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
+        return self
+
+
+class ParallelConfig(_Strict):
+    tp: int = Field(1, ge=1)
+    pp: int = Field(1, ge=1)
+    zero_stage: Literal[0, 1, 2, 3] = 1
+    offload: Literal["none", "cpu"] = "none"
+    micro_batches: int | None = Field(None, ge=1, description="pipeline micro-batches; default grad_accum")
+    partition: Literal["parameters", "uniform"] = "parameters"
+
+
+class TrainConfig(_Strict):
+    micro_batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    steps: int = Field(1000, ge=1)
+    lr: float = Field(3e-4, gt=0)
+    min_lr: float = Field(3e-5, ge=0)
+    warmup_steps: int = Field(100, ge=0)
+    weight_decay: float = Field(0.1, ge=0)
+    beta1: float = Field(0.9, gt=0, lt=1)
+    beta2: float = Field(0.95, gt=0, lt=1)
+    grad_clip: float = Field(1.0, ge=0)
+    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    seed: int = 1234
+    activation_checkpointing: bool = False
+    log_every: int = Field(10, ge=1)
+    eval_every: int = Field(0, ge=0, description="0 disables periodic validation")
+    eval_batches: int = Field(8, ge=1)
+    peak_flops: float | None = Field(None, gt=0, description="per-device peak for MFU; default: measured/known")
+
+    @model_validator(mode="after")
+    def _lr_order(self) -> TrainConfig:
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr {self.min_lr} is larger than lr {self.lr}")
+        return self
+
+
+class DataConfig(_Strict):
+    paths: list[str] = Field(default_factory=list, description="prep output directories")
+    weights: list[float] | None = None
+    val_tokens: int = Field(65536, ge=0)
+
+    @model_validator(mode="after")
+    def _weights_match(self) -> DataConfig:
+        if self.weights is not None:
+            if len(self.weights) != len(self.paths):
+                raise ValueError(f"{len(self.weights)} weights for {len(self.paths)} paths")
+            if any(w < 0 for w in self.weights) or sum(self.weights) <= 0:
+                raise ValueError("weights must be non-negative and not all zero")
+        return self
+
+
+class CheckpointConfig(_Strict):
+    every: int = Field(100, ge=1)
+    keep: int = Field(3, ge=1)
+
+
+class TrackingConfig(_Strict):
+    enabled: bool = True
+    uri: str | None = None
+    experiment: str = "kiln"
+    register_as: str | None = None
+
+
+class RunConfig(_Strict):
+    """What `kiln train` reads."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    out: str = "runs/train"
+
+    @model_validator(mode="after")
+    def _layout_fits_model(self) -> RunConfig:
+        p, m = self.parallel, self.model
+        if m.n_head % p.tp:
+            raise ValueError(f"parallel.tp: {p.tp} does not divide model.n_head {m.n_head}")
+        if p.pp > 1 and m.n_layer % p.pp:
+            raise ValueError(f"parallel.pp: {p.pp} does not divide model.n_layer {m.n_layer}")
+        if p.pp > 1 and p.zero_stage >= 2:
+            raise ValueError(
+                f"parallel.zero_stage: {p.zero_stage} with parallel.pp {p.pp}: "
+                "DeepSpeed's pipeline engine allows ZeRO 0 or 1"
+            )
+        if p.offload == "cpu" and p.zero_stage == 0:
+            raise ValueError("parallel.offload: cpu needs parallel.zero_stage >= 1")
+        return self
+
+
+def validate_world(cfg: RunConfig, world_size: int) -> int:
+    """Check the layout against the launched world; return the data-parallel size."""
+    mp = cfg.parallel.tp * cfg.parallel.pp
+    if world_size % mp:
+        raise ConfigError(
+            f"world size {world_size} is not divisible by parallel.tp x parallel.pp = {mp}"
+        )
+    return world_size // mp
+
+
+# --------------------------------------------------------------------------- prep
+
+
+class FilterConfig(_Strict):
+    gopher_quality: bool = True
+    gopher_repetition: bool = True
+    c4: bool = True
+    fineweb: bool = True
+    min_words: int = Field(50, ge=0)
+    max_words: int = Field(100_000, ge=1)
+    max_doc_chars: int = Field(1_000_000, ge=1)
+    long_doc_policy: Literal["split", "drop"] = "split"
+
+
+class MinHashConfig(_Strict):
+    ngram: int = Field(5, ge=1)
+    bands: int = Field(14, ge=1)
+    rows: int = Field(8, ge=1)
+    seed: int = 1
+
+
+class PrepConfig(_Strict):
+    """What `kiln prep` reads (CLI flags map onto these keys)."""
+
+    text_field: str = "text"
+    id_field: str = "id"
+    workers: int = Field(2, ge=1)
+    ray_address: str | None = None
+    vocab_size: int = Field(8192, ge=64)
+    tokenizer: str | None = Field(None, description="an existing sentencepiece .model; skips training")
+    tokenizer_type: Literal["bpe", "unigram"] = "bpe"
+    tokenizer_sample_docs: int = Field(200_000, ge=100)
+    val_fraction: float = Field(0.01, ge=0.0, lt=1.0)
+    dedup: bool = True
+    near_dedup: bool = True
+    langs: list[str] | None = None
+    lang_threshold: float = Field(0.5, ge=0.0, le=1.0)
+    filters: FilterConfig = Field(default_factory=FilterConfig)
+    minhash: MinHashConfig = Field(default_factory=MinHashConfig)
+    shard_docs: int = Field(50_000, ge=1, description="documents per input partition / output shard")
+    seed: int = 1234
+
+
+# --------------------------------------------------------------------------- post-training
+
+
+class QuantizeConfig(_Strict):
+    method: Literal["int8-weight", "int8-dynamic", "rtn4", "gptq4"] = "int8-weight"
+    bits: int = Field(4, ge=2, le=8)
+    group_size: int = Field(128, ge=0, description="0 = per output channel")
+    act_order: bool = True
+    damp: float = Field(0.01, gt=0, lt=1)
+    calib: str | None = None
+    calib_samples: int = Field(128, ge=1)
+    calib_seq_len: int | None = Field(None, ge=8)
+    quantize_head: bool = False
+
+
+class DistillConfig(_Strict):
+    alpha: float = Field(0.5, ge=0, le=1)
+    temperature: float = Field(2.0, gt=0)
+    hidden_weight: float = Field(0.0, ge=0)
+    layer_stride: int = Field(2, ge=1, description="student layer i starts from teacher layer i*stride")
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+
+class PruneConfig(_Strict):
+    sparsity: float = Field(0.5, ge=0, lt=1)
+    pattern: Literal["unstructured", "2:4"] = "unstructured"
+    recovery_steps: int = Field(0, ge=0)
+
+
+SCHEMAS: dict[str, type[BaseModel]] = {
+    "train": RunConfig,
+    "prep": PrepConfig,
+    "quantize": QuantizeConfig,
+    "distill": DistillConfig,
+    "prune": PruneConfig,
+}
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _deep_merge(base: dict, top: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def load_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
+    """Read a YAML mapping, resolving `extends:` (a path or list, relative to the file)."""
+    path = Path(path)
+    if path.resolve() in _seen:
+        raise ConfigError(f"{path}: extends: cycle through {' -> '.join(str(p) for p in _seen)}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}{where}: not valid YAML: {getattr(err, 'problem', err)}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    parents = data.pop("extends", None) or []
+    if isinstance(parents, str):
+        parents = [parents]
+    merged: dict = {}
+    for parent in parents:
+        merged = _deep_merge(merged, load_yaml(path.parent / parent, _seen + (path.resolve(),)))
+    return _deep_merge(merged, data)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` -> (["a","b","c"], yaml-parsed value)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {item}: expected key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> tuple[dict, dict[str, str]]:
+    """Apply `--set` items; return the new dict and {dotted key: origin} for error messages."""
+    data = copy.deepcopy(data)
+    origins: dict[str, str] = {}
+    for item in overrides or []:
+        keys, value = parse_override(item)
+        node = data
+        for k in keys[:-1]:
+            if not isinstance(node.get(k), dict):
+                node[k] = {}
+            node = node[k]
+        node[keys[-1]] = value
+        origins[".".join(keys)] = f"--set {item}"
+    return data, origins
+
+
+def _describe(err: dict) -> str:
+    ctx = err.get("ctx") or {}
+    value = err.get("input")
+    if err["type"] == "literal_error":
+        expected = ctx.get("expected", "").replace(" or ", ", ").replace("'", "").replace(", ", ",")
+        return f"{value!r} is not one of {expected}"
+    if err["type"] == "extra_forbidden":
+        return "unknown key"
+    if err["type"] == "missing":
+        return "required key is missing"
+    msg = err["msg"]
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+    if err["loc"] and value is not None and not isinstance(value, dict):
+        return f"{value!r}: {msg}"
+    return msg
+
+
+def format_validation_error(exc: ValidationError, source: str, origins: dict[str, str] | None = None) -> str:
+    """One line per problem: `<file or --set>: <dotted.key>: <what is wrong>`."""
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"])
+        if not key:  # a cross-field rule: its message starts with the key it blames
+            msg = _describe(err)
+            blamed = msg.split(":", 1)[0]
+            lines.append(f"{(origins or {}).get(blamed, source)}: {msg}")
+            continue
+        where = (origins or {}).get(key, source)
+        lines.append(f"{where}: {key}: {_describe(err)}")
+    return "\n".join(lines)
+
+
+def build(schema: type[BaseModel], data: dict, source: str = "<config>", origins: dict | None = None):
+    try:
+        return schema.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, source, origins)) from None
+
+
+def load_config(
+    kind: str, path: str | Path | None = None, overrides: list[str] | None = None, base: dict | None = None
+):
+    """Load a config of `kind` ("train", "prep", ...) from YAML + `--set` overrides.
+
+    `base` holds values from CLI flags; the file wins over flags' defaults only
+    where the flag was not given (the CLI passes only flags the user set).
+    """
+    schema = SCHEMAS[kind]
+    data = load_yaml(path) if path else {}
+    if base:
+        data = _deep_merge(data, base)
+    data, origins = apply_overrides(data, overrides or [])
+    return build(schema, data, str(path) if path else "<defaults>", origins)
+
+
+def flatten(data: dict | BaseModel, prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}; used for MLflow params and config digests."""
+    if isinstance(data, BaseModel):
+        data = data.model_dump(mode="json")
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out

@@ -1,0 +1,161 @@
+"""`kiln plan`: how big a model a compute budget buys, and whether a layout fits in memory.
+
+Compute-optimal sizing follows Chinchilla (Hoffmann et al. 2022): C ~= 6*N*D with
+D ~= 20*N tokens. Memory follows the ZeRO paper's accounting (Rajbhandari et al.
+2020: 2+2+12 bytes/param under mixed precision) and, for activations, Korthikanti
+et al. 2022 (34*s*b*h bytes per layer with fused attention, /tp with sequence
+parallelism; 2*s*b*h with full recomputation).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from pipeline.config import ConfigError, ModelConfig, load_yaml
+from pipeline.model.flops import param_counts
+
+# Dense bf16 tensor-core peaks from vendor spec sheets (FLOP/s per GPU).
+GPU_PEAK_FLOPS = {
+    "h100": 989e12,
+    "h200": 989e12,
+    "b200": 2250e12,
+    "a100": 312e12,
+    "l40s": 362e12,
+    "a10g": 125e12,
+    "v100": 125e12,
+}
+DEFAULT_VOCAB = 50304
+GIB = 2**30
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "model"
+
+
+def budget_flops(gpus: int, hours: float, gpu: str = "h100", mfu: float = 0.4) -> float:
+    """Training FLOPs a cluster delivers: GPUs x seconds x peak x achieved MFU."""
+    if gpu not in GPU_PEAK_FLOPS:
+        raise ConfigError(f"--gpu {gpu}: unknown GPU; known: {', '.join(sorted(GPU_PEAK_FLOPS))}")
+    if gpus <= 0 or hours <= 0 or not 0 < mfu <= 1:
+        raise ConfigError("--gpus and --hours must be positive and --mfu in (0, 1]")
+    return gpus * hours * 3600.0 * GPU_PEAK_FLOPS[gpu] * mfu
+
+
+def compute_optimal(flops: float, tokens_per_param: float = 20.0) -> dict[str, float]:
+    """Chinchilla: with C = 6*N*D and D = r*N, N = sqrt(C / (6r))."""
+    if flops <= 0:
+        raise ConfigError(f"--flops {flops}: must be positive")
+    n = math.sqrt(flops / (6.0 * tokens_per_param))
+    return {"flops": flops, "params": n, "tokens": tokens_per_param * n}
+
+
+def shipped_models(config_dir: Path = CONFIG_DIR, vocab_size: int = DEFAULT_VOCAB) -> dict[str, ModelConfig]:
+    out = {}
+    for path in sorted(config_dir.glob("[0-9]*.yaml")):  # the GPT-3 table sizes, not test shapes
+        data = load_yaml(path).get("model", {})
+        data.setdefault("vocab_size", vocab_size)
+        out[path.stem] = ModelConfig.model_validate(data)
+    return out
+
+
+def nearest_model(params: float, vocab_size: int = DEFAULT_VOCAB) -> tuple[str, ModelConfig, int]:
+    """The shipped config whose parameter count is nearest in log space."""
+    models = shipped_models(vocab_size=vocab_size)
+    name = min(models, key=lambda k: abs(math.log(param_counts(models[k])["total"] / params)))
+    return name, models[name], param_counts(models[name])["total"]
+
+
+def memory_per_gpu(
+    cfg: ModelConfig,
+    *,
+    tp: int = 1,
+    pp: int = 1,
+    dp: int = 1,
+    zero_stage: int = 1,
+    precision: str = "bf16",
+    micro_batch_size: int = 1,
+    seq_len: int | None = None,
+    activation_checkpointing: bool = False,
+    offload: str = "none",
+    micro_batches: int | None = None,
+) -> dict[str, float]:
+    """Bytes per GPU, broken down; the first pipeline stage (the fullest one) is reported."""
+    vocab = cfg.vocab_size or DEFAULT_VOCAB
+    psi = param_counts(cfg, vocab)["total"] / (tp * pp)
+    mixed = precision in ("bf16", "fp16")
+    w_bytes, g_bytes, o_bytes = (2, 2, 12) if mixed else (4, 4, 8)
+    weights, grads, optim = psi * w_bytes, psi * g_bytes, psi * o_bytes
+    if zero_stage >= 1:
+        optim /= dp
+    if zero_stage >= 2:
+        grads /= dp
+    if zero_stage >= 3:
+        weights /= dp
+    if offload == "cpu":
+        optim = 0.0
+
+    s, b, h = seq_len or cfg.block_size, micro_batch_size, cfg.n_embd
+    act_scale = 1 if mixed else 2
+    layers_here = cfg.n_layer // pp
+    in_flight = min(pp, micro_batches or pp)  # 1F1B: stage 0 holds pp micro-batches
+    if activation_checkpointing:
+        per_layer = 2 * s * b * h * act_scale
+        recompute = 34 * s * b * h * act_scale / tp
+    else:
+        per_layer = 34 * s * b * h * act_scale / tp
+        recompute = 0.0
+    activations = per_layer * layers_here * in_flight + recompute
+    logits = 4.0 * s * b * vocab / tp * 2  # fp32 logits and their gradient
+    total = weights + grads + optim + activations + logits
+    return {
+        "weights": weights,
+        "grads": grads,
+        "optimizer": optim,
+        "activations": activations,
+        "logits": logits,
+        "total": total,
+    }
+
+
+def make_plan(
+    *,
+    flops: float | None = None,
+    gpus: int | None = None,
+    hours: float | None = None,
+    gpu: str = "h100",
+    mfu: float = 0.4,
+    tokens_per_param: float = 20.0,
+    model: str | None = None,
+    layout: dict | None = None,
+) -> dict:
+    """Everything `kiln plan` prints, as one dict."""
+    if flops is None:
+        if gpus is None or hours is None:
+            raise ConfigError("kiln plan: give --flops, or --gpus and --hours")
+        flops = budget_flops(gpus, hours, gpu, mfu)
+    optimum = compute_optimal(flops, tokens_per_param)
+    name, cfg, n = nearest_model(optimum["params"])
+    if model:
+        path = Path(model)
+        if not path.exists():
+            path = CONFIG_DIR / f"{model}.yaml"
+        data = load_yaml(path).get("model", {})
+        data.setdefault("vocab_size", DEFAULT_VOCAB)
+        name, cfg = path.stem, ModelConfig.model_validate(data)
+        n = param_counts(cfg)["total"]
+    layout = dict(layout or {})
+    layout.setdefault("dp", max(1, (gpus or 1) // (layout.get("tp", 1) * layout.get("pp", 1))))
+    mem = memory_per_gpu(cfg, **layout)
+    plan = {
+        "flops": flops,
+        "optimal_params": optimum["params"],
+        "optimal_tokens": optimum["tokens"],
+        "tokens_per_param": tokens_per_param,
+        "model_config": name,
+        "model_params": n,
+        "tokens_for_model": flops / (6.0 * n),
+        "layout": layout,
+        "memory_gib": {k: v / GIB for k, v in mem.items()},
+    }
+    if gpus and hours:
+        plan.update(gpus=gpus, hours=hours, gpu=gpu, mfu=mfu)
+        plan["tokens_per_s_needed"] = optimum["tokens"] / (hours * 3600.0)
+    return plan

@@ -1,0 +1,72 @@
+"""`kiln plan`: Chinchilla sizing against the paper, parameter counts, memory accounting."""
+
+import pytest
+
+from pipeline.config import ConfigError, ModelConfig
+from pipeline.model.flops import flops_per_token, param_counts
+from pipeline.plan import budget_flops, compute_optimal, make_plan, memory_per_gpu, nearest_model
+
+
+def test_chinchilla_paper_point():
+    # Hoffmann et al. 2022: Chinchilla, 70B params on 1.4T tokens, ~5.76e23 FLOPs.
+    opt = compute_optimal(5.76e23)
+    assert opt["params"] == pytest.approx(70e9, rel=0.03)
+    assert opt["tokens"] == pytest.approx(1.4e12, rel=0.03)
+    assert 6 * opt["params"] * opt["tokens"] == pytest.approx(5.76e23)
+
+
+def test_gopher_budget_gives_smaller_model_than_gopher():
+    # Same budget as Gopher (280B params, 300B tokens): Chinchilla says ~4x fewer params.
+    opt = compute_optimal(6 * 280e9 * 300e9)
+    assert 50e9 < opt["params"] < 80e9
+
+
+def test_budget_from_gpus_hours():
+    assert budget_flops(64, 720, "h100", 0.4) == pytest.approx(64 * 720 * 3600 * 989e12 * 0.4)
+    with pytest.raises(ConfigError, match="unknown GPU"):
+        budget_flops(8, 1, "tpu9")
+
+
+def test_shipped_sizes_match_their_names():
+    for name, expected in [("125m", 125e6), ("350m", 350e6), ("760m", 760e6), ("1.3b", 1.3e9), ("2.7b", 2.7e9), ("6.7b", 6.7e9)]:
+        picked, cfg, n = nearest_model(expected)
+        assert picked == name
+        assert n == pytest.approx(expected, rel=0.1)
+
+
+def test_param_counts_gpt2_124m():
+    # GPT-2 small: 124,439,808 params with vocab 50257, context 1024, tied head.
+    cfg = ModelConfig(style="gpt2", n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50257)
+    assert param_counts(cfg)["total"] == 124_439_808
+    # 6N + 12*L*d*T with N = non-embedding + output matmul
+    n = param_counts(cfg)["non_embedding"] + 50257 * 768
+    assert flops_per_token(cfg) == 6 * n + 12 * 12 * 768 * 1024
+
+
+def test_memory_zero_stages_shrink_per_gpu_state():
+    cfg = ModelConfig(n_layer=24, n_head=16, n_embd=2048, block_size=2048, vocab_size=50304)
+    psi = param_counts(cfg)["total"]
+    m0 = memory_per_gpu(cfg, dp=8, zero_stage=0)
+    m1 = memory_per_gpu(cfg, dp=8, zero_stage=1)
+    m2 = memory_per_gpu(cfg, dp=8, zero_stage=2)
+    m3 = memory_per_gpu(cfg, dp=8, zero_stage=3)
+    assert m0["weights"] + m0["grads"] + m0["optimizer"] == pytest.approx(16 * psi)
+    assert m1["optimizer"] == pytest.approx(12 * psi / 8)
+    assert m2["grads"] == pytest.approx(2 * psi / 8)
+    assert m3["weights"] == pytest.approx(2 * psi / 8)
+    assert m0["total"] > m1["total"] > m2["total"] > m3["total"]
+    ckpt = memory_per_gpu(cfg, activation_checkpointing=True, micro_batch_size=4)
+    full = memory_per_gpu(cfg, activation_checkpointing=False, micro_batch_size=4)
+    assert ckpt["activations"] < full["activations"] / 5
+    tp2 = memory_per_gpu(cfg, tp=2, micro_batch_size=4)
+    assert tp2["weights"] == pytest.approx(full["weights"] / 2)
+
+
+def test_make_plan_for_a_cluster():
+    plan = make_plan(gpus=64, hours=720, gpu="h100", layout={"tp": 2})
+    assert plan["layout"]["dp"] == 32
+    assert 1e10 < plan["optimal_params"] < 5e10
+    assert plan["optimal_tokens"] == pytest.approx(20 * plan["optimal_params"])
+    assert plan["model_config"] == "6.7b"
+    with pytest.raises(ConfigError, match="--flops, or --gpus and --hours"):
+        make_plan(gpus=8)
