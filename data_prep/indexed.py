@@ -1,0 +1,178 @@
+"""Megatron `MMapIndexedDataset` shards (.bin + .idx), written and read byte-exactly.
+
+GPT-NeoX and Megatron-LM read these files unchanged, so the layout is fixed:
+
+    .idx = b"MMIDIDX\\x00\\x00"  magic (9 bytes)
+           <Q  version (1)
+           <B  dtype code (8 = uint16, 4 = int32, ...)
+           <Q  sequence count n
+           <Q  document count (len of doc_idx = n + 1 here)
+           int32[n]  sequence lengths (tokens)
+           int64[n]  byte offsets of each sequence in .bin
+           int64[n+1] document index: sequence numbers where documents start, from 0
+    .bin = the token ids, back to back, in the dtype above
+
+Kiln writes one sequence per document. Files appear under their final names only
+when complete (write to `*.tmp`, fsync, rename .bin then .idx), so a reader never
+sees a half-written shard.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+
+MAGIC = b"MMIDIDX\x00\x00"
+VERSION = 1
+DTYPE_CODES = {
+    1: np.uint8,
+    2: np.int8,
+    3: np.int16,
+    4: np.int32,
+    5: np.int64,
+    6: np.float64,
+    7: np.float64,
+    8: np.uint16,
+}
+CODE_OF = {np.dtype(np.uint8): 1, np.dtype(np.int8): 2, np.dtype(np.int16): 3, np.dtype(np.int32): 4,
+           np.dtype(np.int64): 5, np.dtype(np.uint16): 8}
+
+
+def dtype_for_vocab(vocab_size: int) -> np.dtype:
+    """uint16 when every id fits with room to spare (Megatron's < 65500 rule), else int32."""
+    return np.dtype(np.uint16) if vocab_size < 65500 else np.dtype(np.int32)
+
+
+def _fsync_rename(tmp: Path, final: Path) -> None:
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+
+
+class IndexedWriter:
+    """Stream documents into `<prefix>.bin/.idx`; `close()` publishes both atomically.
+
+    Use as a context manager; on an exception the temp files are removed and
+    nothing appears under the final names.
+    """
+
+    def __init__(self, prefix: str | Path, dtype=np.uint16):
+        self.prefix = Path(prefix)
+        self.dtype = np.dtype(dtype)
+        if self.dtype not in CODE_OF:
+            raise ValueError(f"unsupported shard dtype {self.dtype}")
+        self.bin_path = self.prefix.with_name(self.prefix.name + ".bin")
+        self.idx_path = self.prefix.with_name(self.prefix.name + ".idx")
+        self._bin_tmp = self.bin_path.with_name(self.bin_path.name + ".tmp")
+        self._idx_tmp = self.idx_path.with_name(self.idx_path.name + ".tmp")
+        self.prefix.parent.mkdir(parents=True, exist_ok=True)
+        self._bin = open(self._bin_tmp, "wb")
+        self._bin_hash = hashlib.sha256()
+        self.sizes: list[int] = []
+        self.tokens = 0
+
+    def add(self, tokens) -> None:
+        """Append one document (already ending with EOS)."""
+        arr = np.asarray(tokens, dtype=self.dtype)
+        data = arr.tobytes(order="C")
+        self._bin.write(data)
+        self._bin_hash.update(data)
+        self.sizes.append(int(arr.size))
+        self.tokens += int(arr.size)
+
+    def close(self) -> dict:
+        """Write the index, publish both files; return {"documents", "tokens", "sha256"}."""
+        self._bin.close()
+        sizes = np.asarray(self.sizes, dtype=np.int32)
+        pointers = np.zeros(len(sizes), dtype=np.int64)
+        if len(sizes) > 1:
+            np.cumsum(sizes[:-1].astype(np.int64) * self.dtype.itemsize, out=pointers[1:])
+        doc_idx = np.arange(len(sizes) + 1, dtype=np.int64)
+        header = MAGIC + struct.pack("<Q", VERSION) + struct.pack("<B", CODE_OF[self.dtype])
+        header += struct.pack("<Q", len(sizes)) + struct.pack("<Q", len(doc_idx))
+        idx_bytes = header + sizes.tobytes() + pointers.tobytes() + doc_idx.tobytes()
+        with open(self._idx_tmp, "wb") as f:
+            f.write(idx_bytes)
+        _fsync_rename(self._bin_tmp, self.bin_path)
+        _fsync_rename(self._idx_tmp, self.idx_path)  # the .idx appearing marks the shard complete
+        digest = hashlib.sha256(self._bin_hash.digest() + hashlib.sha256(idx_bytes).digest()).hexdigest()
+        return {"documents": len(sizes), "tokens": self.tokens, "sha256": digest}
+
+    def abort(self) -> None:
+        self._bin.close()
+        for tmp in (self._bin_tmp, self._idx_tmp):
+            tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> IndexedWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.result = self.close()
+        else:
+            self.abort()
+
+
+def shard_digest(prefix: str | Path) -> str:
+    """The digest `IndexedWriter.close()` reports, recomputed from the files on disk (streamed)."""
+    prefix = Path(prefix)
+    hashes = []
+    for suffix in (".bin", ".idx"):
+        h = hashlib.sha256()
+        with open(prefix.with_name(prefix.name + suffix), "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        hashes.append(h.digest())
+    return hashlib.sha256(hashes[0] + hashes[1]).hexdigest()
+
+
+class IndexedDataset:
+    """Memory-mapped reader: `ds[i]` is sequence i as a numpy view, nothing copied."""
+
+    def __init__(self, prefix: str | Path):
+        self.prefix = Path(prefix)
+        idx_path = self.prefix.with_name(self.prefix.name + ".idx")
+        bin_path = self.prefix.with_name(self.prefix.name + ".bin")
+        with open(idx_path, "rb") as f:
+            head = f.read(len(MAGIC) + 8 + 1 + 8 + 8)
+        if len(head) < 34 or head[: len(MAGIC)] != MAGIC:
+            raise ValueError(f"{idx_path}: not a Megatron MMIDIDX index (bad magic)")
+        (version,) = struct.unpack_from("<Q", head, 9)
+        if version != VERSION:
+            raise ValueError(f"{idx_path}: index version {version}, expected {VERSION}")
+        (code,) = struct.unpack_from("<B", head, 17)
+        if code not in DTYPE_CODES:
+            raise ValueError(f"{idx_path}: unknown dtype code {code}")
+        self.dtype = np.dtype(DTYPE_CODES[code])
+        (n,) = struct.unpack_from("<Q", head, 18)
+        (n_docs,) = struct.unpack_from("<Q", head, 26)
+        expected = 34 + 4 * n + 8 * n + 8 * n_docs
+        if idx_path.stat().st_size != expected:
+            raise ValueError(f"{idx_path}: truncated or corrupt ({idx_path.stat().st_size} bytes, expected {expected})")
+        idx = np.memmap(idx_path, mode="r", dtype=np.uint8)
+        self.sizes = np.frombuffer(idx, dtype=np.int32, count=n, offset=34)
+        self.pointers = np.frombuffer(idx, dtype=np.int64, count=n, offset=34 + 4 * n)
+        self.doc_idx = np.frombuffer(idx, dtype=np.int64, count=n_docs, offset=34 + 12 * n)
+        total = int(self.sizes.astype(np.int64).sum())
+        if bin_path.stat().st_size != total * self.dtype.itemsize:
+            raise ValueError(f"{bin_path}: size {bin_path.stat().st_size} does not match its index ({total} tokens)")
+        self.tokens = np.memmap(bin_path, mode="r", dtype=self.dtype) if total else np.zeros(0, self.dtype)
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        start = int(self.pointers[i]) // self.dtype.itemsize
+        return self.tokens[start : start + int(self.sizes[i])]
+
+    def get(self, i: int, offset: int = 0, length: int | None = None) -> np.ndarray:
+        seq = self[i]
+        return seq[offset : None if length is None else offset + length]
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.tokens.size)
