@@ -1,0 +1,115 @@
+"""A prepared corpus (the output DIR of `kiln prep`) seen as one token stream per split.
+
+Training, evaluation, calibration and distillation all read data the same way:
+the shards of a split, in manifest order, concatenated into one stream (EOS
+already ends every document), cut into fixed-length windows that cross
+document boundaries, as Megatron and nanoGPT do.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+
+from data_prep.indexed import IndexedDataset, shard_digest
+from pipeline.config import KilnError
+
+
+class PreparedCorpus:
+    """manifest.json + shards of one prep output directory."""
+
+    def __init__(self, directory: str | Path, verify: bool = True):
+        self.dir = Path(directory)
+        path = self.dir / "manifest.json"
+        try:
+            self.manifest = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise KilnError(f"{path}: not found; is {self.dir} a `kiln prep` output directory?") from None
+        except json.JSONDecodeError as err:
+            raise KilnError(f"{path}: not valid JSON ({err})") from None
+        if verify:
+            self.verify()
+
+    @property
+    def digest(self) -> str:
+        return self.manifest["digest"]
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.manifest["tokenizer"]["vocab_size"])
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.dir / self.manifest["tokenizer"]["path"]
+
+    def shards(self, split: str) -> list[dict]:
+        return [s for s in self.manifest["shards"] if s["split"] == split]
+
+    def verify(self) -> None:
+        """Refuse shards whose bytes do not match the manifest (stale, truncated or swapped files)."""
+        for shard in self.manifest["shards"]:
+            prefix = self._prefix(shard)
+            try:
+                actual = shard_digest(prefix)
+            except FileNotFoundError:
+                raise KilnError(f"{prefix}.bin/.idx: listed in {self.dir / 'manifest.json'} but missing") from None
+            if actual != shard["sha256"]:
+                raise KilnError(f"{prefix}.bin: digest {actual[:12]}… does not match manifest {shard['sha256'][:12]}…")
+
+    def _prefix(self, shard: dict) -> Path:
+        path = self.dir / shard["path"]
+        return path.with_suffix("") if path.suffix in (".bin", ".idx") else path
+
+    def stream(self, split: str) -> TokenStream:
+        shards = self.shards(split)
+        if not shards:
+            raise KilnError(f"{self.dir / 'manifest.json'}: no '{split}' shards")
+        return TokenStream([IndexedDataset(self._prefix(s)) for s in shards])
+
+
+class TokenStream:
+    """Several shards read as one contiguous array of tokens, without copying them into memory."""
+
+    def __init__(self, datasets: list[IndexedDataset]):
+        self.parts = [d.tokens for d in datasets if d.num_tokens]
+        self.offsets = np.cumsum([0] + [len(p) for p in self.parts])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def read(self, start: int, length: int) -> np.ndarray:
+        """tokens[start:start+length] as int64, crossing shard boundaries when needed."""
+        if start < 0 or start + length > len(self):
+            raise IndexError(f"read [{start}, {start + length}) outside stream of {len(self)} tokens")
+        out = np.empty(length, dtype=np.int64)
+        pos, filled = start, 0
+        part = int(np.searchsorted(self.offsets, start, side="right")) - 1
+        while filled < length:
+            local = pos - int(self.offsets[part])
+            take = min(length - filled, len(self.parts[part]) - local)
+            out[filled : filled + take] = self.parts[part][local : local + take]
+            filled, pos, part = filled + take, pos + take, part + 1
+        return out
+
+
+class Windows:
+    """Non-overlapping windows of `block_size + 1` tokens (inputs and shifted targets)."""
+
+    def __init__(self, stream: TokenStream, block_size: int):
+        self.stream, self.block_size = stream, block_size
+        self.count = (len(stream) - 1) // block_size
+        if self.count < 1:
+            raise KilnError(f"corpus has {len(stream)} tokens, fewer than one window of {block_size + 1}")
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.stream.read(i * self.block_size, self.block_size + 1)
+
+    @cached_property
+    def tokens(self) -> int:
+        return self.count * self.block_size

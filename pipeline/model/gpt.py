@@ -1,0 +1,191 @@
+"""A plain GPT decoder, readable top to bottom (after nanoGPT).
+
+Two styles from one config: `llama` (RMSNorm, rotary positions, SwiGLU, no biases)
+and `gpt2` (LayerNorm, learned positions, GELU, biases). The model knows nothing
+about ranks or devices: tensor and pipeline parallelism are applied on top of it
+by `pipeline/model/tensor_parallel.py` and `pipeline/parallel/`. For that, every
+layer derives its local sizes from its weights, never from the config, so a
+column-split projection simply yields fewer heads.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from pipeline.config import ModelConfig
+from pipeline.model.flops import ffn_hidden
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.style == "gpt2":
+        return nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps)
+    return nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding, "rotate half" layout (same as HF Llama, so exports need no permutation)."""
+
+    def __init__(self, head_dim: int, max_len: int, theta: float):
+        super().__init__()
+        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
+        emb = torch.cat([freqs, freqs], dim=-1)
+        self.register_buffer("cos", emb.cos(), persistent=False)
+        self.register_buffer("sin", emb.sin(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, H, T, D)
+        t = x.size(-2)
+        cos, sin = self.cos[:t].to(x.dtype), self.sin[:t].to(x.dtype)
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        bias = cfg.style == "gpt2"
+        self.head_dim = cfg.n_embd // cfg.n_head
+        self.wq = nn.Linear(cfg.n_embd, cfg.n_embd, bias=bias)
+        self.wk = nn.Linear(cfg.n_embd, cfg.n_embd, bias=bias)
+        self.wv = nn.Linear(cfg.n_embd, cfg.n_embd, bias=bias)
+        self.wo = nn.Linear(cfg.n_embd, cfg.n_embd, bias=bias)
+        self.rotary = Rotary(self.head_dim, cfg.block_size, cfg.rope_theta) if cfg.style == "llama" else None
+        self.dropout = cfg.dropout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        # -1: the number of heads on this rank (all of them unless tensor-parallel)
+        q, k, v = (w(x).view(b, t, -1, self.head_dim).transpose(1, 2) for w in (self.wq, self.wk, self.wv))
+        if self.rotary is not None:
+            q, k = self.rotary(q), self.rotary(k)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        return self.wo(y.transpose(1, 2).reshape(b, t, -1))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        hidden = ffn_hidden(cfg)
+        self.w1 = nn.Linear(cfg.n_embd, hidden, bias=False)  # gate
+        self.w3 = nn.Linear(cfg.n_embd, hidden, bias=False)  # up
+        self.w2 = nn.Linear(hidden, cfg.n_embd, bias=False)  # down
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class GeluMLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        hidden = ffn_hidden(cfg)
+        self.fc = nn.Linear(cfg.n_embd, hidden)
+        self.proj = nn.Linear(hidden, cfg.n_embd)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(F.gelu(self.fc(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm1 = make_norm(cfg)
+        self.attn = Attention(cfg)
+        self.norm2 = make_norm(cfg)
+        self.mlp = SwiGLU(cfg) if cfg.style == "llama" else GeluMLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.norm1(x)))
+        return x + self.drop(self.mlp(self.norm2(x)))
+
+
+class Embedding(nn.Module):
+    """Token embedding (+ learned positions for gpt2)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.style == "gpt2" else None
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.wte(idx)
+        if self.wpe is not None:
+            x = x + self.wpe(torch.arange(idx.size(1), device=idx.device))
+        return self.drop(x)
+
+
+class Head(nn.Module):
+    """Final norm and the output projection to vocabulary logits."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm = make_norm(cfg)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.norm(x))
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean token loss in fp32; target -100 is ignored."""
+    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.vocab_size is None:
+            raise ValueError("model.vocab_size must be set before building the model")
+        self.cfg = cfg
+        self.embed = Embedding(cfg)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.head = Head(cfg)
+        if cfg.tie_embeddings:
+            self.head.lm_head.weight = self.embed.wte.weight
+        self.loss_fn = cross_entropy  # tensor parallelism swaps in a vocab-parallel version
+        self.activation_checkpointing = False
+        self.apply(self._init_weights)
+        # GPT-2/GPT-3: scale residual output projections by 1/sqrt(2 * n_layer)
+        for name, p in self.named_parameters():
+            if name.endswith(("attn.wo.weight", "mlp.w2.weight", "mlp.proj.weight")):
+                nn.init.normal_(p, mean=0.0, std=cfg.init_std / math.sqrt(2 * cfg.n_layer))
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=self.cfg.init_std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=self.cfg.init_std)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+        """Return logits (B, T, V), and the mean loss when targets are given."""
+        if idx.size(1) > self.cfg.block_size:
+            raise ValueError(f"sequence length {idx.size(1)} exceeds model.block_size {self.cfg.block_size}")
+        x = self.embed(idx)
+        for block in self.blocks:
+            if self.activation_checkpointing and self.training:
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        logits = self.head(x)
+        if targets is None:
+            return logits, None
+        return logits, self.loss_fn(logits, targets)
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Unique parameters (a tied head counts once); non_embedding drops wte/wpe."""
+        n = sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+        if non_embedding:
+            n -= self.embed.wte.weight.numel()
+            if self.embed.wpe is not None:
+                n -= self.embed.wpe.weight.numel()
+        return n
