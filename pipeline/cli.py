@@ -113,7 +113,39 @@ def cmd_plot(args) -> dict:
 
 
 def cmd_launch(args) -> dict:
-    raise NotImplementedYet("launch")
+    from pipeline.launcher import common
+
+    command = common.strip_dashdash(args.job_command)
+    env = common.parse_env(args.env)
+    if args.launcher == "deepspeed":
+        from pipeline.launcher import deepspeed_job as job_kind
+
+        job = job_kind.plan(command, args.hostfile, num_nodes=args.num_nodes, gpus_per_node=args.gpus_per_node,
+                            include=args.include or "", exclude=args.exclude or "", master_addr=args.master_addr,
+                            master_port=args.master_port, env=env)
+        job = job_kind.launch(job, args.dry_run)
+    elif args.launcher == "torchrun":
+        from pipeline.launcher import torchrun_job as job_kind
+
+        job = job_kind.plan(command, nodes=args.nodes, gpus_per_node=args.gpus_per_node, node_rank=args.node_rank,
+                            master_addr=args.master_addr, master_port=args.master_port, rdzv=args.rdzv,
+                            run_id=args.run_id, env=env)
+        job = job_kind.launch(job, args.dry_run, args.wait_master)
+    elif args.launcher == "slurm":
+        from pipeline.launcher import slurm_job
+
+        text = slurm_job.render(command, nodes=args.nodes, gpus_per_node=args.gpus_per_node, time_limit=args.time,
+                                partition=args.partition, account=args.account, job_name=args.job_name,
+                                cpus_per_task=args.cpus_per_task, env=env)
+        job = slurm_job.launch(text, args.dry_run)
+    else:
+        from pipeline.launcher import ray_job
+
+        job = ray_job.plan(command, address=args.address, working_dir=args.working_dir, env=env, pip=args.pip)
+        job = ray_job.launch(job, args.dry_run, args.detach)
+    if job.get("returncode"):
+        raise KilnError(f"{args.launcher} launcher exited with status {job['returncode']}")
+    return job
 
 
 def cmd_demo(args) -> dict:
@@ -294,14 +326,66 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int)
     p.add_argument("--activation-checkpointing", action="store_true")
 
-    p = add("launch", cmd_launch, "Launch a multi-node job: deepspeed hostfile, SLURM, torchrun or a Ray job.",
-            "kiln launch slurm --nodes 2 --gpus-per-node 8 --dry-run -- kiln train --config configs/train/1.3b-2x8.yaml")
-    p.add_argument("launcher", choices=["deepspeed", "slurm", "torchrun", "ray"])
-    p.add_argument("--dry-run", action="store_true")
-    p.add_argument("rest", nargs=argparse.REMAINDER)
+    _add_launch(sub)
 
     add("demo", cmd_demo, "Run the whole pipeline on a small corpus built from text that ships with Python.", "kiln demo")
     return parser
+
+
+RAY_SECURITY = ("SECURITY: Ray's job API runs any code it is sent and has no authentication; keep a cluster "
+                "head's dashboard/jobs port (8265) on a private network or an SSH tunnel, never public.")
+
+
+def _add_launch(sub) -> None:
+    launch = sub.add_parser("launch", help="Launch a multi-node job: deepspeed hostfile, SLURM, torchrun or a Ray job.",
+                            description="Validate a multi-node job (hostfile, layout vs world size, master) and launch it.")
+    kinds = launch.add_subparsers(dest="launcher", required=True, metavar="LAUNCHER")
+    examples = {
+        "deepspeed": ("DeepSpeed launcher over a hostfile (`hostname slots=N` lines); writes .deepspeed_env.",
+                      "kiln launch deepspeed --hostfile hosts.txt --num-nodes 2 --gpus-per-node 8 --dry-run -- kiln train --config configs/train/1.3b-2x8.yaml"),
+        "torchrun": ("torchrun on this node (static or c10d rendezvous); run the same on every node with its --node-rank.",
+                     "kiln launch torchrun --nodes 2 --gpus-per-node 8 --node-rank 0 --master-addr node0 -- kiln train --config configs/train/1.3b-2x8.yaml"),
+        "slurm": ("Render launch/slurm.sbatch (srun + torchrun, requeue on preemption) and sbatch it.",
+                  "kiln launch slurm --nodes 2 --gpus-per-node 8 --time 24:00:00 --partition gpu --account myproj --dry-run -- kiln train --config configs/train/1.3b-2x8.yaml"),
+        "ray": ("Submit a command (usually kiln prep) to a Ray cluster's job API. " + RAY_SECURITY,
+                "kiln launch ray --address http://head:8265 -- kiln prep data/raw --out data/prepped --workers 64"),
+    }
+    for name, (summary, example) in examples.items():
+        p = kinds.add_parser(name, help=summary, description=summary, epilog=f"example:\n  {example}",
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.set_defaults(func=cmd_launch)
+        _common(p)
+        p.add_argument("--dry-run", action="store_true", help="print what would run (per node) and exit")
+        p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="extra environment (repeatable)")
+        if name in ("deepspeed", "torchrun"):
+            p.add_argument("--master-addr", default=None if name == "deepspeed" else "127.0.0.1")
+            p.add_argument("--master-port", type=int, default=29500)
+        if name == "deepspeed":
+            p.add_argument("--hostfile", required=True)
+            p.add_argument("--num-nodes", type=int)
+            p.add_argument("--gpus-per-node", type=int)
+            p.add_argument("--include", help="NODE[:SLOT,...][@NODE...] (DeepSpeed syntax)")
+            p.add_argument("--exclude", help="NODE[:SLOT,...][@NODE...] (DeepSpeed syntax)")
+        if name in ("torchrun", "slurm"):
+            p.add_argument("--nodes", type=int, default=1)
+            p.add_argument("--gpus-per-node", type=int, default=1)
+        if name == "torchrun":
+            p.add_argument("--node-rank", type=int, default=0)
+            p.add_argument("--rdzv", choices=["static", "c10d"], default="static")
+            p.add_argument("--run-id", default="kiln")
+            p.add_argument("--wait-master", type=float, default=30.0, help="seconds a node > 0 waits for the master")
+        if name == "slurm":
+            p.add_argument("--time")
+            p.add_argument("--partition")
+            p.add_argument("--account")
+            p.add_argument("--job-name")
+            p.add_argument("--cpus-per-task", type=int)
+        if name == "ray":
+            p.add_argument("--address", help="Ray job API, e.g. http://head:8265 (default: $RAY_ADDRESS or local)")
+            p.add_argument("--working-dir", default=".")
+            p.add_argument("--pip", action="append", help="extra pip requirement for the job's runtime env")
+            p.add_argument("--detach", action="store_true", help="submit and return without streaming logs")
+        p.add_argument("job_command", nargs=argparse.REMAINDER, metavar="-- COMMAND", help="what to launch")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -310,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.console import log, setup_logging
 
     setup_logging(args.verbose)
-    prog = f"kiln {args.command}"
+    prog = f"kiln {args.command}" + (f" {args.launcher}" if args.command == "launch" else "")
     try:
         result = args.func(args)
     except ConfigError as err:

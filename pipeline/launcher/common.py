@@ -1,0 +1,117 @@
+"""What every launcher checks before starting processes: layout vs world size, master address, env."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from pipeline.config import ConfigError, KilnError, load_config, validate_world
+
+SCRIPTS = Path(__file__).resolve().parents[2] / "launch"
+
+
+def script(name: str) -> Path:
+    path = SCRIPTS / name
+    if not path.exists():
+        raise KilnError(f"{path}: launch script not found; `kiln launch` runs from a Kiln source checkout")
+    return path
+
+
+def parse_env(items: list[str] | None) -> dict[str, str]:
+    env = {}
+    for item in items or []:
+        name, sep, value = item.partition("=")
+        if not sep or not name.isidentifier():
+            raise ConfigError(f"--env {item}: expected NAME=value")
+        env[name] = value
+    return env
+
+
+def strip_dashdash(command: list[str]) -> list[str]:
+    command = list(command or [])
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        raise ConfigError("no command to launch: put it after `--`, e.g. -- kiln train --config F")
+    return command
+
+
+def train_config_of(command: list[str]):
+    """If `command` is `kiln train ...` (or `python -m pipeline.cli train ...`), load its RunConfig."""
+    for i, word in enumerate(command[:-1]):
+        if (word.endswith("kiln") or word == "pipeline.cli") and command[i + 1] == "train":
+            rest = command[i + 2 :]
+            break
+    else:
+        return None
+    config, sets, j = None, [], 0
+    while j < len(rest):
+        word = rest[j]
+        key, eq, value = word.partition("=")
+        if key in ("--config", "--set"):
+            if not eq:
+                j += 1
+                value = rest[j] if j < len(rest) else ""
+            if key == "--config":
+                config = value
+            else:
+                sets.append(value)
+        j += 1
+    return load_config("train", config, sets)
+
+
+def check_layout(command: list[str], world_size: int) -> None:
+    """Refuse a `kiln train` whose tp x pp does not divide the launched world, before launching."""
+    cfg = train_config_of(command)
+    if cfg is not None:
+        validate_world(cfg, world_size)
+
+
+def check_master(addr: str, port: int, node_rank: int, wait_s: float = 30.0) -> None:
+    """Node 0: the port must be free here. Other nodes: the master must answer within wait_s."""
+    try:
+        socket.getaddrinfo(addr, port)
+    except socket.gaierror:
+        raise KilnError(f"--master-addr {addr}: cannot resolve this host name") from None
+    if not 0 < port < 65536:
+        raise ConfigError(f"--master-port {port}: not a TCP port")
+    if node_rank == 0:
+        with socket.socket() as s:
+            try:
+                s.bind(("", port))
+            except OSError:
+                raise KilnError(f"--master-port {port}: already in use on this node (another job?)") from None
+        return
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            with socket.create_connection((addr, port), timeout=2.0):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise KilnError(
+                    f"master {addr}:{port} unreachable after {wait_s:.0f}s "
+                    "(is node 0 started? is the port open between nodes?)"
+                ) from None
+            time.sleep(0.5)
+
+
+def launch_env(extra: dict[str, str]) -> dict[str, str]:
+    """The variables launch/env.sh sets on this node, plus --env overrides (env.sh is the one source)."""
+    probe = (
+        f"source {shlex.quote(str(script('env.sh')))}; "
+        'for v in $KILN_ENV_VARS; do if [[ -n "${!v:-}" ]]; then printf "%s=%s\\n" "$v" "${!v}"; fi; done'
+    )
+    out = subprocess.run(["bash", "-c", probe], capture_output=True, text=True, check=True, env={**os.environ, **extra})
+    env = dict(line.split("=", 1) for line in out.stdout.splitlines() if "=" in line)
+    env.update(extra)
+    return env
+
+
+def run(cmd: list[str], env: dict[str, str] | None = None) -> int:
+    """Run a launcher in the foreground and hand back its exit status."""
+    return subprocess.call(cmd, env={**os.environ, **(env or {})})

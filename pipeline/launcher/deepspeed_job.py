@@ -1,0 +1,86 @@
+"""`kiln launch deepspeed`: the DeepSpeed launcher over a hostfile, checked first, printable per node."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+from pipeline.launcher.common import check_layout, check_master, launch_env, run
+from pipeline.launcher.hostfile import parse_hostfile, select
+
+
+def plan(
+    command: list[str],
+    hostfile: str,
+    *,
+    num_nodes: int | None = None,
+    gpus_per_node: int | None = None,
+    include: str = "",
+    exclude: str = "",
+    master_addr: str | None = None,
+    master_port: int = 29500,
+    env: dict[str, str] | None = None,
+) -> dict:
+    """Everything the launch will do: the deepspeed command, per-node commands, .deepspeed_env."""
+    from deepspeed.launcher.runner import encode_world_info
+
+    active = select(parse_hostfile(hostfile), include, exclude, num_nodes, gpus_per_node)
+    world = sum(len(s) for s in active.values())
+    check_layout(command, world)
+    master = master_addr or next(iter(active))
+    hosts = list(active)
+    single_local = len(hosts) == 1 and hosts[0] in ("localhost", "127.0.0.1")
+    ds = ["deepspeed", "--hostfile", str(hostfile), "--master_addr", master, "--master_port", str(master_port)]
+    if include:
+        ds += ["--include", include]
+    if exclude:
+        ds += ["--exclude", exclude]
+    if num_nodes:
+        ds += ["--num_nodes", str(num_nodes)]
+    if gpus_per_node:
+        ds += ["--num_gpus", str(gpus_per_node)]
+    if single_local:
+        ds += ["--no_ssh_check"]
+    ds += ["--no_python", "--no_local_rank", *command]
+    world_info = encode_world_info({h: s for h, s in active.items()})
+    per_node = {
+        host: " ".join([
+            "python -u -m deepspeed.launcher.launch", f"--world_info={world_info}", f"--node_rank={rank}",
+            f"--master_addr={master}", f"--master_port={master_port}", "--no_python", "--no_local_rank",
+            shlex.join(command),
+        ])
+        for rank, host in enumerate(hosts)
+    }
+    return {
+        "launcher": "deepspeed",
+        "world_size": world,
+        "nodes": {h: len(s) for h, s in active.items()},
+        "master": f"{master}:{master_port}",
+        "command": shlex.join(ds),
+        "argv": ds,
+        "per_node": per_node,
+        "deepspeed_env": launch_env(env or {}),
+    }
+
+
+def launch(job: dict, dry_run: bool) -> dict:
+    if dry_run:
+        print(f"# deepspeed launcher ({job['world_size']} processes on {len(job['nodes'])} nodes)")
+        print(job["command"])
+        print("# .deepspeed_env (exported on every node; defaults from launch/env.sh as detected on this node)")
+        for k, v in job["deepspeed_env"].items():
+            print(f"{k}={v}")
+        for host, cmd in job["per_node"].items():
+            print(f"# on {host}:")
+            print(cmd)
+        return job
+    # DeepSpeed's runner ships these to every node (pdsh) from .deepspeed_env in the current directory.
+    Path(".deepspeed_env").write_text("".join(f"{k}={v}\n" for k, v in job["deepspeed_env"].items()))
+    master, port = job["master"].rsplit(":", 1)
+    if master in ("localhost", "127.0.0.1"):
+        check_master(master, int(port), 0)
+    argv = list(job["argv"])
+    argv[0] = str(Path(sys.executable).with_name("deepspeed"))
+    job["returncode"] = run(argv, job["deepspeed_env"])
+    return job

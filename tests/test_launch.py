@@ -1,0 +1,192 @@
+"""`kiln launch`: hostfiles, dry-run renderings for 2 nodes x 8 GPUs, early errors, and real launches on one box."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from pipeline.cli import main
+from pipeline.config import ConfigError, KilnError
+from pipeline.launcher import common, deepspeed_job, slurm_job, torchrun_job
+from pipeline.launcher.hostfile import parse_hostfile, select
+
+ROOT = Path(__file__).resolve().parent.parent
+TRAIN = ["kiln", "train", "--config", str(ROOT / "configs/train/1.3b-2x8.yaml")]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def hosts(tmp_path):
+    path = tmp_path / "hosts"
+    path.write_text("# cluster\nnode0 slots=8\nnode1 slots=8  # second\n\n")
+    return path
+
+
+def test_hostfile_parsing_and_selection(hosts, tmp_path):
+    assert parse_hostfile(hosts) == {"node0": 8, "node1": 8}
+    assert select(parse_hostfile(hosts), include="node1:0,2") == {"node1": [0, 2]}
+    assert select(parse_hostfile(hosts), exclude="node0") == {"node1": list(range(8))}
+    assert select(parse_hostfile(hosts), num_nodes=1, gpus_per_node=4) == {"node0": [0, 1, 2, 3]}
+    bad = tmp_path / "bad"
+    bad.write_text("node0 slots=8\nnode1 slot=8\n")
+    with pytest.raises(ConfigError, match=r"bad:2: expected `hostname slots=N`, got 'node1 slot=8'"):
+        parse_hostfile(bad)
+    bad.write_text("node0 slots=8\nnode0 slots=4\n")
+    with pytest.raises(ConfigError, match=r"bad:2: host node0 listed twice"):
+        parse_hostfile(bad)
+    with pytest.raises(ConfigError, match="only 2 hosts"):
+        select(parse_hostfile(hosts), num_nodes=3)
+
+
+def test_deepspeed_dry_run_2x8(hosts):
+    job = deepspeed_job.plan(TRAIN, str(hosts), master_port=29600)
+    assert job["world_size"] == 16 and job["nodes"] == {"node0": 8, "node1": 8}
+    assert job["command"] == (f"deepspeed --hostfile {hosts} --master_addr node0 --master_port 29600 "
+                              f"--no_python --no_local_rank {' '.join(TRAIN)}")
+    world_info = "eyJub2RlMCI6IFswLCAxLCAyLCAzLCA0LCA1LCA2LCA3XSwgIm5vZGUxIjogWzAsIDEsIDIsIDMsIDQsIDUsIDYsIDddfQ=="
+    for rank, host in enumerate(["node0", "node1"]):
+        assert job["per_node"][host] == (
+            f"python -u -m deepspeed.launcher.launch --world_info={world_info} --node_rank={rank} "
+            f"--master_addr=node0 --master_port=29600 --no_python --no_local_rank {' '.join(TRAIN)}")
+    assert "PYTHONUNBUFFERED" in job["deepspeed_env"]
+
+
+def test_torchrun_dry_run_2x8():
+    job = torchrun_job.plan(TRAIN, nodes=2, gpus_per_node=8, master_addr="node0", master_port=29500)
+    for rank in (0, 1):
+        assert job["per_node"][rank] == (f"torchrun --nnodes 2 --nproc-per-node 8 --node-rank {rank} "
+                                         f"--master-addr node0 --master-port 29500 --no-python {' '.join(TRAIN)}")
+    c10d = torchrun_job.plan(TRAIN, nodes=2, gpus_per_node=8, master_addr="node0", rdzv="c10d", run_id="job7")
+    assert "--rdzv-backend c10d --rdzv-endpoint node0:29500 --rdzv-id job7" in c10d["per_node"][1]
+
+
+def test_slurm_render_2x8(tmp_path):
+    text = slurm_job.render(TRAIN, nodes=2, gpus_per_node=8, time_limit="48:00:00", partition="h100",
+                            account="proj", env={"NCCL_SOCKET_IFNAME": "ib0"})
+    for line in ["#SBATCH --nodes=2", "#SBATCH --gpus-per-node=8", "#SBATCH --time=48:00:00",
+                 "#SBATCH --partition=h100", "#SBATCH --account=proj", "#SBATCH --requeue",
+                 "#SBATCH --signal=B:USR1@180", "export NCCL_SOCKET_IFNAME=ib0", f"set -- {' '.join(TRAIN)}",
+                 'GPUS_PER_NODE="${GPUS_PER_NODE:-8}"', "scontrol requeue", "NODE_RANK=\"$SLURM_NODEID\""]:
+        assert line in text, line
+    script = tmp_path / "job.sbatch"
+    script.write_text(text)
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+
+
+def test_layout_mismatch_is_one_line_before_launch(capsys):
+    code = main(["launch", "slurm", "--nodes", "2", "--gpus-per-node", "3", "--dry-run", "--",
+                 "kiln", "train", "--config", str(ROOT / "configs/train/6.7b-pp.yaml")])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["kiln launch slurm: error: world size 6 is not divisible by parallel.tp x parallel.pp = 8"]
+    with pytest.raises(ConfigError, match="world size 3"):
+        common.check_layout(["kiln", "train", "--set", "parallel.tp=2"], 3)
+    common.check_layout(["kiln", "train", "--set=parallel.tp=2"], 4)
+    common.check_layout(["python", "train.py"], 3)  # not kiln train: nothing to check
+
+
+def test_master_errors():
+    with pytest.raises(KilnError, match="cannot resolve"):
+        common.check_master("no-such-host.invalid", 29500, 1, wait_s=0)
+    port = free_port()
+    with pytest.raises(KilnError, match=rf"master 127.0.0.1:{port} unreachable after 1s"):
+        common.check_master("127.0.0.1", port, 1, wait_s=1)
+    with socket.socket() as busy:
+        busy.bind(("", port))
+        busy.listen()
+        with pytest.raises(KilnError, match=f"--master-port {port}: already in use"):
+            common.check_master("127.0.0.1", port, 0)
+        common.check_master("127.0.0.1", port, 1, wait_s=1)  # a listening master is reachable
+
+
+def test_env_overrides_and_no_command():
+    env = common.launch_env({"NCCL_DEBUG": "INFO"})
+    assert env["NCCL_DEBUG"] == "INFO" and env["PYTHONUNBUFFERED"] == "1"
+    with pytest.raises(ConfigError, match="expected NAME=value"):
+        common.parse_env(["oops"])
+    with pytest.raises(ConfigError, match="no command to launch"):
+        common.strip_dashdash(["--"])
+
+
+RANK_SCRIPT = textwrap.dedent("""
+    import os, torch.distributed as dist
+    dist.init_process_group("gloo")
+    t = __import__("torch").tensor([dist.get_rank() + 1.0])
+    dist.all_reduce(t)
+    print(f"RANK {dist.get_rank()} WORLD {dist.get_world_size()} SUM {int(t.item())} NODE {os.environ.get('GROUP_RANK', os.environ.get('NODE_RANK', '?'))}", flush=True)
+    dist.destroy_process_group()
+""")
+
+
+def _env():
+    return {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "KILN_FORCE_CPU": "1", "DS_ACCELERATOR": "cpu"}
+
+
+@pytest.mark.slow
+def test_torchrun_two_nodes_on_one_box(tmp_path):
+    script = tmp_path / "ranks.py"
+    script.write_text(RANK_SCRIPT)
+    port = free_port()
+    base = [str(BIN / "kiln"), "launch", "torchrun", "--nodes", "2", "--gpus-per-node", "2",
+            "--master-addr", "127.0.0.1", "--master-port", str(port)]
+    cmd = ["--", sys.executable, str(script)]
+    node0 = subprocess.Popen(base + ["--node-rank", "0"] + cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, env=_env())
+    node1 = subprocess.run(base + ["--node-rank", "1"] + cmd, capture_output=True, text=True, env=_env(), timeout=180)
+    out0, _ = node0.communicate(timeout=180)
+    out = out0 + node1.stdout
+    assert node0.returncode == 0 and node1.returncode == 0, out + node1.stderr
+    ranks = sorted(int(line.split()[1]) for line in out.splitlines() if line.startswith("RANK"))
+    assert ranks == [0, 1, 2, 3]
+    assert all("WORLD 4 SUM 10" in line for line in out.splitlines() if line.startswith("RANK"))
+
+
+@pytest.mark.slow
+def test_deepspeed_launcher_localhost_hostfile(tmp_path):
+    script = tmp_path / "ranks.py"
+    script.write_text(RANK_SCRIPT)
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=2\n")
+    res = subprocess.run([str(BIN / "kiln"), "launch", "deepspeed", "--hostfile", str(hostfile), "--master-addr",
+                          "127.0.0.1", "--master-port", str(free_port()), "--", sys.executable, str(script)],
+                         capture_output=True, text=True, env=_env(), timeout=240, cwd=tmp_path)
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out[-3000:]
+    lines = [line for line in out.splitlines() if line.startswith("RANK")]
+    assert sorted(int(line.split()[1]) for line in lines) == [0, 1]
+    assert all("WORLD 2 SUM 3" in line for line in lines)
+    assert (tmp_path / ".deepspeed_env").read_text().count("PYTHONUNBUFFERED=1") == 1
+
+
+@pytest.mark.slow
+def test_ray_job_on_local_head_and_worker(tmp_path):
+    from ray.cluster_utils import Cluster
+
+    port = free_port()
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 1, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": port})
+    try:
+        cluster.add_node(num_cpus=1)
+        job_py = tmp_path / "job.py"
+        job_py.write_text("import ray\nray.init()\nprint('NODES', len(ray.nodes()), 'CPUS', int(ray.cluster_resources()['CPU']))\n")
+        res = subprocess.run([str(BIN / "kiln"), "launch", "ray", "--address", f"http://127.0.0.1:{port}",
+                              "--working-dir", str(tmp_path), "--json", "--", sys.executable, "job.py"],
+                             capture_output=True, text=True, env=_env(), timeout=240)
+        assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+        assert "NODES 2 CPUS 2" in res.stdout
+        summary = json.loads(res.stdout.strip().splitlines()[-1])
+        assert summary["status"] == "SUCCEEDED" and summary["job_id"].startswith("raysubmit_")
+        assert f"ray job logs {summary['job_id']}" in res.stdout
+    finally:
+        cluster.shutdown()
