@@ -338,7 +338,10 @@ RAY_SECURITY = ("SECURITY: Ray's job API runs any code it is sent and has no aut
 
 def _add_launch(sub) -> None:
     launch = sub.add_parser("launch", help="Launch a multi-node job: deepspeed hostfile, SLURM, torchrun or a Ray job.",
-                            description="Validate a multi-node job (hostfile, layout vs world size, master) and launch it.")
+                            description="Validate a multi-node job (hostfile, layout vs world size, master) and launch it.",
+                            epilog="example:\n  kiln launch slurm --nodes 2 --gpus-per-node 8 --dry-run -- kiln train --config "
+                                   "configs/train/1.3b-2x8.yaml\n\nRun `kiln launch LAUNCHER --help` for each launcher's options.",
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     kinds = launch.add_subparsers(dest="launcher", required=True, metavar="LAUNCHER")
     examples = {
         "deepspeed": ("DeepSpeed launcher over a hostfile (`hostname slots=N` lines); writes .deepspeed_env.",

@@ -27,11 +27,22 @@ def test_installed_kiln_help():
 
 @pytest.mark.parametrize("cmd", COMMANDS)
 def test_every_subcommand_has_help_with_example(cmd, capsys):
+    argv = [cmd, "torchrun", "--help"] if cmd == "launch" else [cmd, "--help"]
     with pytest.raises(SystemExit) as exit_:
-        main([cmd, "--help"])
+        main(argv)
     assert exit_.value.code == 0
     out = capsys.readouterr().out
     assert "example:" in out and "--json" in out and "--set" in out and "--config" in out
+
+
+@pytest.mark.parametrize("launcher", ["deepspeed", "torchrun", "slurm", "ray"])
+def test_every_launcher_has_help_with_example(launcher, capsys):
+    with pytest.raises(SystemExit):
+        main(["launch", launcher, "--help"])
+    out = capsys.readouterr().out
+    assert "example:" in out and "--dry-run" in out
+    if launcher == "ray":
+        assert "no authentication" in out
 
 
 def test_usage_error_exits_2(capsys):
