@@ -132,12 +132,10 @@ def cmd_generate(args) -> dict:
 
 
 def cmd_register(args) -> dict:
-    tracker = _tracker(args)
-    result = tracker.register(args.model, args.name, args.alias)
-    log_line = f"registered {args.model} as {result['uri']}" + (f" (@{args.alias})" if args.alias else "")
     from pipeline.console import log
 
-    log.info(log_line)
+    result = _tracker(args).register(args.model, args.name, args.alias)
+    log.info("registered %s as %s%s", args.model, result["uri"], f" (@{args.alias})" if args.alias else "")
     return result
 
 
@@ -194,19 +192,18 @@ def _print_lineage(node: dict) -> None:
 
 
 def cmd_track(args) -> dict:
+    """`kiln track sync RUN_DIR`: the URI comes from the flags/env, else from RUN_DIR's record."""
     import os
     from pathlib import Path
 
-    tracker = _tracker(args)
-    record = Path(args.run_dir) / "mlflow_run.json"
-    if not (args.tracking_uri or tracker.cfg.uri or os.environ.get("MLFLOW_TRACKING_URI")) and record.exists():
-        from pipeline.tracking import Tracker
-
-        recorded = json.loads(record.read_text()).get("tracking_uri")
-        tracker = Tracker(tracker.cfg, uri=recorded)
-    result = tracker.sync(args.run_dir)
     from pipeline.console import log
+    from pipeline.tracking import RUN_RECORD, Tracker
 
+    tracker = _tracker(args)
+    record = Path(args.run_dir) / RUN_RECORD
+    if not (args.tracking_uri or tracker.cfg.uri or os.environ.get("MLFLOW_TRACKING_URI")) and record.exists():
+        tracker = Tracker(tracker.cfg, uri=json.loads(record.read_text()).get("tracking_uri"))
+    result = tracker.sync(args.run_dir)
     log.info("replayed %d metric values into run %s at %s", result["replayed"], result["run_id"], tracker.uri)
     return result
 

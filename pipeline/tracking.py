@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import tempfile
@@ -221,6 +222,8 @@ class Tracker:
         """`kiln register`: reuse the logged model with the same weights, else log one; add a version."""
         from pipeline.model.io import read_config
 
+        if not self.enabled:
+            raise KilnError("tracking.enabled is false (or RANK is not 0); registering needs MLflow")
         model_dir = Path(model_dir)
         config = read_config(model_dir)
         existing = self._strict(str(model_dir), self.find_model_by_weights, weights_sha256(model_dir))
@@ -277,8 +280,6 @@ class Tracker:
                 out.rmdir()
             os.replace(got, out)
         finally:
-            import shutil
-
             shutil.rmtree(tmp, ignore_errors=True)
         return {**asdict(ref), "out": str(out), "cached": False}
 

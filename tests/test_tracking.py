@@ -154,8 +154,9 @@ def test_unknown_alias_is_one_line(server, capsys, tmp_path):
     assert len(err) == 1 and "models:/kiln-tiny@nope" in err[0]
 
 
-def test_server_killed_mid_run_then_sync_replays(tmp_path, caplog):
-    srv = MlflowServer(tmp_path / "srv").start()
+def test_server_killed_mid_run_then_sync_replays(server, tmp_path, caplog):
+    """Kills the module's server mid-stage and restarts it (same port, same database) for the sync."""
+    srv = server
     run_dir = tmp_path / "run"
     tracker = Tracker(uri=srv.uri)
     caplog.set_level(logging.WARNING, logger="kiln")
@@ -184,7 +185,8 @@ def test_server_killed_mid_run_then_sync_replays(tmp_path, caplog):
         assert c.get_metric_history(run.run_id, "tokens_per_s")[-1].value == 109.0
         assert c.get_run(run.run_id).info.status == "FINISHED"
     finally:
-        srv.stop()
+        if srv.proc is None:
+            srv.start()
 
 
 def test_sync_creates_a_run_when_the_server_was_down_from_the_start(tmp_path, monkeypatch, caplog, capsys):
