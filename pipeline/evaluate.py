@@ -127,10 +127,11 @@ def evaluate(model: torch.nn.Module, data_dir: str | Path, split: str = "val", m
 
 
 def evaluate_model(model: str | Path, data_dir: str | Path, split: str = "val", max_tokens: int | None = None,
-                   tracker=None, device: str = "cpu") -> dict:
+                   tracker=None, device: str | None = None) -> dict:
     """`kiln eval`: MODEL dir or models:/ URI (fetched into the cache first); logs when tracking is on."""
     from pipeline.model.io import load_model_dir
 
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     local = tracker.materialize(model) if tracker is not None else Path(model)
     net, config = load_model_dir(local, device=device)
     block = int(config.get("model", {}).get("block_size") or net.cfg.block_size)

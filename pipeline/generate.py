@@ -115,7 +115,8 @@ def generate_ids(model: torch.nn.Module, prompt: list[int], max_new_tokens: int,
     if not prompt:
         raise KilnError("the prompt encodes to zero tokens")
     block_size = block_size or model.cfg.block_size
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)  # sampling happens on CPU: same draws on any device
+    dev = next(model.parameters()).device
     ids = list(prompt)
     cache = KVCache(model) if use_cache and isinstance(model, GPT) else None
     fed = 0  # tokens of `ids` already in the cache
@@ -125,10 +126,11 @@ def generate_ids(model: torch.nn.Module, prompt: list[int], max_new_tokens: int,
             if cache is not None:
                 if cache.pos + len(ids) - fed > block_size:  # full: restart from the last half window
                     cache, fed = KVCache(model), len(ids) - block_size // 2
-                logits = cache.forward(torch.tensor([ids[fed:]]))[0, -1]
+                logits = cache.forward(torch.tensor([ids[fed:]], device=dev))[0, -1]
                 fed = len(ids)
             else:
-                logits = model(torch.tensor([ids[-block_size:]]))[0][0, -1]
+                logits = model(torch.tensor([ids[-block_size:]], device=dev))[0][0, -1]
+            logits = logits.float().cpu()
             logits = apply_repetition_penalty(logits, torch.tensor(sorted(set(ids))), repetition_penalty)
             token = next_token(logits, temperature, top_k, top_p, generator)
             yield token
@@ -161,7 +163,8 @@ class StreamingDecoder:
 
 def generate(model_dir: str | Path, prompt: str, max_new_tokens: int = 64, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int = 0,
-             on_text: Callable[[str], None] | None = None, use_cache: bool = True) -> dict:
+             on_text: Callable[[str], None] | None = None, use_cache: bool = True,
+             device: str | None = None) -> dict:
     """Generate from a MODEL dir (its tokenizer.model); `on_text` receives text as it is produced."""
     import sentencepiece as spm
 
@@ -170,7 +173,7 @@ def generate(model_dir: str | Path, prompt: str, max_new_tokens: int = 64, tempe
     model_dir = Path(model_dir)
     if not (model_dir / TOKENIZER).is_file():
         raise KilnError(f"{model_dir / TOKENIZER}: not found; generation needs the model's tokenizer")
-    model, config = load_model_dir(model_dir)
+    model, config = load_model_dir(model_dir, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
     sp = spm.SentencePieceProcessor(model_file=str(model_dir / TOKENIZER))
     prompt_ids = sp.encode(prompt)
     eos = sp.eos_id() if sp.eos_id() >= 0 else None

@@ -401,7 +401,7 @@ class Tracker:
         for i in range(0, len(todo), 1000):
             self._strict(run_id, c.log_batch, run_id, metrics=todo[i:i + 1000])
         if record.get("status") in ("FINISHED", "FAILED"):
-            if c.get_run(run_id).info.status == "RUNNING":
+            if self._strict(run_id, c.get_run, run_id).info.status == "RUNNING":
                 self._strict(run_id, c.set_terminated, run_id, record["status"])
         return {"run_id": run_id, "replayed": len(todo), "skipped_present": sum(len(s) for s in have.values()),
                 "bad_lines": bad, "tracking_uri": self.uri}
@@ -411,22 +411,8 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def weights_sha256(model_dir: Path) -> str:
-    """Digest of model.safetensors, read from SHA256SUMS when present (no re-hash of big files)."""
-    from pipeline.model.io import SUMS, WEIGHTS, sha256_file
-
-    sums = model_dir / SUMS
-    if sums.exists():
-        for line in sums.read_text().splitlines():
-            digest, _, name = line.partition("  ")
-            if name.strip() == WEIGHTS:
-                return digest
-    if not (model_dir / WEIGHTS).exists():
-        raise KilnError(f"{model_dir / WEIGHTS}: not found; is {model_dir} a MODEL directory?")
-    return sha256_file(model_dir / WEIGHTS)
-
-
 def _file_sha(model_dir: Path, name: str) -> str | None:
+    """A file's digest as listed in the MODEL dir's SHA256SUMS (no re-hash of big files)."""
     sums = model_dir / "SHA256SUMS"
     if sums.exists():
         for line in sums.read_text().splitlines():
@@ -434,6 +420,18 @@ def _file_sha(model_dir: Path, name: str) -> str | None:
             if fname.strip() == name:
                 return digest
     return None
+
+
+def weights_sha256(model_dir: Path) -> str:
+    """Digest of model.safetensors: the identity of a MODEL dir across copies and fetches."""
+    from pipeline.model.io import WEIGHTS, sha256_file
+
+    listed = _file_sha(model_dir, WEIGHTS)
+    if listed:
+        return listed
+    if not (model_dir / WEIGHTS).exists():
+        raise KilnError(f"{model_dir / WEIGHTS}: not found; is {model_dir} a MODEL directory?")
+    return sha256_file(model_dir / WEIGHTS)
 
 
 class StageRun:
