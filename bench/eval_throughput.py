@@ -77,6 +77,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--max-tokens", type=int, default=16384)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--repeats", type=int, default=3, help="alternate reference and Kiln runs; keep the best of each")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -86,10 +87,17 @@ def main() -> None:
     model = GPT(cfg).eval()
     with tempfile.TemporaryDirectory() as tmp:
         data = fake_corpus(Path(tmp) / "c", vocab_size=8192, train_docs=4, val_docs=600, shards=1)
-        ref = plain_reference(model, data, max_tokens=args.max_tokens)
-        for stride, name in ((None, "eval_fp32_stride_half"), (cfg.block_size, "eval_fp32_stride_full")):
-            print(json.dumps(measure(model, data, max_tokens=args.max_tokens, stride=stride, name=name,
-                                     reference=ref)), flush=True)
+        variants = ((None, "eval_fp32_stride_half"), (cfg.block_size, "eval_fp32_stride_full"))
+        ref, best = 0.0, {}
+        for _ in range(args.repeats):  # interleaved, so load changes hit both sides alike
+            ref = max(ref, plain_reference(model, data, max_tokens=args.max_tokens))
+            for stride, name in variants:
+                rec = measure(model, data, max_tokens=args.max_tokens, stride=stride, name=name)
+                if rec["value"] > best.get(name, {"value": 0})["value"]:
+                    best[name] = rec
+        for rec in best.values():
+            rec.update(reference=round(ref, 1), ratio=round(rec["value"] / ref, 3), repeats=args.repeats)
+            print(json.dumps(rec), flush=True)
 
 
 if __name__ == "__main__":
