@@ -84,28 +84,128 @@ def cmd_prune(args) -> dict:
     raise NotImplementedYet("post")
 
 
+def _tracker(args, need_enabled: bool = False):
+    """A Tracker from `--config` (its tracking: section), `--set tracking.*=...` and `--tracking-uri`."""
+    from pipeline.config import TrackingConfig, apply_overrides, build, load_yaml
+    from pipeline.tracking import Tracker
+
+    for item in args.set:
+        if not item.startswith("tracking."):
+            raise ConfigError(f"--set {item}: kiln {args.command} only takes tracking.* keys")
+    data = (load_yaml(args.config).get("tracking") or {}) if args.config else {}
+    data, origins = apply_overrides(data, [s[len("tracking."):] for s in args.set])
+    cfg = build(TrackingConfig, data, args.config or "<defaults>", origins)
+    return Tracker(cfg, uri=args.tracking_uri)
+
+
 def cmd_eval(args) -> dict:
-    raise NotImplementedYet("tracking")
+    from pipeline.console import kv_table
+    from pipeline.evaluate import evaluate_model
+
+    if args.max_tokens is not None and args.max_tokens < 1:
+        raise ConfigError(f"--max-tokens {args.max_tokens}: must be at least 1")
+    result = evaluate_model(args.model, args.data, args.split, args.max_tokens, tracker=_tracker(args))
+    kv_table(f"kiln eval {args.model} on {args.data} ({args.split})",
+             {k: result[k] for k in ("tokens", "perplexity", "bits_per_token", "bits_per_byte", "tokens_per_s")})
+    return result
 
 
 def cmd_generate(args) -> dict:
-    raise NotImplementedYet("tracking")
+    from pipeline.console import kv_table
+    from pipeline.generate import generate
+
+    if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0 or args.repetition_penalty <= 0:
+        raise ConfigError("--temperature >= 0, --top-k >= 0, 0 < --top-p <= 1 and --repetition-penalty > 0")
+    local = _tracker(args).materialize(args.model)
+
+    def emit(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    emit(args.prompt)
+    result = generate(local, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                      args.repetition_penalty, args.seed, on_text=emit)
+    emit("\n")
+    kv_table("kiln generate", {k: result[k] for k in ("new_tokens", "stopped_at_eos", "tokens_per_s", "seed")})
+    result["model"] = args.model
+    return result
 
 
 def cmd_register(args) -> dict:
-    raise NotImplementedYet("tracking")
+    from pipeline.console import log
+
+    result = _tracker(args).register(args.model, args.name, args.alias)
+    log.info("registered %s as %s%s", args.model, result["uri"], f" (@{args.alias})" if args.alias else "")
+    return result
 
 
 def cmd_fetch(args) -> dict:
-    raise NotImplementedYet("tracking")
+    from pipeline.console import log
+
+    result = _tracker(args).fetch(args.uri, args.out)
+    log.info("%s -> %s (checksums verified%s)", args.uri, result["out"], ", cached" if result["cached"] else "")
+    return result
 
 
 def cmd_lineage(args) -> dict:
-    raise NotImplementedYet("tracking")
+    tree = _tracker(args).lineage(args.uri)
+    _print_lineage(tree)
+    return tree
+
+
+def _print_lineage(node: dict) -> None:
+    """model -> parents -> run -> datasets -> prep runs, as a rich tree on stderr."""
+    from rich.tree import Tree
+
+    from pipeline.console import console
+
+    def add_model(parent, m: dict) -> None:
+        if m.get("cycle"):
+            parent.add(f"[red]model {m['model_id']} (cycle)")
+            return
+        t = m.get("tags", {})
+        label = f"[bold]{m.get('uri') or m['name']}[/] model {m['model_id']} stage={m['stage']}"
+        if m.get("version"):
+            label += f" version={m['version']}"
+        branch = parent.add(label)
+        branch.add(f"tokenizer sha256 {t.get('kiln.tokenizer_sha256', '?')[:16]}  code {t.get('kiln.git_commit', '?')[:12]}"
+                   f"  weights sha256 {t.get('kiln.weights_sha256', '?')[:16]}")
+        if m.get("metrics"):
+            branch.add("metrics " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(m["metrics"].items())))
+        if m.get("run"):
+            r = m["run"]
+            run_branch = branch.add(f"run {r['name']} {r['run_id']} ({r['status']})")
+        else:
+            run_branch = branch
+        for d in m.get("datasets", []):
+            db = run_branch.add(f"dataset {d.get('name') or ''} digest {d['digest'][:16]}… {d.get('source') or ''}")
+            for p in d.get("prep_runs", []):
+                db.add(f"prep run {p['name']} {p['run_id']} ({p['status']})")
+            if not d.get("prep_runs"):
+                db.add("[dim]prep run: not recorded")
+        for p in m.get("parents", []):
+            add_model(branch.add("[italic]made from"), p)
+
+    root = Tree(f"lineage of {node.get('uri')}")
+    add_model(root, node)
+    console.print(root)
 
 
 def cmd_track(args) -> dict:
-    raise NotImplementedYet("tracking")
+    """`kiln track sync RUN_DIR`: the URI comes from the flags/env, else from RUN_DIR's record."""
+    import os
+    from pathlib import Path
+
+    from pipeline.console import log
+    from pipeline.tracking import RUN_RECORD, Tracker
+
+    tracker = _tracker(args)
+    record = Path(args.run_dir) / RUN_RECORD
+    if not (args.tracking_uri or tracker.cfg.uri or os.environ.get("MLFLOW_TRACKING_URI")) and record.exists():
+        tracker = Tracker(tracker.cfg, uri=json.loads(record.read_text()).get("tracking_uri"))
+    result = tracker.sync(args.run_dir)
+    log.info("replayed %d metric values into run %s at %s", result["replayed"], result["run_id"], tracker.uri)
+    return result
 
 
 def cmd_plot(args) -> dict:

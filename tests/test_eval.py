@@ -1,0 +1,103 @@
+"""`kiln eval`: the sliding window scores every token once; the numbers match an independent computation."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from factories import fake_corpus
+from test_tracking_support import one_thread, text_corpus, train_tiny, train_tokenizer  # noqa: F401
+
+from pipeline.cli import main
+from pipeline.data.corpus import PreparedCorpus
+from pipeline.evaluate import count_bytes, evaluate, sliding_windows
+from pipeline.model.io import load_model_dir
+
+
+@pytest.mark.parametrize("n,block,stride", [(2, 8, 4), (9, 8, 4), (50, 8, 4), (50, 8, 8), (50, 8, 3), (7, 16, 8)])
+def test_sliding_windows_score_each_target_once_with_context(n, block, stride):
+    scored = []
+    for k, (begin, end, first) in enumerate(sliding_windows(n, block, stride)):
+        assert end - begin <= block and end <= n - 1
+        # after the first window, new targets keep block - stride tokens of context
+        assert first == (0 if k == 0 else block - stride)
+        scored += list(range(begin + 1, end + 1))[first:]
+    assert scored == list(range(1, n))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("eval")
+    corpus = fake_corpus(tmp / "corpus", vocab_size=64, val_docs=30)
+    model_dir, _ = train_tiny(corpus, tmp / "model", steps=30, block_size=32)
+    return corpus, model_dir
+
+
+def _independent_nll(model, tokens: torch.Tensor) -> tuple[float, int]:
+    logits, _ = model(tokens[None, :-1])
+    return float(F.cross_entropy(logits[0], tokens[1:], reduction="sum")), len(tokens) - 1
+
+
+def test_perplexity_is_exp_mean_ce_when_one_window_holds_everything(trained):
+    corpus, model_dir = trained
+    model, _ = load_model_dir(model_dir)
+    n = 30  # 29 targets fit in one 32-token window
+    tokens = torch.from_numpy(PreparedCorpus(corpus).stream("val").read(0, n))
+    with torch.no_grad():
+        nll, count = _independent_nll(model, tokens)
+    res = evaluate(model, corpus, "val", max_tokens=n - 1, show=False)
+    assert res["tokens"] == count == n - 1
+    assert res["perplexity"] == pytest.approx(math.exp(nll / count), rel=1e-5)
+    assert res["bits_per_byte"] is None  # the fake corpus has no tokenizer
+
+
+def test_sliding_window_matches_a_token_by_token_reference(trained):
+    """Each target t scored with context tokens[begin(t):t], begin(t) = the window that first reaches t."""
+    corpus, model_dir = trained
+    model, _ = load_model_dir(model_dir)
+    n, block, stride = 100, 32, 16
+    tokens = torch.from_numpy(PreparedCorpus(corpus).stream("val").read(0, n))
+    nll = 0.0
+    with torch.no_grad():
+        for t in range(1, n):
+            begin = 0 if t <= block else ((t - block - 1) // stride + 1) * stride
+            logits, _ = model(tokens[None, begin:t])
+            nll += float(F.cross_entropy(logits[0, -1:], tokens[t:t + 1]))
+    res = evaluate(model, corpus, "val", max_tokens=n - 1, block_size=block, show=False)
+    assert res["tokens"] == n - 1 and res["stride"] == stride
+    assert res["loss"] == pytest.approx(nll / (n - 1), rel=1e-5)
+    # a trained model beats the uniform distribution over the vocabulary by a wide margin
+    assert res["perplexity"] < 0.5 * 64
+
+
+def test_bits_per_byte_from_decoded_text(tmp_path):
+    tok = train_tokenizer(tmp_path / "tok")
+    corpus = text_corpus(tmp_path / "corpus", tok, n_docs=40, val_docs=3)
+    model_dir, _ = train_tiny(corpus, tmp_path / "model", steps=5)
+    model, _ = load_model_dir(model_dir)
+    res = evaluate(model, corpus, "val", max_tokens=200, show=False)
+    stream = PreparedCorpus(corpus).stream("val")
+    n_bytes = count_bytes(stream, 1, 200, corpus / "tokenizer.model")
+    assert res["bytes"] == n_bytes > 200  # BPE pieces average more than one byte
+    assert res["bits_per_byte"] == pytest.approx(res["loss"] * 200 / math.log(2) / n_bytes)
+
+
+def test_kiln_eval_cli_json_without_tracking(trained, tmp_path, monkeypatch, capsys):
+    corpus, model_dir = trained
+    monkeypatch.chdir(tmp_path)
+    rc = main(["eval", str(model_dir), "--data", str(corpus), "--max-tokens", "64", "--json",
+               "--set", "tracking.enabled=false"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["tokens"] == 64 and out["perplexity"] > 1 and out["tokens_per_s"] > 0
+    assert "tracking" not in out
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()
+
+
+def test_kiln_eval_rejects_non_tracking_set_keys(trained, capsys):
+    corpus, model_dir = trained
+    assert main(["eval", str(model_dir), "--data", str(corpus), "--set", "train.lr=1"]) == 2
+    assert "tracking.*" in capsys.readouterr().err
