@@ -41,8 +41,10 @@ def _config(args, kind: str, base: dict | None = None):
 
 
 def cmd_prep(args) -> dict:
-    _config(args, "prep", _prep_flags(args))
-    raise NotImplementedYet("prep")
+    from data_prep.runner import prep
+
+    cfg = _config(args, "prep", _prep_flags(args))
+    return prep(args.inputs, args.out, cfg)
 
 
 def _prep_flags(args) -> dict:
