@@ -28,7 +28,7 @@ from data_prep.document import BadRecord, Document
 from pipeline.config import ConfigError
 
 BLOCK = 1 << 20
-_JSONL = (".jsonl", ".ndjson", ".json")
+_JSONL = (".jsonl", ".ndjson")
 _COMPRESSED = {".gz": "gz", ".zst": "zst", ".zstd": "zst"}
 
 
@@ -57,6 +57,20 @@ def _hf_arrow_files(directory: Path) -> list[Path] | None:
     return None
 
 
+def _walk(directory: Path) -> list[Path]:
+    """Input files under a directory, in sorted order; a `save_to_disk` directory contributes its Arrow files."""
+    hf = _hf_arrow_files(directory)
+    if hf is not None:
+        return hf
+    found = []
+    for p in sorted(directory.iterdir()):
+        if p.is_dir():
+            found.extend(_walk(p))
+        elif p.is_file() and file_kind(p) and p.suffix != ".arrow":
+            found.append(p)
+    return found
+
+
 def resolve_inputs(inputs: list[str]) -> list[Path]:
     """Expand files, globs and directories into a sorted, de-duplicated file list."""
     found: list[Path] = []
@@ -65,9 +79,7 @@ def resolve_inputs(inputs: list[str]) -> list[Path]:
             matches = [Path(p) for p in sorted(glob.glob(item, recursive=True))]
             matches = [p for p in matches if p.is_file() and file_kind(p)]
         elif Path(item).is_dir():
-            matches = _hf_arrow_files(Path(item))
-            if matches is None:
-                matches = sorted(p for p in Path(item).rglob("*") if p.is_file() and file_kind(p))
+            matches = _walk(Path(item))
         elif Path(item).is_file():
             if not file_kind(Path(item)):
                 raise ConfigError(f"{item}: unsupported input type (jsonl[.gz|.zst], parquet, arrow, or a directory)")

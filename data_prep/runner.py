@@ -49,7 +49,7 @@ def ray_session(cfg: PrepConfig):
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(num_cpus=cfg.workers, include_dashboard=False, _node_ip_address="127.0.0.1",
+        ray.init(address="local", num_cpus=cfg.workers, include_dashboard=False, _node_ip_address="127.0.0.1",
                  configure_logging=False, log_to_driver=True)
     try:
         yield ray
