@@ -170,7 +170,7 @@ def tokenize_partition(part: int, drop: np.ndarray, tokenizer: str, cfg: PrepCon
                     continue
                 d = json.loads(line)
                 batch.append((d["id"], d["text"], d["lang"]))
-                if len(batch) >= 256:
+                if len(batch) >= 512:
                     _encode(batch, sp, eos, val_cut, writers, langs, chars)
                     batch = []
             _encode(batch, sp, eos, val_cut, writers, langs, chars)
@@ -196,11 +196,15 @@ def _encode(batch, sp, eos, val_cut, writers, langs, chars) -> None:
     if not batch:
         return
     encoded = sp.encode([t for _, t, _ in batch], num_threads=1)
+    out: dict[str, list] = {"train": [], "val": []}
     for (doc_id, text, lang), ids in zip(batch, encoded, strict=True):
         split = "val" if id_hash(doc_id, b"val") < val_cut else "train"
         ids.append(eos)
-        writers[split].add(ids)
+        out[split].append(ids)
         langs[split][lang] += 1
         chars[split] += len(text)
+    for split, docs in out.items():
+        if docs:
+            writers[split].add_many(docs)
 
 

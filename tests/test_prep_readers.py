@@ -133,3 +133,19 @@ def test_clean_partition_publishes_once_and_is_reused(tmp_path):
     assert (done / "docs.jsonl").stat().st_mtime_ns == mtime
     res = stages.dedup_bucket(0, [0], str(tmp_path / "work"), True)
     assert set(res) == {"exact", "edges"}
+
+
+def test_add_many_writes_the_same_bytes_as_add(tmp_path):
+    import numpy as np
+
+    from data_prep.indexed import IndexedDataset, IndexedWriter, shard_digest
+
+    docs = [[5, 6, 2], [7, 2], [1, 2, 3, 4, 2]]
+    with IndexedWriter(tmp_path / "one", np.uint16) as a:
+        for d in docs:
+            a.add(d)
+    with IndexedWriter(tmp_path / "many", np.uint16) as b:
+        b.add_many(docs[:2])
+        b.add_many(docs[2:])
+    assert a.result == b.result and shard_digest(tmp_path / "one") == shard_digest(tmp_path / "many")
+    assert IndexedDataset(tmp_path / "many")[2].tolist() == docs[2]
