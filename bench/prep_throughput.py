@@ -66,9 +66,9 @@ def main() -> None:
 
     # 3. dedup key memory (measured on disk; computed from the layout)
     kept = sum(s["kept"] for s in clean)
-    npz = sum((work / "clean" / f"{p['index']:05d}" / "keys.npz").stat().st_size for p in parts)
+    npz = sum(k.stat().st_size for p in parts for k in stages.key_files(work, p["index"]))
     emit("prep_minhash_keys_mb_per_million_docs_measured", npz / kept, "MB/1M docs", None,
-         note="keys.npz bytes on disk / kept docs (bytes per doc = MB per million docs)")
+         note="keys_*.npz bytes on disk / kept docs (bytes per doc = MB per million docs)")
     per_doc = 8 * (2 + 2 * cfg.minhash.bands + 1)  # exact hash+uid, bands x (key+uid), sample key
     emit("prep_minhash_keys_mb_per_million_docs_computed", per_doc, "MB/1M docs", None,
          note=f"{cfg.minhash.bands} bands x (8 B key + 8 B uid) + exact (16 B) + sample (8 B); a dedup bucket "

@@ -192,7 +192,7 @@ def _sample_texts(cfg: PrepConfig, work: Path, clean: list[dict], drops: dict):
     chars = 0
     for s in clean:
         d = work / "clean" / f"{s['index']:05d}"
-        sample = np.load(d / "keys.npz")["sample"]
+        sample = np.concatenate([np.load(k)["sample"] for k in stages.key_files(work, s["index"])])
         skip = set(drops["by_part"].get(s["index"], np.zeros(0)).tolist())
         with open(d / "docs.jsonl", encoding="utf-8") as f:
             for pos, line in enumerate(f):

@@ -80,7 +80,8 @@ def clean_partition(part: dict, cfg: PrepConfig, work: str) -> dict:
     steps = build_steps(cfg)
     hasher = MinHasher(cfg.minhash.ngram, cfg.minhash.bands, cfg.minhash.rows, cfg.minhash.seed)
     counts: Counter = Counter()
-    exact, bands, sample, langs = [], [], [], Counter()
+    keys = _KeyChunks(tmp, part["index"], cfg)
+    langs: Counter = Counter()
     with open(tmp / "quarantine.jsonl", "w") as quarantine, open(tmp / "removed.jsonl", "w") as removed, \
             open(tmp / "docs.jsonl", "w") as out:
         docs = _records(part, cfg, counts, quarantine)
@@ -96,27 +97,8 @@ def clean_partition(part: dict, cfg: PrepConfig, work: str) -> dict:
             lang = doc.meta.get("lang")
             langs[lang] += 1
             out.write(json.dumps({"id": doc.id, "text": doc.text, "lang": lang}, ensure_ascii=False) + "\n")
-            if cfg.dedup:
-                exact.append(text_hash(doc.text))
-            if cfg.dedup and cfg.near_dedup:
-                bands.append(hasher.band_keys(hasher.signature(doc.text)))
-            sample.append(id_hash(doc.id, b"sample"))
-    n = len(sample)
-    uids = uid_of(part["index"], np.arange(n, dtype=np.int64))
-    arrays = {"sample": np.array(sample, np.uint64)}
-    buckets = cfg.dedup_buckets
-    if cfg.dedup:
-        e = np.array(exact, np.uint64)
-        for b in range(buckets):
-            m = e % np.uint64(buckets) == b
-            arrays[f"e{b}"], arrays[f"eu{b}"] = e[m], uids[m]
-    if cfg.dedup and cfg.near_dedup:
-        keys = np.array(bands, np.uint64).reshape(n, cfg.minhash.bands)
-        flat, flat_uids = keys.reshape(-1), np.repeat(uids, cfg.minhash.bands)
-        for b in range(buckets):
-            m = flat % np.uint64(buckets) == b
-            arrays[f"n{b}"], arrays[f"nu{b}"] = flat[m], flat_uids[m]
-    np.savez(tmp / "keys.npz", **arrays)
+            keys.add(doc, hasher)
+    n = keys.close()
     stats = {
         "index": part["index"], "rel": part["rel"], "records": counts["records"], "read": counts["read"],
         "documents_in": counts["documents_in"], "kept": n,
@@ -129,16 +111,71 @@ def clean_partition(part: dict, cfg: PrepConfig, work: str) -> dict:
     return stats
 
 
+class _KeyChunks:
+    """Dedup keys of a partition, flushed every `shard_docs` documents to keys_NNNNN.npz.
+
+    Each file holds, per bucket b, exact hashes `e{b}` / near-dup band keys `n{b}`
+    with their uids (`eu{b}`, `nu{b}`), plus `sample` (tokenizer-sample hash per doc).
+    Flushing keeps a worker's memory bounded even for one huge compressed file.
+    """
+
+    def __init__(self, directory: Path, part: int, cfg: PrepConfig):
+        self.dir, self.part, self.cfg = directory, part, cfg
+        self.exact: list[int] = []
+        self.bands: list[np.ndarray] = []
+        self.sample: list[int] = []
+        self.done = self.chunks = 0
+
+    def add(self, doc, hasher: MinHasher) -> None:
+        if self.cfg.dedup:
+            self.exact.append(text_hash(doc.text))
+            if self.cfg.near_dedup:
+                self.bands.append(hasher.band_keys(hasher.signature(doc.text)))
+        self.sample.append(id_hash(doc.id, b"sample"))
+        if len(self.sample) >= self.cfg.shard_docs:
+            self.flush()
+
+    def flush(self) -> None:
+        n, cfg, buckets = len(self.sample), self.cfg, self.cfg.dedup_buckets
+        uids = uid_of(self.part, np.arange(self.done, self.done + n, dtype=np.int64))
+        arrays = {"sample": np.array(self.sample, np.uint64)}
+        if cfg.dedup:
+            e = np.array(self.exact, np.uint64)
+            for b in range(buckets):
+                m = e % np.uint64(buckets) == b
+                arrays[f"e{b}"], arrays[f"eu{b}"] = e[m], uids[m]
+        if cfg.dedup and cfg.near_dedup:
+            flat = np.array(self.bands, np.uint64).reshape(-1)
+            flat_uids = np.repeat(uids, cfg.minhash.bands)
+            for b in range(buckets):
+                m = flat % np.uint64(buckets) == b
+                arrays[f"n{b}"], arrays[f"nu{b}"] = flat[m], flat_uids[m]
+        np.savez(self.dir / f"keys_{self.chunks:05d}.npz", **arrays)
+        self.chunks += 1
+        self.done += n
+        self.exact, self.bands, self.sample = [], [], []
+
+    def close(self) -> int:
+        if self.sample or not self.chunks:
+            self.flush()
+        return self.done
+
+
+def key_files(work: str | Path, part: int) -> list[Path]:
+    return sorted((Path(work) / "clean" / f"{part:05d}").glob("keys_*.npz"))
+
+
 def dedup_bucket(bucket: int, parts: list[int], work: str, near: bool) -> dict:
     """Exact groups and LSH candidate edges among the keys that hash into `bucket`."""
     ek, eu, nk, nu = [], [], [], []
     for p in parts:
-        with np.load(Path(work) / "clean" / f"{p:05d}" / "keys.npz") as z:
-            ek.append(z[f"e{bucket}"])
-            eu.append(z[f"eu{bucket}"])
-            if near:
-                nk.append(z[f"n{bucket}"])
-                nu.append(z[f"nu{bucket}"])
+        for path in key_files(work, p):
+            with np.load(path) as z:
+                ek.append(z[f"e{bucket}"])
+                eu.append(z[f"eu{bucket}"])
+                if near:
+                    nk.append(z[f"n{bucket}"])
+                    nu.append(z[f"nu{bucket}"])
     cat = lambda xs, dt: np.concatenate(xs) if xs else np.zeros(0, dt)  # noqa: E731
     dup, kept = group_min(cat(ek, np.uint64), cat(eu, np.int64))
     a, b = lsh_edges(cat(nk, np.uint64), cat(nu, np.int64)) if near else (np.zeros(0, np.int64),) * 2

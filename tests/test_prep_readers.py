@@ -127,7 +127,7 @@ def test_clean_partition_publishes_once_and_is_reused(tmp_path):
     assert stats["records"] == 4 and stats["kept"] == 2 and stats["quarantined"] == {"malformed_json": 1}
     assert stats["removed"] == {"gopher_quality:word_count": 1}
     done = tmp_path / "work" / "clean" / "00000"
-    assert sorted(p.name for p in done.iterdir()) == ["docs.jsonl", "keys.npz", "quarantine.jsonl", "removed.jsonl", "stats.json"]
+    assert sorted(p.name for p in done.iterdir()) == ["docs.jsonl", "keys_00000.npz", "quarantine.jsonl", "removed.jsonl", "stats.json"]
     mtime = (done / "docs.jsonl").stat().st_mtime_ns
     assert stages.clean_partition(parts[0], cfg, str(tmp_path / "work")) == stats
     assert (done / "docs.jsonl").stat().st_mtime_ns == mtime
@@ -149,3 +149,21 @@ def test_add_many_writes_the_same_bytes_as_add(tmp_path):
         b.add_many(docs[2:])
     assert a.result == b.result and shard_digest(tmp_path / "one") == shard_digest(tmp_path / "many")
     assert IndexedDataset(tmp_path / "many")[2].tolist() == docs[2]
+
+
+def test_one_big_compressed_file_flushes_keys_in_chunks(tmp_path):
+    """A single .gz is one partition; its dedup keys still go to disk every shard_docs docs."""
+    base = ("The committee met on Tuesday to review the budget and to hear the reports of group {i}. "
+            "After a long discussion the members agreed that the library should get more money for books. "
+            "The chair thanked the volunteers who had prepared the figures for meeting number {i}.")
+    texts = [base.format(i=i) for i in range(4)] + [base.format(i=0)]
+    path = tmp_path / "big.jsonl.gz"
+    path.write_bytes(gzip.compress("".join(json.dumps({"id": f"d{i}", "text": t}) + "\n" for i, t in enumerate(texts)).encode()))
+    _, parts = readers.plan([path], 2)
+    assert len(parts) == 1
+    cfg = PrepConfig(filters={"min_words": 10}, shard_docs=2, dedup_buckets=3)
+    assert stages.clean_partition(parts[0], cfg, str(tmp_path / "w"))["kept"] == 5
+    assert len(stages.key_files(tmp_path / "w", 0)) == 3
+    exact = [stages.dedup_bucket(b, [0], str(tmp_path / "w"), True)["exact"] for b in range(3)]
+    pairs = [(int(d), int(k)) for dup, kept in exact for d, k in zip(dup, kept, strict=True)]
+    assert pairs == [(4, 0)]
