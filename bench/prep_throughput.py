@@ -49,16 +49,19 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="kiln-bench-prep-"))
     files = write_demo_corpus(tmp / "corpus")
     cfg = load_config("prep", ROOT / "configs/prep/demo.yaml", base={"workers": args.workers, "shard_docs": 200})
-    work = tmp / "work"
 
     # 1. clean + dedup, one core, no Ray
     _, parts = readers.plan(files, cfg.shard_docs)
     stages.clean_partition(parts[0], cfg, str(tmp / "warm"))  # load langid model etc. once, untimed
-    t = time.perf_counter()
-    clean = [stages.clean_partition(p, cfg, str(work)) for p in parts]
-    res = [stages.dedup_bucket(b, [p["index"] for p in parts], str(work), True) for b in range(cfg.dedup_buckets)]
-    cluster_roots(np.concatenate([r["edges"][0] for r in res]), np.concatenate([r["edges"][1] for r in res]))
-    dt = time.perf_counter() - t
+    times = []
+    for rep in range(3):  # best of 3: the machine is shared and noisy
+        work = tmp / f"work{rep}"
+        t = time.perf_counter()
+        clean = [stages.clean_partition(p, cfg, str(work)) for p in parts]
+        res = [stages.dedup_bucket(b, [p["index"] for p in parts], str(work), True) for b in range(cfg.dedup_buckets)]
+        cluster_roots(np.concatenate([r["edges"][0] for r in res]), np.concatenate([r["edges"][1] for r in res]))
+        times.append(time.perf_counter() - t)
+    dt = min(times)
     n = sum(s["records"] for s in clean)
     mb = sum(f.stat().st_size for f in files) / 1e6
     emit("prep_clean_dedup_docs_per_s_1core", n / dt, "docs/s", None, docs=n, mb=round(mb, 2), seconds=round(dt, 2),

@@ -57,13 +57,17 @@ def ray_session(cfg: PrepConfig):
         ray.shutdown()
 
 
-def _run_tasks(ray, fn, arg_lists: list[tuple], workers: int, stage: str) -> list:
-    """Run `fn(*args)` as Ray tasks, at most `workers` at once; results in submission order."""
+def _run_tasks(ray, fn, arg_lists: list[tuple], workers: int, stage: str, count=None, unit: str = "docs") -> list:
+    """Run `fn(*args)` as Ray tasks, at most `workers` at once; results in submission order.
+
+    `count(result)` gives the units (documents, tokens) a finished task handled, for the rate shown.
+    """
     from pipeline.console import progress
 
     remote = ray.remote(num_cpus=1, max_retries=2)(fn)
     results: list = [None] * len(arg_lists)
     pending: dict = {}
+    units, start = 0, time.time()
     todo = list(enumerate(arg_lists))
     with progress(stage, total=len(arg_lists), unit="tasks") as advance:
         while todo or pending:
@@ -80,7 +84,11 @@ def _run_tasks(ray, fn, arg_lists: list[tuple], workers: int, stage: str) -> lis
                     if isinstance(cause, KilnError | ConfigError):
                         raise cause from None
                     raise KilnError(f"{stage}: task {i} failed: {type(cause).__name__}: {cause}") from None
-                advance(1)
+                if count is not None:
+                    units += count(results[i])
+                    advance(1, description=f"{stage} ({units / max(time.time() - start, 1e-9):,.0f} {unit}/s)")
+                else:
+                    advance(1)
     return results
 
 
@@ -127,7 +135,7 @@ def prep(inputs: list[str], out: str | Path, cfg: PrepConfig) -> dict:
     with ray_session(cfg) as ray:
         t = time.time()
         clean = _run_tasks(ray, stages.clean_partition, [(p, cfg, str(work)) for p in parts], cfg.workers,
-                           "clean+filter")
+                           "clean+filter", count=lambda s: s["records"])
         timings["clean"] = time.time() - t
         n = sum(s["records"] for s in clean)
         log.info("clean+filter: %d records in %.1f s (%.0f docs/s)", n, timings["clean"], n / max(timings["clean"], 1e-9))
@@ -146,7 +154,8 @@ def prep(inputs: list[str], out: str | Path, cfg: PrepConfig) -> dict:
         t = time.time()
         tok = _run_tasks(ray, stages.tokenize_partition,
                          [(s["index"], drops["by_part"].get(s["index"], np.zeros(0, np.int64)), str(tok_path), cfg, str(work), str(out))
-                          for s in clean], cfg.workers, "tokenize")
+                          for s in clean], cfg.workers, "tokenize",
+                         count=lambda r: sum(sh["tokens"] for sh in r["shards"].values()), unit="tokens")
         timings["tokenize"] = time.time() - t
         n = sum(sh["tokens"] for r in tok for sh in r["shards"].values())
         log.info("tokenize: %d tokens in %.1f s (%.0f tokens/s)", n, timings["tokenize"], n / max(timings["tokenize"], 1e-9))
