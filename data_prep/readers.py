@@ -71,8 +71,12 @@ def _walk(directory: Path) -> list[Path]:
     return found
 
 
-def resolve_inputs(inputs: list[str]) -> list[Path]:
-    """Expand files, globs and directories into a sorted, de-duplicated file list."""
+def resolve_inputs(inputs: list[str], exclude: str | Path | None = None) -> list[Path]:
+    """Expand files, globs and directories into a sorted, de-duplicated file list.
+
+    Files under `exclude` (the output directory) are skipped, so `kiln prep data --out
+    data/prepped` never reads its own reports and work files back in.
+    """
     found: list[Path] = []
     for item in inputs:
         if any(c in item for c in "*?["):
@@ -90,6 +94,11 @@ def resolve_inputs(inputs: list[str]) -> list[Path]:
             raise ConfigError(f"{item}: no input files found (jsonl[.gz|.zst], parquet, Hugging Face dataset dir)")
         found.extend(matches)
     unique = list(dict.fromkeys(p.resolve() for p in found))
+    if exclude is not None:
+        skip = Path(exclude).resolve()
+        unique = [p for p in unique if skip not in p.parents]
+        if not unique:
+            raise ConfigError(f"{' '.join(inputs)}: no input files outside the output directory {exclude}")
     return unique
 
 

@@ -125,7 +125,7 @@ def prep(inputs: list[str], out: str | Path, cfg: PrepConfig) -> dict:
         raise ConfigError(str(err)) from None
     if cfg.tokenizer:
         check_tokenizer(cfg.tokenizer)
-    files = readers.resolve_inputs(inputs)
+    files = readers.resolve_inputs(inputs, exclude=out)
     in_info, parts = readers.plan(files, cfg.shard_docs)
     if len(parts) >= 2**31:
         raise KilnError("too many partitions; raise shard_docs")

@@ -318,6 +318,9 @@ def test_given_tokenizer_and_errors(reference, corpus, tmp_path):
     out, summary = reference
     reuse = prep([str(corpus[0])], tmp_path / "tok", config(tokenizer=str(out / "tokenizer.model")))
     assert reuse["digest"] == summary["digest"]
+    nodedup = prep([str(corpus[0])], tmp_path / "nodedup", config(tokenizer=str(out / "tokenizer.model"), dedup=False))
+    assert nodedup["counts"]["documents_kept"] == corpus[1]["kept"] + 3
+    assert not {"exact_dup", "near_dup"} & set(nodedup["counts"]["removed"])
     with pytest.raises(KilnError, match="try --vocab-size"):
         prep([str(corpus[0])], tmp_path / "big", config(vocab_size=50000))
     with pytest.raises(KilnError, match="text field 'body2'"):

@@ -167,3 +167,11 @@ def test_one_big_compressed_file_flushes_keys_in_chunks(tmp_path):
     exact = [stages.dedup_bucket(b, [0], str(tmp_path / "w"), True)["exact"] for b in range(3)]
     pairs = [(int(d), int(k)) for dup, kept in exact for d, k in zip(dup, kept, strict=True)]
     assert pairs == [(4, 0)]
+
+
+def test_output_dir_inside_the_input_dir_is_not_read(tmp_path):
+    (tmp_path / "data" / "prepped" / "report").mkdir(parents=True)
+    (tmp_path / "data" / "a.jsonl").write_text('{"text": "x"}\n')
+    (tmp_path / "data" / "prepped" / "report" / "removed.jsonl").write_text('{"id": "x"}\n')
+    got = readers.resolve_inputs([str(tmp_path / "data")], exclude=tmp_path / "data" / "prepped")
+    assert [p.name for p in got] == ["a.jsonl"]

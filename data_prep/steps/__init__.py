@@ -35,7 +35,10 @@ def build_steps(cfg) -> list[Step]:
         disabled.setdefault(step, []).append(rule)
     steps: list[Step] = [Normalize(), LengthPolicy(f.max_doc_chars, f.long_doc_policy)]
     if f.langid:
-        steps.append(_make(LangId, "langid", f.params, langs=cfg.langs, threshold=cfg.lang_threshold))
+        try:
+            steps.append(_make(LangId, "langid", f.params, langs=cfg.langs, threshold=cfg.lang_threshold))
+        except ValueError as err:
+            raise ValueError(f"langs: {str(err).split(': ', 1)[-1]}") from None
     elif cfg.langs:
         raise ValueError("langs: needs filters.langid true")
     extra = {"gopher_quality": {"min_words": f.min_words, "max_words": f.max_words}}

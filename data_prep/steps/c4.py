@@ -39,11 +39,12 @@ class C4(Filter):
             return False
         if self.on("terminal_punct") and not line.endswith(TERMINAL):
             return False
-        if self.on("min_words_per_line") or self.on("max_word_length"):
+        long_line = len(line) > self.max_word_length  # only then can a word be too long
+        if self.on("min_words_per_line") or (long_line and self.on("max_word_length")):
             ws = words(line)
             if self.on("min_words_per_line") and len(ws) < self.min_words_per_line:
                 return False
-            if self.on("max_word_length") and any(len(w) > self.max_word_length for w in ws):
+            if long_line and self.on("max_word_length") and any(len(w) > self.max_word_length for w in ws):
                 return False
         return True
 

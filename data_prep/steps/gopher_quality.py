@@ -19,7 +19,7 @@ STOP_WORDS = frozenset({"the", "be", "to", "of", "and", "that", "have", "with"})
 BULLETS = ("•", "●", "○", "▪", "◦", "‣", "⁃", "-", "*", "·")
 ELLIPSES = ("...", "…")
 _LETTER = re.compile(r"[^\W\d_]")
-_PUNCT = ".,;:!?\"'()[]{}«»“”‘’"
+_LATIN_WORD = re.compile(r"[a-z]+")
 
 
 class GopherQuality(Filter):
@@ -66,7 +66,7 @@ class GopherQuality(Filter):
             if ratio < self.min_alpha:
                 return "alpha_words", f"{ratio:.2f} < {self.min_alpha}"
         if self.on("stop_words") and lang in (None, "en"):
-            found = len(STOP_WORDS.intersection(w.lower().strip(_PUNCT) for w in ws))
+            found = len(STOP_WORDS.intersection(_LATIN_WORD.findall(text.lower())))
             if found < self.min_stop:
                 return "stop_words", f"{found} of {sorted(STOP_WORDS)} < {self.min_stop}"
         return None
