@@ -57,13 +57,18 @@ def ray_session(cfg: PrepConfig):
         ray.shutdown()
 
 
-def _run_tasks(ray, fn, arg_lists: list[tuple], workers: int, stage: str, count=None, unit: str = "docs") -> list:
+@contextmanager
+def _no_progress(description: str, total: float | None = None, unit: str = "it"):
+    yield lambda n=1, **fields: None
+
+
+def _run_tasks(ray, fn, arg_lists: list[tuple], workers: int, stage: str, count=None, unit: str = "docs",
+               progress=None) -> list:
     """Run `fn(*args)` as Ray tasks, at most `workers` at once; results in submission order.
 
     `count(result)` gives the units (documents, tokens) a finished task handled, for the rate shown.
     """
-    from pipeline.console import progress
-
+    progress = progress or _no_progress
     remote = ray.remote(num_cpus=1, max_retries=2)(fn)
     results: list = [None] * len(arg_lists)
     pending: dict = {}
@@ -115,8 +120,13 @@ def _prepare_out(out: Path, fingerprint: str) -> Path:
     return work
 
 
-def prep(inputs: list[str], out: str | Path, cfg: PrepConfig) -> dict:
-    """Run the whole preparation; return the summary (also written as DIR/manifest.json)."""
+def prep(inputs: list[str], out: str | Path, cfg: PrepConfig, progress=None, table=None) -> dict:
+    """Run the whole preparation; return the summary (also written as DIR/manifest.json).
+
+    `progress(description, total, unit)` is a context manager yielding `advance(n, **fields)` and
+    `table(title, rows, columns)` prints the summary (the CLI passes pipeline.console's); without
+    them the run is quiet apart from log lines.
+    """
     t0 = time.time()
     out = Path(out)
     try:
@@ -135,7 +145,7 @@ def prep(inputs: list[str], out: str | Path, cfg: PrepConfig) -> dict:
     with ray_session(cfg) as ray:
         t = time.time()
         clean = _run_tasks(ray, stages.clean_partition, [(p, cfg, str(work)) for p in parts], cfg.workers,
-                           "clean+filter", count=lambda s: s["records"])
+                           "clean+filter", count=lambda s: s["records"], progress=progress)
         timings["clean"] = time.time() - t
         n = sum(s["records"] for s in clean)
         log.info("clean+filter: %d records in %.1f s (%.0f docs/s)", n, timings["clean"], n / max(timings["clean"], 1e-9))
@@ -146,7 +156,7 @@ def prep(inputs: list[str], out: str | Path, cfg: PrepConfig) -> dict:
             if q.get("missing_text_field"):
                 raise KilnError(f"no record has the text field {cfg.text_field!r} (see {out}/report/...; use --text-field)")
         t = time.time()
-        drops = _dedup(ray, cfg, work, clean)
+        drops = _dedup(ray, cfg, work, clean, progress)
         timings["dedup"] = time.time() - t
         t = time.time()
         tok_path, vocab, tok_sha = _tokenizer(cfg, work, out, clean, drops)
@@ -155,18 +165,19 @@ def prep(inputs: list[str], out: str | Path, cfg: PrepConfig) -> dict:
         tok = _run_tasks(ray, stages.tokenize_partition,
                          [(s["index"], drops["by_part"].get(s["index"], np.zeros(0, np.int64)), str(tok_path), cfg, str(work), str(out))
                           for s in clean], cfg.workers, "tokenize",
-                         count=lambda r: sum(sh["tokens"] for sh in r["shards"].values()), unit="tokens")
+                         count=lambda r: sum(sh["tokens"] for sh in r["shards"].values()), unit="tokens",
+                         progress=progress)
         timings["tokenize"] = time.time() - t
         n = sum(sh["tokens"] for r in tok for sh in r["shards"].values())
         log.info("tokenize: %d tokens in %.1f s (%.0f tokens/s)", n, timings["tokenize"], n / max(timings["tokenize"], 1e-9))
     summary = _finish(out, cfg, in_info, parts, clean, drops, tok, vocab, tok_sha)
     timings["total"] = time.time() - t0
     summary["timings_s"] = {k: round(v, 2) for k, v in timings.items()}
-    _print_summary(summary)
+    _print_summary(summary, table)
     return summary
 
 
-def _dedup(ray, cfg: PrepConfig, work: Path, clean: list[dict]) -> dict:
+def _dedup(ray, cfg: PrepConfig, work: Path, clean: list[dict], progress=None) -> dict:
     """{uid: (reason, kept uid)} for exact and near duplicates, plus per-partition positions to drop."""
     path = work / "dedup.json"
     if path.is_file():
@@ -176,7 +187,7 @@ def _dedup(ray, cfg: PrepConfig, work: Path, clean: list[dict]) -> dict:
     else:
         parts = [s["index"] for s in clean]
         res = _run_tasks(ray, stages.dedup_bucket, [(b, parts, str(work), cfg.near_dedup) for b in range(cfg.dedup_buckets)],
-                         cfg.workers, "dedup")
+                         cfg.workers, "dedup", progress=progress)
         removed: dict[int, tuple[str, int]] = {}
         for r in res:
             for u, k in zip(*(x.tolist() for x in r["exact"]), strict=True):
@@ -297,9 +308,7 @@ def _write_reports(out: Path, clean: list[dict], drops: dict) -> None:
         os.replace(tmp, out / "report" / f"{name}.jsonl")
 
 
-def _print_summary(summary: dict) -> None:
-    from pipeline.console import print_table
-
+def _print_summary(summary: dict, table=None) -> None:
     c = summary["counts"]
     rows = [{"what": "records read", "value": c["records_in"]},
             {"what": "quarantined", "value": sum(c["quarantined"].values())},
@@ -311,4 +320,8 @@ def _print_summary(summary: dict) -> None:
              {"what": "shards", "value": summary["shards"]},
              {"what": "time (s)", "value": ", ".join(f"{k} {v}" for k, v in summary["timings_s"].items())},
              {"what": "digest", "value": summary["digest"][:16]}]
-    print_table(f"kiln prep -> {summary['out']}", rows, ["what", "value"])
+    if table is None:
+        for row in rows:
+            log.info("%s: %s", row["what"], row["value"])
+    else:
+        table(f"kiln prep -> {summary['out']}", rows, ["what", "value"])
