@@ -97,9 +97,11 @@ def _run_tasks(ray, fn, arg_lists: list[tuple], workers: int, stage: str, count=
     return results
 
 
-def _fingerprint(cfg: PrepConfig, inputs: list[dict]) -> str:
+def _fingerprint(cfg: PrepConfig, inputs: list[dict], tokenizer_sha: str | None) -> str:
+    """What the results depend on: config (not the worker count), input contents, a given tokenizer's bytes."""
     conf = cfg.model_dump(mode="json", exclude={"workers", "ray_address"})
-    blob = json.dumps({"format": FORMAT, "config": conf, "inputs": [(i["rel"], i["sha256"]) for i in inputs]}, sort_keys=True)
+    blob = json.dumps({"format": FORMAT, "config": conf, "tokenizer": tokenizer_sha,
+                       "inputs": [(i["rel"], i["sha256"]) for i in inputs]}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -133,13 +135,12 @@ def prep(inputs: list[str], out: str | Path, cfg: PrepConfig, progress=None, tab
         build_steps(cfg)  # validate filters.* before any work
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    if cfg.tokenizer:
-        check_tokenizer(cfg.tokenizer)
+    given_tokenizer = check_tokenizer(cfg.tokenizer)[1] if cfg.tokenizer else None
     files = readers.resolve_inputs(inputs, exclude=out)
     in_info, parts = readers.plan(files, cfg.shard_docs)
     if len(parts) >= 2**31:
         raise KilnError("too many partitions; raise shard_docs")
-    work = _prepare_out(out, _fingerprint(cfg, in_info))
+    work = _prepare_out(out, _fingerprint(cfg, in_info, given_tokenizer))
     timings = {"plan": time.time() - t0}
     log.info("prep: %d input file(s), %d partition(s), %d worker(s) -> %s", len(files), len(parts), cfg.workers, out)
     with ray_session(cfg) as ray:
@@ -158,6 +159,10 @@ def prep(inputs: list[str], out: str | Path, cfg: PrepConfig, progress=None, tab
         t = time.time()
         drops = _dedup(ray, cfg, work, clean, progress)
         timings["dedup"] = time.time() - t
+        if not cfg.tokenizer and sum(s["kept"] for s in clean) == len(drops["removed"]):
+            _write_reports(out, clean, drops)
+            raise KilnError(f"no document survived reading, filtering and dedup ({sum(s['records'] for s in clean)} "
+                            f"records), nothing to train a tokenizer on; see {out / 'report'}")
         t = time.time()
         tok_path, vocab, tok_sha = _tokenizer(cfg, work, out, clean, drops)
         timings["tokenizer"] = time.time() - t

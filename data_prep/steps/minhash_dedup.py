@@ -6,7 +6,7 @@ array operations; Python loops only over bands, n-gram offsets and 4096-row
 blocks. Two documents become candidates when all `rows` values of some band
 agree; candidate pairs are joined into clusters and each cluster keeps its
 lowest uid (the earliest document), so the result does not depend on how the
-work was split. With 14x8 the 50%-detection point is a Jaccard similarity of ~0.72.
+work was split. With 14x8 a pair is caught with 50% probability at Jaccard ~0.69, 90% at 0.79.
 """
 
 from __future__ import annotations
