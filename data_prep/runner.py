@@ -155,7 +155,9 @@ def prep(inputs: list[str], out: str | Path, cfg: PrepConfig, progress=None, tab
             for s in clean:
                 q.update(s["quarantined"])
             if q.get("missing_text_field"):
-                raise KilnError(f"no record has the text field {cfg.text_field!r} (see {out}/report/...; use --text-field)")
+                _write_reports(out, clean, {"removed": []})
+                raise KilnError(f"no record has the text field {cfg.text_field!r} (use --text-field; "
+                                f"see {out / 'report' / 'quarantine.jsonl'})")
         t = time.time()
         drops = _dedup(ray, cfg, work, clean, progress)
         timings["dedup"] = time.time() - t
