@@ -43,8 +43,10 @@ def train_tokenizer(sentences: Iterable[str], out: str | Path, *, vocab_size: in
         m = re.search(r"value <= (\d+)", msg)
         if m:
             raise KilnError(f"vocab_size {vocab_size} is too large for this corpus; try --vocab-size {m.group(1)} or less") from None
-        if "Vocabulary size is smaller than required_chars" in msg or "vocab_size" in msg:
-            raise KilnError(f"sentencepiece: {msg.strip().splitlines()[-1]} (try a different --vocab-size)") from None
+        m = re.search(r"smaller than required_chars\. \d+ vs (\d+)", msg)
+        if m:
+            raise KilnError(f"vocab_size {vocab_size} is smaller than the {m.group(1)} pieces this corpus needs "
+                            f"(characters, bytes, specials); try --vocab-size {m.group(1)} or more") from None
         raise KilnError(f"sentencepiece training failed: {msg.strip().splitlines()[-1]}") from None
     if not model.getvalue():
         raise KilnError("sentencepiece training got no text (every document was removed?)")

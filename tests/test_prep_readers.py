@@ -103,13 +103,25 @@ def test_resolve_inputs(tmp_path):
         readers.resolve_inputs([str(tmp_path / "d" / "*.csv")])
 
 
-def test_tokenizer_is_deterministic_and_errors_are_one_line(tmp_path):
-    texts = [f"Line {i} of a small corpus about boats, bread and libraries.\nAnother line {i * 7}." for i in range(300)]
-    a = train_tokenizer(texts, tmp_path / "a.model", vocab_size=300)
-    b = train_tokenizer(texts, tmp_path / "b.model", vocab_size=300)
-    assert check_tokenizer(a) == check_tokenizer(b) and check_tokenizer(a)[0] == 300
-    with pytest.raises(KilnError, match=r"try --vocab-size \d+"):
+@pytest.mark.parametrize("model_type", ["bpe", "unigram"])
+def test_tokenizer_is_deterministic_and_errors_are_one_line(tmp_path, model_type):
+    import random
+
+    import sentencepiece as spm
+
+    rng = random.Random(0)
+    vocab = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9))) for _ in range(400)]
+    texts = [" ".join(rng.choice(vocab) for _ in range(12)) + f".\nAnother line {i * 7}." for i in range(300)]
+    a = train_tokenizer(texts, tmp_path / "a.model", vocab_size=400, model_type=model_type)
+    b = train_tokenizer(texts, tmp_path / "b.model", vocab_size=400, model_type=model_type)
+    assert check_tokenizer(a) == check_tokenizer(b) and check_tokenizer(a)[0] == 400
+    sp = spm.SentencePieceProcessor(model_file=str(a))
+    text = "Boats and bread:\n    indented ünïcödé 日本 text"
+    assert sp.decode(sp.encode(text)) == text  # byte fallback, whitespace and newlines survive
+    with pytest.raises(KilnError, match=r"try --vocab-size \d+ or less"):
         train_tokenizer(texts, tmp_path / "c.model", vocab_size=20000)
+    with pytest.raises(KilnError, match=r"try --vocab-size \d+ or more"):
+        train_tokenizer(texts + ["日本語のテキスト" * 20], tmp_path / "d.model", vocab_size=270)
     (tmp_path / "junk.model").write_bytes(b"junk")
     with pytest.raises(KilnError, match="junk.model: not a readable sentencepiece model"):
         check_tokenizer(tmp_path / "junk.model")
