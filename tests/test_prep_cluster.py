@@ -1,4 +1,4 @@
-"""`kiln prep` across a real two-node Ray cluster (head + worker node on 127.0.0.1)."""
+"""`kiln prep` across a real two-node Ray cluster (ray.cluster_utils: head + worker node on this machine)."""
 
 from __future__ import annotations
 
