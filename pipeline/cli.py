@@ -41,8 +41,11 @@ def _config(args, kind: str, base: dict | None = None):
 
 
 def cmd_prep(args) -> dict:
-    _config(args, "prep", _prep_flags(args))
-    raise NotImplementedYet("prep")
+    from data_prep.runner import prep
+    from pipeline.console import print_table, progress
+
+    cfg = _config(args, "prep", _prep_flags(args))
+    return prep(args.inputs, args.out, cfg, progress=progress, table=print_table)
 
 
 def _prep_flags(args) -> dict:

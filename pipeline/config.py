@@ -164,6 +164,11 @@ class FilterConfig(_Strict):
     max_words: int = Field(100_000, ge=1)
     max_doc_chars: int = Field(1_000_000, ge=1)
     long_doc_policy: Literal["split", "drop"] = "split"
+    langid: bool = True
+    disable: list[str] = Field(default_factory=list, description='single rules off, e.g. ["c4:curly_bracket"]')
+    params: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description='step constructor overrides, e.g. {c4: {min_sentences: 2}}'
+    )
 
 
 class MinHashConfig(_Strict):
@@ -193,6 +198,10 @@ class PrepConfig(_Strict):
     minhash: MinHashConfig = Field(default_factory=MinHashConfig)
     shard_docs: int = Field(50_000, ge=1, description="documents per input partition / output shard")
     seed: int = 1234
+    tokenizer_threads: int = Field(2, ge=1, description="sentencepiece training threads (fixed: part of the result)")
+    tokenizer_sample_chars: int = Field(500_000_000, ge=1000, description="cap on characters fed to training")
+    character_coverage: float = Field(0.9995, gt=0, le=1)
+    dedup_buckets: int = Field(16, ge=1, description="hash buckets for exact/near-dup clustering tasks")
 
 
 # --------------------------------------------------------------------------- post-training

@@ -1,0 +1,304 @@
+"""Find input files, cut them into partitions, and stream records out of them.
+
+Inputs are jsonl (plain, .gz, .zst), parquet, and local Hugging Face `datasets`
+directories (`save_to_disk`: Arrow IPC stream files). Reading is streaming with
+bounded memory: compressed text is decompressed block by block, parquet row group
+by row group, Arrow record batch by batch. Every record becomes either a
+`Document` or a `BadRecord` with a reason — nothing is dropped silently.
+
+Partitions depend only on the files and `docs_per_part`, never on the worker
+count: plain jsonl is cut at line boundaries every `docs_per_part` lines, parquet
+at row-group boundaries, compressed files and Arrow files are one partition each.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import zstandard
+
+from data_prep.document import BadRecord, Document
+from pipeline.config import ConfigError
+
+BLOCK = 1 << 20
+_JSONL = (".jsonl", ".ndjson")
+_COMPRESSED = {".gz": "gz", ".zst": "zst", ".zstd": "zst"}
+
+
+def file_kind(path: Path) -> str | None:
+    name = path.name.lower()
+    for ext, kind in _COMPRESSED.items():
+        if name.endswith(ext) and name[: -len(ext)].endswith(_JSONL):
+            return kind
+    if name.endswith(_JSONL):
+        return "jsonl"
+    if name.endswith(".parquet"):
+        return "parquet"
+    if name.endswith(".arrow"):
+        return "arrow"
+    return None
+
+
+def _hf_arrow_files(directory: Path) -> list[Path] | None:
+    """Arrow files of a `save_to_disk` directory (Dataset or DatasetDict), else None."""
+    if (directory / "state.json").is_file():
+        state = json.loads((directory / "state.json").read_text())
+        return [directory / f["filename"] for f in state.get("_data_files", [])]
+    if (directory / "dataset_dict.json").is_file():
+        splits = json.loads((directory / "dataset_dict.json").read_text()).get("splits", [])
+        return [p for s in splits for p in (_hf_arrow_files(directory / s) or [])]
+    return None
+
+
+def _walk(directory: Path) -> list[Path]:
+    """Input files under a directory, in sorted order; a `save_to_disk` directory contributes its Arrow files."""
+    hf = _hf_arrow_files(directory)
+    if hf is not None:
+        return hf
+    found = []
+    for p in sorted(directory.iterdir()):
+        if p.is_dir():
+            found.extend(_walk(p))
+        elif p.is_file() and file_kind(p) and p.suffix != ".arrow":
+            found.append(p)
+    return found
+
+
+def resolve_inputs(inputs: list[str], exclude: str | Path | None = None) -> list[Path]:
+    """Expand files, globs and directories into a sorted, de-duplicated file list.
+
+    Files under `exclude` (the output directory) are skipped, so `kiln prep data --out
+    data/prepped` never reads its own reports and work files back in.
+    """
+    found: list[Path] = []
+    for item in inputs:
+        if any(c in item for c in "*?["):
+            matches = [Path(p) for p in sorted(glob.glob(item, recursive=True))]
+            matches = [p for p in matches if p.is_file() and file_kind(p)]
+        elif Path(item).is_dir():
+            matches = _walk(Path(item))
+        elif Path(item).is_file():
+            if not file_kind(Path(item)):
+                raise ConfigError(f"{item}: unsupported input type (jsonl[.gz|.zst], parquet, arrow, or a directory)")
+            matches = [Path(item)]
+        else:
+            raise ConfigError(f"{item}: no such file or directory")
+        if not matches:
+            raise ConfigError(f"{item}: no input files found (jsonl[.gz|.zst], parquet, Hugging Face dataset dir)")
+        found.extend(matches)
+    unique = list(dict.fromkeys(p.resolve() for p in found))
+    if exclude is not None:
+        skip = Path(exclude).resolve()
+        unique = [p for p in unique if skip not in p.parents]
+        if not unique:
+            raise ConfigError(f"{' '.join(inputs)}: no input files outside the output directory {exclude}")
+    return unique
+
+
+def plan(files: list[Path], docs_per_part: int) -> tuple[list[dict], list[dict]]:
+    """Hash every input and cut it into partitions; return (inputs, partitions).
+
+    One streamed pass per file: sha256 plus (for plain jsonl) the byte offsets
+    of every `docs_per_part`-th line, so partitions start on line boundaries and
+    know their first line number.
+    """
+    base = Path(os.path.commonpath([str(p.parent) for p in files]))
+    inputs, parts = [], []
+    for path in files:
+        kind = file_kind(path)
+        rel = path.relative_to(base).as_posix()
+        sha = hashlib.sha256()
+        cuts = [(0, 1)]  # (byte offset, first line)
+        with open(path, "rb") as f:
+            offset, lines = 0, 0
+            for block in iter(lambda: f.read(BLOCK), b""):
+                sha.update(block)
+                if kind == "jsonl":
+                    newlines = np.flatnonzero(np.frombuffer(block, np.uint8) == 10)
+                    # the line after newline number k*docs_per_part starts a partition
+                    ks = np.arange(((lines // docs_per_part) + 1) * docs_per_part, lines + len(newlines) + 1, docs_per_part)
+                    for k in ks:
+                        cuts.append((offset + int(newlines[k - lines - 1]) + 1, int(k) + 1))
+                    lines += len(newlines)
+                offset += len(block)
+        size = offset
+        inputs.append({"path": str(path), "rel": rel, "sha256": sha.hexdigest(), "bytes": size})
+        if kind == "jsonl":
+            cuts = [c for c in cuts if c[0] < size] or [(0, 1)]
+            for i, (start, first) in enumerate(cuts):
+                end = cuts[i + 1][0] if i + 1 < len(cuts) else size
+                parts.append(dict(path=str(path), rel=rel, kind=kind, start=start, end=end, first_line=first))
+        elif kind == "parquet":
+            import pyarrow.parquet as pq
+
+            meta = pq.ParquetFile(path).metadata
+            start, rows, first = 0, 0, 1
+            for g in range(meta.num_row_groups):
+                rows += meta.row_group(g).num_rows
+                if rows >= docs_per_part or g == meta.num_row_groups - 1:
+                    parts.append(dict(path=str(path), rel=rel, kind=kind, start=start, end=g + 1, first_line=first))
+                    start, first, rows = g + 1, first + rows, 0
+        else:
+            parts.append(dict(path=str(path), rel=rel, kind=kind, start=0, end=size, first_line=1))
+    for i, p in enumerate(parts):
+        p["index"] = i
+    return inputs, parts
+
+
+# --------------------------------------------------------------------------- streaming lines
+
+
+def _raw_blocks(path: str, start: int, end: int) -> Iterator[bytes]:
+    with open(path, "rb") as f:
+        f.seek(start)
+        left = end - start
+        while left > 0:
+            block = f.read(min(BLOCK, left))
+            if not block:
+                return
+            left -= len(block)
+            yield block
+
+
+def _decompressed_blocks(path: str, kind: str, state: dict) -> Iterator[bytes]:
+    """Decompress frame after frame (multi-member gzip, multi-frame zstd); note truncation."""
+    new = (lambda: zlib.decompressobj(31)) if kind == "gz" else (lambda: zstandard.ZstdDecompressor().decompressobj())
+    d, fed = new(), False
+    for block in _raw_blocks(path, 0, os.path.getsize(path)):
+        while block:
+            fed = True
+            try:
+                out = d.decompress(block)
+            except (zlib.error, zstandard.ZstdError) as err:
+                state["error"] = f"corrupt_stream: {err}"
+                return
+            if out:
+                yield out
+            if d.eof:
+                block, d, fed = d.unused_data, new(), False
+            else:
+                block = b""
+    if fed and not d.eof:
+        state["error"] = "truncated_stream"
+
+
+def iter_lines(part: dict) -> Iterator[tuple[int, bytes, str | None]]:
+    """Yield (line number, raw line, problem); problem is None for complete lines."""
+    state: dict = {}
+    if part["kind"] == "jsonl":
+        blocks = _raw_blocks(part["path"], part["start"], part["end"])
+    else:
+        blocks = _decompressed_blocks(part["path"], part["kind"], state)
+    lineno, tail = part["first_line"], b""
+    for block in blocks:
+        pieces = (tail + block).split(b"\n")
+        tail = pieces.pop()
+        for line in pieces:
+            yield lineno, line, None
+            lineno += 1
+    if state.get("error"):
+        yield lineno, tail, state["error"]
+    elif tail:
+        yield lineno, tail, None
+
+
+# --------------------------------------------------------------------------- records
+
+
+def _check_text(text, source: str, raw) -> BadRecord | None:
+    if text is None:
+        return BadRecord(source, "null_text", raw())
+    if not isinstance(text, str):
+        return BadRecord(source, "non_string_text", raw())
+    if not text.strip():
+        return BadRecord(source, "empty_text", raw())
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return BadRecord(source, "lone_surrogate", raw())
+    return None
+
+
+def _make_id(value, fallback: str) -> str:
+    if value is None or value == "":
+        return fallback
+    value = value if isinstance(value, str) else json.dumps(value)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return fallback
+    return value
+
+
+def parse_line(line: bytes, source: str, text_field: str, id_field: str) -> Document | BadRecord | None:
+    """One jsonl line -> Document, BadRecord, or None for a blank line (not a record)."""
+    try:
+        s = line.decode("utf-8")
+    except UnicodeDecodeError:
+        return BadRecord(source, "undecodable", line.decode("utf-8", "replace"))
+    if not s.strip():
+        return None
+    try:
+        obj = json.loads(s)
+    except ValueError:
+        return BadRecord(source, "malformed_json", s)
+    if not isinstance(obj, dict):
+        return BadRecord(source, "not_an_object", s)
+    if text_field not in obj:
+        return BadRecord(source, "missing_text_field", s)
+    text = obj[text_field]
+    bad = _check_text(text, source, lambda: s)
+    if bad:
+        return bad
+    return Document(_make_id(obj.get(id_field), source), text, source)
+
+
+def _arrow_batches(part: dict, text_field: str, id_field: str):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if part["kind"] == "parquet":
+        pf = pq.ParquetFile(part["path"])
+        names = set(pf.schema_arrow.names)
+        cols = [c for c in (text_field, id_field) if c in names] or None
+        for g in range(part["start"], part["end"]):
+            yield from pf.iter_batches(row_groups=[g], columns=cols, batch_size=8192)
+    else:
+        with pa.memory_map(part["path"]) as source:
+            yield from pa.ipc.open_stream(source)
+
+
+def read_partition(part: dict, text_field: str = "text", id_field: str = "id") -> Iterator[Document | BadRecord]:
+    """Stream a partition's records as Documents and BadRecords, in file order."""
+    rel = part["rel"]
+    if part["kind"] in ("jsonl", "gz", "zst"):
+        for lineno, line, problem in iter_lines(part):
+            source = f"{rel}:{lineno}"
+            if problem:
+                yield BadRecord(source, problem.split(":")[0], line.decode("utf-8", "replace"))
+                continue
+            rec = parse_line(line, source, text_field, id_field)
+            if rec is not None:
+                yield rec
+        return
+    row = part["first_line"]
+    for batch in _arrow_batches(part, text_field, id_field):
+        names = batch.schema.names
+        texts = batch.column(names.index(text_field)).to_pylist() if text_field in names else None
+        ids = batch.column(names.index(id_field)).to_pylist() if id_field in names else [None] * batch.num_rows
+        for i in range(batch.num_rows):
+            source = f"{rel}:{row}"
+            row += 1
+            raw = lambda i=i, b=batch: json.dumps({k: b.column(k)[i].as_py() for k in b.schema.names}, default=str)  # noqa: E731
+            if texts is None:
+                yield BadRecord(source, "missing_text_field", raw())
+                continue
+            bad = _check_text(texts[i], source, raw)
+            yield bad or Document(_make_id(ids[i], source), texts[i], source)

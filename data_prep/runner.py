@@ -1,0 +1,334 @@
+"""`kiln prep` driver: the only module that knows Ray.
+
+Stages (each unit of work is a Ray task; finished units are reused on a rerun):
+  plan      hash inputs, cut partitions (driver)
+  clean     read -> normalize -> length -> langid -> Gopher/C4/FineWeb; hashes + MinHash  (task per partition)
+  dedup     exact groups and LSH candidate edges, bucket-wise; clusters joined in the driver (task per bucket)
+  tokenizer sentencepiece on a deterministic sample (driver), or --tokenizer
+  tokenize  encode into train/val Megatron shards (task per partition)
+  manifest  reports, counts, shard digests, run digest (driver)
+
+Results do not depend on the worker count: partitions depend only on the input,
+dedup keeps the lowest uid (input order) of each cluster, the val split is a hash
+of the document id. Work lives in DIR/work/ and is written atomically, so a rerun
+of the same command after `kill -9` reuses what finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections import Counter
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+from data_prep import readers, stages
+from data_prep.steps import build_steps
+from data_prep.steps.minhash_dedup import cluster_roots
+from data_prep.tokenizer import check_tokenizer, train_tokenizer
+from pipeline.config import ConfigError, KilnError, PrepConfig
+
+FORMAT = 1
+log = __import__("logging").getLogger("kiln.prep")
+
+
+@contextmanager
+def ray_session(cfg: PrepConfig):
+    """Reuse a running Ray, join `ray_address`/RAY_ADDRESS, or start a private local one on 127.0.0.1."""
+    import ray
+
+    if ray.is_initialized():
+        yield ray
+        return
+    address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(address="local", num_cpus=cfg.workers, include_dashboard=False, _node_ip_address="127.0.0.1",
+                 configure_logging=False, log_to_driver=True)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+@contextmanager
+def _no_progress(description: str, total: float | None = None, unit: str = "it"):
+    yield lambda n=1, **fields: None
+
+
+def _run_tasks(ray, fn, arg_lists: list[tuple], workers: int, stage: str, count=None, unit: str = "docs",
+               progress=None) -> list:
+    """Run `fn(*args)` as Ray tasks, at most `workers` at once; results in submission order.
+
+    `count(result)` gives the units (documents, tokens) a finished task handled, for the rate shown.
+    """
+    progress = progress or _no_progress
+    remote = ray.remote(num_cpus=1, max_retries=2)(fn)
+    results: list = [None] * len(arg_lists)
+    pending: dict = {}
+    units, start = 0, time.time()
+    todo = list(enumerate(arg_lists))
+    with progress(stage, total=len(arg_lists), unit="tasks") as advance:
+        while todo or pending:
+            while todo and len(pending) < workers:
+                i, args = todo.pop(0)
+                pending[remote.remote(*args)] = i
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            for ref in ready:
+                i = pending.pop(ref)
+                try:
+                    results[i] = ray.get(ref)
+                except ray.exceptions.RayTaskError as err:
+                    cause = err.cause if isinstance(err.cause, Exception) else err
+                    if isinstance(cause, KilnError | ConfigError):
+                        raise cause from None
+                    raise KilnError(f"{stage}: task {i} failed: {type(cause).__name__}: {cause}") from None
+                if count is not None:
+                    units += count(results[i])
+                    advance(1, description=f"{stage} ({units / max(time.time() - start, 1e-9):,.0f} {unit}/s)")
+                else:
+                    advance(1)
+    return results
+
+
+def _fingerprint(cfg: PrepConfig, inputs: list[dict], tokenizer_sha: str | None) -> str:
+    """What the results depend on: config (not the worker count), input contents, a given tokenizer's bytes."""
+    conf = cfg.model_dump(mode="json", exclude={"workers", "ray_address"})
+    blob = json.dumps({"format": FORMAT, "config": conf, "tokenizer": tokenizer_sha,
+                       "inputs": [(i["rel"], i["sha256"]) for i in inputs]}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _prepare_out(out: Path, fingerprint: str) -> Path:
+    work = out / "work"
+    mark = work / "fingerprint"
+    if mark.is_file() and mark.read_text() != fingerprint:
+        log.warning("%s: input or config changed since the last run; starting over", out)
+        for name in ("work", "shards", "report"):
+            shutil.rmtree(out / name, ignore_errors=True)
+        for name in ("manifest.json", "tokenizer.model"):
+            (out / name).unlink(missing_ok=True)
+    (work / "clean").mkdir(parents=True, exist_ok=True)
+    (work / "tok").mkdir(parents=True, exist_ok=True)
+    (out / "shards").mkdir(parents=True, exist_ok=True)
+    (out / "report").mkdir(parents=True, exist_ok=True)
+    mark.write_text(fingerprint)
+    return work
+
+
+def prep(inputs: list[str], out: str | Path, cfg: PrepConfig, progress=None, table=None) -> dict:
+    """Run the whole preparation; return the summary (also written as DIR/manifest.json).
+
+    `progress(description, total, unit)` is a context manager yielding `advance(n, **fields)` and
+    `table(title, rows, columns)` prints the summary (the CLI passes pipeline.console's); without
+    them the run is quiet apart from log lines.
+    """
+    t0 = time.time()
+    out = Path(out)
+    try:
+        build_steps(cfg)  # validate filters.* before any work
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    given_tokenizer = check_tokenizer(cfg.tokenizer)[1] if cfg.tokenizer else None
+    files = readers.resolve_inputs(inputs, exclude=out)
+    in_info, parts = readers.plan(files, cfg.shard_docs)
+    if len(parts) >= 2**31:
+        raise KilnError("too many partitions; raise shard_docs")
+    work = _prepare_out(out, _fingerprint(cfg, in_info, given_tokenizer))
+    timings = {"plan": time.time() - t0}
+    log.info("prep: %d input file(s), %d partition(s), %d worker(s) -> %s", len(files), len(parts), cfg.workers, out)
+    with ray_session(cfg) as ray:
+        t = time.time()
+        clean = _run_tasks(ray, stages.clean_partition, [(p, cfg, str(work)) for p in parts], cfg.workers,
+                           "clean+filter", count=lambda s: s["records"], progress=progress)
+        timings["clean"] = time.time() - t
+        n = sum(s["records"] for s in clean)
+        log.info("clean+filter: %d records in %.1f s (%.0f docs/s)", n, timings["clean"], n / max(timings["clean"], 1e-9))
+        if sum(s["read"] for s in clean) == 0:
+            q = Counter()
+            for s in clean:
+                q.update(s["quarantined"])
+            if q.get("missing_text_field"):
+                _write_reports(out, clean, {"removed": []})
+                raise KilnError(f"no record has the text field {cfg.text_field!r} (use --text-field; "
+                                f"see {out / 'report' / 'quarantine.jsonl'})")
+        t = time.time()
+        drops = _dedup(ray, cfg, work, clean, progress)
+        timings["dedup"] = time.time() - t
+        if not cfg.tokenizer and sum(s["kept"] for s in clean) == len(drops["removed"]):
+            _write_reports(out, clean, drops)
+            raise KilnError(f"no document survived reading, filtering and dedup ({sum(s['records'] for s in clean)} "
+                            f"records), nothing to train a tokenizer on; see {out / 'report'}")
+        t = time.time()
+        tok_path, vocab, tok_sha = _tokenizer(cfg, work, out, clean, drops)
+        timings["tokenizer"] = time.time() - t
+        t = time.time()
+        tok = _run_tasks(ray, stages.tokenize_partition,
+                         [(s["index"], drops["by_part"].get(s["index"], np.zeros(0, np.int64)), str(tok_path), cfg, str(work), str(out))
+                          for s in clean], cfg.workers, "tokenize",
+                         count=lambda r: sum(sh["tokens"] for sh in r["shards"].values()), unit="tokens",
+                         progress=progress)
+        timings["tokenize"] = time.time() - t
+        n = sum(sh["tokens"] for r in tok for sh in r["shards"].values())
+        log.info("tokenize: %d tokens in %.1f s (%.0f tokens/s)", n, timings["tokenize"], n / max(timings["tokenize"], 1e-9))
+    summary = _finish(out, cfg, in_info, parts, clean, drops, tok, vocab, tok_sha)
+    timings["total"] = time.time() - t0
+    summary["timings_s"] = {k: round(v, 2) for k, v in timings.items()}
+    _print_summary(summary, table)
+    return summary
+
+
+def _dedup(ray, cfg: PrepConfig, work: Path, clean: list[dict], progress=None) -> dict:
+    """{uid: (reason, kept uid)} for exact and near duplicates, plus per-partition positions to drop."""
+    path = work / "dedup.json"
+    if path.is_file():
+        saved = json.loads(path.read_text())
+    elif not cfg.dedup:
+        saved = {"removed": []}
+    else:
+        parts = [s["index"] for s in clean]
+        res = _run_tasks(ray, stages.dedup_bucket, [(b, parts, str(work), cfg.near_dedup) for b in range(cfg.dedup_buckets)],
+                         cfg.workers, "dedup", progress=progress)
+        removed: dict[int, tuple[str, int]] = {}
+        for r in res:
+            for u, k in zip(*(x.tolist() for x in r["exact"]), strict=True):
+                removed[u] = ("exact_dup", k)
+        a = np.concatenate([r["edges"][0] for r in res]) if res else np.zeros(0, np.int64)
+        b = np.concatenate([r["edges"][1] for r in res]) if res else np.zeros(0, np.int64)
+        for u, root in cluster_roots(a, b).items():
+            if u != root and u not in removed:
+                removed[u] = ("near_dup", root)
+        saved = {"removed": sorted([u, r, k] for u, (r, k) in removed.items())}
+        stages.write_json(path, saved)
+    by_part: dict[int, list[int]] = {}
+    for u, _, _ in saved["removed"]:
+        by_part.setdefault(u >> stages.PART_BITS, []).append(u & ((1 << stages.PART_BITS) - 1))
+    return {"removed": saved["removed"], "by_part": {p: np.array(v, np.int64) for p, v in by_part.items()}}
+
+
+def _sample_texts(cfg: PrepConfig, work: Path, clean: list[dict], drops: dict):
+    """Documents for tokenizer training: those whose id hash falls under a cut (deterministic), in order."""
+    kept = sum(s["kept"] for s in clean) - len(drops["removed"])
+    cut = int(min(1.0, cfg.tokenizer_sample_docs / max(1, kept)) * (2**64 - 1))
+    chars = 0
+    for s in clean:
+        d = work / "clean" / f"{s['index']:05d}"
+        sample = np.concatenate([np.load(k)["sample"] for k in stages.key_files(work, s["index"])])
+        skip = set(drops["by_part"].get(s["index"], np.zeros(0)).tolist())
+        with open(d / "docs.jsonl", encoding="utf-8") as f:
+            for pos, line in enumerate(f):
+                if pos in skip or int(sample[pos]) > cut:
+                    continue
+                text = json.loads(line)["text"]
+                chars += len(text)
+                yield text
+                if chars >= cfg.tokenizer_sample_chars:
+                    return
+
+
+def _tokenizer(cfg: PrepConfig, work: Path, out: Path, clean, drops) -> tuple[Path, int, str]:
+    final = out / "tokenizer.model"
+    if cfg.tokenizer:
+        shutil.copyfile(cfg.tokenizer, final)
+    elif not (work / "tokenizer.model").is_file():
+        log.info("training a %s tokenizer, vocab %d", cfg.tokenizer_type, cfg.vocab_size)
+        train_tokenizer(_sample_texts(cfg, work, clean, drops), work / "tokenizer.model", vocab_size=cfg.vocab_size,
+                        model_type=cfg.tokenizer_type, threads=cfg.tokenizer_threads, seed=cfg.seed,
+                        character_coverage=cfg.character_coverage)
+    if not cfg.tokenizer:
+        shutil.copyfile(work / "tokenizer.model", final)
+    vocab, sha = check_tokenizer(final)
+    return final, vocab, sha
+
+
+def _finish(out: Path, cfg, in_info, parts, clean, drops, tok, vocab, tok_sha) -> dict:
+    """Reports, manifest (written last, atomically) and the summary."""
+    removed, quarantined = Counter(), Counter()
+    for s in clean:
+        removed.update(s["removed"])
+        quarantined.update(s["quarantined"])
+    removed.update(r for _, r, _ in drops["removed"])
+    _write_reports(out, clean, drops)
+    shards = [r["shards"][split] for split in ("train", "val") for r in tok if split in r["shards"]]
+    shards = [{k: sh[k] for k in ("path", "sha256", "documents", "tokens", "split")} for sh in shards]
+    langs = Counter()
+    for r in tok:
+        for sh in r["shards"].values():
+            langs.update(sh["langs"])
+    records = Counter()
+    for p, s in zip(parts, clean, strict=True):
+        records[p["path"]] += s["records"]
+    tokens = {split: sum(s["tokens"] for s in shards if s["split"] == split) for split in ("train", "val")}
+    counts = {
+        "records_in": sum(s["records"] for s in clean),
+        "documents_read": sum(s["read"] for s in clean),
+        "documents_in": sum(s["documents_in"] for s in clean),
+        "documents_kept": sum(s["documents"] for s in shards),
+        "removed": dict(sorted(removed.items())),
+        "quarantined": dict(sorted(quarantined.items())),
+        "languages": dict(sorted(langs.items())),
+    }
+    conf = cfg.model_dump(mode="json", exclude={"ray_address"})
+    manifest = {
+        "version": FORMAT,
+        "inputs": [{"path": os.path.relpath(i["path"], out.resolve()), "sha256": i["sha256"], "records": records[i["path"]]}
+                   for i in in_info],
+        "config": conf,
+        "counts": counts,
+        "tokens": tokens,
+        "tokenizer": {"path": "tokenizer.model", "sha256": tok_sha, "vocab_size": vocab},
+        "shards": shards,
+        "digest": hashlib.sha256("".join(s["sha256"] for s in shards).encode()).hexdigest(),
+    }
+    stages.write_json(out / "manifest.json", manifest)
+    return {"out": str(out), "digest": manifest["digest"], "counts": counts, "tokens": tokens,
+            "shards": len(shards), "vocab_size": vocab}
+
+
+def _write_reports(out: Path, clean: list[dict], drops: dict) -> None:
+    """report/removed.jsonl (filters per partition, then duplicates by uid) and report/quarantine.jsonl."""
+    work = out / "work" / "clean"
+    ids: dict[int, list[str]] = {}
+
+    def id_of(uid: int) -> str:
+        p = uid >> stages.PART_BITS
+        if p not in ids:
+            with open(work / f"{p:05d}" / "docs.jsonl", encoding="utf-8") as f:
+                ids[p] = [json.loads(line)["id"] for line in f]
+        return ids[p][uid & ((1 << stages.PART_BITS) - 1)]
+
+    for name in ("removed", "quarantine"):
+        tmp = out / "report" / f"{name}.jsonl.tmp"
+        with open(tmp, "wb") as dst:
+            for s in clean:
+                with open(work / f"{s['index']:05d}" / f"{name}.jsonl", "rb") as src:
+                    shutil.copyfileobj(src, dst)
+            if name == "removed":
+                for u, reason, k in drops["removed"]:
+                    dst.write((json.dumps({"id": id_of(u), "reason": reason, "detail": id_of(k)}, ensure_ascii=False) + "\n").encode())
+        os.replace(tmp, out / "report" / f"{name}.jsonl")
+
+
+def _print_summary(summary: dict, table=None) -> None:
+    c = summary["counts"]
+    rows = [{"what": "records read", "value": c["records_in"]},
+            {"what": "quarantined", "value": sum(c["quarantined"].values())},
+            {"what": "documents after length policy", "value": c["documents_in"]}]
+    rows += [{"what": f"removed: {k}", "value": v} for k, v in c["removed"].items()]
+    rows += [{"what": "documents kept", "value": c["documents_kept"]},
+             {"what": "languages", "value": ", ".join(f"{k} {v}" for k, v in c["languages"].items())},
+             {"what": "tokens train / val", "value": f"{summary['tokens']['train']:,} / {summary['tokens']['val']:,}"},
+             {"what": "shards", "value": summary["shards"]},
+             {"what": "time (s)", "value": ", ".join(f"{k} {v}" for k, v in summary["timings_s"].items())},
+             {"what": "digest", "value": summary["digest"][:16]}]
+    if table is None:
+        for row in rows:
+            log.info("%s: %s", row["what"], row["value"])
+    else:
+        table(f"kiln prep -> {summary['out']}", rows, ["what", "value"])
