@@ -1,8 +1,9 @@
-"""A real, offline corpus for the demo and tests: text that ships with every Python.
+"""A real, offline corpus for the demo and tests: text that ships with Python and its packages.
 
-`pydoc_data.topics` holds the Language Reference topics (~1 MB of English prose);
-module and function docstrings of the standard library add a few MB more. No
-download, same bytes on every machine with the same Python.
+`pydoc_data.topics` holds the Language Reference topics (~0.7 MB of English prose);
+docstrings of the standard library add ~0.3 MB and the long descriptions (READMEs)
+of installed packages ~1.6 MB. No download; the same bytes wherever the same
+Python and pinned packages are installed.
 """
 
 from __future__ import annotations
@@ -47,6 +48,24 @@ def stdlib_docstrings(min_chars: int = 200) -> Iterator[tuple[str, str]]:
             doc = inspect.getdoc(obj) if (inspect.isclass(obj) or inspect.isfunction(obj)) else None
             if doc and len(doc) >= min_chars:
                 yield f"doc:{name}.{attr}", doc
+            if inspect.isclass(obj):  # methods carry much of the library's prose
+                for meth, fn in sorted(vars(obj).items()):
+                    doc = inspect.getdoc(fn) if inspect.isfunction(fn) and not meth.startswith("_") else None
+                    if doc and len(doc) >= min_chars:
+                        yield f"doc:{name}.{attr}.{meth}", doc
+
+
+def package_descriptions(min_chars: int = 500) -> Iterator[tuple[str, str]]:
+    """The README each installed distribution carries in its metadata."""
+    import importlib.metadata as md
+
+    seen = set()
+    for dist in sorted(md.distributions(), key=lambda d: (d.metadata["Name"] or "").lower()):
+        name = (dist.metadata["Name"] or "").lower()
+        text = dist.metadata.get_payload() or dist.metadata.get("Description") or ""
+        if name and name not in seen and len(text) >= min_chars:
+            seen.add(name)
+            yield f"package:{name}", text
 
 
 def write_demo_corpus(out: str | Path, max_bytes: int | None = None, shards: int = 2) -> list[Path]:
@@ -71,7 +90,7 @@ def write_demo_corpus(out: str | Path, max_bytes: int | None = None, shards: int
 
 def _all_docs() -> Iterator[tuple[str, str]]:
     seen: set[str] = set()
-    for doc_id, text in (*pydoc_topics(), *stdlib_docstrings()):
+    for doc_id, text in (*pydoc_topics(), *stdlib_docstrings(), *package_descriptions()):
         if doc_id not in seen:
             seen.add(doc_id)
             yield doc_id, text
