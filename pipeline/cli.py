@@ -61,8 +61,10 @@ def _prep_flags(args) -> dict:
 
 
 def cmd_train(args) -> dict:
-    _config(args, "train", {"out": args.out})
-    raise NotImplementedYet("train")
+    cfg = _config(args, "train", {"out": args.out})
+    from pipeline.train import train
+
+    return train(cfg)
 
 
 def cmd_export(args) -> dict:
