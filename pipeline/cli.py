@@ -68,7 +68,9 @@ def cmd_train(args) -> dict:
 
 
 def cmd_export(args) -> dict:
-    raise NotImplementedYet("train")
+    from pipeline.export import export
+
+    return export(args.source, args.out, args.format)
 
 
 def cmd_quantize(args) -> dict:

@@ -115,6 +115,23 @@ def test_init_from_model_dir_starts_where_it_ended(runs):
     assert math.isfinite(init[-1]["loss"])
 
 
+@pytest.mark.slow
+def test_export_checkpoint_of_any_layout(runs, tmp_path):
+    from pipeline.export import export, to_hf
+    from pipeline.model.io import load_model_dir
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    summary = export(runs / "tp2_pp2" / "checkpoints" / "latest", tmp_path / "m", "safetensors")
+    assert summary["source"].endswith("step_0000010")
+    exported, _ = load_model_dir(tmp_path / "m")
+    trained, _ = load_model_dir(runs / "tp2_pp2" / "model")
+    idx = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(exported(idx)[0], trained(idx)[0])
+        hf = to_hf(dict(exported.state_dict()), exported.cfg)
+        torch.testing.assert_close(hf(idx).logits, trained(idx)[0], rtol=0, atol=1e-4)
+
+
 if __name__ == "__main__":  # worker: run several configs in this (torchrun) process group
     from pipeline.config import load_config
     from pipeline.train import train
