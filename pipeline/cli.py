@@ -113,7 +113,9 @@ def cmd_track(args) -> dict:
 
 
 def cmd_plot(args) -> dict:
-    raise NotImplementedYet("train")
+    from pipeline.plot import plot
+
+    return plot(args.run_dir, args.out)
 
 
 def cmd_launch(args) -> dict:

@@ -19,7 +19,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from pipeline.checkpoint import find_checkpoint, git_commit, load_weights, read_state, restore_rng, save_checkpoint
+from pipeline.checkpoint import (
+    find_checkpoint,
+    git_commit,
+    load_weights,
+    read_state,
+    restore_rng,
+    save_checkpoint,
+)
 from pipeline.config import ConfigError, KilnError, RunConfig
 from pipeline.console import log, progress
 from pipeline.data.sampler import TrainData, rank_slice
@@ -109,6 +116,8 @@ def train(
     on_end: Callable[[Path], None] | None = None,
 ) -> dict:
     """Train (or resume) the run described by `cfg`; callbacks fire on rank 0 only."""
+    if cfg.train.precision == "fp16" and not torch.cuda.is_available():
+        raise ConfigError("train.precision: fp16 needs a GPU (DeepSpeed's CPU accelerator has no fp16); use bf16 or fp32")
     init_distributed()
     layout = make_layout(cfg)
     rank0 = layout.rank == 0

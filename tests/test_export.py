@@ -54,5 +54,5 @@ def test_kiln_export_cli_hf_and_safetensors(tmp_path, capsys):
     out = export(src, tmp_path / "copy", "safetensors")
     again, config = load_model_dir(out["out"])
     assert config["data_digest"] == "abc"
-    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), model.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), model.state_dict().values(), strict=True))
     assert main(["export", str(tmp_path / "nope"), "--out", str(tmp_path / "x")]) == 1

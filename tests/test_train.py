@@ -162,3 +162,19 @@ def test_kill9_and_rerun_equals_uninterrupted_bit_for_bit(tmp_path):
 def test_train_config_errors_are_one_line(tmp_path):
     with pytest.raises(ConfigError, match="parallel.zero_stage"):
         load_config("train", ROOT / "configs/train/tiny-cpu.yaml", ["parallel.pp=2", "parallel.zero_stage=2"])
+
+
+def test_kiln_plot_writes_png(tmp_path, capsys):
+    from pipeline.cli import main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = [{"step": s, "loss": 5 - s / 10, "tokens_per_s": 1000 + s, "lr": 1e-3} for s in range(1, 11)]
+    rows[4]["val_loss"] = 4.6
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["plot", str(run), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    png = Path(summary["out"])
+    assert png == run / "curves.png" and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert summary["points"] == 10 and summary["val_points"] == 1
+    assert main(["plot", str(tmp_path / "missing")]) == 1

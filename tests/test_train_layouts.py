@@ -25,7 +25,7 @@ from tests.factories import fake_corpus
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs/train/tiny-cpu.yaml"
 VOCAB = 100  # padded to 128 under TP=2: padding must not change the loss
-COMMON = ["train.steps=10", "checkpoint.every=5", "train.log_every=1"]
+COMMON = ["train.steps=10", "checkpoint.every=5", "train.log_every=1", "train.eval_every=5", "train.eval_batches=2"]
 
 # name -> (processes, overrides); global batch 8 everywhere (4 x grad_accum x dp)
 LAYOUTS = {
@@ -42,13 +42,28 @@ LAYOUTS = {
 }
 
 
+ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+def _launcher(nproc: int) -> list[str]:
+    return [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run",
+                                                "--nproc-per-node", str(nproc)]
+
+
 def run_many(nproc: int, specs: list[list[str]]) -> None:
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run",
-                                                    "--nproc-per-node", str(nproc)]
-    cmd = [*launcher, str(Path(__file__).resolve()), str(CONFIG), *[json.dumps(s) for s in specs]]
-    res = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    cmd = [*_launcher(nproc), str(Path(__file__).resolve()), str(CONFIG), *[json.dumps(s) for s in specs]]
+    res = subprocess.run(cmd, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+
+
+def run_cli(nproc: int, overrides: list[str]) -> dict:
+    """The documented multi-process path: `torchrun --no-python kiln train --config F --set ...`."""
+    kiln = shutil.which("kiln") or str(Path(sys.executable).parent / "kiln")
+    cmd = [*_launcher(nproc), "--no-python", kiln, "train", "--config", str(CONFIG), "--json",
+           *[a for o in overrides for a in ("--set", o)]]
+    res = subprocess.run(cmd, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])
 
 
 def metrics(out: Path) -> list[dict]:
@@ -63,7 +78,8 @@ def runs(tmp_path_factory) -> Path:
     def spec(name: str, *extra: str) -> list[str]:
         return [f"data.paths=[{corpus}]", f"out={base / name}", *COMMON, *LAYOUTS[name][1], *extra]
 
-    run_many(4, [spec("tp2_pp2")])
+    summary = run_cli(4, spec("tp2_pp2"))
+    assert summary["layout"] == "world 4 = dp 1 x pp 2 x tp 2" and summary["steps"] == 10
     run_many(2, [spec(n) for n, (p, _) in LAYOUTS.items() if p == 2])
     # layout change: the TP=2 x PP=2 run's checkpoint at step 5, continued by 1 process
     moved = base / "moved"
@@ -84,9 +100,11 @@ def test_layout_matches_one_process(runs, name):
     ref_name = "ref_untied" if name.endswith("untied") else "ref"
     ref, got = metrics(runs / ref_name), metrics(runs / name)
     assert [m["step"] for m in got] == list(range(1, 11))
-    for r, g in zip(ref, got):
+    for r, g in zip(ref, got, strict=True):
         assert g["loss"] == pytest.approx(r["loss"], abs=2e-5), (name, r["step"])
         assert g["grad_norm"] == pytest.approx(r["grad_norm"], rel=1e-3), (name, r["step"])
+        assert g.get("val_loss", -1) == pytest.approx(r.get("val_loss", -1), abs=2e-5), (name, r["step"])
+    assert "val_loss" in got[4] and "val_loss" in got[9]
     assert ref[-1]["loss"] < ref[0]["loss"] - 0.3  # it learns
     a, b = load_file(str(runs / ref_name / "model/model.safetensors")), load_file(str(runs / name / "model/model.safetensors"))
     assert a.keys() == b.keys()  # consolidated from TP shards / ZeRO partitions / stages
@@ -101,7 +119,7 @@ def test_checkpoint_from_tp2_pp2_continues_at_tp1(runs):
     # step 6's loss is computed with the step-5 weights: the consolidated checkpoint is exact
     assert after[5]["loss"] == pytest.approx(before[5]["loss"], abs=2e-5)
     # later steps differ only by the optimizer state starting fresh: the curve stays continuous
-    for b, a in zip(before[6:], after[6:]):
+    for b, a in zip(before[6:], after[6:], strict=True):
         assert abs(a["loss"] - b["loss"]) < 0.05
     state = json.loads((runs / "moved/checkpoints/step_0000010/kiln_state.json").read_text())
     assert state["layout"]["tp"] == 1 and state["consumed_samples"] == 80

@@ -15,8 +15,6 @@ number of samples consumed, and resuming at sample n reads nothing before it.
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 import numpy as np
 import torch
 
@@ -45,6 +43,7 @@ class BlendedSamples:
     def __init__(self, windows: list[Windows], weights: list[float], seed: int):
         self.windows, self.seed = windows, seed
         self.slots = blend_slots(weights, seed)
+        self._orders: dict[tuple[int, int], np.ndarray] = {}
         self.per_chunk = np.bincount(self.slots, minlength=len(windows))
         if any(self.per_chunk[k] == 0 and weights[k] > 0 for k in range(len(windows))):
             raise ConfigError(f"data.weights: a weight below 1/{CHUNK} of the total gets no samples")
@@ -55,11 +54,16 @@ class BlendedSamples:
             self.rank_in_chunk[i] = seen[k]
             seen[k] += 1
 
-    @lru_cache(maxsize=8)
     def _order(self, corpus: int, epoch: int) -> np.ndarray:
-        n = len(self.windows[corpus])
-        dtype = np.int32 if n < 2**31 else np.int64
-        return np.random.default_rng([self.seed, corpus, epoch]).permutation(n).astype(dtype)
+        """The window order of one epoch over one corpus (the current few are kept)."""
+        key = (corpus, epoch)
+        if key not in self._orders:
+            if len(self._orders) >= 2 * len(self.windows):
+                self._orders.pop(next(iter(self._orders)))
+            n = len(self.windows[corpus])
+            dtype = np.int32 if n < 2**31 else np.int64
+            self._orders[key] = np.random.default_rng([self.seed, corpus, epoch]).permutation(n).astype(dtype)
+        return self._orders[key]
 
     def locate(self, i: int) -> tuple[int, int]:
         """(corpus, window) of global sample i."""

@@ -69,7 +69,7 @@ class Layout:
 
 
 def make_layout(cfg: RunConfig) -> Layout:
-    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology, PipelineParallelGrid
+    from deepspeed.runtime.pipe.topology import PipelineParallelGrid, PipeModelDataParallelTopology
 
     world = dist.get_world_size()
     dp = validate_world(cfg, world)
