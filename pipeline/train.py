@@ -103,10 +103,17 @@ def _layout_key(cfg: RunConfig, world: int) -> dict:
 
 
 def _trim_metrics(path: Path, step: int) -> None:
-    """On resume drop lines logged after the checkpoint: they will be logged again."""
-    if path.exists():
-        keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-        path.write_text("".join(ln + "\n" for ln in keep))
+    """On resume drop lines logged after the checkpoint (they will be logged again) and a torn last line."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue  # the process died while writing this line
+    path.write_text("".join(ln + "\n" for ln in keep))
 
 
 def train(
@@ -172,12 +179,13 @@ def train(
              cfg.model.block_size, t.steps)
 
     def evaluate() -> float | None:
-        per_rank = t.micro_batch_size
-        n = min(len(data.val) // (per_rank * layout.dp), t.eval_batches)
-        if n == 0:
+        """Mean loss over the same first val samples whatever the layout (each DP rank takes a slice)."""
+        mbs = t.micro_batch_size
+        per_rank = min(len(data.val), t.eval_batches * mbs) // (mbs * layout.dp)
+        if per_rank == 0:
             return None
-        batches = [data.val_batch((b * layout.dp + layout.dp_rank) * per_rank, per_rank) for b in range(n)]
-        return engine.evaluate(batches)
+        first = layout.dp_rank * per_rank * mbs
+        return engine.evaluate([data.val_batch(first + b * mbs, mbs) for b in range(per_rank)])
 
     def checkpoint(at: int) -> None:
         path = save_checkpoint(engine, ckpt_root, at, {**base_state, "consumed_samples": consumed,
