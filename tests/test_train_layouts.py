@@ -39,6 +39,7 @@ LAYOUTS = {
     "dp2_zero3": (2, ["parallel.zero_stage=3"]),
     "dp2_zero2_offload": (2, ["parallel.zero_stage=2", "parallel.offload=cpu"]),
     "tp2_pp2": (4, ["parallel.tp=2", "parallel.pp=2", "train.grad_accum=2"]),
+    "tp2_dp2_zero1": (4, ["parallel.tp=2", "parallel.zero_stage=1"]),
 }
 
 
@@ -66,6 +67,14 @@ def run_cli(nproc: int, overrides: list[str]) -> dict:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
+def copy_step5(src: Path, dst: Path) -> None:
+    """A run directory as it was right after its step-5 checkpoint."""
+    (dst / "checkpoints").mkdir(parents=True)
+    shutil.copytree(src / "checkpoints" / "step_0000005", dst / "checkpoints" / "step_0000005")
+    (dst / "checkpoints" / "latest").write_text("step_0000005\n")
+    shutil.copy(src / "metrics.jsonl", dst / "metrics.jsonl")
+
+
 def metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
@@ -78,15 +87,16 @@ def runs(tmp_path_factory) -> Path:
     def spec(name: str, *extra: str) -> list[str]:
         return [f"data.paths=[{corpus}]", f"out={base / name}", *COMMON, *LAYOUTS[name][1], *extra]
 
-    summary = run_cli(4, spec("tp2_pp2"))
-    assert summary["layout"] == "world 4 = dp 1 x pp 2 x tp 2" and summary["steps"] == 10
-    run_many(2, [spec(n) for n, (p, _) in LAYOUTS.items() if p == 2])
+    run_many(4, [spec("tp2_pp2"), spec("tp2_dp2_zero1")])
+    # the documented CLI path, and a multi-rank resume: ZeRO-3 partitions restored from step 5
+    summary = run_cli(2, spec("tp2"))
+    assert summary["layout"] == "world 2 = dp 1 x pp 1 x tp 2" and summary["steps"] == 10
+    zero3 = [n for n, (p, _) in LAYOUTS.items() if p == 2 and n != "tp2"]
+    run_many(2, [spec(n) for n in zero3] + [{"copy": [str(base / "dp2_zero3"), str(base / "zero3_resumed")]},
+                                             spec("dp2_zero3", f"out={base / 'zero3_resumed'}")])
     # layout change: the TP=2 x PP=2 run's checkpoint at step 5, continued by 1 process
     moved = base / "moved"
-    (moved / "checkpoints").mkdir(parents=True)
-    shutil.copytree(base / "tp2_pp2" / "checkpoints" / "step_0000005", moved / "checkpoints" / "step_0000005")
-    (moved / "checkpoints" / "latest").write_text("step_0000005\n")
-    shutil.copy(base / "tp2_pp2" / "metrics.jsonl", moved / "metrics.jsonl")
+    copy_step5(base / "tp2_pp2", moved)
     run_many(1, [spec("ref"), spec("ref_untied"),
                  [f"data.paths=[{corpus}]", f"out={moved}", *COMMON, "train.grad_accum=2"],
                  [f"data.paths=[{corpus}]", f"out={base / 'init'}", *COMMON, "train.grad_accum=2", "train.steps=3",
@@ -110,6 +120,16 @@ def test_layout_matches_one_process(runs, name):
     assert a.keys() == b.keys()  # consolidated from TP shards / ZeRO partitions / stages
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=2e-5, msg=f"{name} {k}")
+
+
+@pytest.mark.slow
+def test_multi_rank_zero3_resume_continues_exactly(runs):
+    full, resumed = metrics(runs / "dp2_zero3"), metrics(runs / "zero3_resumed")
+    assert [m["step"] for m in resumed] == list(range(1, 11))
+    assert [m["loss"] for m in resumed] == [m["loss"] for m in full]
+    a = load_file(str(runs / "dp2_zero3/model/model.safetensors"))
+    b = load_file(str(runs / "zero3_resumed/model/model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.slow
@@ -154,5 +174,12 @@ if __name__ == "__main__":  # worker: run several configs in this (torchrun) pro
     from pipeline.config import load_config
     from pipeline.train import train
 
-    for item in sys.argv[2:]:
-        train(load_config("train", sys.argv[1], json.loads(item)))
+    import torch.distributed as dist
+
+    for item in map(json.loads, sys.argv[2:]):
+        if isinstance(item, dict):  # {"copy": [run, new run]}: rank 0 copies, everyone waits
+            if dist.get_rank() == 0:
+                copy_step5(Path(item["copy"][0]), Path(item["copy"][1]))
+            dist.barrier()
+            continue
+        train(load_config("train", sys.argv[1], item))
