@@ -140,7 +140,8 @@ def gpu_bench(steps: int, models: list[str]) -> None:
     for model in models:
         cfg = load_config("train", ROOT / "configs/model" / f"{model}.yaml",
                           ["model.vocab_size=50304", "train.micro_batch_size=8", "train.precision=bf16",
-                           "parallel.zero_stage=1", "tracking.enabled=false", "train.warmup_steps=0"])
+                           "parallel.zero_stage=1", "tracking.enabled=false", "train.warmup_steps=0",
+                           "train.compile=true"])
         fpt, tokens = flops_per_token(cfg.model), cfg.train.micro_batch_size * cfg.model.block_size
         with tempfile.TemporaryDirectory() as tmp:
             t_plain, t_kiln = interleaved(PlainLoop(cfg, "cuda", True, True), KilnStep(cfg, Path(tmp)), steps,

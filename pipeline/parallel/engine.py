@@ -97,6 +97,12 @@ class Engine:
             model = build_gpt(cfg.model, cfg.train.seed, layout.tp_group if layout.tp > 1 else None, init_state)
             model.activation_checkpointing = cfg.train.activation_checkpointing
         t = cfg.train
+        if t.compile:  # per block: graph breaks at TP collectives stay local, PP stages compile alike
+            from pipeline.model.gpt import Block
+
+            for m in model.modules():
+                if isinstance(m, Block):
+                    m.compile()
         self.optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2),
                                            eps=1e-8)
         self.engine, _, _, _ = deepspeed.initialize(
