@@ -90,16 +90,17 @@ class KilnStep:
 
 
 def interleaved(a, b, steps: int, sync) -> tuple[float, float]:
-    """Median seconds per step of a and b, alternating so load changes hit both alike."""
-    ta, tb = [], []
+    """Median seconds per step of a and b, alternating a-b, b-a, ... so load changes and
+    which-one-runs-second effects hit both alike."""
+    times: dict = {a: [], b: []}
     for i in range(steps + 2):
-        for fn, times in ((a, ta), (b, tb)):
+        for fn in ((a, b) if i % 2 == 0 else (b, a)):
             t0 = time.perf_counter()
             fn()
             sync()
             if i >= 2:  # warm-up
-                times.append(time.perf_counter() - t0)
-    return statistics.median(ta), statistics.median(tb)
+                times[fn].append(time.perf_counter() - t0)
+    return statistics.median(times[a]), statistics.median(times[b])
 
 
 def cpu_bench(steps: int) -> None:

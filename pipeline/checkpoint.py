@@ -173,6 +173,8 @@ def read_state(path: str | Path) -> dict:
 def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """The consolidated plain weights of a checkpoint dir or a MODEL dir (safetensors only)."""
     path = Path(path)
+    if not (path / WEIGHTS).exists():
+        raise KilnError(f"{path}: no {WEIGHTS}; expected a checkpoint or MODEL directory")
     verify_sums(path)
     return load_file(str(path / WEIGHTS))
 

@@ -11,6 +11,7 @@ same, bit for bit on CPU fp32, as a run that was never interrupted.
 from __future__ import annotations
 
 import json
+import os
 import resource
 import time
 from collections.abc import Callable
@@ -129,7 +130,13 @@ def train(
     layout = make_layout(cfg)
     rank0 = layout.rank == 0
     t = cfg.train
-    data = TrainData(cfg.data, cfg.model.block_size, t.seed)
+    # one process per node hashes the shards against the manifest; the others wait, then trust it
+    local0 = os.environ.get("LOCAL_RANK", "0") == "0"
+    if local0:
+        data = TrainData(cfg.data, cfg.model.block_size, t.seed, verify=True)
+    dist.barrier()
+    if not local0:
+        data = TrainData(cfg.data, cfg.model.block_size, t.seed, verify=False)
     if cfg.model.vocab_size is None:
         cfg.model.vocab_size = data.vocab_size
     elif cfg.model.vocab_size < data.vocab_size:
@@ -157,7 +164,9 @@ def train(
                         "(optimizer state starts fresh)", resume, state.get("layout"), _layout_key(cfg, layout.world))
             init_state = load_weights(resume)
     elif t.init_from:
-        init_state = load_weights(t.init_from)
+        from pipeline.export import resolve_source
+
+        init_state = load_weights(resolve_source(t.init_from))
         log.info("starting from the weights of %s", t.init_from)
     engine = Engine(cfg, layout, init_state)
     if resume is not None and same_layout:

@@ -178,3 +178,23 @@ def test_kiln_plot_writes_png(tmp_path, capsys):
     assert png == run / "curves.png" and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert summary["points"] == 10 and summary["val_points"] == 1
     assert main(["plot", str(tmp_path / "missing")]) == 1
+
+
+def test_fp16_on_cpu_is_a_config_error():
+    from pipeline.train import train
+
+    if torch.cuda.is_available():
+        pytest.skip("fp16 is fine on a GPU")
+    cfg = load_config("train", ROOT / "configs/train/tiny-cpu.yaml", ["train.precision=fp16"])
+    with pytest.raises(ConfigError, match="train.precision: fp16 needs a GPU"):
+        train(cfg)
+
+
+def test_init_from_with_another_shape_is_one_line(tmp_path):
+    from pipeline.config import KilnError, ModelConfig
+    from pipeline.parallel.parts import build_gpt
+
+    small = ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=50)
+    state = dict(build_gpt(small, seed=0).state_dict())
+    with pytest.raises(KilnError, match="train.init_from: embed.wte.weight has shape"):
+        build_gpt(small.model_copy(update={"vocab_size": 60}), seed=0, init_state=state)

@@ -31,9 +31,10 @@ COMMON = ["train.steps=10", "checkpoint.every=5", "train.log_every=1", "train.ev
 LAYOUTS = {
     "ref": (1, ["train.grad_accum=2"]),
     "ref_untied": (1, ["train.grad_accum=2", "model.tie_embeddings=false"]),
-    "tp2": (2, ["parallel.tp=2", "train.grad_accum=2"]),
+    "tp2": (2, ["parallel.tp=2", "train.grad_accum=2", "train.activation_checkpointing=true"]),
     "pp2": (2, ["parallel.pp=2", "train.grad_accum=2", "parallel.partition=uniform"]),
-    "pp2_untied": (2, ["parallel.pp=2", "train.grad_accum=2", "model.tie_embeddings=false"]),
+    "pp2_untied": (2, ["parallel.pp=2", "train.grad_accum=2", "model.tie_embeddings=false",
+                       "train.activation_checkpointing=true"]),
     "dp2_zero1": (2, ["parallel.zero_stage=1"]),
     "dp2_zero2": (2, ["parallel.zero_stage=2"]),
     "dp2_zero3": (2, ["parallel.zero_stage=3"]),
@@ -171,10 +172,10 @@ def test_export_checkpoint_of_any_layout(runs, tmp_path):
 
 
 if __name__ == "__main__":  # worker: run several configs in this (torchrun) process group
+    import torch.distributed as dist
+
     from pipeline.config import load_config
     from pipeline.train import train
-
-    import torch.distributed as dist
 
     for item in map(json.loads, sys.argv[2:]):
         if isinstance(item, dict):  # {"copy": [run, new run]}: rank 0 copies, everyone waits

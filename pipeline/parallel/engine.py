@@ -65,20 +65,16 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 def _grad_norm_and_clip(engine, max_norm: float, layout: Layout) -> float:
     """Global grad norm, each parameter counted once across TP and pipeline replicas; clips in place."""
-    grads = [p.grad for p in engine.module.parameters() if p.grad is not None
-             and getattr(p, "model_parallel", True) and not getattr(p, "ds_pipe_replicated", False)]
-    sq = torch.zeros((), dtype=torch.float32, device=grads[0].device if grads else "cpu")
-    for g in grads:
-        sq += g.detach().float().pow(2).sum()
+    params = [p for p in engine.module.parameters() if p.grad is not None]
+    counted = [p.grad for p in params
+               if getattr(p, "model_parallel", True) and not getattr(p, "ds_pipe_replicated", False)]
+    norm = torch.nn.utils.get_total_norm(counted) if counted else torch.zeros((), device=engine.device)
     if layout.tp * layout.pp > 1:
+        sq = norm.float().pow(2)
         dist.all_reduce(sq, group=layout.grid.get_model_parallel_group())
-    norm = sq.sqrt().item()
-    coef = max_norm / (norm + 1e-6)
-    if coef < 1.0:
-        for p in engine.module.parameters():
-            if p.grad is not None:
-                p.grad.detach().mul_(coef)
-    return norm
+        norm = sq.sqrt()
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return norm.item()
 
 
 class Engine:
@@ -110,6 +106,8 @@ class Engine:
             mpu=None if self.pipe else layout.grid,
         )
         self.grad_norm: float | None = None
+        if not self.pipe and cfg.parallel.zero_stage == 0 and layout.dp == 1:
+            self.engine.enable_backward_allreduce = False  # nothing to average: skip flatten/copy/unflatten
         if self._kiln_clips:
             self.engine.clip_fp32_gradients = self._clip  # DeepSpeed computes but drops the norm here
         self.accum = self.engine.gradient_accumulation_steps()

@@ -41,12 +41,17 @@ def init_part(module: nn.Module, cfg: ModelConfig, seed: int, index: int, skip: 
 
 def load_part(module: nn.Module, prefix: str, state: dict[str, torch.Tensor]) -> None:
     """Copy this part's tensors out of a full (plain-named) state dict."""
+    from pipeline.config import KilnError
+
     for name, p in module.named_parameters(remove_duplicate=False):
         key = prefix + name
         if key not in state:
             if key == "head.lm_head.weight":  # tied head: the embedding carries it
                 continue
-            raise KeyError(f"init_from weights lack {key}")
+            raise KilnError(f"train.init_from: the weights have no {key}; the model config differs")
+        if state[key].shape != p.shape:
+            raise KilnError(f"train.init_from: {key} has shape {tuple(state[key].shape)}, "
+                            f"the model config needs {tuple(p.shape)}")
         with torch.no_grad():
             p.copy_(state[key].to(p.dtype))
 
