@@ -215,6 +215,7 @@ def train(
             batches = [data.train.batch(s, c) for s, c in
                        rank_slice(consumed, global_batch, layout.dp, layout.dp_rank, t.micro_batch_size)]
             loss, grad_norm = engine.train_step(batches)
+            t_done = time.perf_counter()  # tokens/s counts training only, not validation or saving
             step += 1
             consumed += global_batch
             tokens_last += tokens_per_step
@@ -222,7 +223,7 @@ def train(
             val_loss = evaluate() if t.eval_every and (step % t.eval_every == 0 or step == t.steps) else None
             if step % t.log_every == 0 or step == t.steps or val_loss is not None:
                 now = time.perf_counter()
-                tps = tokens_last / max(now - t_last, 1e-9)
+                tps = tokens_last / max(t_done - t_last, 1e-9)
                 last = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                         "tokens": consumed * cfg.model.block_size, "tokens_per_s": tps, "mfu": fpt * tps / peak,
                         "elapsed_s": elapsed0 + now - t_start, "memory_gb": memory_gb()}
