@@ -174,8 +174,8 @@ def train(
         restore_rng(resume)
     if resume is not None:
         log.info("resumed from %s (step %d, %d samples consumed)", resume, step, consumed)
-        if rank0:
-            _trim_metrics(metrics_path, step)
+    if rank0:  # a fresh start (e.g. every checkpoint was corrupt) must not append to old lines
+        _trim_metrics(metrics_path, step)
 
     global_batch = t.micro_batch_size * engine.accum * layout.dp
     tokens_per_step = global_batch * cfg.model.block_size
