@@ -117,7 +117,8 @@ def weights(model_dir: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.slow
 def test_kill9_and_rerun_equals_uninterrupted_bit_for_bit(tmp_path):
-    corpus = fake_corpus(tmp_path / "corpus", vocab_size=128)
+    (tmp_path / "sp.model").write_bytes(b"stand-in sentencepiece model")
+    corpus = fake_corpus(tmp_path / "corpus", vocab_size=128, tokenizer=tmp_path / "sp.model")
     sets = ("train.steps=24", "checkpoint.every=6", "train.eval_every=6")
     ref = kiln_train(tmp_path / "ref", corpus, *sets)
     assert ref["steps"] == 24 and ref["loss"] < math.log(128)
@@ -149,6 +150,8 @@ def test_kill9_and_rerun_equals_uninterrupted_bit_for_bit(tmp_path):
     config = json.loads((out / "model" / "config.json").read_text())
     assert config["data_digest"] == json.loads((corpus / "manifest.json").read_text())["digest"]
     assert config["model"]["vocab_size"] == 128  # taken from the manifest
+    assert (out / "model" / "tokenizer.model").read_bytes() == b"stand-in sentencepiece model"
+    assert config["tokenizer_sha256"] == json.loads((corpus / "manifest.json").read_text())["tokenizer"]["sha256"]
     kept = sorted(p.name for p in (out / "checkpoints").glob("step_*"))
     assert kept == ["step_0000018", "step_0000024"]  # checkpoint.keep = 2
 
