@@ -90,18 +90,20 @@ class KilnStep:
         self.step += 1
 
 
-def interleaved(a, b, steps: int, sync) -> tuple[float, float]:
-    """Median seconds per step of a and b, alternating a-b, b-a, ... so load changes and
-    which-one-runs-second effects hit both alike."""
+def interleaved(a, b, steps: int, sync) -> tuple[tuple[float, float], tuple[float, float]]:
+    """Median (wall s, process CPU s) per step of a and b, alternating a-b, b-a, ... so load
+    changes and which-one-runs-second effects hit both alike. CPU seconds are the steadier
+    figure on a shared machine: time spent descheduled does not count."""
     times: dict = {a: [], b: []}
     for i in range(steps + 2):
         for fn in ((a, b) if i % 2 == 0 else (b, a)):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             fn()
             sync()
             if i >= 2:  # warm-up
-                times[fn].append(time.perf_counter() - t0)
-    return statistics.median(times[a]), statistics.median(times[b])
+                times[fn].append((time.perf_counter() - t0, time.process_time() - c0))
+    med = {fn: (statistics.median(t for t, _ in v), statistics.median(c for _, c in v)) for fn, v in times.items()}
+    return med[a], med[b]
 
 
 def timed(fn, steps: int, sync) -> float:
@@ -123,10 +125,12 @@ def cpu_bench(steps: int) -> None:
     emit("cpu_fp32_matmul_peak", peak / 1e9, "GFLOP/s")
     with tempfile.TemporaryDirectory() as tmp:
         kiln_step = KilnStep(cfg, Path(tmp))
-        t_plain, t_kiln = interleaved(PlainLoop(cfg, "cpu", False, False), kiln_step, steps, lambda: None)
-    plain, kiln = tokens / t_plain, tokens / t_kiln
+        (w_plain, c_plain), (w_kiln, c_kiln) = interleaved(PlainLoop(cfg, "cpu", False, False), kiln_step, steps,
+                                                           lambda: None)
+    plain, kiln = tokens / w_plain, tokens / w_kiln
     emit("cpu_plain_pytorch_tokens_per_s", plain, "tokens/s")
     emit("cpu_kiln_train_tokens_per_s", kiln, "tokens/s", plain)
+    emit("cpu_kiln_train_tokens_per_cpu_s", tokens / c_kiln, "tokens/CPU-s", tokens / c_plain)
     emit("cpu_kiln_train_mfu_vs_measured_peak", fpt * kiln / peak, "fraction")
     emit("cpu_plain_pytorch_mfu_vs_measured_peak", fpt * plain / peak, "fraction")
 

@@ -81,7 +81,9 @@ def peak_flops(cfg: RunConfig, world: int) -> float:
             return spec * world
         return measured_peak_flops(torch.float32 if cfg.train.precision == "fp32" else torch.bfloat16,
                                    4096, "cuda") * world
-    return measured_peak_flops()  # CPU processes share the machine's cores
+    # CPU: one process's measured peak, times the processes the cores can run side by side
+    procs = max(1, min(world, (os.cpu_count() or 1) // torch.get_num_threads()))
+    return measured_peak_flops() * procs
 
 
 def memory_gb() -> float:
@@ -117,6 +119,40 @@ def _trim_metrics(path: Path, step: int) -> None:
     path.write_text("".join(ln + "\n" for ln in keep))
 
 
+def _open_data(cfg: RunConfig) -> TrainData:
+    """One process per node hashes the shards against the manifest; the others wait, then trust it."""
+    local0 = os.environ.get("LOCAL_RANK", "0") == "0"
+    if local0:
+        data = TrainData(cfg.data, cfg.model.block_size, cfg.train.seed, verify=True)
+    dist.barrier()
+    if not local0:
+        data = TrainData(cfg.data, cfg.model.block_size, cfg.train.seed, verify=False)
+    return data
+
+
+def _starting_point(cfg: RunConfig, layout, data: TrainData, resume: Path | None):
+    """(step, consumed samples, elapsed s, same layout?, weights to start from or None)."""
+    if resume is None:
+        if not cfg.train.init_from:
+            return 0, 0, 0.0, False, None
+        from pipeline.export import resolve_source
+
+        log.info("starting from the weights of %s", cfg.train.init_from)
+        return 0, 0, 0.0, False, load_weights(resolve_source(cfg.train.init_from))
+    state = read_state(resume)
+    if state.get("data_digests") != data.digests:
+        raise KilnError(f"{resume}: trained on data {state.get('data_digests')}, but data.paths now hold "
+                        f"{data.digests}; use a new --out")
+    here = _layout_key(cfg, layout.world)
+    same_layout = state.get("layout") == here
+    init_state = None
+    if not same_layout:
+        log.warning("%s was saved with layout %s; continuing at %s from its consolidated weights "
+                    "(optimizer state starts fresh)", resume, state.get("layout"), here)
+        init_state = load_weights(resume)
+    return state["step"], state["consumed_samples"], state.get("elapsed_s", 0.0), same_layout, init_state
+
+
 def train(
     cfg: RunConfig,
     on_log: Callable[[int, dict], None] | None = None,
@@ -130,13 +166,7 @@ def train(
     layout = make_layout(cfg)
     rank0 = layout.rank == 0
     t = cfg.train
-    # one process per node hashes the shards against the manifest; the others wait, then trust it
-    local0 = os.environ.get("LOCAL_RANK", "0") == "0"
-    if local0:
-        data = TrainData(cfg.data, cfg.model.block_size, t.seed, verify=True)
-    dist.barrier()
-    if not local0:
-        data = TrainData(cfg.data, cfg.model.block_size, t.seed, verify=False)
+    data = _open_data(cfg)
     if cfg.model.vocab_size is None:
         cfg.model.vocab_size = data.vocab_size
     elif cfg.model.vocab_size < data.vocab_size:
@@ -150,24 +180,7 @@ def train(
 
     # ---------------------------------------------------------------- resume or start
     resume = _broadcast(find_checkpoint(ckpt_root) if rank0 else None)
-    init_state, step, consumed, elapsed0 = None, 0, 0, 0.0
-    same_layout = False
-    if resume is not None:
-        state = read_state(resume)
-        if state.get("data_digests") != data.digests:
-            raise KilnError(f"{resume}: trained on data {state.get('data_digests')}, but data.paths now hold "
-                            f"{data.digests}; use a new --out")
-        step, consumed, elapsed0 = state["step"], state["consumed_samples"], state.get("elapsed_s", 0.0)
-        same_layout = state.get("layout") == _layout_key(cfg, layout.world)
-        if not same_layout:
-            log.warning("%s was saved with layout %s; continuing at %s from its consolidated weights "
-                        "(optimizer state starts fresh)", resume, state.get("layout"), _layout_key(cfg, layout.world))
-            init_state = load_weights(resume)
-    elif t.init_from:
-        from pipeline.export import resolve_source
-
-        init_state = load_weights(resolve_source(t.init_from))
-        log.info("starting from the weights of %s", t.init_from)
+    step, consumed, elapsed0, same_layout, init_state = _starting_point(cfg, layout, data, resume)
     engine = Engine(cfg, layout, init_state)
     if resume is not None and same_layout:
         engine.load(resume)
@@ -180,7 +193,7 @@ def train(
     global_batch = t.micro_batch_size * engine.accum * layout.dp
     tokens_per_step = global_batch * cfg.model.block_size
     fpt = flops_per_token(cfg.model)
-    peak = peak_flops(cfg, layout.world)
+    peak = _broadcast(peak_flops(cfg, layout.world) if rank0 else None)  # measured once, not by every rank at once
     base_state = {"config": cfg.model_dump(mode="json"), "data_digests": data.digests,
                   "layout": _layout_key(cfg, layout.world), "global_batch": global_batch}
     log.info("%s | %s params | global batch %d x %d tokens | %d steps", layout.describe(),
