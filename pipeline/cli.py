@@ -64,12 +64,16 @@ def _prep_flags(args) -> dict:
 
 
 def cmd_train(args) -> dict:
-    _config(args, "train", {"out": args.out})
-    raise NotImplementedYet("train")
+    cfg = _config(args, "train", {"out": args.out})
+    from pipeline.train import train
+
+    return train(cfg)
 
 
 def cmd_export(args) -> dict:
-    raise NotImplementedYet("train")
+    from pipeline.export import export
+
+    return export(args.source, args.out, args.format)
 
 
 def cmd_quantize(args) -> dict:
@@ -212,7 +216,9 @@ def cmd_track(args) -> dict:
 
 
 def cmd_plot(args) -> dict:
-    raise NotImplementedYet("train")
+    from pipeline.plot import plot
+
+    return plot(args.run_dir, args.out)
 
 
 def cmd_launch(args) -> dict:

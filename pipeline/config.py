@@ -79,6 +79,8 @@ class TrainConfig(_Strict):
     eval_every: int = Field(0, ge=0, description="0 disables periodic validation")
     eval_batches: int = Field(8, ge=1)
     peak_flops: float | None = Field(None, gt=0, description="per-device peak for MFU; default: measured/known")
+    init_from: str | None = Field(None, description="start from these weights: a checkpoint dir or a MODEL dir")
+    compile: bool = Field(False, description="torch.compile each transformer block (GPU throughput)")
 
     @model_validator(mode="after")
     def _lr_order(self) -> TrainConfig:

@@ -1,0 +1,185 @@
+"""Checkpoints that survive kill -9: temp dir + rename, checksums, a `latest` pointer.
+
+    OUT/checkpoints/step_0000100/
+        ds/                  DeepSpeed engine state (model shards, optimizer, ZeRO partitions)
+        model.safetensors    the consolidated plain weights (any layout can start from them)
+        kiln_state.json      step, consumed samples, config, data digests, code commit, elapsed
+        rng/rank_NNNNN.json  python / numpy / torch RNG states of every rank
+        SHA256SUMS
+    OUT/checkpoints/latest   the name of the last complete checkpoint (replaced atomically)
+
+Everything is written under `.tmp-step_…` and renamed only after every rank has
+finished, so a directory named step_* is always complete; a checkpoint whose
+checksums do not match is skipped with a warning and the previous one is used.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import random
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+from pipeline.config import KilnError
+from pipeline.console import log
+from pipeline.model.io import verify_sums, write_sums
+
+STATE = "kiln_state.json"
+WEIGHTS = "model.safetensors"
+LATEST = "latest"
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=5)
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+# --------------------------------------------------------------------------- RNG
+
+
+def rng_state() -> dict:
+    state = {
+        "python": _jsonable(random.getstate()),
+        "numpy": _jsonable(np.random.get_state()),
+        "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = base64.b64encode(torch.cuda.get_rng_state().numpy().tobytes()).decode()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["torch"])), dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["cuda"])), dtype=torch.uint8))
+
+
+def _jsonable(x):
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, (tuple, list)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.generic):
+        return x.item()
+    return x
+
+
+# --------------------------------------------------------------------------- save
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def step_name(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+def save_checkpoint(engine, root: Path, step: int, state: dict, keep: int) -> Path | None:
+    """Collective: every rank writes its DeepSpeed shard; rank 0 publishes. Returns the path on rank 0."""
+    root = Path(root)
+    final, tmp = root / step_name(step), root / f".tmp-{step_name(step)}"
+    if _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "rng").mkdir(parents=True)
+    _barrier()
+    engine.save(tmp)
+    (tmp / "rng" / f"rank_{_rank():05d}.json").write_text(json.dumps(rng_state()))
+    weights = engine.consolidated_state()
+    _barrier()
+    if _rank() != 0:
+        _barrier()
+        return None
+    save_file(weights, str(tmp / WEIGHTS), metadata={"format": "pt"})
+    (tmp / STATE).write_text(json.dumps({**state, "step": step, "code_commit": git_commit()}, indent=2) + "\n")
+    write_sums(tmp)
+    if final.exists():  # the same step saved again (a rerun after the rename, before `latest`)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _atomic_write(root / LATEST, final.name + "\n")
+    for old in sorted(root.glob("step_*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return final
+
+
+# --------------------------------------------------------------------------- find / load
+
+
+def _candidates(root: Path) -> list[Path]:
+    dirs = sorted((p for p in root.glob("step_*") if p.is_dir()), reverse=True)
+    pointer = root / LATEST
+    if pointer.exists():
+        named = root / pointer.read_text().strip()
+        if named in dirs:
+            dirs.remove(named)
+            dirs.insert(0, named)
+    return dirs
+
+
+def find_checkpoint(root: str | Path) -> Path | None:
+    """The newest checkpoint whose checksums verify; warns about each broken one it skips."""
+    root = Path(root)
+    for tmp in root.glob(".tmp-step_*"):  # a save that was interrupted
+        shutil.rmtree(tmp, ignore_errors=True)
+    for path in _candidates(root):
+        try:
+            verify_sums(path)
+            json.loads((path / STATE).read_text())
+            return path
+        except (KilnError, OSError, ValueError) as err:
+            log.warning("checkpoint %s is unusable (%s); trying the previous one", path, err)
+    return None
+
+
+def read_state(path: str | Path) -> dict:
+    path = Path(path) / STATE
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise KilnError(f"{path}: cannot read checkpoint state ({err})") from None
+
+
+def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The consolidated plain weights of a checkpoint dir or a MODEL dir (safetensors only)."""
+    path = Path(path)
+    if not (path / WEIGHTS).exists():
+        raise KilnError(f"{path}: no {WEIGHTS}; expected a checkpoint or MODEL directory")
+    verify_sums(path)
+    return load_file(str(path / WEIGHTS))
+
+
+def restore_rng(path: Path) -> None:
+    rng = Path(path) / "rng" / f"rank_{_rank():05d}.json"
+    if rng.exists():
+        set_rng_state(json.loads(rng.read_text()))

@@ -1,0 +1,137 @@
+"""Which training sample comes next: a blended, shuffled, deterministic sample index.
+
+Sample i of the run is a pure function of (seed, i): no state to save but the
+number of samples consumed, and resuming at sample n reads nothing before it.
+
+* Each corpus is cut into fixed windows of block_size+1 tokens across document
+  boundaries (`Windows`); every epoch over a corpus is a fresh seeded permutation.
+* Blending: samples come in chunks of CHUNK; inside a chunk corpus k gets
+  round(weight_k * CHUNK) slots, spread by Megatron's greedy rule and then
+  shuffled by the seed. The same slot pattern repeats every chunk, so the
+  position of sample i inside corpus k is known in O(1).
+* Step s uses samples [s*G, (s+1)*G) of the global batch G; data-parallel rank r
+  takes its contiguous slice, so the order never depends on the layout.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from pipeline.config import ConfigError, DataConfig, KilnError
+from pipeline.data.corpus import PreparedCorpus, Windows
+
+CHUNK = 4096
+
+
+def blend_slots(weights: list[float], seed: int, chunk: int = CHUNK) -> np.ndarray:
+    """Corpus id for each slot of a chunk: greedy (largest deficit first), then shuffled."""
+    w = np.asarray(weights, dtype=np.float64)
+    w = w / w.sum()
+    slots = np.empty(chunk, dtype=np.int64)
+    counts = np.zeros(len(w))
+    for i in range(chunk):
+        k = int(np.argmax(w * (i + 1) - counts))
+        slots[i] = k
+        counts[k] += 1
+    return np.random.default_rng([seed, 7]).permutation(slots)
+
+
+class BlendedSamples:
+    """Sample i (int) -> int64 array of block_size+1 tokens, from several corpora."""
+
+    def __init__(self, windows: list[Windows], weights: list[float], seed: int):
+        self.windows, self.seed = windows, seed
+        self.slots = blend_slots(weights, seed)
+        self._orders: dict[tuple[int, int], np.ndarray] = {}
+        self.per_chunk = np.bincount(self.slots, minlength=len(windows))
+        if any(self.per_chunk[k] == 0 and weights[k] > 0 for k in range(len(windows))):
+            raise ConfigError(f"data.weights: a weight below 1/{CHUNK} of the total gets no samples")
+        # rank of each slot among the slots of the same corpus
+        self.rank_in_chunk = np.zeros(CHUNK, dtype=np.int64)
+        seen = np.zeros(len(windows), dtype=np.int64)
+        for i, k in enumerate(self.slots):
+            self.rank_in_chunk[i] = seen[k]
+            seen[k] += 1
+
+    def _order(self, corpus: int, epoch: int) -> np.ndarray:
+        """The window order of one epoch over one corpus (the current few are kept)."""
+        key = (corpus, epoch)
+        if key not in self._orders:
+            if len(self._orders) >= 2 * len(self.windows):
+                self._orders.pop(next(iter(self._orders)))
+            n = len(self.windows[corpus])
+            dtype = np.int32 if n < 2**31 else np.int64
+            self._orders[key] = np.random.default_rng([self.seed, corpus, epoch]).permutation(n).astype(dtype)
+        return self._orders[key]
+
+    def locate(self, i: int) -> tuple[int, int]:
+        """(corpus, window) of global sample i."""
+        chunk, slot = divmod(int(i), CHUNK)
+        k = int(self.slots[slot])
+        pos = chunk * int(self.per_chunk[k]) + int(self.rank_in_chunk[slot])
+        epoch, j = divmod(pos, len(self.windows[k]))
+        return k, int(self._order(k, epoch)[j])
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        k, w = self.locate(i)
+        return self.windows[k][w]
+
+    def batch(self, start: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Samples [start, start+count) as (inputs, targets) of shape (count, block_size)."""
+        rows = np.stack([self[i] for i in range(start, start + count)])
+        t = torch.from_numpy(rows)
+        return t[:, :-1].contiguous(), t[:, 1:].contiguous()
+
+
+class TrainData:
+    """The corpora of `data.paths`, opened and verified once per process."""
+
+    def __init__(self, cfg: DataConfig, block_size: int, seed: int, verify: bool = True):
+        if not cfg.paths:
+            raise ConfigError("data.paths: no prepared corpus given (a `kiln prep` output directory)")
+        self.corpora = [PreparedCorpus(p, verify=verify) for p in cfg.paths]
+        vocabs = {c.vocab_size for c in self.corpora}
+        if len(vocabs) > 1:
+            detail = ", ".join(f"{c.dir}: {c.vocab_size}" for c in self.corpora)
+            raise ConfigError(f"data.paths: corpora have different tokenizer vocab sizes ({detail})")
+        self.vocab_size = vocabs.pop()
+        self.block_size = block_size
+        weights = cfg.weights or [1.0] * len(self.corpora)
+        self.train = BlendedSamples([Windows(c.stream("train"), block_size) for c in self.corpora], weights, seed)
+        self.val = self._val_windows(cfg.val_tokens)
+
+    def _val_windows(self, val_tokens: int) -> list[tuple[Windows, int]]:
+        """The first val_tokens worth of windows of every corpus' val split, in order (no shuffle)."""
+        out: list[tuple[Windows, int]] = []
+        per = max(1, val_tokens // self.block_size // len(self.corpora)) if val_tokens else 0
+        for c in self.corpora:
+            if not per or not c.shards("val"):
+                continue
+            try:
+                w = Windows(c.stream("val"), self.block_size)
+            except KilnError:
+                continue  # a val split shorter than one window: nothing to evaluate on
+            out.extend((w, j) for j in range(min(per, len(w))))
+        return out
+
+    @property
+    def digests(self) -> list[str]:
+        return [c.digest for c in self.corpora]
+
+    @property
+    def tokenizer(self):
+        path = self.corpora[0].tokenizer_path
+        return path if path.exists() else None
+
+    def val_batch(self, start: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = np.stack([w[j] for w, j in self.val[start : start + count]])
+        t = torch.from_numpy(rows)
+        return t[:, :-1].contiguous(), t[:, 1:].contiguous()
+
+
+def rank_slice(step_start: int, global_batch: int, dp: int, dp_rank: int, micro: int) -> list[tuple[int, int]]:
+    """(start, count) of each micro-batch this DP rank trains on within one global batch."""
+    per_rank = global_batch // dp
+    first = step_start + dp_rank * per_rank
+    return [(first + m, micro) for m in range(0, per_rank, micro)]

@@ -1,0 +1,157 @@
+"""`kiln export`: a checkpoint (any layout) or MODEL dir -> a MODEL dir or a Hugging Face transformers dir.
+
+Checkpoints carry their consolidated plain weights (checkpoint.py), so export
+never needs the layout they were trained with. The HF mapping:
+
+    llama -> LlamaForCausalLM: same rotary layout ("rotate half"), so weights copy 1:1
+    gpt2  -> GPT2LMHeadModel: Conv1D stores (in, out), so every matrix is transposed,
+             and q/k/v are fused into c_attn
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from pipeline.checkpoint import LATEST, STATE, read_state
+from pipeline.config import KilnError, ModelConfig
+from pipeline.model.flops import ffn_hidden
+from pipeline.model.io import CONFIG, TOKENIZER, WEIGHTS, read_config, save_model_dir, verify_sums
+
+
+def resolve_source(src: str | Path) -> Path:
+    """A MODEL dir, a checkpoint dir, a `checkpoints/latest` pointer, a checkpoints/ dir or a run dir."""
+    src = Path(src)
+    if src.is_file() and src.name == LATEST:
+        return src.parent / src.read_text().strip()
+    if src.is_dir() and not (src / CONFIG).exists() and not (src / STATE).exists():
+        for pointer in (src / LATEST, src / "checkpoints" / LATEST):
+            if pointer.exists():
+                return pointer.parent / pointer.read_text().strip()
+    if not src.exists():
+        raise KilnError(f"{src}: no such checkpoint or MODEL directory")
+    return src
+
+
+def load_source(src: str | Path) -> tuple[dict[str, torch.Tensor], ModelConfig, Path | None, dict]:
+    """(plain weights, model config, tokenizer path or None, metadata) of a checkpoint or MODEL dir."""
+    path = resolve_source(src)
+    verify_sums(path)
+    if (path / STATE).exists():
+        state = read_state(path)
+        run = state["config"]
+        cfg = ModelConfig.model_validate(run["model"])
+        tok = None
+        for data_dir in run.get("data", {}).get("paths", []):
+            manifest = Path(data_dir) / "manifest.json"
+            if manifest.exists():
+                cand = Path(data_dir) / json.loads(manifest.read_text())["tokenizer"]["path"]
+                tok = cand if cand.exists() else None
+                break
+        meta = {"stage": "train", "step": state["step"], "data_digests": state.get("data_digests"),
+                "data_digest": (state.get("data_digests") or [None])[0], "git_commit": state.get("code_commit"),
+                "train_config": run, "exported_from": str(path)}
+        return load_file(str(path / WEIGHTS)), cfg, tok, meta
+    config = read_config(path)
+    if config.get("quantization"):
+        raise KilnError(f"{path / CONFIG}: a quantized model cannot be exported to this format")
+    cfg = ModelConfig.model_validate(config["model"])
+    tok = path / TOKENIZER if (path / TOKENIZER).exists() else None
+    meta = {k: v for k, v in config.items() if k not in ("model", "format_version")}
+    return load_file(str(path / WEIGHTS)), cfg, tok, meta
+
+
+# --------------------------------------------------------------------------- Hugging Face
+
+
+def _hf_config(cfg: ModelConfig):
+    import inspect
+
+    from transformers import GPT2Config, LlamaConfig
+
+    if cfg.style == "llama":
+        kw = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd, intermediate_size=ffn_hidden(cfg),
+                  num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_head,
+                  max_position_embeddings=cfg.block_size, rms_norm_eps=cfg.norm_eps, hidden_act="silu",
+                  tie_word_embeddings=cfg.tie_embeddings, attention_bias=False, mlp_bias=False,
+                  initializer_range=cfg.init_std)
+        if "rope_parameters" in inspect.signature(LlamaConfig.__init__).parameters:
+            kw["rope_parameters"] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+        else:
+            kw["rope_theta"] = cfg.rope_theta
+        return LlamaConfig(**kw)
+    return GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
+                      n_head=cfg.n_head, n_inner=ffn_hidden(cfg), activation_function="gelu_new",
+                      layer_norm_epsilon=cfg.norm_eps, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                      tie_word_embeddings=cfg.tie_embeddings, initializer_range=cfg.init_std)
+
+
+def hf_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Rename (and for GPT-2 transpose/fuse) Kiln's plain weights into the HF model's names."""
+    out: dict[str, torch.Tensor] = {}
+    lm_head = state.get("head.lm_head.weight", state["embed.wte.weight"])
+    if cfg.style == "llama":
+        out["model.embed_tokens.weight"] = state["embed.wte.weight"]
+        out["model.norm.weight"] = state["head.norm.weight"]
+        out["lm_head.weight"] = lm_head
+        names = {"norm1": "input_layernorm", "norm2": "post_attention_layernorm", "attn.wq": "self_attn.q_proj",
+                 "attn.wk": "self_attn.k_proj", "attn.wv": "self_attn.v_proj", "attn.wo": "self_attn.o_proj",
+                 "mlp.w1": "mlp.gate_proj", "mlp.w3": "mlp.up_proj", "mlp.w2": "mlp.down_proj"}
+        for i in range(cfg.n_layer):
+            for ours, theirs in names.items():
+                out[f"model.layers.{i}.{theirs}.weight"] = state[f"blocks.{i}.{ours}.weight"]
+        return out
+    out["transformer.wte.weight"] = state["embed.wte.weight"]
+    out["transformer.wpe.weight"] = state["embed.wpe.weight"]
+    out["transformer.ln_f.weight"], out["transformer.ln_f.bias"] = state["head.norm.weight"], state["head.norm.bias"]
+    out["lm_head.weight"] = lm_head
+    for i in range(cfg.n_layer):
+        b, h = f"blocks.{i}.", f"transformer.h.{i}."
+        for ours, theirs in (("norm1", "ln_1"), ("norm2", "ln_2")):
+            out[h + theirs + ".weight"], out[h + theirs + ".bias"] = state[b + ours + ".weight"], state[b + ours + ".bias"]
+        qkv = [state[f"{b}attn.{w}.weight"] for w in ("wq", "wk", "wv")]
+        out[h + "attn.c_attn.weight"] = torch.cat(qkv, dim=0).t().contiguous()
+        out[h + "attn.c_attn.bias"] = torch.cat([state[f"{b}attn.{w}.bias"] for w in ("wq", "wk", "wv")])
+        for ours, theirs in (("attn.wo", "attn.c_proj"), ("mlp.fc", "mlp.c_fc"), ("mlp.proj", "mlp.c_proj")):
+            out[h + theirs + ".weight"] = state[b + ours + ".weight"].t().contiguous()
+            out[h + theirs + ".bias"] = state[b + ours + ".bias"]
+    return out
+
+
+def to_hf(state: dict[str, torch.Tensor], cfg: ModelConfig):
+    """An in-memory transformers model holding these weights."""
+    from transformers import GPT2LMHeadModel, LlamaForCausalLM
+
+    config = _hf_config(cfg)
+    model = (LlamaForCausalLM if cfg.style == "llama" else GPT2LMHeadModel)(config)
+    hf = hf_state_dict(state, cfg)
+    missing, unexpected = model.load_state_dict(hf, strict=False)
+    missing = [k for k in missing if not k.endswith("attn.bias") and k != "lm_head.weight"]
+    if missing or unexpected:
+        raise KilnError(f"HF mapping incomplete: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    if cfg.tie_embeddings:
+        model.tie_weights()
+    return model.eval()
+
+
+def export(src: str | Path, out: str | Path, fmt: str = "safetensors") -> dict:
+    state, cfg, tok, meta = load_source(src)
+    out = Path(out)
+    if fmt == "safetensors":
+        save_model_dir(state, cfg, out, tokenizer=tok, meta=meta)
+    elif fmt == "hf":
+        model = to_hf(state, cfg)
+        out.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(str(out), safe_serialization=True)
+        if tok:
+            shutil.copyfile(tok, out / TOKENIZER)
+        (out / "kiln_export.json").write_text(json.dumps({"model": cfg.model_dump(mode="json"), **meta}, indent=2,
+                                                         default=str) + "\n")
+    else:
+        raise KilnError(f"--format {fmt}: expected safetensors or hf")
+    return {"source": str(resolve_source(src)), "out": str(out), "format": fmt, "style": cfg.style,
+            "params": sum(v.numel() for v in state.values())}

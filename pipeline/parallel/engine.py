@@ -1,0 +1,180 @@
+"""One object that trains a step, whatever the layout: DeepSpeed's plain or pipeline engine.
+
+PP = 1: the (TP-sharded) GPT goes through `deepspeed.initialize` with ZeRO 0-3;
+each micro-batch is forward/backward/step (DeepSpeed accumulates and steps at
+the boundary). PP > 1: a `PipelineModule` and `engine.train_batch` (1F1B).
+The optimizer is torch's AdamW in both (works on CPU and GPU, and its state
+restores bit for bit); the learning rate is set by Kiln every step, so the
+schedule is a pure function of the step number.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from pipeline.config import RunConfig
+from pipeline.parallel.parts import build_gpt, consolidated_state
+from pipeline.parallel.topology import Layout
+
+
+def ds_config(cfg: RunConfig, dp: int) -> dict:
+    t, p = cfg.train, cfg.parallel
+    accum = (p.micro_batches or t.grad_accum) if p.pp > 1 else t.grad_accum
+    zero: dict = {"stage": p.zero_stage}
+    if p.offload == "cpu":
+        zero["offload_optimizer"] = {"device": "cpu"}
+        if p.zero_stage == 3:
+            zero["offload_param"] = {"device": "cpu"}
+    return {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": accum,
+        "train_batch_size": t.micro_batch_size * accum * dp,
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": t.precision == "bf16"},
+        "fp16": {"enabled": t.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+        "dump_state": False,
+    }
+
+
+def lr_at(step: int, cfg: RunConfig) -> float:
+    """Linear warmup to train.lr, then cosine decay to train.min_lr at train.steps."""
+    t = cfg.train
+    if step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    span = max(1, t.steps - t.warmup_steps)
+    progress = min(1.0, (step - t.warmup_steps) / span)
+    return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices (weights, embeddings), not norms or biases."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _grad_norm_and_clip(engine, max_norm: float, layout: Layout) -> float:
+    """Global grad norm, each parameter counted once across TP and pipeline replicas; clips in place."""
+    params = [p for p in engine.module.parameters() if p.grad is not None]
+    counted = [p.grad for p in params
+               if getattr(p, "model_parallel", True) and not getattr(p, "ds_pipe_replicated", False)]
+    norm = torch.nn.utils.get_total_norm(counted) if counted else torch.zeros((), device=engine.device)
+    if layout.tp * layout.pp > 1:
+        sq = norm.float().pow(2)
+        dist.all_reduce(sq, group=layout.grid.get_model_parallel_group())
+        norm = sq.sqrt()
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return norm.item()
+
+
+class Engine:
+    """Wraps the DeepSpeed engine: train_step, evaluate, save/load, consolidated weights."""
+
+    def __init__(self, cfg: RunConfig, layout: Layout, init_state: dict | None = None):
+        import deepspeed
+
+        self.cfg, self.layout = cfg, layout
+        self.pipe = layout.pp > 1
+        if self.pipe:
+            from pipeline.parallel.pipeline_module import build_pipeline_module
+
+            model = build_pipeline_module(cfg, layout, init_state)
+        else:
+            model = build_gpt(cfg.model, cfg.train.seed, layout.tp_group if layout.tp > 1 else None, init_state)
+            model.activation_checkpointing = cfg.train.activation_checkpointing
+        t = cfg.train
+        if t.compile:  # per block: graph breaks at TP collectives stay local, PP stages compile alike
+            from pipeline.model.gpt import Block
+
+            for m in model.modules():
+                if isinstance(m, Block):
+                    m.compile()
+        self.optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2),
+                                           eps=1e-8)
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=self.optimizer, config=ds_config(cfg, layout.dp),
+            mpu=None if self.pipe else layout.grid,
+        )
+        self.grad_norm: float | None = None
+        if not self.pipe and cfg.parallel.zero_stage == 0 and layout.dp == 1:
+            self.engine.enable_backward_allreduce = False  # nothing to average: skip flatten/copy/unflatten
+        if self._kiln_clips:
+            self.engine.clip_fp32_gradients = self._clip  # DeepSpeed computes but drops the norm here
+        self.accum = self.engine.gradient_accumulation_steps()
+
+    @property
+    def _kiln_clips(self) -> bool:
+        return self.cfg.parallel.zero_stage == 0 and self.cfg.train.precision == "fp32"
+
+    def _clip(self) -> None:
+        self.grad_norm = _grad_norm_and_clip(self.engine, self.cfg.train.grad_clip, self.layout)
+
+    @property
+    def device(self):
+        return self.engine.device
+
+    def set_lr(self, lr: float) -> None:
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+
+    def train_step(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, float | None]:
+        """One optimizer step over this rank's micro-batches; returns (mean loss over the global batch, grad norm)."""
+        self.engine.train()
+        self.grad_norm = None
+        batches = [(x.to(self.device), y.to(self.device)) for x, y in batches]
+        if self.pipe:
+            loss = self.engine.train_batch(data_iter=iter(batches)).detach().float()
+        else:
+            total = torch.zeros((), dtype=torch.float32, device=self.device)
+            for x, y in batches:
+                _, loss = self.engine(x, y)
+                self.engine.backward(loss)
+                self.engine.step()
+                total += loss.detach().float()
+            loss = total / len(batches)
+        if self.layout.dp > 1 and not self.pipe:  # the pipe engine already averages over DP
+            dist.all_reduce(loss, group=self.layout.dp_group)
+            loss /= self.layout.dp
+        if not self._kiln_clips:
+            norm = self.engine.get_global_grad_norm()
+            self.grad_norm = float(norm) if norm is not None else None
+        return loss.item(), self.grad_norm
+
+    @torch.no_grad()
+    def evaluate(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+        """Mean loss over this rank's validation batches, averaged over DP ranks."""
+        batches = [(x.to(self.device), y.to(self.device)) for x, y in batches]
+        if self.pipe:
+            loss = self.engine.eval_batch(iter(batches), num_micro_batches=len(batches)).detach().float()
+        else:
+            self.engine.eval()
+            loss = torch.stack([self.engine(x, y)[1].detach().float() for x, y in batches]).mean()
+        if self.layout.dp > 1:
+            dist.all_reduce(loss, group=self.layout.dp_group)
+            loss /= self.layout.dp
+        self.engine.train()
+        return loss.item()
+
+    def save(self, directory) -> None:
+        self.engine.save_checkpoint(str(directory), tag="ds", save_latest=False)
+
+    def load(self, directory) -> None:
+        path, _ = self.engine.load_checkpoint(str(directory), tag="ds", load_lr_scheduler_states=False)
+        if path is None:
+            from pipeline.config import KilnError
+
+            raise KilnError(f"{directory}/ds: DeepSpeed found no loadable checkpoint there")
+
+    def consolidated_state(self) -> dict[str, torch.Tensor] | None:
+        module = self.engine.module
+        return consolidated_state(module, self.layout, zero3=self.cfg.parallel.zero_stage == 3)

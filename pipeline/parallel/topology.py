@@ -1,0 +1,87 @@
+"""The process grid: world = PP x DP x TP, built with DeepSpeed's own topology classes.
+
+`PipeModelDataParallelTopology(num_pp, num_mp, num_dp)` orders ranks with the
+model (TP) axis fastest, so TP peers are neighbours (same node). Its
+`PipelineParallelGrid` creates the process groups and doubles as the `mpu`
+DeepSpeed wants for ZeRO and checkpoint file names.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from pipeline.config import RunConfig, validate_world
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> None:
+    """Join the launcher's process group, or make a 1-process gloo group when run directly."""
+    import deepspeed
+
+    if dist.is_initialized():
+        return
+    if "RANK" not in os.environ:  # plain `kiln train`: DeepSpeed still wants a group
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    backend = "nccl" if torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") == "cuda" else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    deepspeed.init_distributed(dist_backend=backend, verbose=False)
+
+
+@dataclass
+class Layout:
+    """Where this rank sits in the grid, and the groups it talks to."""
+
+    tp: int
+    pp: int
+    dp: int
+    rank: int
+    world: int
+    tp_rank: int
+    pp_rank: int
+    dp_rank: int
+    grid: object  # deepspeed PipelineParallelGrid (the mpu)
+    topology: object
+
+    @property
+    def tp_group(self):
+        return self.grid.get_slice_parallel_group()
+
+    @property
+    def dp_group(self):
+        return self.grid.get_data_parallel_group()
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp - 1
+
+    def describe(self) -> str:
+        return f"world {self.world} = dp {self.dp} x pp {self.pp} x tp {self.tp}"
+
+
+def make_layout(cfg: RunConfig) -> Layout:
+    from deepspeed.runtime.pipe.topology import PipelineParallelGrid, PipeModelDataParallelTopology
+
+    world = dist.get_world_size()
+    dp = validate_world(cfg, world)
+    topo = PipeModelDataParallelTopology(num_pp=cfg.parallel.pp, num_mp=cfg.parallel.tp, num_dp=dp)
+    grid = PipelineParallelGrid(topology=topo)
+    coord = topo.get_coord(dist.get_rank())
+    return Layout(tp=cfg.parallel.tp, pp=cfg.parallel.pp, dp=dp, rank=dist.get_rank(), world=world,
+                  tp_rank=coord.model, pp_rank=coord.pipe, dp_rank=coord.data, grid=grid, topology=topo)
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()

@@ -1,0 +1,274 @@
+"""`kiln train`: the training loop. Reads like nanoGPT's; parallelism lives in pipeline/parallel/.
+
+    data (blended, seeded sample index) -> Engine.train_step (DeepSpeed: ZeRO / TP / PP)
+        -> metrics.jsonl + console every log_every steps, validation every eval_every,
+        -> checkpoints every checkpoint.every (and at the end), -> OUT/model/
+
+Rerunning the same command resumes from OUT/checkpoints/latest; the result is the
+same, bit for bit on CPU fp32, as a run that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from pipeline.checkpoint import (
+    find_checkpoint,
+    git_commit,
+    load_weights,
+    read_state,
+    restore_rng,
+    save_checkpoint,
+)
+from pipeline.config import ConfigError, KilnError, RunConfig
+from pipeline.console import log, progress
+from pipeline.data.sampler import TrainData, rank_slice
+from pipeline.model.flops import flops_per_token
+from pipeline.model.io import save_model_dir, sha256_file
+from pipeline.parallel.engine import Engine, lr_at
+from pipeline.parallel.topology import init_distributed, make_layout
+
+# dense bf16 peaks per GPU (spec sheets), for MFU
+GPU_BF16_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "B200": 2250e12}
+PEAK_CACHE = Path.home() / ".cache" / "kiln" / "peak_flops.json"
+
+
+def measured_peak_flops(dtype: torch.dtype = torch.float32, n: int = 1024, device: str = "cpu") -> float:
+    """Matmul FLOP/s of this machine (all threads), measured once and cached per device/dtype/threads."""
+    key = f"{device}:{dtype}:{torch.get_num_threads()}"
+    try:
+        cache = json.loads(PEAK_CACHE.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    if key in cache:
+        return float(cache[key])
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
+    for _ in range(3):
+        a @ b
+    best = 0.0
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(4):
+            a @ b
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = max(best, 4 * 2 * n**3 / (time.perf_counter() - t0))
+    cache[key] = best
+    try:
+        PEAK_CACHE.parent.mkdir(parents=True, exist_ok=True)
+        PEAK_CACHE.write_text(json.dumps(cache))
+    except OSError:
+        pass
+    return best
+
+
+def peak_flops(cfg: RunConfig, world: int) -> float:
+    """Peak FLOP/s of the whole job: config, else a GPU's bf16 spec, else the measured CPU matmul peak."""
+    if cfg.train.peak_flops:
+        return cfg.train.peak_flops * (world if torch.cuda.is_available() else 1)
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        spec = next((v for k, v in GPU_BF16_PEAK.items() if k in name), None)
+        if spec and cfg.train.precision != "fp32":
+            return spec * world
+        return measured_peak_flops(torch.float32 if cfg.train.precision == "fp32" else torch.bfloat16,
+                                   4096, "cuda") * world
+    # CPU: one process's measured peak, times the processes the cores can run side by side
+    procs = max(1, min(world, (os.cpu_count() or 1) // torch.get_num_threads()))
+    return measured_peak_flops() * procs
+
+
+def memory_gb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def _broadcast(obj):
+    if dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _layout_key(cfg: RunConfig, world: int) -> dict:
+    p = cfg.parallel
+    return {"tp": p.tp, "pp": p.pp, "zero_stage": p.zero_stage, "world": world, "precision": cfg.train.precision}
+
+
+def _trim_metrics(path: Path, step: int) -> None:
+    """On resume drop lines logged after the checkpoint (they will be logged again) and a torn last line."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue  # the process died while writing this line
+    path.write_text("".join(ln + "\n" for ln in keep))
+
+
+def _open_data(cfg: RunConfig) -> TrainData:
+    """One process per node hashes the shards against the manifest; the others wait, then trust it."""
+    local0 = os.environ.get("LOCAL_RANK", "0") == "0"
+    if local0:
+        data = TrainData(cfg.data, cfg.model.block_size, cfg.train.seed, verify=True)
+    dist.barrier()
+    if not local0:
+        data = TrainData(cfg.data, cfg.model.block_size, cfg.train.seed, verify=False)
+    return data
+
+
+def _starting_point(cfg: RunConfig, layout, data: TrainData, resume: Path | None):
+    """(step, consumed samples, elapsed s, same layout?, weights to start from or None)."""
+    if resume is None:
+        if not cfg.train.init_from:
+            return 0, 0, 0.0, False, None
+        from pipeline.export import resolve_source
+
+        log.info("starting from the weights of %s", cfg.train.init_from)
+        return 0, 0, 0.0, False, load_weights(resolve_source(cfg.train.init_from))
+    state = read_state(resume)
+    if state.get("data_digests") != data.digests:
+        raise KilnError(f"{resume}: trained on data {state.get('data_digests')}, but data.paths now hold "
+                        f"{data.digests}; use a new --out")
+    here = _layout_key(cfg, layout.world)
+    same_layout = state.get("layout") == here
+    init_state = None
+    if not same_layout:
+        log.warning("%s was saved with layout %s; continuing at %s from its consolidated weights "
+                    "(optimizer state starts fresh)", resume, state.get("layout"), here)
+        init_state = load_weights(resume)
+    return state["step"], state["consumed_samples"], state.get("elapsed_s", 0.0), same_layout, init_state
+
+
+def train(
+    cfg: RunConfig,
+    on_log: Callable[[int, dict], None] | None = None,
+    on_checkpoint: Callable[[Path], None] | None = None,
+    on_end: Callable[[Path], None] | None = None,
+) -> dict:
+    """Train (or resume) the run described by `cfg`; callbacks fire on rank 0 only."""
+    if cfg.train.precision == "fp16" and not torch.cuda.is_available():
+        raise ConfigError("train.precision: fp16 needs a GPU (DeepSpeed's CPU accelerator has no fp16); use bf16 or fp32")
+    init_distributed()
+    layout = make_layout(cfg)
+    rank0 = layout.rank == 0
+    t = cfg.train
+    data = _open_data(cfg)
+    if cfg.model.vocab_size is None:
+        cfg.model.vocab_size = data.vocab_size
+    elif cfg.model.vocab_size < data.vocab_size:
+        raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's {data.vocab_size}")
+    out = Path(cfg.out)
+    ckpt_root = out / "checkpoints"
+    metrics_path = out / "metrics.jsonl"
+    if rank0:
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(t.seed)
+
+    # ---------------------------------------------------------------- resume or start
+    resume = _broadcast(find_checkpoint(ckpt_root) if rank0 else None)
+    step, consumed, elapsed0, same_layout, init_state = _starting_point(cfg, layout, data, resume)
+    engine = Engine(cfg, layout, init_state)
+    if resume is not None and same_layout:
+        engine.load(resume)
+        restore_rng(resume)
+    if resume is not None:
+        log.info("resumed from %s (step %d, %d samples consumed)", resume, step, consumed)
+    if rank0:  # a fresh start (e.g. every checkpoint was corrupt) must not append to old lines
+        _trim_metrics(metrics_path, step)
+
+    global_batch = t.micro_batch_size * engine.accum * layout.dp
+    tokens_per_step = global_batch * cfg.model.block_size
+    fpt = flops_per_token(cfg.model)
+    peak = _broadcast(peak_flops(cfg, layout.world) if rank0 else None)  # measured once, not by every rank at once
+    base_state = {"config": cfg.model_dump(mode="json"), "data_digests": data.digests,
+                  "layout": _layout_key(cfg, layout.world), "global_batch": global_batch}
+    log.info("%s | %s params | global batch %d x %d tokens | %d steps", layout.describe(),
+             f"{sum(p.numel() for p in engine.engine.module.parameters()):,} local", global_batch,
+             cfg.model.block_size, t.steps)
+
+    def evaluate() -> float | None:
+        """Mean loss over the same first val samples whatever the layout (each DP rank takes a slice)."""
+        mbs = t.micro_batch_size
+        per_rank = min(len(data.val), t.eval_batches * mbs) // (mbs * layout.dp)
+        if per_rank == 0:
+            return None
+        first = layout.dp_rank * per_rank * mbs
+        return engine.evaluate([data.val_batch(first + b * mbs, mbs) for b in range(per_rank)])
+
+    def checkpoint(at: int) -> None:
+        path = save_checkpoint(engine, ckpt_root, at, {**base_state, "consumed_samples": consumed,
+                                                       "elapsed_s": elapsed0 + time.perf_counter() - t_start},
+                               cfg.checkpoint.keep)
+        if rank0 and on_checkpoint:
+            on_checkpoint(path)
+
+    # ---------------------------------------------------------------- loop
+    t_start = time.perf_counter()
+    t_last, tokens_last = t_start, 0
+    last: dict = {}
+    with progress("train", total=t.steps, unit="step", disable=not rank0) as advance:
+        advance(step)
+        while step < t.steps:
+            lr = lr_at(step, cfg)
+            engine.set_lr(lr)
+            batches = [data.train.batch(s, c) for s, c in
+                       rank_slice(consumed, global_batch, layout.dp, layout.dp_rank, t.micro_batch_size)]
+            loss, grad_norm = engine.train_step(batches)
+            t_done = time.perf_counter()  # tokens/s counts training only, not validation or saving
+            step += 1
+            consumed += global_batch
+            tokens_last += tokens_per_step
+            advance(1)
+            val_loss = evaluate() if t.eval_every and (step % t.eval_every == 0 or step == t.steps) else None
+            if step % t.log_every == 0 or step == t.steps or val_loss is not None:
+                now = time.perf_counter()
+                tps = tokens_last / max(t_done - t_last, 1e-9)
+                last = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                        "tokens": consumed * cfg.model.block_size, "tokens_per_s": tps, "mfu": fpt * tps / peak,
+                        "elapsed_s": elapsed0 + now - t_start, "memory_gb": memory_gb()}
+                if val_loss is not None:
+                    last["val_loss"] = val_loss
+                if rank0:
+                    with open(metrics_path, "a") as f:
+                        f.write(json.dumps(last) + "\n")
+                    log.info("step %d/%d loss %.4f%s lr %.2e grad %.3f | %.0f tok/s | MFU %.1f%%", step, t.steps,
+                             loss, f" val {val_loss:.4f}" if val_loss is not None else "", lr, grad_norm or 0.0,
+                             tps, 100 * last["mfu"])
+                    if on_log:
+                        on_log(step, last)
+                t_last, tokens_last = time.perf_counter(), 0
+            if step % cfg.checkpoint.every == 0 or step == t.steps:
+                checkpoint(step)
+                t_last, tokens_last = time.perf_counter(), 0
+
+    # ---------------------------------------------------------------- the MODEL dir
+    weights = engine.consolidated_state()
+    model_dir = out / "model"
+    if rank0:
+        tok = data.tokenizer
+        meta = {"stage": "train", "step": step, "data_digests": data.digests, "data_digest": data.digests[0],
+                "tokenizer_sha256": sha256_file(tok) if tok else None, "git_commit": git_commit(),
+                "train_config": cfg.model_dump(mode="json")}
+        save_model_dir(weights, cfg.model, model_dir, tokenizer=tok, meta=meta)
+        log.info("model written to %s", model_dir)
+        if on_end:
+            on_end(model_dir)
+    if dist.get_world_size() > 1:
+        dist.barrier()
+    return {"out": str(out), "model_dir": str(model_dir), "steps": step, "loss": last.get("loss"),
+            "val_loss": last.get("val_loss"), "tokens": consumed * cfg.model.block_size,
+            "resumed_from": str(resume) if resume else None, "layout": layout.describe()}

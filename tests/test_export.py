@@ -1,0 +1,58 @@
+"""`kiln export`: HF transformers models built from Kiln weights give the same logits (fp32, 1e-4)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from pipeline.cli import main
+from pipeline.config import ModelConfig
+from pipeline.export import export, to_hf
+from pipeline.model.io import load_model_dir, save_model_dir
+from pipeline.parallel.parts import build_gpt
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _cfg(style: str, tie: bool) -> ModelConfig:
+    return ModelConfig(style=style, n_layer=2, n_head=4, n_embd=64, block_size=32, vocab_size=120, tie_embeddings=tie)
+
+
+@pytest.mark.parametrize("style,tie", [("llama", True), ("llama", False), ("gpt2", True), ("gpt2", False)])
+def test_hf_logits_match(style, tie):
+    cfg = _cfg(style, tie)
+    model = build_gpt(cfg, seed=3).eval()
+    with torch.no_grad():  # perturb norms and biases so a swapped/transposed mapping cannot hide
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.1)
+    state = {k: v for k, v in model.state_dict().items() if not (tie and k == "head.lm_head.weight")}
+    hf = to_hf(state, cfg)
+    idx = torch.randint(0, 120, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours, _ = model(idx)
+        theirs = hf(idx).logits
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-4)
+
+
+def test_kiln_export_cli_hf_and_safetensors(tmp_path, capsys):
+    cfg = _cfg("llama", True)
+    model = build_gpt(cfg, seed=1).eval()
+    src = save_model_dir(model, cfg, tmp_path / "model", meta={"data_digest": "abc"})
+    assert main(["export", str(src), "--format", "hf", "--out", str(tmp_path / "hf"), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["format"] == "hf" and summary["style"] == "llama"
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), local_files_only=True).eval()
+    idx = torch.randint(0, 120, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(idx).logits, model(idx)[0], rtol=0, atol=1e-4)
+    out = export(src, tmp_path / "copy", "safetensors")
+    again, config = load_model_dir(out["out"])
+    assert config["data_digest"] == "abc"
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), model.state_dict().values(), strict=True))
+    assert main(["export", str(tmp_path / "nope"), "--out", str(tmp_path / "x")]) == 1
