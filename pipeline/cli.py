@@ -41,11 +41,11 @@ def _config(args, kind: str, base: dict | None = None):
 
 
 def cmd_prep(args) -> dict:
-    from data_prep.runner import prep
+    from pipeline import tracked
     from pipeline.console import print_table, progress
 
     cfg = _config(args, "prep", _prep_flags(args))
-    return prep(args.inputs, args.out, cfg, progress=progress, table=print_table)
+    return tracked.prep(args.inputs, args.out, cfg, args.tracking_uri, progress=progress, table=print_table)
 
 
 def _prep_flags(args) -> dict:
@@ -65,9 +65,9 @@ def _prep_flags(args) -> dict:
 
 def cmd_train(args) -> dict:
     cfg = _config(args, "train", {"out": args.out})
-    from pipeline.train import train
+    from pipeline import tracked
 
-    return train(cfg)
+    return tracked.train(cfg, args.tracking_uri)
 
 
 def cmd_export(args) -> dict:

@@ -113,7 +113,8 @@ class TrackingConfig(_Strict):
     enabled: bool = True
     uri: str | None = None
     experiment: str = "kiln"
-    register_as: str | None = None
+    register_as: str | None = Field(None, description="registered model name for this stage's output")
+    alias: str | None = Field(None, description="registry alias set on the new version, e.g. champion, int8")
 
 
 class RunConfig(_Strict):
@@ -204,6 +205,7 @@ class PrepConfig(_Strict):
     tokenizer_sample_chars: int = Field(500_000_000, ge=1000, description="cap on characters fed to training")
     character_coverage: float = Field(0.9995, gt=0, le=1)
     dedup_buckets: int = Field(16, ge=1, description="hash buckets for exact/near-dup clustering tasks")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
 
 # --------------------------------------------------------------------------- post-training
@@ -219,6 +221,7 @@ class QuantizeConfig(_Strict):
     calib_samples: int = Field(128, ge=1)
     calib_seq_len: int | None = Field(None, ge=8)
     quantize_head: bool = False
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
 
 class DistillConfig(_Strict):
@@ -227,12 +230,14 @@ class DistillConfig(_Strict):
     hidden_weight: float = Field(0.0, ge=0)
     layer_stride: int = Field(2, ge=1, description="student layer i starts from teacher layer i*stride")
     train: TrainConfig = Field(default_factory=TrainConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
 
 class PruneConfig(_Strict):
     sparsity: float = Field(0.5, ge=0, lt=1)
     pattern: Literal["unstructured", "2:4"] = "unstructured"
     recovery_steps: int = Field(0, ge=0)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
 
 SCHEMAS: dict[str, type[BaseModel]] = {
