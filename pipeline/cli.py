@@ -260,7 +260,7 @@ def cmd_launch(args) -> dict:
 def cmd_demo(args) -> dict:
     from pipeline.demo import run_demo
 
-    return run_demo()
+    return run_demo(args.out, quick=args.quick)
 
 
 def cmd_plan(args) -> dict:
@@ -437,7 +437,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_launch(sub)
 
-    add("demo", cmd_demo, "Run the whole pipeline on a small corpus built from text that ships with Python.", "kiln demo")
+    p = add("demo", cmd_demo, "Run the whole pipeline on a small corpus built from text that ships with Python.",
+            "kiln demo --out demo_out")
+    p.add_argument("--out", default="demo_out", metavar="DIR", help="working directory (recreated)")
+    p.add_argument("--quick", action="store_true", help="a smaller corpus and fewer steps (the end-to-end test)")
     return parser
 
 

@@ -1,44 +1,138 @@
-"""`kiln demo`: the whole pipeline on a corpus built from Python's own documentation.
+"""`kiln demo`: the whole pipeline, as a user would run it, on Python's own documentation.
 
-Until every stage exists this runs what does and fails loudly naming what is
-missing — a demo that pretends is worse than none.
+corpus -> kiln prep (Ray, 2 workers) -> kiln train (2 processes, TP=2, DeepSpeed on gloo)
+-> kiln export (HF) -> kiln quantize (int8, gptq4) -> kiln distill (a 2-layer student)
+-> registered in MLflow with aliases -> kiln fetch by alias -> eval table -> kiln generate.
+
+Each stage is the real `kiln` command in a subprocess (its progress shows as it runs),
+all nested under one MLflow parent run; the eval table is computed here in one process.
 """
 
 from __future__ import annotations
 
-import importlib.util
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
-from pipeline.config import KilnError
-from pipeline.console import log
+from pipeline.config import KilnError, TrackingConfig
+from pipeline.console import console, log, print_table
 
-# stage -> (module that implements it, issue that delivers it)
-STAGES = {
-    "prep": ("data_prep.runner", "prep"),
-    "train": ("pipeline.train", "train"),
-    "quantize": ("pipeline.post.quantize", "post"),
-    "distill": ("pipeline.post.distill", "post"),
-    "register": ("pipeline.tracking", "tracking"),
-    "fetch": ("pipeline.tracking", "tracking"),
-    "eval": ("pipeline.evaluate", "tracking"),
-    "generate": ("pipeline.generate", "tracking"),
-}
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = ROOT / "configs"
+NAME = "kiln-demo"
+PROMPTS = ["The tokenizer", "A list is", "Return the"]
 
 
-def missing_stages() -> list[str]:
-    return [stage for stage, (module, _) in STAGES.items() if importlib.util.find_spec(module) is None]
+class Demo:
+    """Runs the stages one after another and keeps what each reported."""
+
+    def __init__(self, out: Path, quick: bool):
+        self.out, self.quick = out, quick
+        self.env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+                    "MLFLOW_TRACKING_URI": f"sqlite:///{out / 'mlflow.db'}", "PYTHONUNBUFFERED": "1"}
+        self.rows: list[dict] = []
+
+    def kiln(self, stage: str, *args: str, launcher: list[str] | None = None) -> dict:
+        """Run one `kiln` command with --json; return its summary, fail naming the stage and its log."""
+        cmd = [*(launcher or []), "kiln", *args, "--json"]
+        console.rule(f"[bold]{stage}[/bold]: {' '.join(cmd)}")
+        start = time.time()
+        proc = subprocess.run(cmd, cwd=self.out, env={**os.environ, **self.env}, stdout=subprocess.PIPE, text=True)
+        seconds = time.time() - start
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+        if proc.returncode or not lines:
+            raise KilnError(f"demo stage {stage!r} failed (exit {proc.returncode}): {' '.join(cmd)}")
+        summary = json.loads(lines[-1])
+        self.rows.append({"stage": stage, "seconds": round(seconds, 1), "output": _short(summary)})
+        return summary
+
+    def step(self, stage: str, fn, *args):
+        console.rule(f"[bold]{stage}[/bold]")
+        start = time.time()
+        result = fn(*args)
+        self.rows.append({"stage": stage, "seconds": round(time.time() - start, 1), "output": _short(result)})
+        return result
 
 
-def run_demo(out: str | Path = "demo_out") -> dict:
+def _short(summary) -> str:
+    if isinstance(summary, dict):
+        keys = ["out", "model_dir", "digest", "val_loss", "loss", "size_bytes", "perplexity", "uri", "path", "text"]
+        shown = {k: summary[k] for k in keys if summary.get(k) is not None}
+        if isinstance(summary.get("registered"), dict):
+            shown["registered"] = summary["registered"].get("uri")
+        return ", ".join(f"{k}={(f'{v:.4g}' if isinstance(v, float) else str(v))[:60]}" for k, v in shown.items())
+    return str(summary)[:80]
+
+
+def run_demo(out: str | Path = "demo_out", quick: bool = False) -> dict:
+    """Run everything; `quick` shrinks corpus and steps (the end-to-end test uses it)."""
     from data_prep.demo_corpus import write_demo_corpus
-    from pipeline.cli import ISSUES
+    from pipeline.post.report import compare
+    from pipeline.tracking import Tracker
 
-    out = Path(out)
-    paths = write_demo_corpus(out / "corpus")
-    size = sum(p.stat().st_size for p in paths)
-    log.info("demo corpus: %d files, %.1f MB in %s", len(paths), size / 1e6, out / "corpus")
-    missing = missing_stages()
-    if missing:
-        todo = sorted({ISSUES[STAGES[s][1]] for s in missing})
-        raise KilnError(f"demo stopped after building the corpus; missing stages: {', '.join(missing)} — " + "; ".join(todo))
-    raise KilnError("demo: all stages exist but the end-to-end driver is not written yet (issue 9)")
+    out = Path(out).resolve()
+    if out.exists():
+        shutil.rmtree(out)  # the demo always starts from scratch: its figures must be its own
+    out.mkdir(parents=True)
+    demo = Demo(out, quick)
+    os.environ["MLFLOW_TRACKING_URI"] = demo.env["MLFLOW_TRACKING_URI"]
+    started = time.time()
+    train_steps = 40 if quick else 300
+    distill_steps = 20 if quick else 150
+    tracker = Tracker(TrackingConfig(experiment="kiln-demo"))
+    with tracker.pipeline_run("demo", params={"quick": quick, "train_steps": train_steps}):
+        demo.env["KILN_PARENT_RUN_ID"] = os.environ.get("KILN_PARENT_RUN_ID", "")
+        corpus = out / "corpus"
+        paths = demo.step("corpus", lambda: write_demo_corpus(corpus, max_bytes=400_000 if quick else None))
+        log.info("corpus: %d files, %.1f MB", len(paths), sum(p.stat().st_size for p in paths) / 1e6)
+        prepped = demo.kiln("prep", "prep", str(corpus), "--out", "prep", "--config", str(CONFIGS / "prep/demo.yaml"),
+                  "--workers", "2", "--set", "tracking.experiment=kiln-demo")
+        reg = ["--set", "tracking.experiment=kiln-demo", "--set", f"tracking.register_as={NAME}"]
+        torchrun = [str(Path(sys.executable).with_name("torchrun")), "--nproc-per-node", "2", "--no-python"]
+        trained = demo.kiln("train", "train", "--config", str(CONFIGS / "train/demo-cpu.yaml"),
+                            "--set", "data.paths=[prep]", "--set", "out=train", "--set", f"train.steps={train_steps}",
+                            *reg, "--set", "tracking.alias=champion", launcher=torchrun)
+        demo.kiln("export", "export", "train/model", "--format", "hf", "--out", "export-hf")
+        champion = f"models:/{NAME}@champion"
+        demo.kiln("quantize int8", "quantize", champion, "--method", "int8-weight", "--out", "int8",
+                  *reg, "--set", "tracking.alias=int8")
+        demo.kiln("quantize gptq4", "quantize", champion, "--config", str(CONFIGS / "post/gptq4.yaml"),
+                  "--group-size", "64", "--calib", "prep", "--out", "gptq4", *reg, "--set", "tracking.alias=gptq4",
+                  *(["--set", "calib_samples=16"] if quick else []))
+        demo.kiln("distill", "distill", "--teacher", champion, "--student-config",
+                  str(CONFIGS / "model/demo-student.yaml"), "--data", "prep", "--out", "student",
+                  "--config", str(CONFIGS / "post/distill.yaml"), "--set", f"train.steps={distill_steps}",
+                  *reg, "--set", "tracking.alias=student")
+        fetched = {}
+        for alias in ("champion", "int8", "gptq4", "student"):
+            demo.kiln(f"fetch @{alias}", "fetch", f"models:/{NAME}@{alias}", "--out", f"fetched/{alias}")
+            fetched[alias] = out / "fetched" / alias
+        table = demo.step("eval table", compare, fetched, out / "prep", 16 if quick else 64)
+        for row in table:
+            tracker.attach_eval(f"models:/{NAME}@{row['model']}", {k: row[k] for k in
+                                ("perplexity", "loss", "tokens_per_s") if row.get(k) is not None}, "val")
+        samples = []
+        for i, prompt in enumerate(PROMPTS[: 1 if quick else 3]):
+            gen = demo.kiln(f"generate {i + 1}", "generate", str(out / "fetched/champion"), "--prompt", prompt,
+                            "--max-new-tokens", "48", "--temperature", "0.8", "--top-k", "40", "--top-p", "0.9",
+                            "--seed", str(i))
+            samples.append(gen.get("text", ""))
+        demo.kiln("lineage", "lineage", f"models:/{NAME}@student")
+    wall = time.time() - started
+    print_table("kiln demo: stages", demo.rows, ["stage", "seconds", "output"])
+    summary = {
+        "out": str(out), "wall_s": round(wall, 1), "val_loss": trained.get("val_loss"),
+        "ln_vocab": math.log(prepped["vocab_size"]), "eval": table, "samples": samples,
+        "curves_png": str(out / "train" / "curves.png"),
+        "mlflow_ui": f"mlflow ui --backend-store-uri sqlite:///{out / 'mlflow.db'} --host 127.0.0.1",
+    }
+    for prompt, text in zip(PROMPTS, samples, strict=False):
+        console.print(f"[bold]{prompt}[/bold]{text}")
+    console.print(f"[bold]done in {wall / 60:.1f} min[/bold]; loss curves: {summary['curves_png']}")
+    console.print(f"look at runs, datasets, models and lineage: [bold]{summary['mlflow_ui']}[/bold] (from {out})")
+    return summary
