@@ -190,3 +190,41 @@ def test_ray_job_on_local_head_and_worker(tmp_path):
         assert f"ray job logs {summary['job_id']}" in res.stdout
     finally:
         cluster.shutdown()
+
+
+def _train_cmd(corpus, out, seed_cfg):
+    return ["--", "kiln", "train", "--config", str(ROOT / "configs/train/tiny-cpu.yaml"),
+            "--set", f"data.paths=[{corpus}]", "--set", f"out={out}", "--set", "parallel.tp=2",
+            "--set", "train.steps=6", "--set", "checkpoint.every=100", *seed_cfg]
+
+
+@pytest.mark.slow
+def test_two_node_training_equals_single_node(tmp_path):
+    """2 'nodes' x 2 processes (torchrun static rendezvous on 127.0.0.1) == 1 node x 4 processes, step for step."""
+    from factories import fake_corpus
+
+    corpus = fake_corpus(tmp_path / "corpus", vocab_size=128)
+    env = {**_env(), "OMP_NUM_THREADS": "1"}
+    base = [str(BIN / "kiln"), "launch", "torchrun", "--master-addr", "127.0.0.1"]
+    single = subprocess.run(base + ["--nodes", "1", "--gpus-per-node", "4", "--master-port", str(free_port())]
+                            + _train_cmd(corpus, tmp_path / "one", []), capture_output=True, text=True, env=env,
+                            timeout=400)
+    assert single.returncode == 0, single.stderr[-3000:]
+    port = str(free_port())
+    two = base + ["--nodes", "2", "--gpus-per-node", "2", "--master-port", port]
+    node0 = subprocess.Popen(two + ["--node-rank", "0"] + _train_cmd(corpus, tmp_path / "two", []),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    node1 = subprocess.run(two + ["--node-rank", "1"] + _train_cmd(corpus, tmp_path / "two", []),
+                           capture_output=True, text=True, env=env, timeout=400)
+    _, err0 = node0.communicate(timeout=400)
+    assert node0.returncode == 0 and node1.returncode == 0, err0[-2000:] + node1.stderr[-2000:]
+
+    def losses(run):
+        rows = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        return [(r["step"], r["loss"]) for r in rows]
+
+    one, two_nodes = losses("one"), losses("two")
+    assert [s for s, _ in one] == [1, 2, 3, 4, 5, 6]
+    assert [s for s, _ in two_nodes] == [s for s, _ in one]
+    for (_, a), (_, b) in zip(one, two_nodes, strict=True):
+        assert abs(a - b) < 1e-5, (one, two_nodes)
