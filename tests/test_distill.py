@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_post_common import markov_corpus, train_teacher
+from test_post_common import shared_teacher
 
 from pipeline.cli import main
 from pipeline.config import ConfigError, DistillConfig, ModelConfig, TrainConfig
@@ -23,8 +23,7 @@ from pipeline.post.measure import evaluate
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("distill")
-    data = markov_corpus(root / "data", train_docs=200, val_docs=40)
-    teacher = train_teacher(data, root / "teacher", steps=250)
+    data, teacher = shared_teacher(tmp_path_factory)
     student = root / "student.yaml"
     student.write_text("model: {style: llama, n_layer: 1, n_head: 4, n_embd: 128}\n")
     return root, data, teacher, student
@@ -43,7 +42,7 @@ def test_distilled_student_beats_scratch_on_same_tokens(setup):
     assert summary["init_layers"] == [0]
     kd = evaluate(load_model_dir(root / "kd" / "model")[0], data, max_windows=64)["loss"]
     torch.manual_seed(7)
-    scratch = GPT(ModelConfig(style="llama", n_layer=1, n_head=4, n_embd=128, block_size=64, vocab_size=256))
+    scratch = GPT(ModelConfig(style="llama", n_layer=1, n_head=4, n_embd=128, block_size=64, vocab_size=128))
     train_steps(scratch, data, steps, lr=2e-3, batch_size=8, seed=7, min_lr=2e-4, warmup=5)  # same windows, same count
     base = evaluate(scratch, data, max_windows=64)["loss"]
     print(f"val loss: teacher {summary['teacher_val_loss']:.4f} distilled {kd:.4f} scratch {base:.4f}")
@@ -51,7 +50,7 @@ def test_distilled_student_beats_scratch_on_same_tokens(setup):
     assert kd < base - 0.05
     config = json.loads((root / "kd" / "model" / "config.json").read_text())
     assert config["kiln"]["stage"] == "distilled" and config["kiln"]["parent_model"] == str(teacher)
-    assert config["model"]["n_layer"] == 1 and config["model"]["vocab_size"] == 256
+    assert config["model"]["n_layer"] == 1 and config["model"]["vocab_size"] == 128
     lines = [json.loads(x) for x in (root / "kd" / "metrics.jsonl").read_text().splitlines()]
     assert lines[-1]["step"] == steps and {"kl", "ce", "lr", "tokens"} <= set(lines[-1])
 
@@ -88,7 +87,7 @@ def test_student_config_rules(setup, tmp_path, caplog):
     with pytest.raises(ConfigError, match="hidden_weight"):
         distill(teacher, narrow, data, tmp_path / "o", cfg(1, hidden_weight=1.0))
     t = load_model_dir(teacher)[0]
-    s = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=64, vocab_size=256))
+    s = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=64, vocab_size=128))
     assert init_from_teacher(s, t, 2) is None and "random init" in caplog.text
 
 

@@ -22,6 +22,8 @@ from pipeline.post.finetune import train_steps
 from pipeline.post.measure import evaluate, nonzero_params
 
 TEACHER = dict(style="llama", n_layer=2, n_head=4, n_embd=128, block_size=64)
+TEACHER_STEPS = 800
+CORPUS = dict(vocab_size=128, successors=8, concentration=0.3, train_docs=1000)
 
 
 def markov_corpus(directory: str | Path, vocab_size: int = 256, successors: int = 8, train_docs: int = 400,
@@ -58,13 +60,23 @@ def markov_corpus(directory: str | Path, vocab_size: int = 256, successors: int 
     return directory
 
 
-def train_teacher(data: Path, out: Path, steps: int = 300, seed: int = 0, **model) -> Path:
-    """A tiny GPT trained with the plain loop, saved as a MODEL dir."""
+def train_teacher(data: Path, out: Path, steps: int = TEACHER_STEPS, seed: int = 0, **model) -> Path:
+    """A tiny GPT trained with the plain loop close to convergence, saved as a MODEL dir."""
     torch.manual_seed(seed)
     cfg = ModelConfig(**{**TEACHER, **model, "vocab_size": json.loads((data / "manifest.json").read_text())["tokenizer"]["vocab_size"]})
     net = GPT(cfg)
     train_steps(net, data, steps, lr=3e-3, batch_size=16, warmup=20, seed=seed)
     return save_model_dir(net, cfg, out)
+
+
+def shared_teacher(tmp_path_factory) -> tuple[Path, Path]:
+    """(corpus, teacher) trained once per test session and shared by the post-training test modules."""
+    root = tmp_path_factory.getbasetemp() / "post-shared"
+    data, teacher = root / "data", root / "teacher"
+    if not (teacher / "SHA256SUMS").exists():
+        markov_corpus(data, **CORPUS)
+        train_teacher(data, teacher)
+    return data, teacher
 
 
 # --------------------------------------------------------------------------- tests of common.py / measure.py

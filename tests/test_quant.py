@@ -4,10 +4,12 @@
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
-from test_post_common import markov_corpus, train_teacher
+from test_post_common import shared_teacher
 
 from pipeline.cli import main
 from pipeline.config import QuantizeConfig
@@ -19,8 +21,8 @@ from pipeline.post.quantize import quantize, quantize_int8, target_layers
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("quant")
-    data = markov_corpus(root / "data")
-    teacher = train_teacher(data, root / "teacher")
+    data, shared = shared_teacher(tmp_path_factory)
+    teacher = Path(shutil.copytree(shared, root / "teacher"))
     (teacher / "tokenizer.model").write_bytes(b"not a real tokenizer: only copied along")  # lineage copies it
     from pipeline.model.io import write_sums
 
@@ -36,7 +38,7 @@ def ppl(path, data):
 def test_teacher_learned_something(setup):
     _, data, _, base = setup
     entropy = json.loads((data / "manifest.json").read_text())["config"]["entropy"]
-    assert base["loss"] < 0.5 * torch.log(torch.tensor(256.0)).item()  # far below uniform
+    assert base["loss"] < 0.5 * torch.log(torch.tensor(128.0)).item()  # far below uniform
     assert base["loss"] < entropy + 0.6
 
 
@@ -50,7 +52,7 @@ def test_int8_reloads_exactly_and_keeps_perplexity(setup, method):
     for name in target_layers(loaded, False):
         a, b = loaded.get_submodule(name).weight, ref.get_submodule(name).weight
         assert type(a).__name__ == "Int8Tensor" and torch.equal(a.qdata, b.qdata) and torch.equal(a.scale, b.scale)
-    idx = torch.randint(0, 256, (2, 64))
+    idx = torch.randint(0, loaded.cfg.vocab_size, (2, 64))
     assert torch.equal(loaded(idx)[0], ref(idx)[0])
     got = ppl(out, data)
     assert abs(got / base["perplexity"] - 1) < (0.01 if method == "int8-weight" else 0.02)
@@ -78,11 +80,14 @@ def test_gptq4_loses_at_most_half_of_rtn4(setup):
     rows = {}
     for method in ("rtn4", "gptq4"):
         out = root / method
-        summary = quantize(teacher, QuantizeConfig(method=method, group_size=128, calib=str(data), eval_windows=0), out)
+        summary = quantize(teacher, QuantizeConfig(method=method, group_size=128, calib=str(data), calib_samples=1024,
+                                                   eval_windows=0), out)
         rows[method] = (ppl(out, data), summary["size_bytes"])
     d_rtn, d_gptq = rows["rtn4"][0] - base["perplexity"], rows["gptq4"][0] - base["perplexity"]
     print(f"teacher ppl {base['perplexity']:.4f}  rtn4 +{d_rtn:.4f}  gptq4 +{d_gptq:.4f}")
-    assert d_rtn > 0.002 * base["perplexity"], "RTN-4 barely hurts this model: the comparison would be noise"
+    # ~0.1% for this converged teacher: small but well above the first-order noise of weight perturbations
+    # (GPTQ-4 lands at ~0.0-0.05% over several seeds; bench/post_quality.py reports the figures)
+    assert d_rtn > 0.0005 * base["perplexity"], "RTN-4 barely hurts this model: the comparison would be noise"
     assert d_gptq <= 0.5 * d_rtn
     assert rows["gptq4"][1] < 0.3 * size_on_disk(teacher)  # 4-bit codes + fp16 scales vs fp32
 
