@@ -23,7 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from test_post_common import markov_corpus, train_teacher  # noqa: E402
+from test_post_common import CORPUS, markov_corpus, train_teacher  # noqa: E402
 
 from pipeline.config import DistillConfig, ModelConfig, PruneConfig, QuantizeConfig, TrainConfig  # noqa: E402
 from pipeline.model.gpt import GPT  # noqa: E402
@@ -43,7 +43,7 @@ def emit(bench: str, value: float, unit: str, reference: float, **extra) -> None
 def run(seed: int, out: Path, threads: int, table: bool) -> dict:
     torch.set_num_threads(threads)
     shutil.rmtree(out, ignore_errors=True)
-    data = markov_corpus(out / "data")
+    data = markov_corpus(out / "data", **CORPUS)
     t0 = time.perf_counter()
     teacher = train_teacher(data, out / "teacher", seed=seed)
     print(f"# seed {seed}: teacher trained in {time.perf_counter() - t0:.0f}s", file=sys.stderr)
@@ -65,7 +65,7 @@ def run(seed: int, out: Path, threads: int, table: bool) -> dict:
     distill(teacher, student_yaml, data, out / "student", DistillConfig(train=train, checkpoint_every=0, eval_windows=0))
     models["student (kd)"] = out / "student" / "model"
     torch.manual_seed(seed)
-    scfg = ModelConfig(style="llama", n_layer=1, n_head=4, n_embd=128, block_size=64, vocab_size=256)
+    scfg = ModelConfig(style="llama", n_layer=1, n_head=4, n_embd=128, block_size=64, vocab_size=CORPUS["vocab_size"])
     scratch = GPT(scfg)
     train_steps(scratch, data, 60, lr=2e-3, batch_size=8, seed=seed, min_lr=2e-4, warmup=5)
     save_model_dir(scratch, scfg, out / "scratch")

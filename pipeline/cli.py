@@ -80,10 +80,12 @@ def cmd_quantize(args) -> dict:
 
 def cmd_distill(args) -> dict:
     cfg = _config(args, "distill")
+    from pipeline.console import is_main_process
     from pipeline.post.distill import distill
 
     summary = distill(args.teacher, args.student_config, args.data, args.out, cfg)
-    _post_table("kiln distill", summary)
+    if is_main_process():
+        _post_table("kiln distill", summary)
     return summary
 
 

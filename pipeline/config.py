@@ -210,6 +210,7 @@ class QuantizeConfig(_Strict):
     quantize_head: bool = False
     seed: int = Field(0, description="which calibration windows are drawn")
     eval_windows: int = Field(64, ge=0, description="val windows of --calib scored before/after; 0 skips")
+    device: Literal["cpu", "cuda"] = "cpu"
 
 
 class DistillConfig(_Strict):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -114,3 +115,30 @@ def test_cli_distill(setup, capsys):
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["steps"] == 4 and summary["model"] == str(out / "model") and summary["val_loss"] > 0
     assert load_model_dir(out / "model")[0].cfg.n_layer == 1
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_with_the_same_global_batch(setup, tmp_path):
+    """torchrun + Accelerate (gloo on CPU): 2 ranks x 4 windows give the weights of 1 process x 8 windows."""
+    import os
+    import subprocess
+    import sys
+
+    root, data, teacher, student = setup
+    args = ["distill", "--teacher", str(teacher), "--student-config", str(student), "--data", str(data),
+            "--set", "train.steps=3", "--set", "train.precision=fp32", "--set", "eval_windows=0",
+            "--set", "checkpoint_every=0", "--json"]
+    repo = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": repo}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
+                          "-m", "pipeline.cli", *args[:-1], "--set", "train.micro_batch_size=4", "--out", str(tmp_path / "two")],
+                         env=env, cwd=repo, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert main([*args, "--set", "train.micro_batch_size=8", "--out", str(tmp_path / "one")]) == 0
+    metrics = [json.loads((tmp_path / d / "metrics.jsonl").read_text().splitlines()[-1]) for d in ("two", "one")]
+    assert metrics[0]["tokens"] == metrics[1]["tokens"] == 3 * 8 * 64  # the same global batch
+    a = load_file(str(tmp_path / "two/model/model.safetensors"))
+    b = load_file(str(tmp_path / "one/model/model.safetensors"))
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    t = load_file(str(teacher / "model.safetensors"))
+    assert not torch.equal(a["blocks.0.mlp.w2.weight"], t["blocks.0.mlp.w2.weight"])  # it did train

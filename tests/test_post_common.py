@@ -146,3 +146,11 @@ def test_bits_per_byte_uses_the_tokenizer_bytes(tmp_path):
     for line in ("Grüße aus Köln", "lazy dog ✓"):  # ✓ is unseen: byte fallback pieces count 1 byte each
         ids = sp.encode(line)
         assert table[ids].sum().item() == len(line.encode("utf-8")) + 1  # + the leading "▁"
+
+
+def test_shipped_post_configs_validate(root):
+    from pipeline.config import load_config
+
+    for path in sorted((root / "configs" / "post").glob("*.yaml")):
+        kind = {"distill": "distill", "prune": "prune"}.get(path.stem, "quantize")
+        load_config(kind, path)

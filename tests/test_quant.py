@@ -23,8 +23,15 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("quant")
     data, shared = shared_teacher(tmp_path_factory)
     teacher = Path(shutil.copytree(shared, root / "teacher"))
-    (teacher / "tokenizer.model").write_bytes(b"not a real tokenizer: only copied along")  # lineage copies it
+    import sentencepiece as spm
+
     from pipeline.model.io import write_sums
+
+    # a real sentencepiece model of the teacher's vocab size: copied along by lineage, used for bits/byte
+    text = ["the quick brown fox jumps over the lazy dog while five boxing wizards jump quickly"] * 40
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(text), model_prefix=str(root / "sp"), vocab_size=128,
+                                   model_type="bpe", minloglevel=2, hard_vocab_limit=False)
+    shutil.copyfile(root / "sp.model", teacher / "tokenizer.model")
 
     write_sums(teacher)
     base = evaluate(load_model_dir(teacher)[0], data, max_windows=None)
@@ -118,3 +125,19 @@ def test_cli_quantize_json_and_errors(setup, capsys):
     assert "calib" in capsys.readouterr().err
     assert main(["quantize", str(out), "--method", "rtn4", "--out", str(root / "y")]) == 1  # already quantized
     assert "already quantized" in capsys.readouterr().err
+
+
+def test_report_compares_against_the_teacher(setup):
+    from pipeline.post.report import compare
+
+    root, data, teacher, base = setup
+    quantize(teacher, QuantizeConfig(method="int8-weight", eval_windows=0), root / "r-int8")
+    quantize(teacher, QuantizeConfig(method="rtn4", eval_windows=0), root / "r-rtn4")
+    rows = compare({"teacher": teacher, "int8": root / "r-int8", "rtn4": root / "r-rtn4"}, data, max_windows=16)
+    by = {r["model"]: r for r in rows}
+    assert by["teacher"]["stage"] == "trained" and by["int8"]["stage"] == "quantized" and by["rtn4"]["method"] == "rtn4"
+    assert by["rtn4"]["size_mb"] < by["int8"]["size_mb"] < by["teacher"]["size_mb"]
+    assert by["int8"]["nonzero"] > 0.9 * by["teacher"]["nonzero"]
+    for r in rows:
+        assert r["bits_per_byte"] > 0 and r["tokens_per_s"] > 0
+        assert r["bits_per_byte"] == pytest.approx(by["teacher"]["bits_per_byte"] * r["loss"] / by["teacher"]["loss"])

@@ -142,7 +142,8 @@ def distill(teacher_ref: str | Path, student_yaml: str | Path, data_dir: str | P
     accelerator = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available())
     device = accelerator.device
     out = Path(out)
-    teacher, _, parent = load_parent(teacher_ref, str(device))
+    teacher, _, parent = load_parent(teacher_ref)  # safetensors wants "cpu", not accelerate's "cpu:0"
+    teacher = teacher.to(device)
     teacher.requires_grad_(False)
     scfg = student_config(student_yaml, teacher.cfg)
     if cfg.hidden_weight > 0 and scfg.n_embd != teacher.cfg.n_embd:
@@ -206,7 +207,7 @@ def distill(teacher_ref: str | Path, student_yaml: str | Path, data_dir: str | P
     accelerator.wait_for_everyone()
     final = accelerator.unwrap_model(student).eval()
     summary = {"out": str(out), "model": str(out / "model"), "teacher": str(parent), "steps": tc.steps,
-               "resumed_from": start, "init_layers": used, "params": final.num_params(), "teacher_params": teacher.num_params()}
+               "resumed_from": start, "processes": world, "init_layers": used, "params": final.num_params(), "teacher_params": teacher.num_params()}
     if accelerator.is_main_process:
         meta = lineage(parent, "distilled", "kd", alpha=cfg.alpha, temperature=cfg.temperature,
                        hidden_weight=cfg.hidden_weight, layer_stride=cfg.layer_stride, init_layers=used,

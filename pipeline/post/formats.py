@@ -56,10 +56,10 @@ def save_packed(model: GPT, qweights: dict[str, QuantizedWeight], out: str | Pat
         seen.add(tensor.data_ptr())
         state[name] = tensor.detach().cpu().contiguous()
     for layer, qw in qweights.items():
-        state[f"{layer}.qweight"] = pack(qw.q, qw.bits)
-        state[f"{layer}.scales"] = qw.scales.contiguous()
-        state[f"{layer}.zeros"] = qw.zeros.contiguous()
-        state[f"{layer}.g_idx"] = qw.g_idx.contiguous()
+        state[f"{layer}.qweight"] = pack(qw.q.cpu(), qw.bits)
+        state[f"{layer}.scales"] = qw.scales.cpu().contiguous()
+        state[f"{layer}.zeros"] = qw.zeros.cpu().contiguous()
+        state[f"{layer}.g_idx"] = qw.g_idx.cpu().contiguous()
     quant = {"loader": LOADER, "layers": sorted(qweights), **quant}
     return save_model_dir(state, model.cfg, out, tokenizer, {**meta, "quantization": quant})
 

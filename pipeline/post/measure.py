@@ -36,6 +36,7 @@ def evaluate(model: torch.nn.Module, data_dir: str | Path, split: str = "val", m
              batch_size: int = 8, block_size: int | None = None, tokenizer: str | Path | None = None) -> dict:
     """Mean CE (nats/token) over the first `max_windows` windows of `split`, and what follows from it."""
     model.eval()
+    device = next(model.parameters()).device
     block_size = block_size or model.cfg.block_size
     win = windows(data_dir, split, block_size)
     n = len(win) if max_windows is None else min(max_windows, len(win))
@@ -44,9 +45,9 @@ def evaluate(model: torch.nn.Module, data_dir: str | Path, split: str = "val", m
     for start in range(0, n, batch_size):
         x, y = stack(win, range(start, min(n, start + batch_size)))
         t0 = time.perf_counter()
-        logits, _ = model(x)
+        logits, _ = model(x.to(device))
+        nll += F.cross_entropy(logits.float().flatten(0, 1).cpu(), y.flatten(), reduction="sum").item()
         elapsed += time.perf_counter() - t0
-        nll += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").item()
         tokens += y.numel()
         targets_all.append(y.flatten())
     loss = nll / tokens
@@ -66,4 +67,5 @@ def size_on_disk(path: str | Path) -> int:
 def nonzero_params(model: torch.nn.Module) -> int:
     """Unique parameters that are not exactly zero (what pruning removes)."""
     unique = {id(p): p for p in model.parameters()}.values()
-    return int(sum(torch.count_nonzero(p.detach()).item() for p in unique))
+    # torchao int8 weights are tensor subclasses without count_nonzero: count their codes
+    return int(sum(torch.count_nonzero(getattr(p, "qdata", p).detach()).item() for p in unique))

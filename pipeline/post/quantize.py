@@ -56,10 +56,10 @@ def int8_state(model: GPT, layers: list[str]) -> dict[str, torch.Tensor]:
     state, seen = {}, set()
     for layer in layers:
         w = modules[layer].weight
-        state[f"{layer}.qdata"] = w.qdata.contiguous()
-        state[f"{layer}.scale"] = w.scale.contiguous()
+        state[f"{layer}.qdata"] = w.qdata.cpu().contiguous()
+        state[f"{layer}.scale"] = w.scale.cpu().contiguous()
         if w.zero_point is not None:
-            state[f"{layer}.zero_point"] = w.zero_point.contiguous()
+            state[f"{layer}.zero_point"] = w.zero_point.cpu().contiguous()
     skip = {f"{layer}.weight" for layer in layers}
     for name, tensor in model.state_dict().items():
         if name in skip or tensor.data_ptr() in seen:
@@ -101,8 +101,11 @@ def load_int8(path: str | Path, config: dict, device: str = "cpu") -> nn.Module:
     return model
 
 
-def quantize(model_ref: str | Path, cfg: QuantizeConfig, out: str | Path, device: str = "cpu") -> dict:
+def quantize(model_ref: str | Path, cfg: QuantizeConfig, out: str | Path) -> dict:
     """Quantize a MODEL dir into `out`; returns the summary (sizes, layers, perplexities when calib is given)."""
+    device = cfg.device
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device: cuda requested but torch sees no CUDA device")
     if cfg.method == "gptq4" and not cfg.calib:
         raise ConfigError("calib: gptq4 needs calibration data: pass --calib DIR (a `kiln prep` output)")
     model, parent_cfg, parent = load_parent(model_ref, device)
