@@ -77,18 +77,38 @@ def cmd_export(args) -> dict:
 
 
 def cmd_quantize(args) -> dict:
-    _config(args, "quantize", {"method": args.method, "bits": args.bits, "group_size": args.group_size, "calib": args.calib})
-    raise NotImplementedYet("post")
+    cfg = _config(args, "quantize", {"method": args.method, "bits": args.bits, "group_size": args.group_size, "calib": args.calib})
+    from pipeline.post.quantize import quantize
+
+    summary = quantize(args.model, cfg, args.out)
+    _post_table("kiln quantize", summary)
+    return summary
 
 
 def cmd_distill(args) -> dict:
-    _config(args, "distill")
-    raise NotImplementedYet("post")
+    cfg = _config(args, "distill")
+    from pipeline.console import is_main_process
+    from pipeline.post.distill import distill
+
+    summary = distill(args.teacher, args.student_config, args.data, args.out, cfg)
+    if is_main_process():
+        _post_table("kiln distill", summary)
+    return summary
 
 
 def cmd_prune(args) -> dict:
-    _config(args, "prune", {"sparsity": args.sparsity, "pattern": args.pattern})
-    raise NotImplementedYet("post")
+    cfg = _config(args, "prune", {"sparsity": args.sparsity, "pattern": args.pattern})
+    from pipeline.post.prune import prune
+
+    summary = prune(args.model, cfg, args.out)
+    _post_table("kiln prune", summary)
+    return summary
+
+
+def _post_table(title: str, summary: dict) -> None:
+    from pipeline.console import kv_table
+
+    kv_table(title, {k: v for k, v in summary.items() if not isinstance(v, (dict, list))})
 
 
 def _tracker(args, need_enabled: bool = False):

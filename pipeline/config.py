@@ -221,6 +221,9 @@ class QuantizeConfig(_Strict):
     calib_samples: int = Field(128, ge=1)
     calib_seq_len: int | None = Field(None, ge=8)
     quantize_head: bool = False
+    seed: int = Field(0, description="which calibration windows are drawn")
+    eval_windows: int = Field(64, ge=0, description="val windows of --calib scored before/after; 0 skips")
+    device: Literal["cpu", "cuda"] = "cpu"
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
 
@@ -230,6 +233,9 @@ class DistillConfig(_Strict):
     hidden_weight: float = Field(0.0, ge=0)
     layer_stride: int = Field(2, ge=1, description="student layer i starts from teacher layer i*stride")
     train: TrainConfig = Field(default_factory=TrainConfig)
+    checkpoint_every: int = Field(100, ge=0, description="steps between checkpoints in OUT/checkpoints; 0 = none")
+    keep: int = Field(2, ge=1, description="checkpoints kept")
+    eval_windows: int = Field(64, ge=0, description="val windows scored at the end; 0 skips")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
 
@@ -237,6 +243,11 @@ class PruneConfig(_Strict):
     sparsity: float = Field(0.5, ge=0, lt=1)
     pattern: Literal["unstructured", "2:4"] = "unstructured"
     recovery_steps: int = Field(0, ge=0)
+    data: str | None = Field(None, description="prep output DIR: recovery fine-tuning and perplexity")
+    lr: float = Field(3e-4, gt=0, description="recovery fine-tuning peak learning rate")
+    micro_batch_size: int = Field(8, ge=1)
+    seed: int = 0
+    eval_windows: int = Field(64, ge=0, description="val windows scored before/after; 0 skips")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
 

@@ -1,0 +1,90 @@
+"""What every post-training stage shares: reading the parent MODEL, sampling windows, lineage, saving.
+
+Each stage (quantize, distill, prune) reads one parent MODEL directory and writes
+a new one whose config.json says where it came from (`kiln` lineage meta), so
+`kiln lineage` and tracking can walk the chain back to the corpus.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.config import KilnError
+from pipeline.data.corpus import PreparedCorpus, Windows
+from pipeline.model.io import TOKENIZER, WEIGHTS, load_model_dir, read_config, sha256_file
+
+
+def model_path(ref: str | Path) -> Path:
+    """A MODEL reference as a local directory (registry URIs are resolved by `kiln fetch` first)."""
+    if str(ref).startswith("models:/"):
+        raise KilnError(f"{ref}: registry URIs are not resolved here; run `kiln fetch {ref} --out DIR` and pass DIR")
+    path = Path(ref)
+    if not (path / "config.json").exists():
+        raise KilnError(f"{path}: not a MODEL directory (no config.json)")
+    return path
+
+
+def load_parent(ref: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, dict, Path]:
+    path = model_path(ref)
+    model, config = load_model_dir(path, device=device)
+    return model, config, path
+
+
+def lineage(parent: Path, stage: str, method: str, **extra) -> dict:
+    """The `kiln` block of config.json: stage, parent path and the sha256 of the parent's weights."""
+    return {"kiln": {"stage": stage, "parent_model": str(parent), "parent_sha256": sha256_file(parent / WEIGHTS),
+                     "method": method, **extra}}
+
+
+def parent_tokenizer(parent: Path) -> Path | None:
+    tok = parent / TOKENIZER
+    return tok if tok.exists() else None
+
+
+def parent_config(parent: Path) -> dict:
+    return read_config(parent)
+
+
+# --------------------------------------------------------------------------- data
+
+
+def windows(data_dir: str | Path, split: str, block_size: int) -> Windows:
+    return Windows(PreparedCorpus(data_dir).stream(split), block_size)
+
+
+def stack(win: Windows, indices) -> tuple[torch.Tensor, torch.Tensor]:
+    rows = torch.from_numpy(np.stack([win[int(i)] for i in indices]))
+    return rows[:, :-1], rows[:, 1:]
+
+
+def batch_at(win: Windows, step: int, batch_size: int, seed: int, rank: int = 0, world: int = 1):
+    """The global batch of `step` depends only on (seed, step): resuming or changing the process count
+    does not change which windows are seen. Each rank takes its slice."""
+    rng = np.random.default_rng([seed, step])
+    idx = rng.integers(0, len(win), size=batch_size * world)
+    return stack(win, idx[rank * batch_size:(rank + 1) * batch_size])
+
+
+def calib_tokens(data_dir: str | Path, n: int, seq_len: int, seed: int = 0) -> torch.Tensor:
+    """N calibration windows (train split), drawn without replacement when the split has enough."""
+    win = windows(data_dir, "train", seq_len)
+    rng = np.random.default_rng(seed)
+    idx = rng.permutation(len(win))[:n] if n <= len(win) else rng.integers(0, len(win), size=n)
+    return stack(win, idx)[0]
+
+
+def cosine_lr(step: int, steps: int, lr: float, min_lr: float, warmup: int) -> float:
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    frac = (step - warmup) / max(1, steps - warmup)
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * min(1.0, frac)))
+
+
+def block_linears(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
+    """The Linear layers inside transformer blocks, by state-dict prefix (e.g. `blocks.0.attn.wq`)."""
+    return {f"blocks.{i}.{name}": m for i, block in enumerate(model.blocks)
+            for name, m in block.named_modules() if isinstance(m, torch.nn.Linear)}

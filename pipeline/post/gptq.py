@@ -1,0 +1,205 @@
+"""GPTQ (Frantar et al. 2022, "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained
+Transformers") and its round-to-nearest baseline, written for Kiln's plain GPT.
+
+Per Linear layer, GPTQ minimises ||WX - QX||² using the Hessian H = 2XXᵀ of the
+layer's calibration inputs: columns are quantized one at a time and the error of
+each is spread over the not-yet-quantized columns through the upper Cholesky
+factor of H⁻¹ (the paper's Algorithm 1). Updates are applied lazily in blocks of
+128 columns, act-order visits columns by decreasing diag(H), and groups of
+`group_size` input columns share an asymmetric min-max scale/zero point.
+Blocks are processed in order, each one seeing inputs produced by the
+already-quantized blocks before it ("sequential" in the paper's code).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from pipeline.console import log, progress
+
+
+@dataclass
+class QuantizedWeight:
+    """Integer codes and the parameters that turn them back into weights: w = (q - zero) * scale."""
+
+    q: torch.Tensor  # (out, in) uint8 codes in [0, 2^bits)
+    scales: torch.Tensor  # (out, groups) fp16
+    zeros: torch.Tensor  # (out, groups) uint8
+    g_idx: torch.Tensor  # (in,) int32: group of each input column
+    bits: int
+
+    def dequantize(self, dtype=torch.float32) -> torch.Tensor:
+        g = self.g_idx.long()
+        return ((self.q.float() - self.zeros.float()[:, g]) * self.scales.float()[:, g]).to(dtype)
+
+
+def minmax_params(w: torch.Tensor, maxq: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric min-max scale and integer zero point per row of `w` (out, cols).
+
+    The scale is rounded to fp16 here, because that is how it is stored."""
+    xmin, xmax = w.min(dim=1).values, w.max(dim=1).values
+    same = xmax <= xmin
+    xmin, xmax = torch.where(same, xmin - 1e-3, xmin), torch.where(same, xmax + 1e-3, xmax)
+    scale = ((xmax - xmin) / maxq).half().float()
+    zero = torch.clamp(torch.round(-xmin / scale), 0, maxq)
+    return scale, zero
+
+
+def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
+    """Codes of the columns of `w` (out, cols) given per-row scale and zero (out,)."""
+    return torch.clamp(torch.round(w / scale.unsqueeze(1)) + zero.unsqueeze(1), 0, maxq)
+
+
+def rtn(weight: torch.Tensor, bits: int = 4, group_size: int = 128) -> QuantizedWeight:
+    """Round-to-nearest with the same grouping and parameters as GPTQ: the baseline it must beat."""
+    w = weight.detach().float()
+    rows, cols = w.shape
+    gs = group_size if 0 < group_size < cols else cols
+    maxq = 2**bits - 1
+    q = torch.empty_like(w)
+    scales, zeros = [], []
+    for g0 in range(0, cols, gs):
+        scale, zero = minmax_params(w[:, g0:g0 + gs], maxq)
+        q[:, g0:g0 + gs] = quantize_codes(w[:, g0:g0 + gs], scale, zero, maxq)
+        scales.append(scale)
+        zeros.append(zero)
+    g_idx = (torch.arange(cols) // gs).int()
+    return QuantizedWeight(q.to(torch.uint8), torch.stack(scales, 1).half(), torch.stack(zeros, 1).to(torch.uint8),
+                           g_idx, bits)
+
+
+def gptq(weight: torch.Tensor, hessian: torch.Tensor, bits: int = 4, group_size: int = 128, act_order: bool = True,
+         damp: float = 0.01, block: int = 128) -> QuantizedWeight:
+    """Quantize one weight (out, in) given H (in, in) = 2/N Σ xxᵀ of its inputs (Algorithm 1 of the paper)."""
+    W = weight.detach().float().clone()
+    H = hessian.detach().float().clone().to(W.device)
+    rows, cols = W.shape
+    maxq = 2**bits - 1
+    gs = group_size if 0 < group_size < cols else cols
+
+    dead = torch.diag(H) == 0  # inputs that never fire: their weights cannot matter
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(cols, device=W.device)
+    W, H = W[:, perm], H[perm][:, perm]
+    H += damp * torch.mean(torch.diag(H)) * torch.eye(cols, device=W.device)
+    # upper Cholesky factor of H^-1: row i holds what quantizing column i does to columns > i
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+
+    Q = torch.zeros_like(W)
+    scales = torch.zeros(rows, (cols + gs - 1) // gs, device=W.device)
+    zeros = torch.zeros_like(scales)
+    scale = zero = None
+    for i1 in range(0, cols, block):
+        i2 = min(i1 + block, cols)
+        W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
+        Err1 = torch.zeros_like(W1)
+        for i in range(i2 - i1):
+            col = i1 + i
+            if col % gs == 0:  # a new group starts: its parameters come from the current (updated) weights
+                end = col + gs
+                group = torch.cat([W1[:, i:min(end - i1, i2 - i1)], W[:, i2:max(i2, end)]], dim=1)
+                scale, zero = minmax_params(group, maxq)
+                scales[:, col // gs], zeros[:, col // gs] = scale, zero
+            w, d = W1[:, i], Hinv1[i, i]
+            q = torch.clamp(torch.round(w / scale) + zero, 0, maxq)
+            Q[:, col] = q
+            err = (w - (q - zero) * scale) / d
+            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # the lazy batch update of all later columns
+
+    inv = torch.argsort(perm)
+    g_idx = (torch.arange(cols, device=W.device) // gs)[inv].int()
+    return QuantizedWeight(Q[:, inv].to(torch.uint8).cpu(), scales.half().cpu(), zeros.to(torch.uint8).cpu(),
+                           g_idx.cpu(), bits)
+
+
+class HessianHook:
+    """Accumulates H = 2/N Σ xxᵀ over every row x fed to a Linear layer (a running mean, as in the paper's code)."""
+
+    def __init__(self, layer: nn.Linear):
+        self.H = torch.zeros(layer.in_features, layer.in_features, device=layer.weight.device)
+        self.n = 0
+        self.handle = layer.register_forward_hook(self)
+
+    def __call__(self, module, inputs, output) -> None:
+        x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
+        k = x.shape[0]
+        self.H *= self.n / (self.n + k)
+        self.n += k
+        x = x * (2 / self.n) ** 0.5
+        self.H += x.T @ x
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+
+def block_stages(block: nn.Module) -> list[list[str]]:
+    """Linear layers of a block in the order their inputs become final: q/k/v, then o, then the MLP."""
+    names = [n for n, m in block.named_modules() if isinstance(m, nn.Linear)]
+    stages = [["attn.wq", "attn.wk", "attn.wv"], ["attn.wo"], ["mlp.w1", "mlp.w3"], ["mlp.fc"], ["mlp.w2"], ["mlp.proj"]]
+    ordered = [[n for n in s if n in names] for s in stages]
+    ordered = [s for s in ordered if s]
+    rest = [n for n in names if not any(n in s for s in ordered)]
+    return ordered + ([rest] if rest else [])
+
+
+@torch.no_grad()
+def _run(block: nn.Module, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [block(x) for x in xs]
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, calib: torch.Tensor | None, method: str = "gptq", bits: int = 4,
+                   group_size: int = 128, act_order: bool = True, damp: float = 0.01, quantize_head: bool = False,
+                   batch_size: int = 8, device: str = "cpu") -> dict[str, QuantizedWeight]:
+    """Quantize every block Linear (and the head if asked) in place with GPTQ or RTN; return their codes.
+
+    GPTQ runs block by block: a block's layers see inputs that went through the already-quantized
+    blocks before it, and inside a block each stage (q/k/v, o, MLP in, MLP out) is quantized before
+    the next stage's Hessian is collected.
+    """
+    model.eval().to(device)
+    out: dict[str, QuantizedWeight] = {}
+
+    def put(name: str, layer: nn.Linear, qw: QuantizedWeight) -> None:
+        out[name] = qw
+        layer.weight = nn.Parameter(qw.dequantize(layer.weight.dtype).to(layer.weight.device), requires_grad=False)
+
+    if method == "rtn":
+        for i, block in enumerate(model.blocks):
+            for name, layer in block.named_modules():
+                if isinstance(layer, nn.Linear):
+                    put(f"blocks.{i}.{name}", layer, rtn(layer.weight, bits, group_size))
+        if quantize_head:
+            put("head.lm_head", model.head.lm_head, rtn(model.head.lm_head.weight, bits, group_size))
+        return out
+
+    if calib is None:
+        raise ValueError("GPTQ needs calibration tokens")
+    xs = [model.embed(b.to(device)) for b in calib.split(batch_size)]
+    with progress("gptq blocks", total=len(model.blocks), unit="block") as advance:
+        for i, block in enumerate(model.blocks):
+            modules = dict(block.named_modules())
+            for stage in block_stages(block):
+                hooks = {n: HessianHook(modules[n]) for n in stage}
+                _run(block, xs)
+                for n, hook in hooks.items():
+                    hook.remove()
+                    layer = modules[n]
+                    qw = gptq(layer.weight, hook.H, bits, group_size, act_order, damp)
+                    put(f"blocks.{i}.{n}", layer, qw)
+            xs = _run(block, xs)  # the next block sees this block's quantized outputs
+            advance(1)
+    if quantize_head:
+        hook = HessianHook(model.head.lm_head)
+        for x in xs:
+            model.head(x)
+        hook.remove()
+        put("head.lm_head", model.head.lm_head, gptq(model.head.lm_head.weight, hook.H, bits, group_size, act_order, damp))
+    log.info("quantized %d layers to %d bits (%s, group size %d)", len(out), bits, method, group_size)
+    return out

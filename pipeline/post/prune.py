@@ -1,0 +1,90 @@
+"""`kiln prune`: magnitude pruning of the block Linear weights, optionally followed by recovery fine-tuning.
+
+Unstructured: each layer keeps its (1 - sparsity) largest |w|. 2:4: in every run of
+4 consecutive input weights of an output row, the 2 largest |w| stay (the pattern
+sparse tensor cores accelerate; exactly 50%). Embeddings, norms and the head are
+left dense: they are few parameters and prune badly. The output is a dense MODEL
+dir whose zeros are real zeros (no sparse storage format: size on disk is unchanged).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from pipeline.config import ConfigError, KilnError, PruneConfig
+from pipeline.console import log
+from pipeline.model.io import save_model_dir
+from pipeline.post.common import block_linears, lineage, load_parent, parent_tokenizer
+from pipeline.post.finetune import train_steps
+from pipeline.post.measure import evaluate, nonzero_params
+
+
+def unstructured_mask(w: torch.Tensor, sparsity: float) -> torch.Tensor:
+    keep = w.numel() - int(round(sparsity * w.numel()))
+    mask = torch.zeros(w.numel(), dtype=w.dtype, device=w.device)
+    mask[torch.topk(w.abs().flatten(), keep).indices] = 1
+    return mask.view_as(w)
+
+
+def two_four_mask(w: torch.Tensor) -> torch.Tensor:
+    rows, cols = w.shape
+    if cols % 4:
+        raise KilnError(f"2:4 pruning needs input widths divisible by 4, got {cols}")
+    groups = w.abs().reshape(rows, cols // 4, 4)
+    mask = torch.zeros_like(groups)
+    mask.scatter_(2, torch.topk(groups, 2, dim=2).indices, 1)
+    return mask.view(rows, cols)
+
+
+def magnitude_masks(model: torch.nn.Module, sparsity: float, pattern: str) -> dict[str, torch.Tensor]:
+    """{parameter name: 0/1 mask} for every block Linear weight."""
+    masks = {}
+    for name, layer in block_linears(model).items():
+        w = layer.weight.detach()
+        masks[f"{name}.weight"] = two_four_mask(w) if pattern == "2:4" else unstructured_mask(w, sparsity)
+    return masks
+
+
+@torch.no_grad()
+def apply_masks(model: torch.nn.Module, masks: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    for name, mask in masks.items():
+        params[name].mul_(mask)
+
+
+def prune(model_ref: str | Path, cfg: PruneConfig, out: str | Path) -> dict:
+    """Prune a MODEL dir into `out`; returns parameters (total/nonzero), achieved sparsity and perplexities."""
+    if cfg.pattern == "2:4" and abs(cfg.sparsity - 0.5) > 1e-9:
+        raise ConfigError(f"sparsity: {cfg.sparsity} with pattern 2:4, which is exactly 0.5 by definition")
+    if cfg.recovery_steps and not cfg.data:
+        raise ConfigError("data: recovery_steps > 0 needs training data: --set data=DIR (a `kiln prep` output)")
+    model, parent_cfg, parent = load_parent(model_ref)
+    if parent_cfg.get("quantization"):
+        raise KilnError(f"{parent}: quantized models cannot be pruned; prune the original, then quantize")
+    summary = {"out": str(out), "parent": str(parent), "pattern": cfg.pattern, "sparsity": cfg.sparsity,
+               "params": model.num_params(), "nonzero_before": nonzero_params(model)}
+    if cfg.data and cfg.eval_windows:
+        summary["parent_perplexity"] = evaluate(model, cfg.data, max_windows=cfg.eval_windows)["perplexity"]
+    masks = magnitude_masks(model, cfg.sparsity, cfg.pattern)
+    apply_masks(model, masks)
+    if cfg.data and cfg.eval_windows:
+        summary["pruned_perplexity"] = evaluate(model, cfg.data, max_windows=cfg.eval_windows)["perplexity"]
+    if cfg.recovery_steps:
+        losses = train_steps(model, cfg.data, cfg.recovery_steps, lr=cfg.lr, batch_size=cfg.micro_batch_size,
+                             seed=cfg.seed, masks=masks)
+        summary["recovery_final_loss"] = losses[-1]
+        if cfg.eval_windows:
+            summary["perplexity"] = evaluate(model, cfg.data, max_windows=cfg.eval_windows)["perplexity"]
+    elif "pruned_perplexity" in summary:
+        summary["perplexity"] = summary["pruned_perplexity"]
+    pruned = sum(int(m.numel() - m.sum().item()) for m in masks.values())
+    summary.update(nonzero=nonzero_params(model), pruned_params=pruned,
+                   block_sparsity=pruned / sum(m.numel() for m in masks.values()))
+    meta = lineage(parent, "pruned", f"magnitude-{cfg.pattern}", sparsity=cfg.sparsity, pattern=cfg.pattern,
+                   recovery_steps=cfg.recovery_steps, block_sparsity=round(summary["block_sparsity"], 6))
+    save_model_dir(model, model.cfg, out, parent_tokenizer(parent), meta)
+    log.info("pruned %s: %d of %d block weights zero (%.1f%%)", parent, pruned,
+             sum(m.numel() for m in masks.values()), 100 * summary["block_sparsity"])
+    return summary

@@ -1,0 +1,156 @@
+"""Shared helpers for the post-training tests (a corpus that makes quantization error visible, a trained
+teacher) and the tests of pipeline/post/common.py and measure.py."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from factories import EOS, fake_corpus
+
+from data_prep.indexed import IndexedWriter
+from pipeline.config import KilnError, ModelConfig
+from pipeline.model.gpt import GPT
+from pipeline.model.io import save_model_dir
+from pipeline.post.common import batch_at, calib_tokens, cosine_lr, lineage, model_path, windows
+from pipeline.post.finetune import train_steps
+from pipeline.post.measure import evaluate, nonzero_params
+
+TEACHER = dict(style="llama", n_layer=2, n_head=4, n_embd=128, block_size=64)
+TEACHER_STEPS = 800
+CORPUS = dict(vocab_size=128, successors=8, concentration=0.3, train_docs=1000)
+
+
+def markov_corpus(directory: str | Path, vocab_size: int = 256, successors: int = 8, train_docs: int = 400,
+                  val_docs: int = 40, doc_len: int = 200, concentration: float = 0.7, seed: int = 0) -> Path:
+    """A prepared corpus (same files as `kiln prep`) from a first-order Markov chain whose rows are
+    random distributions over a few successors. Unlike phrase data, the best model must be *calibrated*
+    (loss floor = the chain's entropy), so weight noise costs measurable loss: what quantization needs."""
+    directory = Path(directory)
+    (directory / "shards").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(1000)
+    succ = np.stack([rng.choice(np.arange(3, vocab_size), successors, replace=False) for _ in range(vocab_size)])
+    probs = rng.dirichlet(np.full(successors, concentration), size=vocab_size)
+    entries = []
+    for split, n, s in (("train", train_docs, seed), ("val", val_docs, seed + 1)):
+        r = np.random.default_rng(s)
+        rel = f"shards/{split}_00000"
+        with IndexedWriter(directory / rel, np.uint16) as w:
+            for _ in range(n):
+                tok, doc = int(r.integers(3, vocab_size)), []
+                for _ in range(doc_len):
+                    doc.append(tok)
+                    tok = int(succ[tok, r.choice(successors, p=probs[tok])])
+                w.add(np.array(doc + [EOS]))
+        entries.append({"path": rel + ".bin", "sha256": w.result["sha256"], "documents": n,
+                        "tokens": w.result["tokens"], "split": split})
+    entropy = float(-(probs * np.log(probs)).sum(1).mean())
+    manifest = {"version": 1, "inputs": [], "config": {"markov": True, "entropy": entropy},
+                "counts": {"records_in": train_docs + val_docs, "documents_kept": train_docs + val_docs,
+                           "removed": {}, "quarantined": {}},
+                "tokens": {e["split"]: e["tokens"] for e in entries},
+                "tokenizer": {"path": "tokenizer.model", "sha256": None, "vocab_size": vocab_size},
+                "shards": entries, "digest": hashlib.sha256("".join(e["sha256"] for e in entries).encode()).hexdigest()}
+    (directory / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return directory
+
+
+def train_teacher(data: Path, out: Path, steps: int = TEACHER_STEPS, seed: int = 0, **model) -> Path:
+    """A tiny GPT trained with the plain loop close to convergence, saved as a MODEL dir."""
+    torch.manual_seed(seed)
+    cfg = ModelConfig(**{**TEACHER, **model, "vocab_size": json.loads((data / "manifest.json").read_text())["tokenizer"]["vocab_size"]})
+    net = GPT(cfg)
+    train_steps(net, data, steps, lr=3e-3, batch_size=16, warmup=20, seed=seed)
+    return save_model_dir(net, cfg, out)
+
+
+def shared_teacher(tmp_path_factory) -> tuple[Path, Path]:
+    """(corpus, teacher) trained once per test session and shared by the post-training test modules."""
+    root = tmp_path_factory.getbasetemp() / "post-shared"
+    data, teacher = root / "data", root / "teacher"
+    if not (teacher / "SHA256SUMS").exists():
+        markov_corpus(data, **CORPUS)
+        train_teacher(data, teacher)
+    return data, teacher
+
+
+# --------------------------------------------------------------------------- tests of common.py / measure.py
+
+
+@pytest.fixture(scope="module")
+def phrases(tmp_path_factory) -> Path:
+    return fake_corpus(tmp_path_factory.mktemp("phrases"), vocab_size=64, train_docs=60, val_docs=20)
+
+
+def test_batches_depend_only_on_seed_and_step_and_ranks_split_them(phrases):
+    win = windows(phrases, "train", 16)
+    x, y = batch_at(win, 7, 8, seed=3)
+    assert torch.equal(x, batch_at(win, 7, 8, seed=3)[0]) and not torch.equal(x, batch_at(win, 8, 8, seed=3)[0])
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    halves = [batch_at(win, 7, 4, seed=3, rank=r, world=2)[0] for r in (0, 1)]
+    assert torch.equal(torch.cat(halves), x)
+
+
+def test_calib_tokens_come_from_train_windows(phrases):
+    calib = calib_tokens(phrases, 5, 16, seed=1)
+    assert calib.shape == (5, 16) and calib.dtype == torch.int64
+    assert len({tuple(r.tolist()) for r in calib}) == 5  # drawn without replacement
+    assert torch.equal(calib, calib_tokens(phrases, 5, 16, seed=1))
+
+
+def test_cosine_schedule():
+    assert cosine_lr(0, 100, 1.0, 0.1, 10) == pytest.approx(0.1)
+    assert cosine_lr(9, 100, 1.0, 0.1, 10) == pytest.approx(1.0)
+    assert cosine_lr(100, 100, 1.0, 0.1, 10) == pytest.approx(0.1)
+
+
+def test_model_refs_and_lineage(tmp_path):
+    with pytest.raises(KilnError, match="kiln fetch"):
+        model_path("models:/kiln@champion")
+    with pytest.raises(KilnError, match="not a MODEL directory"):
+        model_path(tmp_path)
+    cfg = ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=32)
+    parent = save_model_dir(GPT(cfg), cfg, tmp_path / "m")
+    meta = lineage(parent, "pruned", "magnitude", sparsity=0.5)["kiln"]
+    assert meta["stage"] == "pruned" and meta["parent_model"] == str(parent) and meta["sparsity"] == 0.5
+    assert len(meta["parent_sha256"]) == 64
+
+
+def test_uniform_model_scores_ln_vocab_and_counts_nonzero(phrases):
+    cfg = ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=64)
+    model = GPT(cfg)
+    with torch.no_grad():
+        model.embed.wte.weight.zero_()  # tied head: every logit 0, a uniform prediction
+    result = evaluate(model, phrases, max_windows=4)
+    assert result["loss"] == pytest.approx(math.log(64), abs=1e-5)
+    assert result["perplexity"] == pytest.approx(64, rel=1e-4)
+    assert result["tokens"] == 4 * 16 and result["bits_per_byte"] is None and result["tokens_per_s"] > 0
+    assert nonzero_params(model) == model.num_params() - 64 * 16 - 16 * 0
+
+
+def test_bits_per_byte_uses_the_tokenizer_bytes(tmp_path):
+    import sentencepiece as spm
+
+    from pipeline.post.measure import byte_lengths
+
+    text = ["Grüße aus Köln und der Welt", "the quick brown fox jumps over the lazy dog"] * 50
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(text), model_prefix=str(tmp_path / "sp"), vocab_size=320,
+                                   model_type="bpe", byte_fallback=True, minloglevel=2)
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "sp.model"))
+    table = byte_lengths(tmp_path / "sp.model", sp.get_piece_size())
+    for line in ("Grüße aus Köln", "lazy dog ✓"):  # ✓ is unseen: byte fallback pieces count 1 byte each
+        ids = sp.encode(line)
+        assert table[ids].sum().item() == len(line.encode("utf-8")) + 1  # + the leading "▁"
+
+
+def test_shipped_post_configs_validate(root):
+    from pipeline.config import load_config
+
+    for path in sorted((root / "configs" / "post").glob("*.yaml")):
+        kind = {"distill": "distill", "prune": "prune"}.get(path.stem, "quantize")
+        load_config(kind, path)
