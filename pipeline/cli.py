@@ -78,9 +78,9 @@ def cmd_export(args) -> dict:
 
 def cmd_quantize(args) -> dict:
     cfg = _config(args, "quantize", {"method": args.method, "bits": args.bits, "group_size": args.group_size, "calib": args.calib})
-    from pipeline.post.quantize import quantize
+    from pipeline import tracked
 
-    summary = quantize(args.model, cfg, args.out)
+    summary = tracked.quantize(args.model, cfg, args.out, args.tracking_uri)
     _post_table("kiln quantize", summary)
     return summary
 
@@ -88,9 +88,9 @@ def cmd_quantize(args) -> dict:
 def cmd_distill(args) -> dict:
     cfg = _config(args, "distill")
     from pipeline.console import is_main_process
-    from pipeline.post.distill import distill
+    from pipeline import tracked
 
-    summary = distill(args.teacher, args.student_config, args.data, args.out, cfg)
+    summary = tracked.distill(args.teacher, args.student_config, args.data, args.out, cfg, args.tracking_uri)
     if is_main_process():
         _post_table("kiln distill", summary)
     return summary
@@ -98,9 +98,9 @@ def cmd_distill(args) -> dict:
 
 def cmd_prune(args) -> dict:
     cfg = _config(args, "prune", {"sparsity": args.sparsity, "pattern": args.pattern})
-    from pipeline.post.prune import prune
+    from pipeline import tracked
 
-    summary = prune(args.model, cfg, args.out)
+    summary = tracked.prune(args.model, cfg, args.out, args.tracking_uri)
     _post_table("kiln prune", summary)
     return summary
 
@@ -108,7 +108,8 @@ def cmd_prune(args) -> dict:
 def _post_table(title: str, summary: dict) -> None:
     from pipeline.console import kv_table
 
-    kv_table(title, {k: v for k, v in summary.items() if not isinstance(v, (dict, list))})
+    kv_table(title, {k: v for k, v in summary.items() if not isinstance(v, (dict, list))
+                     or (k == "registered" and v)})
 
 
 def _tracker(args, need_enabled: bool = False):

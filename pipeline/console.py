@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from contextlib import contextmanager
 
 from rich.console import Console
@@ -20,7 +21,7 @@ from rich.progress import (
 from rich.table import Table
 
 # Human-facing output goes to stderr so that stdout stays clean for `--json`.
-console = Console(stderr=True)
+console = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
 log = logging.getLogger("kiln")
 
 
@@ -34,6 +35,9 @@ def setup_logging(verbose: bool = False) -> None:
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING)
     log.setLevel(level)
+    # optional CUDA/triton kernels that a CPU install lacks: not actionable, only noise
+    for noisy in ("torchao", "torch.utils._pytree", "torch._dynamo"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
 def is_main_process() -> bool:

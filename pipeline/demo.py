@@ -60,12 +60,15 @@ class Demo:
 
 
 def _short(summary) -> str:
+    if isinstance(summary, list):
+        return f"{len(summary)} items"
     if isinstance(summary, dict):
         keys = ["out", "model_dir", "digest", "val_loss", "loss", "size_bytes", "perplexity", "uri", "path", "text"]
         shown = {k: summary[k] for k in keys if summary.get(k) is not None}
         if isinstance(summary.get("registered"), dict):
             shown["registered"] = summary["registered"].get("uri")
-        return ", ".join(f"{k}={(f'{v:.4g}' if isinstance(v, float) else str(v))[:60]}" for k, v in shown.items())
+        return ", ".join(f"{k}={(f'{v:.4g}' if isinstance(v, float) else ' '.join(str(v).split()))[:60]}"
+                         for k, v in shown.items())
     return str(summary)[:80]
 
 

@@ -74,7 +74,7 @@ def distill(teacher: str, student_config: str, data: str, out: str, cfg: Distill
         run.log_dataset(data, split="train", context="distillation")
         summary = run_distill(parent, student_config, data, out, cfg)
         if tracker.enabled:
-            summary["registered"] = _register(run, Path(summary.get("model_dir", out)), "distilled", cfg.tracking,
+            summary["registered"] = _register(run, Path(summary.get("model", out)), "distilled", cfg.tracking,
                                               parent=teacher)
     return summary
 
