@@ -87,8 +87,8 @@ def cmd_quantize(args) -> dict:
 
 def cmd_distill(args) -> dict:
     cfg = _config(args, "distill")
-    from pipeline.console import is_main_process
     from pipeline import tracked
+    from pipeline.console import is_main_process
 
     summary = tracked.distill(args.teacher, args.student_config, args.data, args.out, cfg, args.tracking_uri)
     if is_main_process():
