@@ -393,3 +393,37 @@ def flatten(data: dict | BaseModel, prefix: str = "") -> dict[str, Any]:
         else:
             out[name] = value
     return out
+
+
+def _type_name(ann) -> str:
+    import types
+    import typing
+
+    origin, args = typing.get_origin(ann), typing.get_args(ann)
+    if origin is Literal:
+        return " / ".join(str(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args if a is not type(None)) + " (optional)"
+    if origin is list:
+        return f"list of {_type_name(args[0])}"
+    return getattr(ann, "__name__", str(ann))
+
+
+def reference_markdown() -> str:
+    """The configuration reference in README.md, generated from the schemas (a test keeps them in sync)."""
+    lines = []
+
+    def walk(schema: type[BaseModel], prefix: str) -> None:
+        for name, field in schema.model_fields.items():
+            ann = field.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                walk(ann, f"{prefix}{name}.")
+                continue
+            default = field.get_default(call_default_factory=True)
+            kind = _type_name(ann)
+            lines.append(f"| `{prefix}{name}` | {kind} | `{default}` | {field.description or ''} |")
+
+    for kind, schema in SCHEMAS.items():
+        lines.append(f"\n**{kind}** (`{schema.__name__}`)\n\n| key | type | default | notes |\n|---|---|---|---|")
+        walk(schema, "")
+    return "\n".join(lines).strip() + "\n"
