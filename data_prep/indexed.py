@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.config import KilnError
+
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
 DTYPE_CODES = {
@@ -76,11 +78,22 @@ class IndexedWriter:
         self.sizes: list[int] = []
         self.tokens = 0
 
+    def _failed(self, err: OSError) -> KilnError:
+        """Disk full, quota, I/O error: drop the temp files and say which shard could not be written."""
+        self.abort()
+        return KilnError(f"{self.prefix}.bin/.idx: cannot write shard: {err.strerror or err}")
+
+    def _write(self, data: bytes) -> None:
+        try:
+            self._bin.write(data)
+        except OSError as err:
+            raise self._failed(err) from None
+
     def add(self, tokens) -> None:
         """Append one document (already ending with EOS)."""
         arr = np.asarray(tokens, dtype=self.dtype)
         data = arr.tobytes(order="C")
-        self._bin.write(data)
+        self._write(data)
         self._bin_hash.update(data)
         self.sizes.append(int(arr.size))
         self.tokens += int(arr.size)
@@ -90,13 +103,21 @@ class IndexedWriter:
         sizes = [len(d) for d in docs]
         flat = np.fromiter(itertools.chain.from_iterable(docs), dtype=self.dtype, count=sum(sizes))
         data = flat.tobytes()
-        self._bin.write(data)
+        self._write(data)
         self._bin_hash.update(data)
         self.sizes.extend(sizes)
         self.tokens += int(flat.size)
 
     def close(self) -> dict:
         """Write the index, publish both files; return {"documents", "tokens", "sha256"}."""
+        try:
+            return self._close()
+        except OSError as err:
+            if not self.idx_path.exists():  # the .bin may have been renamed already; without .idx it is no shard
+                self.bin_path.unlink(missing_ok=True)
+            raise self._failed(err) from None
+
+    def _close(self) -> dict:
         self._bin.close()
         sizes = np.asarray(self.sizes, dtype=np.int32)
         pointers = np.zeros(len(sizes), dtype=np.int64)
@@ -114,7 +135,10 @@ class IndexedWriter:
         return {"documents": len(sizes), "tokens": self.tokens, "sha256": digest}
 
     def abort(self) -> None:
-        self._bin.close()
+        try:
+            self._bin.close()
+        except OSError:  # flushing the last buffer failed (disk full): the file goes anyway
+            pass
         for tmp in (self._bin_tmp, self._idx_tmp):
             tmp.unlink(missing_ok=True)
 

@@ -102,6 +102,14 @@ def resolve_inputs(inputs: list[str], exclude: str | Path | None = None) -> list
     return unique
 
 
+def printable(name: str) -> str:
+    """A file name as valid UTF-8 text: undecodable bytes (kept by Python as surrogates) become `\\xNN`.
+
+    The name goes into record sources, fallback ids and reports, which are written as UTF-8.
+    """
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def plan(files: list[Path], docs_per_part: int) -> tuple[list[dict], list[dict]]:
     """Hash every input and cut it into partitions; return (inputs, partitions).
 
@@ -113,7 +121,7 @@ def plan(files: list[Path], docs_per_part: int) -> tuple[list[dict], list[dict]]
     inputs, parts = [], []
     for path in files:
         kind = file_kind(path)
-        rel = path.relative_to(base).as_posix()
+        rel = printable(path.relative_to(base).as_posix())
         sha = hashlib.sha256()
         cuts = [(0, 1)]  # (byte offset, first line)
         with open(path, "rb") as f:
@@ -249,6 +257,8 @@ def parse_line(line: bytes, source: str, text_field: str, id_field: str) -> Docu
         obj = json.loads(s)
     except ValueError:
         return BadRecord(source, "malformed_json", s)
+    except RecursionError:  # e.g. 100k nested lists: json's C parser gives up on the stack depth
+        return BadRecord(source, "nested_too_deep", s)
     if not isinstance(obj, dict):
         return BadRecord(source, "not_an_object", s)
     if text_field not in obj:

@@ -26,11 +26,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from pipeline.config import KilnError
 from pipeline.console import log
-from pipeline.model.io import verify_sums, write_sums
+from pipeline.model.io import load_safetensors, verify_sums, write_sums
 
 STATE = "kiln_state.json"
 WEIGHTS = "model.safetensors"
@@ -176,7 +176,7 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
     if not (path / WEIGHTS).exists():
         raise KilnError(f"{path}: no {WEIGHTS}; expected a checkpoint or MODEL directory")
     verify_sums(path)
-    return load_file(str(path / WEIGHTS))
+    return load_safetensors(path / WEIGHTS)
 
 
 def restore_rng(path: Path) -> None:

@@ -81,6 +81,7 @@ class TrainConfig(_Strict):
     peak_flops: float | None = Field(None, gt=0, description="per-device peak for MFU; default: measured/known")
     init_from: str | None = Field(None, description="start from these weights: a checkpoint dir or a MODEL dir")
     compile: bool = Field(False, description="torch.compile each transformer block (GPU throughput)")
+    collective_timeout_s: float = Field(1800, gt=0, description="a collective waiting longer (a hung or dead rank) ends the job")
 
     @model_validator(mode="after")
     def _lr_order(self) -> TrainConfig:

@@ -15,12 +15,19 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from pipeline.checkpoint import LATEST, STATE, read_state
 from pipeline.config import KilnError, ModelConfig
 from pipeline.model.flops import ffn_hidden
-from pipeline.model.io import CONFIG, TOKENIZER, WEIGHTS, read_config, save_model_dir, verify_sums
+from pipeline.model.io import (
+    CONFIG,
+    TOKENIZER,
+    WEIGHTS,
+    load_safetensors,
+    read_config,
+    save_model_dir,
+    verify_sums,
+)
 
 
 def resolve_source(src: str | Path) -> Path:
@@ -55,14 +62,14 @@ def load_source(src: str | Path) -> tuple[dict[str, torch.Tensor], ModelConfig, 
         meta = {"stage": "train", "step": state["step"], "data_digests": state.get("data_digests"),
                 "data_digest": (state.get("data_digests") or [None])[0], "git_commit": state.get("code_commit"),
                 "train_config": run, "exported_from": str(path)}
-        return load_file(str(path / WEIGHTS)), cfg, tok, meta
+        return load_safetensors(path / WEIGHTS), cfg, tok, meta
     config = read_config(path)
     if config.get("quantization"):
         raise KilnError(f"{path / CONFIG}: a quantized model cannot be exported to this format")
     cfg = ModelConfig.model_validate(config["model"])
     tok = path / TOKENIZER if (path / TOKENIZER).exists() else None
     meta = {k: v for k, v in config.items() if k not in ("model", "format_version")}
-    return load_file(str(path / WEIGHTS)), cfg, tok, meta
+    return load_safetensors(path / WEIGHTS), cfg, tok, meta
 
 
 # --------------------------------------------------------------------------- Hugging Face

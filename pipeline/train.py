@@ -130,6 +130,9 @@ def _open_data(cfg: RunConfig) -> TrainData:
     return data
 
 
+_SHAPE_KEYS = ("style", "n_layer", "n_head", "n_embd", "block_size", "vocab_size", "tie_embeddings", "ffn_hidden")
+
+
 def _starting_point(cfg: RunConfig, layout, data: TrainData, resume: Path | None):
     """(step, consumed samples, elapsed s, same layout?, weights to start from or None)."""
     if resume is None:
@@ -140,6 +143,13 @@ def _starting_point(cfg: RunConfig, layout, data: TrainData, resume: Path | None
         log.info("starting from the weights of %s", cfg.train.init_from)
         return 0, 0, 0.0, False, load_weights(resolve_source(cfg.train.init_from))
     state = read_state(resume)
+    saved = state.get("config", {}).get("model", {})
+    now = cfg.model.model_dump(mode="json")
+    changed = [k for k in _SHAPE_KEYS if k in saved and saved[k] != now[k]]
+    if changed:
+        diff = ", ".join(f"model.{k} {saved[k]} -> {now[k]}" for k in changed)
+        raise KilnError(f"{resume}: the model shape changed since this checkpoint ({diff}); resuming needs the "
+                        "same shape (use a new --out; train.init_from takes weights of the same shape)")
     if state.get("data_digests") != data.digests:
         raise KilnError(f"{resume}: trained on data {state.get('data_digests')}, but data.paths now hold "
                         f"{data.digests}; use a new --out")
@@ -162,7 +172,39 @@ def train(
     """Train (or resume) the run described by `cfg`; callbacks fire on rank 0 only."""
     if cfg.train.precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("train.precision: fp16 needs a GPU (DeepSpeed's CPU accelerator has no fp16); use bf16 or fp32")
-    init_distributed()
+    init_distributed(cfg.train.collective_timeout_s)
+    try:
+        return _train(cfg, on_log, on_checkpoint, on_end)
+    except RuntimeError as err:
+        lost = _lost_peer(err)
+        if lost is None:
+            raise
+        raise KilnError(f"rank {dist.get_rank()} of {dist.get_world_size()}: {lost} "
+                        f"(train.collective_timeout_s={cfg.train.collective_timeout_s:g}): {_first_line(err)}") from None
+
+
+_TIMEOUT_MARKS = ("timed out",)
+_PEER_MARKS = ("connection closed by peer", "connection reset by peer", "broken pipe")
+
+
+def _lost_peer(err: RuntimeError) -> str | None:
+    """A collective that failed because another rank stopped answering, said in words; else None."""
+    if isinstance(err, KilnError | ConfigError):
+        return None
+    text = str(err).lower()
+    if any(m in text for m in _TIMEOUT_MARKS):
+        return "a collective got no answer in time; another rank is hung or dead"
+    if any(m in text for m in _PEER_MARKS):
+        return "another rank closed its connection (it died)"
+    return None
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
+
+
+def _train(cfg: RunConfig, on_log, on_checkpoint, on_end) -> dict:
     layout = make_layout(cfg)
     rank0 = layout.rank == 0
     t = cfg.train

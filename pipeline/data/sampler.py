@@ -95,6 +95,11 @@ class TrainData:
         if len(vocabs) > 1:
             detail = ", ".join(f"{c.dir}: {c.vocab_size}" for c in self.corpora)
             raise ConfigError(f"data.paths: corpora have different tokenizer vocab sizes ({detail})")
+        shas = {c.manifest["tokenizer"].get("sha256") for c in self.corpora} - {None}
+        if len(shas) > 1:
+            detail = ", ".join(f"{c.dir}: {(c.manifest['tokenizer'].get('sha256') or '?')[:12]}" for c in self.corpora)
+            raise ConfigError(f"data.paths: corpora were tokenized with different tokenizers ({detail}); "
+                              "prep them with the same --tokenizer")
         self.vocab_size = vocabs.pop()
         self.block_size = block_size
         weights = cfg.weights or [1.0] * len(self.corpora)

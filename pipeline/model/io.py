@@ -60,6 +60,22 @@ def verify_sums(directory: str | Path) -> None:
             raise KilnError(f"{path}: checksum mismatch (corrupt or modified)")
 
 
+def load_safetensors(path: str | Path, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """Read weights from a safetensors file, and only that: anything else (a pickle renamed to
+    .safetensors, a truncated file) is refused with one line and never executed."""
+    from safetensors import SafetensorError
+
+    try:
+        return load_file(str(path), device=device)
+    except (SafetensorError, OSError) as err:
+        raise KilnError(f"{path}: not a readable safetensors file ({_first_line(err)}); refusing to load it") from None
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
+
+
 def unique_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """State dict without aliases (a tied head shares the embedding), contiguous, on CPU."""
     seen: set[int] = set()
@@ -131,7 +147,7 @@ def load_model_dir(path: str | Path, verify: bool = True, device: str = "cpu") -
         return model.eval(), config
     cfg = ModelConfig.model_validate(config["model"])
     model = GPT(cfg)
-    state = load_file(str(path / WEIGHTS), device=device)
+    state = load_safetensors(path / WEIGHTS, device=device)
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {"head.lm_head.weight"} if cfg.tie_embeddings else set()
     if set(missing) - tied or unexpected:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -24,9 +25,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed() -> None:
-    """Join the launcher's process group, or make a 1-process gloo group when run directly."""
+def init_distributed(timeout_s: float = 1800) -> None:
+    """Join the launcher's process group, or make a 1-process gloo group when run directly.
+
+    Every collective gives up after `timeout_s` (a hung or dead peer), on the world group and on the
+    TP/PP/DP subgroups: DeepSpeed creates those with `new_group()` and no timeout, which torch fills
+    from its module default, so that default is set too.
+    """
     import deepspeed
+    from torch.distributed import distributed_c10d
 
     if dist.is_initialized():
         return
@@ -36,7 +43,10 @@ def init_distributed() -> None:
     backend = "nccl" if torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") == "cuda" else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    timeout = timedelta(seconds=timeout_s)
+    distributed_c10d.default_pg_timeout = timeout
+    distributed_c10d.default_pg_nccl_timeout = timeout
+    deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=timeout)
 
 
 @dataclass
