@@ -86,7 +86,7 @@ def run_demo(out: str | Path = "demo_out", quick: bool = False) -> dict:
     os.environ["MLFLOW_TRACKING_URI"] = demo.env["MLFLOW_TRACKING_URI"]
     started = time.time()
     train_steps = 40 if quick else 300
-    distill_steps = 20 if quick else 150
+    distill_steps = 20 if quick else 120
     tracker = Tracker(TrackingConfig(experiment="kiln-demo"))
     with tracker.pipeline_run("demo", params={"quick": quick, "train_steps": train_steps}):
         demo.env["KILN_PARENT_RUN_ID"] = os.environ.get("KILN_PARENT_RUN_ID", "")
@@ -106,7 +106,7 @@ def run_demo(out: str | Path = "demo_out", quick: bool = False) -> dict:
                   *reg, "--set", "tracking.alias=int8")
         demo.kiln("quantize gptq4", "quantize", champion, "--config", str(CONFIGS / "post/gptq4.yaml"),
                   "--group-size", "64", "--calib", "prep", "--out", "gptq4", *reg, "--set", "tracking.alias=gptq4",
-                  *(["--set", "calib_samples=16"] if quick else []))
+                  "--set", f"calib_samples={16 if quick else 32}")
         demo.kiln("distill", "distill", "--teacher", champion, "--student-config",
                   str(CONFIGS / "model/demo-student.yaml"), "--data", "prep", "--out", "student",
                   "--config", str(CONFIGS / "post/distill.yaml"), "--set", f"train.steps={distill_steps}",

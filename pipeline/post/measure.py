@@ -42,6 +42,8 @@ def evaluate(model: torch.nn.Module, data_dir: str | Path, split: str = "val", m
     n = len(win) if max_windows is None else min(max_windows, len(win))
     nll, tokens, elapsed = 0.0, 0, 0.0
     targets_all = []
+    if n:  # warm-up: the first call pays one-time costs (allocator, kernels), not the model
+        model(stack(win, range(min(n, batch_size)))[0].to(device))
     for start in range(0, n, batch_size):
         x, y = stack(win, range(start, min(n, start + batch_size)))
         t0 = time.perf_counter()
