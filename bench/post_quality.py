@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import time
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+os.environ.setdefault("COLUMNS", "160")  # rich: the whole table, also when stderr is a file
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
