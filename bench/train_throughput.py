@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 from pipeline.config import load_config  # noqa: E402
 from pipeline.model.flops import flops_per_token  # noqa: E402
 from pipeline.model.gpt import GPT  # noqa: E402
+from pipeline.train import time_matmul_peak  # noqa: E402
 
 
 def emit(bench: str, value: float, unit: str, reference: float | None = None) -> None:
@@ -146,16 +147,7 @@ def cpu_bench(steps: int) -> None:
 
 
 def _fresh_peak(device: str = "cpu", dtype=torch.float32, n: int = 1024) -> float:
-    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
-    best = 0.0
-    for _ in range(8):
-        t0 = time.perf_counter()
-        for _ in range(4):
-            a @ b
-        if device == "cuda":
-            torch.cuda.synchronize()
-        best = max(best, 4 * 2 * n**3 / (time.perf_counter() - t0))
-    return best
+    return time_matmul_peak(dtype, n, device, repeats=8)
 
 
 def gpu_bench(steps: int, models: list[str]) -> None:

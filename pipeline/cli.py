@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable
 
@@ -548,7 +549,7 @@ def main(argv: list[str] | None = None) -> int:
             log.exception("unexpected failure")
         print(f"{prog}: error: {type(err).__name__}: {err}", file=sys.stderr)
         return 1
-    if args.json:
+    if args.json and os.environ.get("RANK", "0") == "0":  # one summary per job, not one per rank
         print(json.dumps(result if isinstance(result, dict) else {"result": result}, default=str))
     return 0
 

@@ -41,6 +41,22 @@ GPU_BF16_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12,
 PEAK_CACHE = Path.home() / ".cache" / "kiln" / "peak_flops.json"
 
 
+def time_matmul_peak(dtype: torch.dtype = torch.float32, n: int = 1024, device: str = "cpu", repeats: int = 5) -> float:
+    """Best-of-`repeats` FLOP/s of an n x n matmul, after a warm-up (no caching)."""
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
+    for _ in range(3):
+        a @ b
+    best = 0.0
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(4):
+            a @ b
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = max(best, 4 * 2 * n**3 / (time.perf_counter() - t0))
+    return best
+
+
 def measured_peak_flops(dtype: torch.dtype = torch.float32, n: int = 1024, device: str = "cpu") -> float:
     """Matmul FLOP/s of this machine (all threads), measured once and cached per device/dtype/threads."""
     key = f"{device}:{dtype}:{torch.get_num_threads()}"
@@ -50,17 +66,7 @@ def measured_peak_flops(dtype: torch.dtype = torch.float32, n: int = 1024, devic
         cache = {}
     if key in cache:
         return float(cache[key])
-    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
-    for _ in range(3):
-        a @ b
-    best = 0.0
-    for _ in range(5):
-        t0 = time.perf_counter()
-        for _ in range(4):
-            a @ b
-        if device == "cuda":
-            torch.cuda.synchronize()
-        best = max(best, 4 * 2 * n**3 / (time.perf_counter() - t0))
+    best = time_matmul_peak(dtype, n, device)
     cache[key] = best
     try:
         PEAK_CACHE.parent.mkdir(parents=True, exist_ok=True)
