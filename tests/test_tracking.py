@@ -154,8 +154,9 @@ def test_unknown_alias_is_one_line(server, capsys, tmp_path):
     assert len(err) == 1 and "models:/kiln-tiny@nope" in err[0]
 
 
-def test_server_killed_mid_run_then_sync_replays(server, tmp_path, caplog):
+def test_server_killed_mid_run_then_sync_replays(server, tmp_path, caplog, monkeypatch):
     """Kills the module's server mid-stage and restarts it (same port, same database) for the sync."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # sync must find the server from the run's record
     srv = server
     run_dir = tmp_path / "run"
     tracker = Tracker(uri=srv.uri)
