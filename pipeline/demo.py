@@ -79,9 +79,12 @@ def run_demo(out: str | Path = "demo_out", quick: bool = False) -> dict:
     from pipeline.tracking import Tracker
 
     out = Path(out).resolve()
-    if out.exists():
+    if out.exists() and any(out.iterdir()):
+        if not (out / ".kiln-demo").exists():  # never delete a directory the demo did not make
+            raise KilnError(f"{out}: exists and is not a kiln demo directory; choose another --out")
         shutil.rmtree(out)  # the demo always starts from scratch: its figures must be its own
-    out.mkdir(parents=True)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / ".kiln-demo").touch()
     demo = Demo(out, quick)
     os.environ["MLFLOW_TRACKING_URI"] = demo.env["MLFLOW_TRACKING_URI"]
     started = time.time()
