@@ -4,6 +4,7 @@ name, and after space is freed the same command finishes with the digest of a ru
 from __future__ import annotations
 
 import errno
+import inspect
 import json
 import os
 import random
@@ -20,47 +21,17 @@ from pipeline.config import KilnError, PrepConfig
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.fault
 
-# Loaded by every Python process started with this directory on PYTHONPATH (so by Ray's workers): while the
-# flag file exists, shard files stop accepting bytes after a budget, as a full disk would.
-SITECUSTOMIZE = textwrap.dedent('''
-    import builtins, errno, os
-    FLAG = os.environ.get("KILN_TEST_DISK_FULL_FLAG")
-    if FLAG:
-        class _Full:
-            def __init__(self, f, budget):
-                self.f, self.left = f, budget
-            def write(self, data):
-                if os.path.exists(FLAG):
-                    self.left -= len(data)
-                    if self.left < 0:
-                        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-                return self.f.write(data)
-            def __getattr__(self, name):
-                return getattr(self.f, name)
-            def __enter__(self):
-                return self
-            def __exit__(self, *exc):
-                self.f.close()
-        def _open(file, mode="r", *args, **kwargs):
-            f = builtins.open(file, mode, *args, **kwargs)
-            if "w" in mode and str(file).endswith((".bin.tmp", ".idx.tmp")):
-                return _Full(f, int(os.environ["KILN_TEST_DISK_FULL_BYTES"]))
-            return f
-        import data_prep.indexed
-        data_prep.indexed.open = _open
-''')
-
-
 class _FullDisk:
-    """A file that takes `budget` bytes and then fails like a full disk."""
+    """A file that takes `budget` bytes and then fails like a full disk (only while `flag` exists, if given)."""
 
-    def __init__(self, f, budget: int):
-        self.f, self.left = f, budget
+    def __init__(self, f, budget: int, flag: str | None = None):
+        self.f, self.left, self.flag = f, budget, flag
 
     def write(self, data):
-        self.left -= len(data)
-        if self.left < 0:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        if self.flag is None or os.path.exists(self.flag):
+            self.left -= len(data)
+            if self.left < 0:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return self.f.write(data)
 
     def __getattr__(self, name):
@@ -71,6 +42,22 @@ class _FullDisk:
 
     def __exit__(self, *exc):
         self.f.close()
+
+
+# Loaded by every Python process started with this directory on PYTHONPATH (so by Ray's workers): while the
+# flag file exists, shard files stop accepting bytes after a budget, as a full disk would. It carries the
+# source of _FullDisk above, so the in-process and the Ray-worker tests fail writes the same way.
+SITECUSTOMIZE = "import builtins, errno, os\n\n" + inspect.getsource(_FullDisk) + textwrap.dedent('''
+    FLAG = os.environ.get("KILN_TEST_DISK_FULL_FLAG")
+    if FLAG:
+        def _open(file, mode="r", *args, **kwargs):
+            f = builtins.open(file, mode, *args, **kwargs)
+            if "w" in mode and str(file).endswith((".bin.tmp", ".idx.tmp")):
+                return _FullDisk(f, int(os.environ["KILN_TEST_DISK_FULL_BYTES"]), FLAG)
+            return f
+        import data_prep.indexed
+        data_prep.indexed.open = _open
+''')
 
 
 @pytest.mark.parametrize("fail_in", ["bin", "idx"])
