@@ -152,3 +152,30 @@ def test_checkpoint_weights_are_read_from_safetensors_only(tmp_path):
     write_sums(ckpt)
     state = load_weights(ckpt)
     assert "embed.wte.weight" in state and not marker.exists()
+
+
+@pytest.mark.slow
+def test_a_pickle_planted_in_deepspeed_state_is_refused_on_resume(tmp_path):
+    """DeepSpeed itself calls torch.load(weights_only=False) on ds/*.pt; Kiln forces weights-only there."""
+    from tests.factories import fake_corpus
+
+    (tmp_path / "sp.model").write_bytes(b"stand-in tokenizer")
+    corpus = fake_corpus(tmp_path / "corpus", vocab_size=128, tokenizer=tmp_path / "sp.model")
+    marker = tmp_path / "pwned"
+
+    def train(steps: int) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "pipeline.cli", "train", "--config", str(ROOT / "configs/train/tiny-cpu.yaml"),
+               "--out", str(tmp_path / "run"), "--set", f"data.paths=[{corpus}]", "--set", f"train.steps={steps}",
+               "--set", "checkpoint.every=2", "--set", "tracking.enabled=false"]
+        return subprocess.run(cmd, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+    assert train(2).returncode == 0
+    ckpt = tmp_path / "run" / "checkpoints" / "step_0000002"
+    (state_file,) = (ckpt / "ds").glob("*model_states.pt")
+    torch.save({"module": Payload(marker)}, state_file)
+    write_sums(ckpt)  # checksums match: only the loader can stop it
+    res = train(4)
+    assert res.returncode == 1, res.stderr[-3000:]
+    (line,) = [ln for ln in res.stderr.splitlines() if "error:" in ln]
+    assert f"{ckpt}/ds: holds pickled objects other than tensors" in line and "Traceback" not in res.stderr
+    assert not marker.exists()

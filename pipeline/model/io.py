@@ -12,8 +12,10 @@ import hashlib
 import importlib
 import json
 import os
+import pickle
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -69,6 +71,26 @@ def load_safetensors(path: str | Path, device: str = "cpu") -> dict[str, torch.T
         return load_file(str(path), device=device)
     except (SafetensorError, OSError) as err:
         raise KilnError(f"{path}: not a readable safetensors file ({_first_line(err)}); refusing to load it") from None
+
+
+@contextmanager
+def weights_only_loads(where: str | Path, allowed: list[type]):
+    """Force every torch.load inside (a library's too, even one passing weights_only=False) to be
+    weights-only, admitting just the `allowed` plain-data classes. A file that holds anything else
+    (a pickle payload) is refused with one line naming `where`, and never executed."""
+    before = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        with torch.serialization.safe_globals(allowed):
+            yield
+    except pickle.UnpicklingError as err:
+        raise KilnError(f"{where}: holds pickled objects other than tensors and plain state "
+                        f"({_first_line(err)}); refusing to load it") from None
+    finally:
+        if before is None:
+            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = before
 
 
 def _first_line(err: BaseException) -> str:

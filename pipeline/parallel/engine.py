@@ -15,9 +15,20 @@ import math
 import torch
 import torch.distributed as dist
 
-from pipeline.config import RunConfig
+from pipeline.config import KilnError, RunConfig
+from pipeline.model.io import weights_only_loads
 from pipeline.parallel.parts import build_gpt, consolidated_state
 from pipeline.parallel.topology import Layout
+
+
+def deepspeed_state_types() -> list[type]:
+    """The non-tensor classes inside DeepSpeed's optimizer-state files (ZeRO stage, loss scaler, bf16
+    fragment addresses): plain data, safe to admit to a weights-only load."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
 
 
 def ds_config(cfg: RunConfig, dp: int) -> dict:
@@ -169,10 +180,11 @@ class Engine:
         self.engine.save_checkpoint(str(directory), tag="ds", save_latest=False)
 
     def load(self, directory) -> None:
-        path, _ = self.engine.load_checkpoint(str(directory), tag="ds", load_lr_scheduler_states=False)
+        """DeepSpeed unpickles its state files with weights_only=False; Kiln forces weights-only loading and
+        admits just the few plain DeepSpeed types those files hold, so a planted pickle is refused."""
+        with weights_only_loads(f"{directory}/ds", deepspeed_state_types()):
+            path, _ = self.engine.load_checkpoint(str(directory), tag="ds", load_lr_scheduler_states=False)
         if path is None:
-            from pipeline.config import KilnError
-
             raise KilnError(f"{directory}/ds: DeepSpeed found no loadable checkpoint there")
 
     def consolidated_state(self) -> dict[str, torch.Tensor] | None:
