@@ -6,7 +6,7 @@
         kiln_state.json      step, consumed samples, config, data digests, code commit, elapsed
         rng/rank_NNNNN.json  python / numpy / torch RNG states of every rank
         SHA256SUMS
-    OUT/checkpoints/latest   the name of the last complete checkpoint (replaced atomically)
+    OUT/checkpoints/latest   the name of the last complete checkpoint, for people and tools
 
 Everything is written under `.tmp-step_…` and renamed only after every rank has
 finished, so a directory named step_* is always complete; a checkpoint whose
@@ -136,23 +136,15 @@ def save_checkpoint(engine, root: Path, step: int, state: dict, keep: int) -> Pa
 # --------------------------------------------------------------------------- find / load
 
 
-def _candidates(root: Path) -> list[Path]:
-    dirs = sorted((p for p in root.glob("step_*") if p.is_dir()), reverse=True)
-    pointer = root / LATEST
-    if pointer.exists():
-        named = root / pointer.read_text().strip()
-        if named in dirs:
-            dirs.remove(named)
-            dirs.insert(0, named)
-    return dirs
-
-
 def find_checkpoint(root: str | Path) -> Path | None:
-    """The newest checkpoint whose checksums verify; warns about each broken one it skips."""
+    """The newest checkpoint whose checksums verify; warns about each broken one it skips.
+
+    Newest by step, not by the `latest` pointer: a save killed after its rename but before the pointer
+    moved left a complete checkpoint that the pointer does not name yet."""
     root = Path(root)
     for tmp in root.glob(".tmp-step_*"):  # a save that was interrupted
         shutil.rmtree(tmp, ignore_errors=True)
-    for path in _candidates(root):
+    for path in sorted((p for p in root.glob("step_*") if p.is_dir()), reverse=True):
         try:
             verify_sums(path)
             json.loads((path / STATE).read_text())

@@ -4,7 +4,7 @@
         -> metrics.jsonl + console every log_every steps, validation every eval_every,
         -> checkpoints every checkpoint.every (and at the end), -> OUT/model/
 
-Rerunning the same command resumes from OUT/checkpoints/latest; the result is the
+Rerunning the same command resumes from the newest complete checkpoint; the result is the
 same, bit for bit on CPU fp32, as a run that was never interrupted.
 """
 

@@ -1,0 +1,150 @@
+"""kill -9 around checkpoint writes, 2 ranks (DP2, ZeRO-1, fp32): one rank or the whole job dies before,
+during and after a save; every rerun continues from the newest complete checkpoint (a corrupted one is
+skipped), and the run ends bit-identical to one that was never killed."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pipeline.checkpoint import find_checkpoint
+from tests.factories import fake_corpus
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = [pytest.mark.fault, pytest.mark.slow]
+
+# Loaded by every Python process that has this directory first on PYTHONPATH. In torchrun's workers (they
+# have LOCAL_RANK), and only when KILN_TEST_KILL="point:step:who" is set, it SIGKILLs rank `who` (or the
+# whole job: torchrun and every worker, as a lost node would) at `point` of the checkpoint save of `step`:
+#   before   entering save_checkpoint: nothing of this save written yet
+#   shard    this rank's DeepSpeed files written under .tmp-step_*, the others' maybe not
+#   torn     rank 0 half-way through model.safetensors (the file is cut in two first)
+#   renamed  rank 0 after renaming .tmp-step_* to step_*, before moving the `latest` pointer
+#   after    save_checkpoint returned: the checkpoint is complete and named by `latest`
+HOOK = '''
+import os, signal
+SPEC = os.environ.get("KILN_TEST_KILL")
+if SPEC and "LOCAL_RANK" in os.environ:
+    POINT, STEP, WHO = SPEC.split(":")
+    RANK = os.environ["RANK"]
+
+    def hit(point, name):
+        return point == POINT and int(str(name).strip().rpartition("_")[2]) == int(STEP) and WHO in ("all", RANK)
+
+    def die(point, name):
+        if not hit(point, name):
+            return
+        if WHO == "all":
+            parent = os.getppid()
+            os.kill(parent, signal.SIGKILL)
+            for pid in open(f"/proc/{parent}/task/{parent}/children").read().split():
+                os.kill(int(pid), signal.SIGKILL)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    import pipeline.checkpoint as checkpoint, pipeline.train as train, pipeline.parallel.engine as engine
+
+    def save_checkpoint(engine_, root, step, state, keep, _save=train.save_checkpoint):
+        die("before", step)
+        path = _save(engine_, root, step, state, keep)
+        die("after", step)
+        return path
+
+    def save(self, directory, _save=engine.Engine.save):
+        _save(self, directory)
+        die("shard", directory)
+
+    def save_file(weights, path, metadata=None, _save=checkpoint.save_file):
+        _save(weights, path, metadata=metadata)
+        if hit("torn", os.path.dirname(path)):
+            os.truncate(path, os.path.getsize(path) // 2)
+            die("torn", os.path.dirname(path))
+
+    def atomic_write(path, text, _write=checkpoint._atomic_write):
+        if path.name == "latest":
+            die("renamed", text)
+        _write(path, text)
+
+    train.save_checkpoint, engine.Engine.save = save_checkpoint, save
+    checkpoint.save_file, checkpoint._atomic_write = save_file, atomic_write
+'''
+
+SETS = ["train.steps=10", "checkpoint.every=2", "checkpoint.keep=2", "train.eval_every=4",
+        "parallel.zero_stage=1", "tracking.enabled=false"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    base = tmp_path_factory.mktemp("killcorpus")
+    (base / "sp.model").write_bytes(b"stand-in tokenizer")
+    (base / "hook").mkdir()
+    (base / "hook" / "sitecustomize.py").write_text(HOOK)
+    return fake_corpus(base / "corpus", vocab_size=128, tokenizer=base / "sp.model")
+
+
+def torchrun(out: Path, corpus: Path, kill: str | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": f"{corpus.parent / 'hook'}{os.pathsep}{ROOT}"}
+    env.pop("KILN_TEST_KILL", None)
+    if kill:
+        env["KILN_TEST_KILL"] = kill
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "pipeline.cli", "train",
+           "--config", str(ROOT / "configs/train/tiny-cpu.yaml"), "--out", str(out), "--json",
+           "--set", f"data.paths=[{corpus}]", *[a for s in SETS for a in ("--set", s)]]
+    # a new session: when the hook kills torchrun itself, nothing of the job is left attached to pytest
+    return subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300, start_new_session=True)
+
+
+def newest(out: Path) -> str | None:
+    found = find_checkpoint(out / "checkpoints")
+    return found.name if found else None
+
+
+def test_killed_around_checkpoints_then_rerun_equals_uninterrupted(corpus, tmp_path):
+    ref = torchrun(tmp_path / "ref", corpus)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+
+    out = tmp_path / "killed"
+    ckpts = out / "checkpoints"
+    # (kill spec, what must be on disk right after the kill, the checkpoint the rerun continues from)
+    plan = [
+        ("before:4:1", lambda: not (ckpts / "step_0000004").exists(), "step_0000002"),
+        ("shard:4:all", lambda: (ckpts / ".tmp-step_0000004" / "ds").is_dir(), "step_0000002"),
+        ("torn:4:0", lambda: (ckpts / ".tmp-step_0000004" / "model.safetensors").exists(), "step_0000002"),
+        ("renamed:4:0", lambda: (ckpts / "latest").read_text().strip() == "step_0000002"
+         and (ckpts / "step_0000004" / "SHA256SUMS").exists(), "step_0000004"),
+        ("after:6:1", lambda: (ckpts / "latest").read_text().strip() == "step_0000006", "step_0000006"),
+    ]
+    for kill, left, resume_from in plan:
+        res = torchrun(out, corpus, kill)
+        assert res.returncode != 0, f"{kill}: the job was not killed\n{res.stderr[-2000:]}"
+        assert not (out / "model").exists(), kill
+        assert left(), f"{kill}: unexpected state {sorted(p.name for p in ckpts.iterdir())}"
+        assert newest(out) == resume_from, kill
+
+    # the newest checkpoint is corrupted on disk as well: its checksum fails, the one before is used
+    (ds_file,) = (ckpts / "step_0000006" / "ds").glob("zero_pp_rank_0_*optim_states.pt")
+    with open(ds_file, "r+b") as f:
+        f.seek(100)
+        byte = f.read(1)
+        f.seek(100)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    done = torchrun(out, corpus)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1])["resumed_from"].endswith("step_0000004")
+    assert "unusable" in done.stderr  # the warning
+
+    a, b = load_file(str(tmp_path / "ref" / "model" / "model.safetensors")), load_file(str(out / "model" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ref_lines = [json.loads(x) for x in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()]
+    got_lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in got_lines] == list(range(1, 11))
+    assert [(m["loss"], m.get("val_loss")) for m in got_lines] == [(m["loss"], m.get("val_loss")) for m in ref_lines]
+    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_0000008", "step_0000010"]
+    assert not list(ckpts.glob(".tmp-*"))
