@@ -20,7 +20,6 @@ import json
 import os
 import random
 import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -31,19 +30,11 @@ from safetensors.torch import save_file
 from pipeline.config import KilnError
 from pipeline.console import log
 from pipeline.model.io import load_safetensors, verify_sums, write_sums
+from pipeline.provenance import git_commit
 
 STATE = "kiln_state.json"
 WEIGHTS = "model.safetensors"
 LATEST = "latest"
-
-
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                             text=True, timeout=5)
-        return out.stdout.strip() or None if out.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 # --------------------------------------------------------------------------- RNG

@@ -1,0 +1,209 @@
+"""The model registry: models:/ URIs, `kiln register`, `kiln fetch`, the local model cache, eval results.
+
+A MODEL dir is identified across copies and fetches by the digest of its weights
+(tag `kiln.weights_sha256`), so registering a directory that was logged before
+reuses that LoggedModel instead of uploading a copy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from mlflow.artifacts import download_artifacts
+from mlflow.entities import LoggedModelInput
+from mlflow.exceptions import MlflowException
+
+from pipeline.config import KilnError
+
+if TYPE_CHECKING:
+    from pipeline.tracking.tracker import Tracker
+
+
+@dataclass
+class ModelRef:
+    """What a models:/ URI points at."""
+
+    uri: str
+    model_id: str
+    name: str | None = None
+    version: str | None = None
+    alias: str | None = None
+    download_uri: str | None = None
+
+
+def file_sha(model_dir: Path, name: str) -> str | None:
+    """A file's digest as listed in the MODEL dir's SHA256SUMS (no re-hash of big files)."""
+    sums = model_dir / "SHA256SUMS"
+    if sums.exists():
+        for line in sums.read_text().splitlines():
+            digest, _, fname = line.partition("  ")
+            if fname.strip() == name:
+                return digest
+    return None
+
+
+def weights_sha256(model_dir: Path) -> str:
+    """Digest of model.safetensors: the identity of a MODEL dir across copies and fetches."""
+    from pipeline.model.io import WEIGHTS, sha256_file
+
+    listed = file_sha(model_dir, WEIGHTS)
+    if listed:
+        return listed
+    if not (model_dir / WEIGHTS).exists():
+        raise KilnError(f"{model_dir / WEIGHTS}: not found; is {model_dir} a MODEL directory?")
+    return sha256_file(model_dir / WEIGHTS)
+
+
+def resolve(tracker: Tracker, uri: str) -> ModelRef:
+    """models:/NAME@ALIAS, models:/NAME/VERSION or models:/<logged model id> -> ModelRef."""
+    if not uri.startswith("models:/"):
+        raise KilnError(f"{uri}: not a models:/ URI (models:/NAME@ALIAS or models:/NAME/VERSION)")
+    body = uri[len("models:/"):].strip("/")
+    c = tracker.client
+    if "@" in body:
+        name, alias = body.split("@", 1)
+        mv = tracker.strict(uri, c.get_model_version_by_alias, name, alias)
+    elif "/" in body:
+        name, version = body.rsplit("/", 1)
+        alias = None
+        mv = tracker.strict(uri, c.get_model_version, name, version)
+    else:
+        lm = tracker.strict(uri, c.get_logged_model, body)
+        return ModelRef(uri, lm.model_id, download_uri=lm.artifact_location)
+    model_id = mv.tags.get("kiln.model_id") or getattr(mv, "model_id", None)
+    if not model_id:
+        raise KilnError(f"{uri}: version {mv.version} was not registered by Kiln (no kiln.model_id tag)")
+    download = tracker.strict(uri, c.get_model_version_download_uri, mv.name, mv.version)
+    return ModelRef(uri, model_id, mv.name, str(mv.version), alias, download)
+
+
+def find_model_by_weights(tracker: Tracker, digest: str) -> str | None:
+    """The logged model whose model.safetensors has this digest (how a MODEL dir finds its record)."""
+    exps = [e.experiment_id for e in tracker.client.search_experiments()]
+    if not exps:
+        return None
+    found = list(tracker.client.search_logged_models(
+        exps, filter_string=f"tags.`kiln.weights_sha256` = '{digest}'", max_results=10))
+    pick = [m for m in found if str(m.status).endswith("READY")] or found
+    return pick[0].model_id if pick else None
+
+
+def model_id_for(tracker: Tracker, model: str | Path) -> str | None:
+    """A logged model id, models:/ URI or MODEL dir -> logged model id (None if unknown)."""
+    text = str(model)
+    if text.startswith("models:/"):
+        return resolve(tracker, text).model_id
+    if text.startswith("m-") and not Path(text).exists():
+        return text
+    return find_model_by_weights(tracker, weights_sha256(Path(text)))
+
+
+def register(tracker: Tracker, model_dir: str | Path, name: str, alias: str | None = None,
+             stage: str | None = None, parent: str | None = None) -> dict:
+    """`kiln register`: reuse the logged model with the same weights, else log one; add a version."""
+    from pipeline.model.io import read_config
+
+    if not tracker.enabled:
+        raise KilnError("tracking.enabled is false (or RANK is not 0); registering needs MLflow")
+    model_dir = Path(model_dir)
+    config = read_config(model_dir)
+    existing = tracker.strict(str(model_dir), find_model_by_weights, tracker, weights_sha256(model_dir))
+    if existing:
+        version = tracker.strict(name, add_version, tracker, existing, name, alias)
+        return {"model_id": existing, "name": name, "version": version, "uri": f"models:/{name}/{version}"}
+    stage = stage or config.get("kiln_stage") or ("quantized" if config.get("quantization") else "pretrain")
+    with tracker.stage_run("register", tags={"kiln.model_dir": str(model_dir.resolve())}) as run:
+        if run.broken or not run.run_id:
+            raise KilnError(f"{model_dir}: could not reach the tracking server at {tracker.uri}")
+        info = run.log_model(model_dir, stage=stage, parent=parent or config.get("parent_model"),
+                             register_as=name, alias=alias)
+    if info is None:
+        raise KilnError(f"{model_dir}: registering failed; see the warning above")
+    return info
+
+
+def add_version(tracker: Tracker, model_id: str, name: str, alias: str | None, run_id: str | None = None) -> str:
+    """A new version of registered model `name` pointing at a logged model; `alias` moves to it."""
+    c = tracker.client
+    lm = c.get_logged_model(model_id)
+    try:
+        c.create_registered_model(name, tags={"kiln": "true"})
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    # Source is the artifact location (not models:/<id>): the sqlite registry resolves
+    # models:/ through mlflow's global tracking URI, which a Tracker never sets.
+    mv = c.create_model_version(name, source=lm.artifact_location, run_id=run_id or lm.source_run_id,
+                                tags={"kiln.model_id": model_id, "kiln.stage": lm.tags.get("kiln.stage", "")},
+                                await_creation_for=0, model_id=model_id)
+    if alias:
+        c.set_registered_model_alias(name, alias, mv.version)
+    return str(mv.version)
+
+
+def fetch(tracker: Tracker, uri: str, out: str | Path) -> dict:
+    """Download a registered MODEL dir (streamed), verify SHA256SUMS, then move it into place."""
+    from pipeline.model.io import verify_sums
+
+    ref = resolve(tracker, uri)
+    out = Path(out)
+    marker = out / ".kiln-fetched.json"
+    if marker.exists() and json.loads(marker.read_text()).get("model_id") == ref.model_id:
+        verify_sums(out)
+        return {**asdict(ref), "out": str(out), "cached": True}
+    if out.exists() and any(out.iterdir()):
+        raise KilnError(f"{out}: exists and is not empty; choose another --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.fetch-", dir=out.parent))
+    try:
+        got = Path(tracker.strict(uri, download_artifacts, artifact_uri=ref.download_uri,
+                                  dst_path=str(tmp), tracking_uri=tracker.uri))
+        verify_sums(got)
+        (got / marker.name).write_text(json.dumps(asdict(ref)) + "\n")
+        if out.exists():
+            out.rmdir()
+        os.replace(got, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {**asdict(ref), "out": str(out), "cached": False}
+
+
+def materialize(tracker: Tracker, model: str | Path) -> Path:
+    """A MODEL dir on disk: the path itself, or a models:/ URI fetched (once) into the cache
+    $KILN_CACHE_DIR/models/<model id> (default ~/.cache/kiln)."""
+    text = str(model)
+    if not text.startswith("models:/"):
+        return Path(model)
+    ref = resolve(tracker, text)
+    cache = Path(os.environ.get("KILN_CACHE_DIR") or Path.home() / ".cache" / "kiln") / "models" / ref.model_id
+    fetch(tracker, text, cache)
+    return cache
+
+
+def attach_eval(tracker: Tracker, model: str | Path, metrics: dict[str, float], split: str,
+                data_dir: str | Path | None = None) -> dict | None:
+    """Log eval numbers in an `eval` run, on the logged model, and as tags of its registry version."""
+    if not tracker.enabled:
+        return None
+    with tracker.stage_run("eval", params={"model": str(model), "split": split}) as run:
+        if not run.run_id:
+            return None
+        model_id = run.safe(model_id_for, tracker, model)
+        if data_dir is not None:
+            run.log_dataset(data_dir, split, context="evaluation")
+        run.log_metrics(metrics, step=0, model_id=model_id)
+        if model_id:
+            run.safe(tracker.client.log_inputs, run.run_id, models=[LoggedModelInput(model_id)])
+        if str(model).startswith("models:/") and model_id:
+            ref = run.safe(resolve, tracker, str(model))
+            if ref and ref.version:
+                for key, value in metrics.items():
+                    run.safe(tracker.client.set_model_version_tag, ref.name, ref.version,
+                             f"kiln.eval.{split}.{key}", str(value))
+        return {"run_id": run.run_id, "model_id": model_id}
