@@ -19,6 +19,8 @@ import json
 import os
 import zlib
 from collections.abc import Iterator
+from functools import partial
+from itertools import repeat, starmap
 from pathlib import Path
 
 import numpy as np
@@ -204,13 +206,19 @@ def iter_lines(part: dict) -> Iterator[tuple[int, bytes, str | None]]:
         blocks = _raw_blocks(part["path"], part["start"], part["end"])
     else:
         blocks = _decompressed_blocks(part["path"], part["kind"], state)
-    lineno, tail = part["first_line"], b""
+    # A huge line arrives in many blocks: its pieces wait in `pending` and are joined once (re-joining a
+    # growing tail per block is quadratic), and no finished line is still referenced while the next is read.
+    lineno, pending = part["first_line"], []
     for block in blocks:
-        pieces = (tail + block).split(b"\n")
-        tail = pieces.pop()
-        for line in pieces:
-            yield lineno, line, None
-            lineno += 1
+        *done, last = block.split(b"\n")
+        if done:
+            done[0] = b"".join([*pending, done[0]])
+            pending = []
+            yield from zip(range(lineno, lineno + len(done)), done, repeat(None))
+            lineno += len(done)
+            del done
+        pending.append(last)
+    tail = b"".join(pending)
     if state.get("error"):
         yield lineno, tail, state["error"]
     elif tail:
@@ -285,18 +293,21 @@ def _arrow_batches(part: dict, text_field: str, id_field: str):
             yield from pa.ipc.open_stream(source)
 
 
+def _line_record(rel: str, text_field: str, id_field: str, lineno: int, line: bytes,
+                 problem: str | None) -> Document | BadRecord | None:
+    source = f"{rel}:{lineno}"
+    if problem:
+        return BadRecord(source, problem.split(":")[0], line.decode("utf-8", "replace"))
+    return parse_line(line, source, text_field, id_field)
+
+
 def read_partition(part: dict, text_field: str = "text", id_field: str = "id") -> Iterator[Document | BadRecord]:
     """Stream a partition's records as Documents and BadRecords, in file order."""
     rel = part["rel"]
     if part["kind"] in ("jsonl", "gz", "zst"):
-        for lineno, line, problem in iter_lines(part):
-            source = f"{rel}:{lineno}"
-            if problem:
-                yield BadRecord(source, problem.split(":")[0], line.decode("utf-8", "replace"))
-                continue
-            rec = parse_line(line, source, text_field, id_field)
-            if rec is not None:
-                yield rec
+        # starmap/filter, unlike a for loop, keep no reference to the last (maybe 100 MB) line and record
+        records = starmap(partial(_line_record, rel, text_field, id_field), iter_lines(part))
+        yield from filter(lambda rec: rec is not None, records)
         return
     row = part["first_line"]
     for batch in _arrow_batches(part, text_field, id_field):
