@@ -11,7 +11,9 @@ Stages (each unit of work is a Ray task; finished units are reused on a rerun):
 Results do not depend on the worker count: partitions depend only on the input,
 dedup keeps the lowest uid (input order) of each cluster, the val split is a hash
 of the document id. Work lives in DIR/work/ and is written atomically, so a rerun
-of the same command after `kill -9` reuses what finished.
+of the same command after `kill -9` reuses what finished. A task whose worker
+process dies (killed, OOM, node lost) is rerun by Ray up to `task_retries` times;
+after that the run stops with one line naming the stage and the unit of work.
 """
 
 from __future__ import annotations
@@ -62,14 +64,17 @@ def _no_progress(description: str, total: float | None = None, unit: str = "it")
     yield lambda n=1, **fields: None
 
 
-def _run_tasks(ray, fn, arg_lists: list[tuple], workers: int, stage: str, count=None, unit: str = "docs",
-               progress=None) -> list:
-    """Run `fn(*args)` as Ray tasks, at most `workers` at once; results in submission order.
+def _run_tasks(ray, fn, arg_lists: list[tuple], cfg: PrepConfig, stage: str, labels: list[str], count=None,
+               unit: str = "docs", progress=None) -> list:
+    """Run `fn(*args)` as Ray tasks, at most `cfg.workers` at once; results in submission order.
 
-    `count(result)` gives the units (documents, tokens) a finished task handled, for the rate shown.
+    Ray reruns a task whose worker died (`max_retries` covers system failures only, not exceptions
+    raised by `fn`). `labels[i]` names task i's unit of work in errors; `count(result)` gives the
+    units (documents, tokens) a finished task handled, for the rate shown.
     """
     progress = progress or _no_progress
-    remote = ray.remote(num_cpus=1, max_retries=2)(fn)
+    workers = cfg.workers
+    remote = ray.remote(num_cpus=1, max_retries=cfg.task_retries)(fn)
     results: list = [None] * len(arg_lists)
     pending: dict = {}
     units, start = 0, time.time()
@@ -84,11 +89,9 @@ def _run_tasks(ray, fn, arg_lists: list[tuple], workers: int, stage: str, count=
                 i = pending.pop(ref)
                 try:
                     results[i] = ray.get(ref)
-                except ray.exceptions.RayTaskError as err:
-                    cause = err.cause if isinstance(err.cause, Exception) else err
-                    if isinstance(cause, KilnError | ConfigError):
-                        raise cause from None
-                    raise KilnError(f"{stage}: task {i} failed: {type(cause).__name__}: {cause}") from None
+                except ray.exceptions.RayError as err:
+                    _cancel(ray, pending)
+                    raise _task_error(ray, err, f"{stage}: {labels[i]}", cfg.task_retries) from None
                 if count is not None:
                     units += count(results[i])
                     advance(1, description=f"{stage} ({units / max(time.time() - start, 1e-9):,.0f} {unit}/s)")
@@ -97,9 +100,59 @@ def _run_tasks(ray, fn, arg_lists: list[tuple], workers: int, stage: str, count=
     return results
 
 
+def _task_error(ray, err, what: str, retries: int) -> Exception:
+    """One line for a failed task: its own KilnError/ConfigError as is, else what failed and why."""
+    if isinstance(err, ray.exceptions.RayTaskError):
+        cause = err.cause if isinstance(err.cause, Exception) else err
+        if isinstance(cause, KilnError | ConfigError):
+            return cause
+        return KilnError(f"{what}: {type(cause).__name__}: {_first_line(cause)}")
+    if isinstance(err, ray.exceptions.WorkerCrashedError):
+        return KilnError(f"{what}: its Ray worker process died (killed or out of memory) on every attempt "
+                         f"({retries + 1}, task_retries={retries}); rerun the same command to resume")
+    return KilnError(f"{what}: {type(err).__name__}: {_first_line(err)}")
+
+
+def _first_line(err: BaseException) -> str:
+    return next((ln.strip() for ln in str(err).splitlines() if ln.strip()), "")
+
+
+def _cancel(ray, pending: dict, wait_s: float = 30.0) -> None:
+    """Stop the other tasks of a failed stage, so none still writes into DIR when a rerun starts.
+
+    `force`: a plain cancel only interrupts Python bytecode, not a task blocked in C (encode, I/O).
+    """
+    for ref in pending:
+        ray.cancel(ref, force=True)
+    if pending:
+        ray.wait(list(pending), num_returns=len(pending), timeout=wait_s)
+
+
+@contextmanager
+def _swept(out: Path):
+    """Remove temp files a dead worker or driver left behind (`*.tmp*`), before the run and after it.
+
+    Published names never contain `.tmp`; a killed worker cannot clean up after itself, and its
+    retry writes under a new pid-suffixed name.
+    """
+    def sweep():
+        for d in (out / "shards", out / "report", out / "work", out / "work" / "clean", out / "work" / "tok"):
+            for p in d.glob("*.tmp*"):
+                if p.is_dir():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
+
+    sweep()
+    try:
+        yield
+    finally:
+        sweep()
+
+
 def _fingerprint(cfg: PrepConfig, inputs: list[dict], tokenizer_sha: str | None) -> str:
     """What the results depend on: config (not the worker count), input contents, a given tokenizer's bytes."""
-    conf = cfg.model_dump(mode="json", exclude={"workers", "ray_address"})
+    conf = cfg.model_dump(mode="json", exclude={"workers", "ray_address", "task_retries"})
     blob = json.dumps({"format": FORMAT, "config": conf, "tokenizer": tokenizer_sha,
                        "inputs": [(i["rel"], i["sha256"]) for i in inputs]}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
@@ -143,10 +196,10 @@ def prep(inputs: list[str], out: str | Path, cfg: PrepConfig, progress=None, tab
     work = _prepare_out(out, _fingerprint(cfg, in_info, given_tokenizer))
     timings = {"plan": time.time() - t0}
     log.info("prep: %d input file(s), %d partition(s), %d worker(s) -> %s", len(files), len(parts), cfg.workers, out)
-    with ray_session(cfg) as ray:
+    with _swept(out), ray_session(cfg) as ray:
         t = time.time()
-        clean = _run_tasks(ray, stages.clean_partition, [(p, cfg, str(work)) for p in parts], cfg.workers,
-                           "clean+filter", count=lambda s: s["records"], progress=progress)
+        clean = _run_tasks(ray, stages.clean_partition, [(p, cfg, str(work)) for p in parts], cfg, "clean+filter",
+                           [_part_label(p) for p in parts], count=lambda s: s["records"], progress=progress)
         timings["clean"] = time.time() - t
         n = sum(s["records"] for s in clean)
         log.info("clean+filter: %d records in %.1f s (%.0f docs/s)", n, timings["clean"], n / max(timings["clean"], 1e-9))
@@ -171,7 +224,8 @@ def prep(inputs: list[str], out: str | Path, cfg: PrepConfig, progress=None, tab
         t = time.time()
         tok = _run_tasks(ray, stages.tokenize_partition,
                          [(s["index"], drops["by_part"].get(s["index"], np.zeros(0, np.int64)), str(tok_path), cfg, str(work), str(out))
-                          for s in clean], cfg.workers, "tokenize",
+                          for s in clean], cfg, "tokenize",
+                         [f"shards/{{train,val}}_{s['index']:05d} from {_part_label(parts[s['index']])}" for s in clean],
                          count=lambda r: sum(sh["tokens"] for sh in r["shards"].values()), unit="tokens",
                          progress=progress)
         timings["tokenize"] = time.time() - t
@@ -194,7 +248,8 @@ def _dedup(ray, cfg: PrepConfig, work: Path, clean: list[dict], progress=None) -
     else:
         parts = [s["index"] for s in clean]
         res = _run_tasks(ray, stages.dedup_bucket, [(b, parts, str(work), cfg.near_dedup) for b in range(cfg.dedup_buckets)],
-                         cfg.workers, "dedup", progress=progress)
+                         cfg, "dedup", [f"bucket {b} of {cfg.dedup_buckets}" for b in range(cfg.dedup_buckets)],
+                         progress=progress)
         removed: dict[int, tuple[str, int]] = {}
         for r in res:
             for u, k in zip(*(x.tolist() for x in r["exact"]), strict=True):
@@ -210,6 +265,12 @@ def _dedup(ray, cfg: PrepConfig, work: Path, clean: list[dict], progress=None) -
     for u, _, _ in saved["removed"]:
         by_part.setdefault(u >> stages.PART_BITS, []).append(u & ((1 << stages.PART_BITS) - 1))
     return {"removed": saved["removed"], "by_part": {p: np.array(v, np.int64) for p, v in by_part.items()}}
+
+
+def _part_label(p: dict) -> str:
+    """`a.jsonl line 9+ (partition 1)`: where a partition's records come from."""
+    start = "row" if p["kind"] in ("parquet", "arrow") else "line"
+    return f"{p['rel']} {start} {p['first_line']}+ (partition {p['index']})"
 
 
 def _sample_texts(cfg: PrepConfig, work: Path, clean: list[dict], drops: dict):

@@ -206,6 +206,7 @@ class PrepConfig(_Strict):
     tokenizer_sample_chars: int = Field(500_000_000, ge=1000, description="cap on characters fed to training")
     character_coverage: float = Field(0.9995, gt=0, le=1)
     dedup_buckets: int = Field(16, ge=1, description="hash buckets for exact/near-dup clustering tasks")
+    task_retries: int = Field(2, ge=0, description="reruns of a Ray task whose worker process died (killed, OOM, node lost)")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
 

@@ -219,6 +219,13 @@ def config(**kw) -> PrepConfig:
     return PrepConfig(**base)
 
 
+def cli_args(corpus: Path, out: Path, workers: int = 1) -> list[str]:
+    """The `kiln prep` arguments that mean `config(workers=workers)`."""
+    return ["prep", str(corpus), "--out", str(out), "--workers", str(workers), "--langs", ",".join(LANGS),
+            "--vocab-size", "600", "--val-fraction", "0.2", "--set", "shard_docs=8", "--set", "filters.min_words=30",
+            "--set", "filters.max_doc_chars=4000", "--set", "filters.long_doc_policy=drop"]
+
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     root = tmp_path_factory.mktemp("corpus")
@@ -330,10 +337,7 @@ def test_given_tokenizer_and_errors(reference, corpus, tmp_path):
 @pytest.mark.fault
 def test_kill_9_then_rerun_gives_the_same_digest(reference, corpus, tmp_path, root):
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "pipeline.cli", "prep", str(corpus[0]), "--out", str(out), "--workers", "1",
-           "--langs", ",".join(LANGS), "--vocab-size", "600", "--val-fraction", "0.2",
-           "--set", "shard_docs=8", "--set", "filters.min_words=30", "--set", "filters.max_doc_chars=4000",
-           "--set", "filters.long_doc_policy=drop", "--json"]
+    cmd = [sys.executable, "-m", "pipeline.cli", *cli_args(corpus[0], out), "--json"]
     env = dict(os.environ, PYTHONPATH=str(root))
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.Popen(cmd, env=env, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
