@@ -59,9 +59,9 @@ def load_source(src: str | Path) -> tuple[dict[str, torch.Tensor], ModelConfig, 
                 cand = Path(data_dir) / json.loads(manifest.read_text())["tokenizer"]["path"]
                 tok = cand if cand.exists() else None
                 break
-        meta = {"stage": "train", "step": state["step"], "data_digests": state.get("data_digests"),
-                "data_digest": (state.get("data_digests") or [None])[0], "git_commit": state.get("code_commit"),
-                "train_config": run, "exported_from": str(path)}
+        meta = {"kiln": {"stage": "pretrain", "step": state["step"], "data_digests": state.get("data_digests"),
+                         "data_digest": (state.get("data_digests") or [None])[0], "git_commit": state.get("code_commit"),
+                         "train_config": run, "exported_from": str(path)}}
         return load_safetensors(path / WEIGHTS), cfg, tok, meta
     config = read_config(path)
     if config.get("quantization"):

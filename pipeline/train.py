@@ -308,9 +308,9 @@ def _train(cfg: RunConfig, on_log, on_checkpoint, on_end) -> dict:
     model_dir = out / "model"
     if rank0:
         tok = data.tokenizer
-        meta = {"stage": "train", "step": step, "data_digests": data.digests, "data_digest": data.digests[0],
-                "tokenizer_sha256": sha256_file(tok) if tok else None, "git_commit": git_commit(),
-                "train_config": cfg.model_dump(mode="json")}
+        meta = {"kiln": {"stage": "pretrain", "step": step, "data_digests": data.digests,
+                         "data_digest": data.digests[0], "tokenizer_sha256": sha256_file(tok) if tok else None,
+                         "git_commit": git_commit(), "train_config": cfg.model_dump(mode="json")}}
         save_model_dir(weights, cfg.model, model_dir, tokenizer=tok, meta=meta)
         log.info("model written to %s", model_dir)
         if on_end:

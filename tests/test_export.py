@@ -41,7 +41,7 @@ def test_hf_logits_match(style, tie):
 def test_kiln_export_cli_hf_and_safetensors(tmp_path, capsys):
     cfg = _cfg("llama", True)
     model = build_gpt(cfg, seed=1).eval()
-    src = save_model_dir(model, cfg, tmp_path / "model", meta={"data_digest": "abc"})
+    src = save_model_dir(model, cfg, tmp_path / "model", meta={"kiln": {"stage": "pretrain", "data_digest": "abc"}})
     assert main(["export", str(src), "--format", "hf", "--out", str(tmp_path / "hf"), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["format"] == "hf" and summary["style"] == "llama"
@@ -53,6 +53,6 @@ def test_kiln_export_cli_hf_and_safetensors(tmp_path, capsys):
         torch.testing.assert_close(hf(idx).logits, model(idx)[0], rtol=0, atol=1e-4)
     out = export(src, tmp_path / "copy", "safetensors")
     again, config = load_model_dir(out["out"])
-    assert config["data_digest"] == "abc"
+    assert config["kiln"]["data_digest"] == "abc" and config["kiln"]["stage"] == "pretrain"
     assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), model.state_dict().values(), strict=True))
     assert main(["export", str(tmp_path / "nope"), "--out", str(tmp_path / "x")]) == 1

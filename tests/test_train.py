@@ -148,10 +148,11 @@ def test_kill9_and_rerun_equals_uninterrupted_bit_for_bit(tmp_path):
 
     # the MODEL dir: loadable, with tokenizer-independent lineage metadata
     config = json.loads((out / "model" / "config.json").read_text())
-    assert config["data_digest"] == json.loads((corpus / "manifest.json").read_text())["digest"]
+    assert config["kiln"]["stage"] == "pretrain"
+    assert config["kiln"]["data_digest"] == json.loads((corpus / "manifest.json").read_text())["digest"]
     assert config["model"]["vocab_size"] == 128  # taken from the manifest
     assert (out / "model" / "tokenizer.model").read_bytes() == b"stand-in sentencepiece model"
-    assert config["tokenizer_sha256"] == json.loads((corpus / "manifest.json").read_text())["tokenizer"]["sha256"]
+    assert config["kiln"]["tokenizer_sha256"] == json.loads((corpus / "manifest.json").read_text())["tokenizer"]["sha256"]
     kept = sorted(p.name for p in (out / "checkpoints").glob("step_*"))
     assert kept == ["step_0000018", "step_0000024"]  # checkpoint.keep = 2
 

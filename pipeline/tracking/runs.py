@@ -165,7 +165,7 @@ class StageRun:
         parents = [p for p in (parent if isinstance(parent, list) else [parent]) if p]
         parent_ids = [pid for pid in (self.use_model(p) for p in parents) if pid]
         if data_digest is None:
-            data_digest = ",".join(dict.fromkeys(self.data_digests)) or config.get("data_digest")
+            data_digest = ",".join(dict.fromkeys(self.data_digests)) or config.get("kiln", {}).get("data_digest")
         if data_digest is None and parent_ids:
             lm = self.safe(self.tracker.client.get_logged_model, parent_ids[0])
             data_digest = lm.tags.get("kiln.data_digest") if lm else None
