@@ -56,9 +56,6 @@ def measure(model: torch.nn.Module, data_dir: str | Path, split: str = "val", ma
     """One JSON record: scored tokens/s of Kiln's sliding-window eval (the `kiln eval` code path)."""
     block = block_size or model.cfg.block_size
     stream = PreparedCorpus(data_dir).stream(split)
-    model.eval()
-    with torch.inference_mode():
-        model(torch.zeros(1, block, dtype=torch.long))  # warm-up
     res = score_stream(model, stream, block, max_tokens, stride=stride, batch_size=batch_size, show=False)
     value = res["tokens"] / res["forward_s"]
     return {"bench": name, "value": round(value, 1), "unit": "tokens/s",

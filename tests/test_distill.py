@@ -14,11 +14,11 @@ from test_post_common import shared_teacher
 
 from pipeline.cli import main
 from pipeline.config import ConfigError, DistillConfig, ModelConfig, TrainConfig
+from pipeline.evaluate import evaluate_windows
 from pipeline.model.gpt import GPT
 from pipeline.model.io import load_model_dir
 from pipeline.post.distill import distill, distill_loss, init_from_teacher
 from pipeline.post.finetune import train_steps
-from pipeline.post.measure import evaluate
 
 
 @pytest.fixture(scope="module")
@@ -41,11 +41,11 @@ def test_distilled_student_beats_scratch_on_same_tokens(setup):
     steps = 60
     summary = distill(teacher, student, data, root / "kd", cfg(steps))
     assert summary["init_layers"] == [0]
-    kd = evaluate(load_model_dir(root / "kd" / "model")[0], data, max_windows=64)["loss"]
+    kd = evaluate_windows(load_model_dir(root / "kd" / "model")[0], data, 64)["loss"]
     torch.manual_seed(7)
     scratch = GPT(ModelConfig(style="llama", n_layer=1, n_head=4, n_embd=128, block_size=64, vocab_size=128))
     train_steps(scratch, data, steps, lr=2e-3, batch_size=8, seed=7, min_lr=2e-4, warmup=5)  # same windows, same count
-    base = evaluate(scratch, data, max_windows=64)["loss"]
+    base = evaluate_windows(scratch, data, 64)["loss"]
     print(f"val loss: teacher {summary['teacher_val_loss']:.4f} distilled {kd:.4f} scratch {base:.4f}")
     assert kd == pytest.approx(summary["val_loss"])
     assert kd < base - 0.05

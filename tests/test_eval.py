@@ -1,10 +1,12 @@
-"""`kiln eval`: the sliding window scores every token once; the numbers match an independent computation."""
+"""pipeline/evaluate.py (`kiln eval` and the post-training figures): both window layouts score every token once
+and match an independent computation; bits/byte count the bytes of the decoded text."""
 
 from __future__ import annotations
 
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,7 +15,7 @@ from test_tracking_support import one_thread, text_corpus, train_tiny, train_tok
 
 from pipeline.cli import main
 from pipeline.data.corpus import PreparedCorpus
-from pipeline.evaluate import count_bytes, evaluate, sliding_windows
+from pipeline.evaluate import count_bytes, evaluate, evaluate_windows, sliding_windows
 from pipeline.model.io import load_model_dir
 
 
@@ -73,6 +75,35 @@ def test_sliding_window_matches_a_token_by_token_reference(trained):
     assert res["perplexity"] < 0.5 * 64
 
 
+def test_non_overlapping_windows_match_plain_cross_entropy(trained):
+    """`evaluate_windows` (post-training figures): window k = tokens[kB:(k+1)B], every target scored."""
+    corpus, model_dir = trained
+    model, _ = load_model_dir(model_dir)
+    stream = PreparedCorpus(corpus).stream("val")
+    data = torch.from_numpy(stream.read(0, 3 * 32 + 1))
+    with torch.no_grad():
+        logits, _ = model(data[:-1].view(3, 32))
+    res = evaluate_windows(model, corpus, 3)
+    assert res["tokens"] == 3 * 32 and res["stride"] == 32
+    assert res["loss"] == pytest.approx(float(F.cross_entropy(logits.flatten(0, 1), data[1:])), rel=1e-5)
+    whole = evaluate_windows(model, corpus, None)  # the whole split, the partial last window too
+    assert whole["tokens"] == len(stream) - 1 and len(stream) % 32 != 1
+
+
+def test_count_bytes_is_the_utf8_size_of_the_documents(tmp_path):
+    import sentencepiece as spm
+
+    text = ["Grüße aus Köln und der Welt", "the quick brown fox jumps over the lazy dog"] * 50
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(text), model_prefix=str(tmp_path / "sp"), vocab_size=320,
+                                   model_type="bpe", byte_fallback=True, minloglevel=2)
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "sp.model"))
+    docs = ["Grüße aus Köln", "lazy dog ✓", "fox"]  # ✓ is unseen: byte-fallback pieces, 3 bytes in all
+    ids = [t for d in docs for t in sp.encode(d) + [sp.eos_id()]]
+    assert count_bytes(np.array(ids), tmp_path / "sp.model") == sum(len(d.encode("utf-8")) for d in docs)
+    # ids outside the tokenizer (a wider model vocab) stand for no text
+    assert count_bytes(np.array(ids + [sp.get_piece_size() + 3]), tmp_path / "sp.model") == 32
+
+
 def test_bits_per_byte_from_decoded_text(tmp_path):
     tok = train_tokenizer(tmp_path / "tok")
     corpus = text_corpus(tmp_path / "corpus", tok, n_docs=40, val_docs=3)
@@ -80,7 +111,7 @@ def test_bits_per_byte_from_decoded_text(tmp_path):
     model, _ = load_model_dir(model_dir)
     res = evaluate(model, corpus, "val", max_tokens=200, show=False)
     stream = PreparedCorpus(corpus).stream("val")
-    n_bytes = count_bytes(stream, 1, 200, corpus / "tokenizer.model")
+    n_bytes = count_bytes(stream.read(1, 200), corpus / "tokenizer.model")
     assert res["bytes"] == n_bytes > 200  # BPE pieces average more than one byte
     assert res["bits_per_byte"] == pytest.approx(res["loss"] * 200 / math.log(2) / n_bytes)
 

@@ -1,5 +1,5 @@
 """Shared helpers for the post-training tests (a corpus that makes quantization error visible, a trained
-teacher) and the tests of pipeline/post/common.py and measure.py."""
+teacher) and the tests of pipeline/post/common.py."""
 
 from __future__ import annotations
 
@@ -15,11 +15,19 @@ from factories import EOS, fake_corpus
 
 from data_prep.indexed import IndexedWriter
 from pipeline.config import KilnError, ModelConfig
+from pipeline.evaluate import evaluate_windows
 from pipeline.model.gpt import GPT
 from pipeline.model.io import save_model_dir
-from pipeline.post.common import batch_at, calib_tokens, cosine_lr, lineage, model_path, windows
+from pipeline.post.common import (
+    batch_at,
+    calib_tokens,
+    cosine_lr,
+    lineage,
+    model_path,
+    nonzero_params,
+    windows,
+)
 from pipeline.post.finetune import train_steps
-from pipeline.post.measure import evaluate, nonzero_params
 
 TEACHER = dict(style="llama", n_layer=2, n_head=4, n_embd=128, block_size=64)
 TEACHER_STEPS = 800
@@ -79,7 +87,7 @@ def shared_teacher(tmp_path_factory) -> tuple[Path, Path]:
     return data, teacher
 
 
-# --------------------------------------------------------------------------- tests of common.py / measure.py
+# --------------------------------------------------------------------------- tests of common.py
 
 
 @pytest.fixture(scope="module")
@@ -126,26 +134,11 @@ def test_uniform_model_scores_ln_vocab_and_counts_nonzero(phrases):
     model = GPT(cfg)
     with torch.no_grad():
         model.embed.wte.weight.zero_()  # tied head: every logit 0, a uniform prediction
-    result = evaluate(model, phrases, max_windows=4)
+    result = evaluate_windows(model, phrases, 4)
     assert result["loss"] == pytest.approx(math.log(64), abs=1e-5)
     assert result["perplexity"] == pytest.approx(64, rel=1e-4)
     assert result["tokens"] == 4 * 16 and result["bits_per_byte"] is None and result["tokens_per_s"] > 0
     assert nonzero_params(model) == model.num_params() - 64 * 16 - 16 * 0
-
-
-def test_bits_per_byte_uses_the_tokenizer_bytes(tmp_path):
-    import sentencepiece as spm
-
-    from pipeline.post.measure import byte_lengths
-
-    text = ["Grüße aus Köln und der Welt", "the quick brown fox jumps over the lazy dog"] * 50
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(text), model_prefix=str(tmp_path / "sp"), vocab_size=320,
-                                   model_type="bpe", byte_fallback=True, minloglevel=2)
-    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "sp.model"))
-    table = byte_lengths(tmp_path / "sp.model", sp.get_piece_size())
-    for line in ("Grüße aus Köln", "lazy dog ✓"):  # ✓ is unseen: byte fallback pieces count 1 byte each
-        ids = sp.encode(line)
-        assert table[ids].sum().item() == len(line.encode("utf-8")) + 1  # + the leading "▁"
 
 
 def test_shipped_post_configs_validate(root):

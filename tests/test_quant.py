@@ -13,8 +13,9 @@ from test_post_common import shared_teacher
 
 from pipeline.cli import main
 from pipeline.config import QuantizeConfig
+from pipeline.evaluate import evaluate_windows
 from pipeline.model.io import load_model_dir, read_config, sha256_file
-from pipeline.post.measure import evaluate, size_on_disk
+from pipeline.post.common import size_on_disk
 from pipeline.post.quantize import quantize, quantize_int8, target_layers
 
 
@@ -34,12 +35,12 @@ def setup(tmp_path_factory):
     shutil.copyfile(root / "sp.model", teacher / "tokenizer.model")
 
     write_sums(teacher)
-    base = evaluate(load_model_dir(teacher)[0], data, max_windows=None)
+    base = evaluate_windows(load_model_dir(teacher)[0], data, None)
     return root, data, teacher, base
 
 
 def ppl(path, data):
-    return evaluate(load_model_dir(path)[0], data, max_windows=None)["perplexity"]
+    return evaluate_windows(load_model_dir(path)[0], data, None)["perplexity"]
 
 
 def test_teacher_learned_something(setup):

@@ -1,4 +1,4 @@
-"""What every post-training stage shares: reading the parent MODEL, sampling windows, lineage, saving.
+"""What every post-training stage shares: reading the parent MODEL, sampling windows, lineage, sizes.
 
 Each stage (quantize, distill, prune) reads one parent MODEL directory and writes
 a new one whose config.json says where it came from (`kiln` lineage meta), so
@@ -88,3 +88,18 @@ def block_linears(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
     """The Linear layers inside transformer blocks, by state-dict prefix (e.g. `blocks.0.attn.wq`)."""
     return {f"blocks.{i}.{name}": m for i, block in enumerate(model.blocks)
             for name, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
+# --------------------------------------------------------------------------- sizes (perplexity: pipeline/evaluate.py)
+
+
+def size_on_disk(path: str | Path) -> int:
+    """Bytes of every file in a MODEL directory (weights, config, tokenizer, checksums)."""
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def nonzero_params(model: torch.nn.Module) -> int:
+    """Unique parameters that are not exactly zero (what pruning removes)."""
+    unique = {id(p): p for p in model.parameters()}.values()
+    # torchao int8 weights are tensor subclasses without count_nonzero: count their codes
+    return int(sum(torch.count_nonzero(getattr(p, "qdata", p).detach()).item() for p in unique))

@@ -25,11 +25,11 @@ from safetensors.torch import load_file, save_file
 
 from pipeline.config import ConfigError, DistillConfig, KilnError, ModelConfig, build, load_yaml
 from pipeline.console import log, progress
+from pipeline.evaluate import evaluate_windows
 from pipeline.model.flops import ffn_hidden
 from pipeline.model.gpt import GPT
 from pipeline.model.io import WEIGHTS, save_model_dir, sha256_file, unique_state_dict
 from pipeline.post.common import batch_at, cosine_lr, lineage, load_parent, parent_tokenizer, windows
-from pipeline.post.measure import evaluate
 
 
 def student_config(path: str | Path, teacher: ModelConfig) -> ModelConfig:
@@ -214,7 +214,7 @@ def distill(teacher_ref: str | Path, student_yaml: str | Path, data_dir: str | P
                        steps=tc.steps, seed=tc.seed, data=str(data_dir))
         save_model_dir(final, scfg, out / "model", parent_tokenizer(parent), meta)
         if cfg.eval_windows:
-            summary["val_loss"] = evaluate(final.cpu(), data_dir, max_windows=cfg.eval_windows)["loss"]
-            summary["teacher_val_loss"] = evaluate(teacher.cpu(), data_dir, max_windows=cfg.eval_windows)["loss"]
+            summary["val_loss"] = evaluate_windows(final.cpu(), data_dir, cfg.eval_windows)["loss"]
+            summary["teacher_val_loss"] = evaluate_windows(teacher.cpu(), data_dir, cfg.eval_windows)["loss"]
         summary.update({k: last[k] for k in ("loss", "kl", "ce") if k in last})
     return summary

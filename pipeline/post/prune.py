@@ -15,10 +15,10 @@ import torch
 
 from pipeline.config import ConfigError, KilnError, PruneConfig
 from pipeline.console import log
+from pipeline.evaluate import evaluate_windows
 from pipeline.model.io import save_model_dir
-from pipeline.post.common import block_linears, lineage, load_parent, parent_tokenizer
+from pipeline.post.common import block_linears, lineage, load_parent, nonzero_params, parent_tokenizer
 from pipeline.post.finetune import train_steps
-from pipeline.post.measure import evaluate, nonzero_params
 
 
 def unstructured_mask(w: torch.Tensor, sparsity: float) -> torch.Tensor:
@@ -66,17 +66,17 @@ def prune(model_ref: str | Path, cfg: PruneConfig, out: str | Path) -> dict:
     summary = {"out": str(out), "parent": str(parent), "pattern": cfg.pattern, "sparsity": cfg.sparsity,
                "params": model.num_params(), "nonzero_before": nonzero_params(model)}
     if cfg.data and cfg.eval_windows:
-        summary["parent_perplexity"] = evaluate(model, cfg.data, max_windows=cfg.eval_windows)["perplexity"]
+        summary["parent_perplexity"] = evaluate_windows(model, cfg.data, cfg.eval_windows)["perplexity"]
     masks = magnitude_masks(model, cfg.sparsity, cfg.pattern)
     apply_masks(model, masks)
     if cfg.data and cfg.eval_windows:
-        summary["pruned_perplexity"] = evaluate(model, cfg.data, max_windows=cfg.eval_windows)["perplexity"]
+        summary["pruned_perplexity"] = evaluate_windows(model, cfg.data, cfg.eval_windows)["perplexity"]
     if cfg.recovery_steps:
         losses = train_steps(model, cfg.data, cfg.recovery_steps, lr=cfg.lr, batch_size=cfg.micro_batch_size,
                              seed=cfg.seed, masks=masks)
         summary["recovery_final_loss"] = losses[-1]
         if cfg.eval_windows:
-            summary["perplexity"] = evaluate(model, cfg.data, max_windows=cfg.eval_windows)["perplexity"]
+            summary["perplexity"] = evaluate_windows(model, cfg.data, cfg.eval_windows)["perplexity"]
     elif "pruned_perplexity" in summary:
         summary["perplexity"] = summary["pruned_perplexity"]
     pruned = sum(int(m.numel() - m.sum().item()) for m in masks.values())

@@ -17,11 +17,11 @@ from torch import nn
 
 from pipeline.config import ConfigError, KilnError, ModelConfig, QuantizeConfig
 from pipeline.console import log
+from pipeline.evaluate import evaluate_windows
 from pipeline.model.gpt import GPT
 from pipeline.model.io import WEIGHTS, save_model_dir
 from pipeline.post import formats, gptq
-from pipeline.post.common import calib_tokens, lineage, load_parent, parent_tokenizer
-from pipeline.post.measure import evaluate, size_on_disk
+from pipeline.post.common import calib_tokens, lineage, load_parent, parent_tokenizer, size_on_disk
 
 INT8_LOADER = "pipeline.post.quantize:load_int8"
 
@@ -114,7 +114,7 @@ def quantize(model_ref: str | Path, cfg: QuantizeConfig, out: str | Path) -> dic
     seq_len = cfg.calib_seq_len or model.cfg.block_size
     if seq_len > model.cfg.block_size:
         raise ConfigError(f"calib_seq_len: {seq_len} exceeds the model's block_size {model.cfg.block_size}")
-    before = evaluate(model, cfg.calib, max_windows=cfg.eval_windows) if cfg.calib and cfg.eval_windows else None
+    before = evaluate_windows(model, cfg.calib, cfg.eval_windows) if cfg.calib and cfg.eval_windows else None
     t0 = time.perf_counter()
     layers = target_layers(model, cfg.quantize_head)
     extra = {"bits": 8 if cfg.method.startswith("int8") else cfg.bits, "quantize_head": cfg.quantize_head}
@@ -140,7 +140,7 @@ def quantize(model_ref: str | Path, cfg: QuantizeConfig, out: str | Path) -> dic
     if before is not None:
         from pipeline.model.io import load_model_dir
 
-        after = evaluate(load_model_dir(out, device=device)[0], cfg.calib, max_windows=cfg.eval_windows)
+        after = evaluate_windows(load_model_dir(out, device=device)[0], cfg.calib, cfg.eval_windows)
         summary.update(parent_perplexity=before["perplexity"], perplexity=after["perplexity"])
     log.info("wrote %s (%s): %.2f MB, parent %.2f MB", out, cfg.method, summary["size_bytes"] / 1e6,
              summary["parent_size_bytes"] / 1e6)
