@@ -35,6 +35,7 @@ from pipeline.model.flops import flops_per_token
 from pipeline.model.io import save_model_dir, sha256_file
 from pipeline.parallel.engine import Engine, lr_at
 from pipeline.parallel.topology import init_distributed, make_layout
+from pipeline.preflight import check_resume, check_vocab
 
 # dense bf16 peaks per GPU (spec sheets), for MFU
 GPU_BF16_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "B200": 2250e12}
@@ -136,9 +137,6 @@ def _open_data(cfg: RunConfig) -> TrainData:
     return data
 
 
-_SHAPE_KEYS = ("style", "n_layer", "n_head", "n_embd", "block_size", "vocab_size", "tie_embeddings", "ffn_hidden")
-
-
 def _starting_point(cfg: RunConfig, layout, data: TrainData, resume: Path | None):
     """(step, consumed samples, elapsed s, same layout?, weights to start from or None)."""
     if resume is None:
@@ -149,16 +147,7 @@ def _starting_point(cfg: RunConfig, layout, data: TrainData, resume: Path | None
         log.info("starting from the weights of %s", cfg.train.init_from)
         return 0, 0, 0.0, False, load_weights(resolve_source(cfg.train.init_from))
     state = read_state(resume)
-    saved = state.get("config", {}).get("model", {})
-    now = cfg.model.model_dump(mode="json")
-    changed = [k for k in _SHAPE_KEYS if k in saved and saved[k] != now[k]]
-    if changed:
-        diff = ", ".join(f"model.{k} {saved[k]} -> {now[k]}" for k in changed)
-        raise KilnError(f"{resume}: the model shape changed since this checkpoint ({diff}); resuming needs the "
-                        "same shape (use a new --out; train.init_from takes weights of the same shape)")
-    if state.get("data_digests") != data.digests:
-        raise KilnError(f"{resume}: trained on data {state.get('data_digests')}, but data.paths now hold "
-                        f"{data.digests}; use a new --out")
+    check_resume(cfg, resume, state, data.digests)
     here = _layout_key(cfg, layout.world)
     same_layout = state.get("layout") == here
     init_state = None
@@ -215,10 +204,9 @@ def _train(cfg: RunConfig, on_log, on_checkpoint, on_end) -> dict:
     rank0 = layout.rank == 0
     t = cfg.train
     data = _open_data(cfg)
+    check_vocab(cfg, data.vocab_size)
     if cfg.model.vocab_size is None:
         cfg.model.vocab_size = data.vocab_size
-    elif cfg.model.vocab_size < data.vocab_size:
-        raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's {data.vocab_size}")
     out = Path(cfg.out)
     ckpt_root = out / "checkpoints"
     metrics_path = out / "metrics.jsonl"

@@ -92,9 +92,36 @@ def test_layout_mismatch_is_one_line_before_launch(capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["kiln launch slurm: error: world size 6 is not divisible by parallel.tp x parallel.pp = 8"]
     with pytest.raises(ConfigError, match="world size 3"):
-        common.check_layout(["kiln", "train", "--set", "parallel.tp=2"], 3)
-    common.check_layout(["kiln", "train", "--set=parallel.tp=2"], 4)
-    common.check_layout(["python", "train.py"], 3)  # not kiln train: nothing to check
+        common.check_train(["kiln", "train", "--set", "parallel.tp=2"], 3, data=False)
+    common.check_train(["kiln", "train", "--set=parallel.tp=2"], 4, data=False)
+    common.check_train(["python", "train.py"], 3)  # not kiln train: nothing to check
+
+
+def test_data_and_checkpoint_problems_are_refused_before_launch(tmp_path, capsys):
+    """On the launching node, before torchrun starts a rank: missing corpus, vocab too small, changed shape."""
+    from factories import fake_corpus
+
+    corpus = fake_corpus(tmp_path / "corpus", vocab_size=128)
+    cmd = ["kiln", "train", "--config", str(ROOT / "configs/train/tiny-cpu.yaml"), "--out", str(tmp_path / "run"),
+           "--set", f"data.paths=[{corpus}]"]
+    common.check_train(cmd, 2)  # a run that can start
+    with pytest.raises(ConfigError, match="model.vocab_size: 100 is smaller than the tokenizer's 128"):
+        common.check_train([*cmd, "--set", "model.vocab_size=100"], 2)
+    # --out already holds a checkpoint of a 2-layer model: a 3-layer rerun is refused, the 2-layer one is not
+    ckpt = tmp_path / "run" / "checkpoints" / "step_0000004"
+    ckpt.mkdir(parents=True)
+    cfg = common.train_config_of(cmd)
+    cfg.model.vocab_size = 128
+    (ckpt / "kiln_state.json").write_text(json.dumps({"step": 4, "config": cfg.model_dump(mode="json"),
+                                                       "data_digests": [json.loads((corpus / "manifest.json").read_text())["digest"]]}))
+    common.check_train(cmd, 2)
+    with pytest.raises(KilnError, match=r"step_0000004: the model shape changed since this checkpoint \(model.n_layer 2 -> 3\)"):
+        common.check_train([*cmd, "--set", "model.n_layer=3"], 2)
+    # through the CLI: one line, nothing launched (torchrun would print its own banner / rank output)
+    missing = tmp_path / "nowhere"
+    code = main(["launch", "torchrun", "--gpus-per-node", "2", "--", *cmd[:-1], f"data.paths=[{missing}]"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and err[0].startswith("kiln launch torchrun: error: ") and str(missing) in err[0]
 
 
 def test_master_errors():

@@ -84,23 +84,29 @@ class BlendedSamples:
         return t[:, :-1].contiguous(), t[:, 1:].contiguous()
 
 
+def open_corpora(cfg: DataConfig, verify: bool = True) -> list[PreparedCorpus]:
+    """The corpora of `data.paths`; one line if any is missing or they come from different tokenizers."""
+    if not cfg.paths:
+        raise ConfigError("data.paths: no prepared corpus given (a `kiln prep` output directory)")
+    corpora = [PreparedCorpus(p, verify=verify) for p in cfg.paths]
+    vocabs = {c.vocab_size for c in corpora}
+    if len(vocabs) > 1:
+        detail = ", ".join(f"{c.dir}: {c.vocab_size}" for c in corpora)
+        raise ConfigError(f"data.paths: corpora have different tokenizer vocab sizes ({detail})")
+    shas = {c.manifest["tokenizer"].get("sha256") for c in corpora} - {None}
+    if len(shas) > 1:
+        detail = ", ".join(f"{c.dir}: {(c.manifest['tokenizer'].get('sha256') or '?')[:12]}" for c in corpora)
+        raise ConfigError(f"data.paths: corpora were tokenized with different tokenizers ({detail}); "
+                          "prep them with the same --tokenizer")
+    return corpora
+
+
 class TrainData:
     """The corpora of `data.paths`, opened and verified once per process."""
 
     def __init__(self, cfg: DataConfig, block_size: int, seed: int, verify: bool = True):
-        if not cfg.paths:
-            raise ConfigError("data.paths: no prepared corpus given (a `kiln prep` output directory)")
-        self.corpora = [PreparedCorpus(p, verify=verify) for p in cfg.paths]
-        vocabs = {c.vocab_size for c in self.corpora}
-        if len(vocabs) > 1:
-            detail = ", ".join(f"{c.dir}: {c.vocab_size}" for c in self.corpora)
-            raise ConfigError(f"data.paths: corpora have different tokenizer vocab sizes ({detail})")
-        shas = {c.manifest["tokenizer"].get("sha256") for c in self.corpora} - {None}
-        if len(shas) > 1:
-            detail = ", ".join(f"{c.dir}: {(c.manifest['tokenizer'].get('sha256') or '?')[:12]}" for c in self.corpora)
-            raise ConfigError(f"data.paths: corpora were tokenized with different tokenizers ({detail}); "
-                              "prep them with the same --tokenizer")
-        self.vocab_size = vocabs.pop()
+        self.corpora = open_corpora(cfg, verify)
+        self.vocab_size = self.corpora[0].vocab_size
         self.block_size = block_size
         weights = cfg.weights or [1.0] * len(self.corpora)
         self.train = BlendedSamples([Windows(c.stream("train"), block_size) for c in self.corpora], weights, seed)

@@ -41,34 +41,44 @@ def strip_dashdash(command: list[str]) -> list[str]:
 
 
 def train_config_of(command: list[str]):
-    """If `command` is `kiln train ...` (or `python -m pipeline.cli train ...`), load its RunConfig."""
+    """If `command` is `kiln train ...` (or `python -m pipeline.cli train ...`), load its RunConfig (with --out)."""
     for i, word in enumerate(command[:-1]):
         if (word.endswith("kiln") or word == "pipeline.cli") and command[i + 1] == "train":
             rest = command[i + 2 :]
             break
     else:
         return None
-    config, sets, j = None, [], 0
+    config, out, sets, j = None, None, [], 0
     while j < len(rest):
         word = rest[j]
         key, eq, value = word.partition("=")
-        if key in ("--config", "--set"):
+        if key in ("--config", "--set", "--out"):
             if not eq:
                 j += 1
                 value = rest[j] if j < len(rest) else ""
             if key == "--config":
                 config = value
+            elif key == "--out":
+                out = value
             else:
                 sets.append(value)
         j += 1
-    return load_config("train", config, sets)
+    return load_config("train", config, sets, base={"out": out} if out else None)
 
 
-def check_layout(command: list[str], world_size: int) -> None:
-    """Refuse a `kiln train` whose tp x pp does not divide the launched world, before launching."""
+def check_train(command: list[str], world_size: int, data: bool = True) -> None:
+    """Refuse, before launching, a `kiln train` that cannot run: a layout that does not fit the world
+    and (with `data`: on nodes that see the files) missing/mixed corpora, a vocab too small, a
+    changed model shape or data under an --out that holds checkpoints."""
     cfg = train_config_of(command)
-    if cfg is not None:
+    if cfg is None:
+        return
+    if not data:
         validate_world(cfg, world_size)
+        return
+    from pipeline.preflight import preflight
+
+    preflight(cfg, world_size)
 
 
 def check_master(addr: str, port: int, node_rank: int, wait_s: float = 30.0) -> None:

@@ -6,7 +6,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from pipeline.launcher.common import check_layout, check_master, launch_env, run
+from pipeline.launcher.common import check_train, check_master, launch_env, run
 from pipeline.launcher.hostfile import parse_hostfile, select
 
 
@@ -27,7 +27,7 @@ def plan(
 
     active = select(parse_hostfile(hostfile), include, exclude, num_nodes, gpus_per_node)
     world = sum(len(s) for s in active.values())
-    check_layout(command, world)
+    check_train(command, world, data=False)
     master = master_addr or next(iter(active))
     hosts = list(active)
     single_local = len(hosts) == 1 and hosts[0] in ("localhost", "127.0.0.1")
@@ -59,6 +59,7 @@ def plan(
         "master": f"{master}:{master_port}",
         "command": shlex.join(ds),
         "argv": ds,
+        "user_command": command,
         "per_node": per_node,
         "deepspeed_env": launch_env(env or {}),
     }
@@ -75,6 +76,7 @@ def launch(job: dict, dry_run: bool) -> dict:
             print(f"# on {host}:")
             print(cmd)
         return job
+    check_train(job["user_command"], job["world_size"])  # data and checkpoint checks: this node sees the files
     # DeepSpeed's runner ships these to every node (pdsh) from .deepspeed_env in the current directory.
     Path(".deepspeed_env").write_text("".join(f"{k}={v}\n" for k, v in job["deepspeed_env"].items()))
     master, port = job["master"].rsplit(":", 1)

@@ -10,13 +10,13 @@ import time
 from pathlib import Path
 
 from pipeline.config import KilnError
-from pipeline.launcher.common import check_layout, script
+from pipeline.launcher.common import check_train, script
 
 
 def render(command: list[str], *, nodes: int, gpus_per_node: int, time_limit: str | None = None,
            partition: str | None = None, account: str | None = None, job_name: str | None = None,
            cpus_per_task: int | None = None, env: dict[str, str] | None = None) -> str:
-    check_layout(command, nodes * gpus_per_node)
+    check_train(command, nodes * gpus_per_node, data=False)
     text = script("slurm.sbatch").read_text()
     values = {"nodes": nodes, "gpus-per-node": gpus_per_node, "time": time_limit, "partition": partition,
               "job-name": job_name, "cpus-per-task": cpus_per_task}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 
-from pipeline.launcher.common import check_layout, check_master, launch_env, run, script
+from pipeline.launcher.common import check_train, check_master, launch_env, run, script
 
 
 def _env(nodes: int, gpus_per_node: int, node_rank: int, master_addr: str, master_port: int,
@@ -19,7 +19,7 @@ def _env(nodes: int, gpus_per_node: int, node_rank: int, master_addr: str, maste
 def plan(command: list[str], *, nodes: int = 1, gpus_per_node: int = 1, node_rank: int = 0,
          master_addr: str = "127.0.0.1", master_port: int = 29500, rdzv: str = "static",
          run_id: str = "kiln", env: dict[str, str] | None = None) -> dict:
-    check_layout(command, nodes * gpus_per_node)
+    check_train(command, nodes * gpus_per_node, data=False)
     per_node = {}
     for rank in range(nodes):
         vars_ = _env(nodes, gpus_per_node, rank, master_addr, master_port, rdzv, run_id)
@@ -44,6 +44,7 @@ def launch(job: dict, dry_run: bool, wait_master_s: float = 30.0) -> dict:
             print(f"# node {rank}:")
             print(cmd)
         return job
+    check_train(job["command"], job["world_size"])  # data and checkpoint checks: this node sees the files
     master, port = job["master"].rsplit(":", 1)
     if job["env"]["RDZV"] == "static":
         check_master(master, int(port), job["node_rank"], wait_master_s)
