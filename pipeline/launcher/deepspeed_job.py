@@ -6,7 +6,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from pipeline.launcher.common import check_train, check_master, launch_env, run
+from pipeline.launcher.common import check_master, check_train, launch_env, run
 from pipeline.launcher.hostfile import parse_hostfile, select
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 
-from pipeline.launcher.common import check_train, check_master, launch_env, run, script
+from pipeline.launcher.common import check_master, check_train, launch_env, run, script
 
 
 def _env(nodes: int, gpus_per_node: int, node_rank: int, master_addr: str, master_port: int,

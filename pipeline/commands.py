@@ -1,0 +1,296 @@
+"""The `kiln` subcommands: each takes the parsed arguments and returns a dict, the `--json` summary.
+
+Heavy imports happen inside each handler, so `kiln --help` stays fast and a broken optional
+stage cannot break the others. The parser lives in pipeline/cli.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from pipeline.config import ConfigError, KilnError
+
+
+def _config(args, kind: str, base: dict | None = None):
+    from pipeline.config import load_config
+
+    return load_config(kind, args.config, args.set, base={k: v for k, v in (base or {}).items() if v is not None})
+
+
+def cmd_prep(args) -> dict:
+    from pipeline import tracked
+    from pipeline.console import print_table, progress
+
+    cfg = _config(args, "prep", _prep_flags(args))
+    return tracked.prep(args.inputs, args.out, cfg, args.tracking_uri, progress=progress, table=print_table)
+
+
+def _prep_flags(args) -> dict:
+    langs = args.langs.split(",") if args.langs else None
+    return {
+        "text_field": args.text_field,
+        "id_field": args.id_field,
+        "workers": args.workers,
+        "ray_address": args.ray_address,
+        "vocab_size": args.vocab_size,
+        "tokenizer": args.tokenizer,
+        "val_fraction": args.val_fraction,
+        "dedup": False if args.no_dedup else None,
+        "langs": langs,
+    }
+
+
+def cmd_train(args) -> dict:
+    cfg = _config(args, "train", {"out": args.out})
+    from pipeline import tracked
+
+    return tracked.train(cfg, args.tracking_uri)
+
+
+def cmd_export(args) -> dict:
+    from pipeline.export import export
+
+    return export(args.source, args.out, args.format)
+
+
+def cmd_quantize(args) -> dict:
+    cfg = _config(args, "quantize", {"method": args.method, "bits": args.bits, "group_size": args.group_size, "calib": args.calib})
+    from pipeline import tracked
+
+    summary = tracked.quantize(args.model, cfg, args.out, args.tracking_uri)
+    _post_table("kiln quantize", summary)
+    return summary
+
+
+def cmd_distill(args) -> dict:
+    cfg = _config(args, "distill")
+    from pipeline import tracked
+    from pipeline.console import is_main_process
+
+    summary = tracked.distill(args.teacher, args.student_config, args.data, args.out, cfg, args.tracking_uri)
+    if is_main_process():
+        _post_table("kiln distill", summary)
+    return summary
+
+
+def cmd_prune(args) -> dict:
+    cfg = _config(args, "prune", {"sparsity": args.sparsity, "pattern": args.pattern})
+    from pipeline import tracked
+
+    summary = tracked.prune(args.model, cfg, args.out, args.tracking_uri)
+    _post_table("kiln prune", summary)
+    return summary
+
+
+def _post_table(title: str, summary: dict) -> None:
+    from pipeline.console import kv_table
+
+    kv_table(title, {k: v for k, v in summary.items() if not isinstance(v, (dict, list))
+                     or (k == "registered" and v)})
+
+
+def _tracker(args, need_enabled: bool = False):
+    """A Tracker from `--config` (its tracking: section), `--set tracking.*=...` and `--tracking-uri`."""
+    from pipeline.config import TrackingConfig, apply_overrides, build, load_yaml
+    from pipeline.tracking import Tracker
+
+    for item in args.set:
+        if not item.startswith("tracking."):
+            raise ConfigError(f"--set {item}: kiln {args.command} only takes tracking.* keys")
+    data = (load_yaml(args.config).get("tracking") or {}) if args.config else {}
+    data, origins = apply_overrides(data, [s[len("tracking."):] for s in args.set])
+    cfg = build(TrackingConfig, data, args.config or "<defaults>", origins)
+    return Tracker(cfg, uri=args.tracking_uri)
+
+
+def cmd_eval(args) -> dict:
+    from pipeline.console import kv_table
+    from pipeline.evaluate import evaluate_model
+
+    if args.max_tokens is not None and args.max_tokens < 1:
+        raise ConfigError(f"--max-tokens {args.max_tokens}: must be at least 1")
+    result = evaluate_model(args.model, args.data, args.split, args.max_tokens, tracker=_tracker(args))
+    kv_table(f"kiln eval {args.model} on {args.data} ({args.split})",
+             {k: result[k] for k in ("tokens", "perplexity", "bits_per_token", "bits_per_byte", "tokens_per_s")})
+    return result
+
+
+def cmd_generate(args) -> dict:
+    from pipeline.console import kv_table
+    from pipeline.generate import generate
+
+    if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0 or args.repetition_penalty <= 0:
+        raise ConfigError("--temperature >= 0, --top-k >= 0, 0 < --top-p <= 1 and --repetition-penalty > 0")
+    local = _tracker(args).materialize(args.model)
+
+    def emit(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    emit(args.prompt)
+    result = generate(local, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                      args.repetition_penalty, args.seed, on_text=emit)
+    emit("\n")
+    kv_table("kiln generate", {k: result[k] for k in ("new_tokens", "stopped_at_eos", "tokens_per_s", "seed")})
+    result["model"] = args.model
+    return result
+
+
+def cmd_register(args) -> dict:
+    from pipeline.console import log
+
+    result = _tracker(args).register(args.model, args.name, args.alias)
+    log.info("registered %s as %s%s", args.model, result["uri"], f" (@{args.alias})" if args.alias else "")
+    return result
+
+
+def cmd_fetch(args) -> dict:
+    from pipeline.console import log
+
+    result = _tracker(args).fetch(args.uri, args.out)
+    log.info("%s -> %s (checksums verified%s)", args.uri, result["out"], ", cached" if result["cached"] else "")
+    return result
+
+
+def cmd_lineage(args) -> dict:
+    tree = _tracker(args).lineage(args.uri)
+    _print_lineage(tree)
+    return tree
+
+
+def _print_lineage(node: dict) -> None:
+    """model -> parents -> run -> datasets -> prep runs, as a rich tree on stderr."""
+    from rich.tree import Tree
+
+    from pipeline.console import console
+
+    def add_model(parent, m: dict) -> None:
+        if m.get("cycle"):
+            parent.add(f"[red]model {m['model_id']} (cycle)")
+            return
+        t = m.get("tags", {})
+        label = f"[bold]{m.get('uri') or m['name']}[/] model {m['model_id']} stage={m['stage']}"
+        if m.get("version"):
+            label += f" version={m['version']}"
+        branch = parent.add(label)
+        branch.add(f"tokenizer sha256 {t.get('kiln.tokenizer_sha256', '?')[:16]}  code {t.get('kiln.git_commit', '?')[:12]}"
+                   f"  weights sha256 {t.get('kiln.weights_sha256', '?')[:16]}")
+        if m.get("metrics"):
+            branch.add("metrics " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(m["metrics"].items())))
+        if m.get("run"):
+            r = m["run"]
+            run_branch = branch.add(f"run {r['name']} {r['run_id']} ({r['status']})")
+        else:
+            run_branch = branch
+        for d in m.get("datasets", []):
+            db = run_branch.add(f"dataset {d.get('name') or ''} digest {d['digest'][:16]}… {d.get('source') or ''}")
+            for p in d.get("prep_runs", []):
+                db.add(f"prep run {p['name']} {p['run_id']} ({p['status']})")
+            if not d.get("prep_runs"):
+                db.add("[dim]prep run: not recorded")
+        for p in m.get("parents", []):
+            add_model(branch.add("[italic]made from"), p)
+
+    root = Tree(f"lineage of {node.get('uri')}")
+    add_model(root, node)
+    console.print(root)
+
+
+def cmd_track(args) -> dict:
+    """`kiln track sync RUN_DIR`: the URI comes from the flags/env, else from RUN_DIR's record."""
+    from pathlib import Path
+
+    from pipeline.console import log
+    from pipeline.tracking import RUN_RECORD, Tracker
+
+    tracker = _tracker(args)
+    record = Path(args.run_dir) / RUN_RECORD
+    if not (args.tracking_uri or tracker.cfg.uri or os.environ.get("MLFLOW_TRACKING_URI")) and record.exists():
+        tracker = Tracker(tracker.cfg, uri=json.loads(record.read_text()).get("tracking_uri"))
+    result = tracker.sync(args.run_dir)
+    log.info("replayed %d metric values into run %s at %s", result["replayed"], result["run_id"], tracker.uri)
+    return result
+
+
+def cmd_plot(args) -> dict:
+    from pipeline.plot import plot
+
+    return plot(args.run_dir, args.out)
+
+
+def cmd_launch(args) -> dict:
+    from pipeline.launcher import common
+
+    command = common.strip_dashdash(args.job_command)
+    env = common.parse_env(args.env)
+    if args.launcher == "deepspeed":
+        from pipeline.launcher import deepspeed_job as job_kind
+
+        job = job_kind.plan(command, args.hostfile, num_nodes=args.num_nodes, gpus_per_node=args.gpus_per_node,
+                            include=args.include or "", exclude=args.exclude or "", master_addr=args.master_addr,
+                            master_port=args.master_port, env=env)
+        job = job_kind.launch(job, args.dry_run)
+    elif args.launcher == "torchrun":
+        from pipeline.launcher import torchrun_job as job_kind
+
+        job = job_kind.plan(command, nodes=args.nodes, gpus_per_node=args.gpus_per_node, node_rank=args.node_rank,
+                            master_addr=args.master_addr, master_port=args.master_port, rdzv=args.rdzv,
+                            run_id=args.run_id, env=env)
+        job = job_kind.launch(job, args.dry_run, args.wait_master)
+    elif args.launcher == "slurm":
+        from pipeline.launcher import slurm_job
+
+        text = slurm_job.render(command, nodes=args.nodes, gpus_per_node=args.gpus_per_node, time_limit=args.time,
+                                partition=args.partition, account=args.account, job_name=args.job_name,
+                                cpus_per_task=args.cpus_per_task, env=env)
+        job = slurm_job.launch(text, args.dry_run)
+    else:
+        from pipeline.launcher import ray_job
+
+        job = ray_job.plan(command, address=args.address, working_dir=args.working_dir, env=env, pip=args.pip)
+        job = ray_job.launch(job, args.dry_run, args.detach)
+    if job.get("returncode"):
+        raise KilnError(f"{args.launcher} launcher exited with status {job['returncode']}")
+    return job
+
+
+def cmd_demo(args) -> dict:
+    from pipeline.demo import run_demo
+
+    return run_demo(args.out, quick=args.quick)
+
+
+def cmd_plan(args) -> dict:
+    from pipeline.console import kv_table
+    from pipeline.plan import make_plan
+
+    layout = {
+        "tp": args.tp,
+        "pp": args.pp,
+        "zero_stage": args.zero_stage,
+        "precision": args.precision,
+        "micro_batch_size": args.micro_batch_size,
+        "seq_len": args.seq_len,
+        "activation_checkpointing": args.activation_checkpointing,
+    }
+    if args.dp:
+        layout["dp"] = args.dp
+    plan = make_plan(
+        flops=args.flops, gpus=args.gpus, hours=args.hours, gpu=args.gpu, mfu=args.mfu,
+        tokens_per_param=args.tokens_per_param, model=args.model, layout=layout,
+    )
+    shown = {
+        "compute budget": f"{plan['flops']:.3e} FLOPs",
+        "compute-optimal params (Chinchilla)": f"{plan['optimal_params'] / 1e9:,.2f} B",
+        "compute-optimal tokens": f"{plan['optimal_tokens'] / 1e9:,.0f} B",
+        "nearest shipped config": f"configs/model/{plan['model_config']}.yaml ({plan['model_params'] / 1e9:.2f} B params)",
+        "tokens that config gets from the budget": f"{plan['tokens_for_model'] / 1e9:,.0f} B",
+        "layout": ", ".join(f"{k}={v}" for k, v in plan["layout"].items() if v is not None),
+    }
+    if "tokens_per_s_needed" in plan:
+        shown["cluster tokens/s needed"] = f"{plan['tokens_per_s_needed']:,.0f}"
+    shown.update({f"memory/GPU: {k}": f"{v:,.2f} GiB" for k, v in plan["memory_gib"].items()})
+    kv_table("kiln plan", shown)
+    return plan
