@@ -74,6 +74,15 @@ SITECUSTOMIZE = textwrap.dedent('''
                                        "published": self.bin_path.exists()})
 
         data_prep.indexed.IndexedWriter.add_many = add_many
+        _dedup_bucket = data_prep.stages.dedup_bucket
+
+        def dedup_bucket(bucket, *args, **kwargs):
+            """dedup: die with the bucket's groups computed but not yet handed back."""
+            result = _dedup_bucket(bucket, *args, **kwargs)
+            _die_if_armed(f"dedup-{bucket}", lambda out: {"exact_duplicates": len(result["exact"][0])})
+            return result
+
+        data_prep.stages.dedup_bucket = dedup_bucket
 ''')
 
 
@@ -125,17 +134,19 @@ def test_worker_killed_mid_task_is_retried_and_digest_is_unchanged(ray_local, re
     ref_out, ref = reference
     out = tmp_path / "killed"
     shard = _train_shard(ref_out, lambda shards: max(shards, key=lambda sh: sh["documents"]))
-    _arm(ray_local, out, ["clean-00001", f"tokenize-{shard}"], times=1)
+    _arm(ray_local, out, ["clean-00001", "dedup-0", f"tokenize-{shard}"], times=1)
     try:
         assert main(_args(corpus[0], out)) == 0
     finally:
         (ray_local / "plan.json").unlink()
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
-    # a worker really died in the middle of each task: after reading input / after writing shard bytes
+    # a worker really died in the middle of each task: after reading input / computing a dedup bucket /
+    # writing shard bytes
     [clean_kill] = _kills(ray_local, "clean-00001")
     assert clean_kill["records_read"] == 3 < json.loads((out / "work/clean/00001/stats.json").read_text())["records"]
     assert {"docs.jsonl", "quarantine.jsonl", "removed.jsonl"} <= set(clean_kill["tmp_files"])
+    assert len(_kills(ray_local, "dedup-0")) == 1  # a bucket's groups were computed, the worker died before returning
     [tok_kill] = _kills(ray_local, f"tokenize-{shard}")
     assert tok_kill["bin_tmp_bytes"] > 0 and tok_kill["documents"] > 0 and not tok_kill["published"]
 
