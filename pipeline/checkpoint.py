@@ -19,6 +19,7 @@ import base64
 import json
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -35,6 +36,7 @@ from pipeline.provenance import git_commit
 STATE = "kiln_state.json"
 WEIGHTS = "model.safetensors"
 LATEST = "latest"
+_STEP = re.compile(r"step_(\d+)")
 
 
 # --------------------------------------------------------------------------- RNG
@@ -118,7 +120,7 @@ def save_checkpoint(engine, root: Path, step: int, state: dict, keep: int) -> Pa
         shutil.rmtree(final)
     os.replace(tmp, final)
     _atomic_write(root / LATEST, final.name + "\n")
-    for old in sorted(root.glob("step_*"))[:-keep]:
+    for old in step_dirs(root)[keep:]:
         shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return final
@@ -127,15 +129,21 @@ def save_checkpoint(engine, root: Path, step: int, state: dict, keep: int) -> Pa
 # --------------------------------------------------------------------------- find / load
 
 
-def find_checkpoint(root: str | Path) -> Path | None:
-    """The newest checkpoint whose checksums verify; warns about each broken one it skips.
+def step_dirs(root: str | Path) -> list[Path]:
+    """The step_N directories under root, highest step first (by number: step_10000000 > step_9999999)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP.fullmatch(p.name))]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def newest_complete(root: str | Path) -> Path | None:
+    """The newest checkpoint whose checksums verify (read-only); warns about each broken one it skips.
 
     Newest by step, not by the `latest` pointer: a save killed after its rename but before the pointer
     moved left a complete checkpoint that the pointer does not name yet."""
-    root = Path(root)
-    for tmp in root.glob(".tmp-step_*"):  # a save that was interrupted
-        shutil.rmtree(tmp, ignore_errors=True)
-    for path in sorted((p for p in root.glob("step_*") if p.is_dir()), reverse=True):
+    for path in step_dirs(root):
         try:
             verify_sums(path)
             json.loads((path / STATE).read_text())
@@ -143,6 +151,19 @@ def find_checkpoint(root: str | Path) -> Path | None:
         except (KilnError, OSError, ValueError) as err:
             log.warning("checkpoint %s is unusable (%s); trying the previous one", path, err)
     return None
+
+
+def find_checkpoint(root: str | Path) -> Path | None:
+    """For a resume (rank 0, before any rank writes): drop interrupted saves, take the newest complete
+    checkpoint and make `latest` name it, so export and init_from see what training resumed from."""
+    root = Path(root)
+    for tmp in root.glob(".tmp-step_*"):  # a save that was interrupted
+        shutil.rmtree(tmp, ignore_errors=True)
+    path = newest_complete(root)
+    pointer = root / LATEST
+    if path is not None and (not pointer.exists() or pointer.read_text().strip() != path.name):
+        _atomic_write(pointer, path.name + "\n")
+    return path
 
 
 def read_state(path: str | Path) -> dict:

@@ -71,6 +71,8 @@ def score_stream(model: torch.nn.Module, stream: TokenStream, block_size: int, m
     wins = sliding_windows(n, block_size, stride)
     model.eval()
     model(next(_batches(stream, wins, batch_size))[0].to(device))
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()  # the warm-up's kernels must not be timed with the first batch
     nll, count, forward_s = 0.0, 0, 0.0
     with progress("eval", total=n - 1, unit="tok", disable=None if show else True) as advance:
         for x, y in _batches(stream, wins, batch_size):

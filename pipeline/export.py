@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.checkpoint import LATEST, STATE, read_state
+from pipeline.checkpoint import LATEST, STATE, newest_complete, read_state
 from pipeline.config import KilnError, ModelConfig
 from pipeline.model.flops import ffn_hidden
 from pipeline.model.io import (
@@ -36,9 +36,10 @@ def resolve_source(src: str | Path) -> Path:
     if src.is_file() and src.name == LATEST:
         return src.parent / src.read_text().strip()
     if src.is_dir() and not (src / CONFIG).exists() and not (src / STATE).exists():
-        for pointer in (src / LATEST, src / "checkpoints" / LATEST):
-            if pointer.exists():
-                return pointer.parent / pointer.read_text().strip()
+        for root in (src, src / "checkpoints"):  # as a resume would: the newest complete one
+            found = newest_complete(root)
+            if found is not None:
+                return found
     if not src.exists():
         raise KilnError(f"{src}: no such checkpoint or MODEL directory")
     return src

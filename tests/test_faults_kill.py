@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.checkpoint import find_checkpoint
+from pipeline.checkpoint import newest_complete
 from tests.factories import fake_corpus
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,10 +42,13 @@ if SPEC and "LOCAL_RANK" in os.environ:
     def die(point, name):
         if not hit(point, name):
             return
+        with open(os.path.join(os.environ["KILN_TEST_KILL_MARKS"], f"{SPEC}.rank{RANK}"), "w"):
+            pass  # the proof that this kill happened, and where
         if WHO == "all":
             parent = os.getppid()
+            ranks = open(f"/proc/{parent}/task/{parent}/children").read().split()
             os.kill(parent, signal.SIGKILL)
-            for pid in open(f"/proc/{parent}/task/{parent}/children").read().split():
+            for pid in ranks:
                 os.kill(int(pid), signal.SIGKILL)
         os.kill(os.getpid(), signal.SIGKILL)
 
@@ -94,6 +98,7 @@ def torchrun(out: Path, corpus: Path, kill: str | None = None) -> subprocess.Com
     env.pop("KILN_TEST_KILL", None)
     if kill:
         env["KILN_TEST_KILL"] = kill
+        env["KILN_TEST_KILL_MARKS"] = str(out.parent)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "pipeline.cli", "train",
            "--config", str(ROOT / "configs/train/tiny-cpu.yaml"), "--out", str(out), "--json",
            "--set", f"data.paths=[{corpus}]", *[a for s in SETS for a in ("--set", s)]]
@@ -102,8 +107,15 @@ def torchrun(out: Path, corpus: Path, kill: str | None = None) -> subprocess.Com
 
 
 def newest(out: Path) -> str | None:
-    found = find_checkpoint(out / "checkpoints")
+    """What a rerun will resume from, looked up read-only (the rerun itself must clean up)."""
+    found = newest_complete(out / "checkpoints")
     return found.name if found else None
+
+
+def resumed_at(res: subprocess.CompletedProcess) -> int | None:
+    """The step in the log line `resumed from DIR (step N, M samples consumed)`, wrapped or not."""
+    match = re.search(r"resumed from .*?\(step (\d+), \d+ samples consumed\)", " ".join(res.stderr.split()))
+    return int(match.group(1)) if match else None
 
 
 def test_killed_around_checkpoints_then_rerun_equals_uninterrupted(corpus, tmp_path):
@@ -121,12 +133,16 @@ def test_killed_around_checkpoints_then_rerun_equals_uninterrupted(corpus, tmp_p
          and (ckpts / "step_0000004" / "SHA256SUMS").exists(), "step_0000004"),
         ("after:6:1", lambda: (ckpts / "latest").read_text().strip() == "step_0000006", "step_0000006"),
     ]
+    resume_step = None
     for kill, left, resume_from in plan:
         res = torchrun(out, corpus, kill)
         assert res.returncode != 0, f"{kill}: the job was not killed\n{res.stderr[-2000:]}"
+        assert list(tmp_path.glob(f"{kill}.rank*")), f"{kill}: the kill never happened\n{res.stderr[-2000:]}"
+        assert resumed_at(res) == resume_step, f"{kill}: this run resumed at {resumed_at(res)}, not {resume_step}"
         assert not (out / "model").exists(), kill
         assert left(), f"{kill}: unexpected state {sorted(p.name for p in ckpts.iterdir())}"
         assert newest(out) == resume_from, kill
+        resume_step = int(resume_from.rpartition("_")[2])
 
     # the newest checkpoint is corrupted on disk as well: its checksum fails, the one before is used
     (ds_file,) = (ckpts / "step_0000006" / "ds").glob("zero_pp_rank_0_*optim_states.pt")
@@ -137,6 +153,7 @@ def test_killed_around_checkpoints_then_rerun_equals_uninterrupted(corpus, tmp_p
         f.write(bytes([byte[0] ^ 0xFF]))
     done = torchrun(out, corpus)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert resumed_at(done) == 4
     assert json.loads(done.stdout.strip().splitlines()[-1])["resumed_from"].endswith("step_0000004")
     assert "unusable" in done.stderr  # the warning
 

@@ -15,7 +15,7 @@ from test_tracking_support import MlflowServer, one_thread, text_corpus, train_t
 
 from pipeline.cli import main
 from pipeline.config import KilnError, TrackingConfig
-from pipeline.model.io import load_model_dir, save_model_dir
+from pipeline.model.io import load_model_dir, save_model_dir, write_sums
 from pipeline.tracking import RUN_RECORD, Tracker
 
 pytestmark = pytest.mark.slow
@@ -246,3 +246,11 @@ def test_sqlite_store_registers_and_fetches_without_a_server(tmp_path, monkeypat
     with pytest.raises(KilnError, match="models:/local@nope"):
         tracker.resolve("models:/local@nope")
     shutil.rmtree(tmp_path / "f")
+    # `kiln register` of a MODEL dir never logged before takes stage and parent from its "kiln" lineage block
+    student, _ = train_tiny(corpus, tmp_path / "s", steps=3)
+    config = json.loads((student / "config.json").read_text())
+    config["kiln"] = {"stage": "distilled", "parent_model": str(model_dir)}
+    (student / "config.json").write_text(json.dumps(config))
+    write_sums(student)
+    tags = tracker.client.get_logged_model(tracker.register(student, "student")["model_id"]).tags
+    assert tags["kiln.stage"] == "distilled" and tags["kiln.parent_model"] == info["model_id"]

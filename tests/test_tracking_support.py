@@ -156,7 +156,7 @@ def train_tiny(corpus_dir: Path, out: Path, steps: int = 40, style: str = "llama
         if metrics_cb:
             metrics_cb(step, loss.item())
     tok = corpus.tokenizer_path if corpus.tokenizer_path.is_file() else None
-    save_model_dir(model, cfg, out, tokenizer=tok, meta={"data_digest": corpus.digest})
+    save_model_dir(model, cfg, out, tokenizer=tok, meta={"kiln": {"stage": "pretrain", "data_digest": corpus.digest}})
     return out, losses
 
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.checkpoint import find_checkpoint
+from pipeline.checkpoint import find_checkpoint, step_dirs
 from pipeline.config import ConfigError, DataConfig, RunConfig, load_config
 from pipeline.data.sampler import BlendedSamples, TrainData, blend_slots, rank_slice
 from pipeline.model.io import write_sums
@@ -96,6 +96,24 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path, caplog):
         assert find_checkpoint(root) == root / "step_0000005"
     assert "unusable" in caplog.text
     assert not (root / ".tmp-step_0000015").exists()
+    assert (root / "latest").read_text() == "step_0000005\n"  # repaired: it names what training resumed from
+
+
+def test_newest_checkpoint_is_by_step_number_not_by_the_pointer(tmp_path):
+    from pipeline.export import resolve_source
+
+    root = tmp_path / "run" / "checkpoints"
+    for name in ("step_9999999", "step_10000000", "step_10000000.bak"):
+        d = root / name
+        d.mkdir(parents=True)
+        (d / "kiln_state.json").write_text(json.dumps({"step": 1}))
+        write_sums(d)
+    (root / "latest").write_text("step_9999999\n")  # a save killed after its rename, before the pointer moved
+    assert step_dirs(root) == [root / "step_10000000", root / "step_9999999"]
+    assert resolve_source(tmp_path / "run") == root / "step_10000000"  # export / init_from: read-only
+    assert (root / "latest").read_text() == "step_9999999\n"
+    assert find_checkpoint(root) == root / "step_10000000"
+    assert (root / "latest").read_text() == "step_10000000\n"
 
 
 # --------------------------------------------------------------------------- kiln train, 1 process

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import shlex
 import socket
@@ -48,22 +49,16 @@ def train_config_of(command: list[str]):
             break
     else:
         return None
-    config, out, sets, j = None, None, [], 0
-    while j < len(rest):
-        word = rest[j]
-        key, eq, value = word.partition("=")
-        if key in ("--config", "--set", "--out"):
-            if not eq:
-                j += 1
-                value = rest[j] if j < len(rest) else ""
-            if key == "--config":
-                config = value
-            elif key == "--out":
-                out = value
-            else:
-                sets.append(value)
-        j += 1
-    return load_config("train", config, sets, base={"out": out} if out else None)
+    # read the way `kiln train`'s argparse reads them (`--out=DIR`, abbreviations like `--conf`); other options ignored
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--config")
+    parser.add_argument("--set", action="append", default=[])
+    parser.add_argument("--out")
+    for flag in ("--json", "--verbose"):  # so that abbreviations are as ambiguous as in `kiln train`
+        parser.add_argument(flag, action="store_true")
+    parser.add_argument("--tracking-uri")
+    args, _ = parser.parse_known_args(rest)
+    return load_config("train", args.config, args.set, base={"out": args.out} if args.out else None)
 
 
 def check_train(command: list[str], world_size: int, data: bool = True) -> None:

@@ -78,7 +78,8 @@ def weights_only_loads(where: str | Path, allowed: list[type]):
     """Force every torch.load inside (a library's too, even one passing weights_only=False) to be
     weights-only, admitting just the `allowed` plain-data classes. A file that holds anything else
     (a pickle payload) is refused with one line naming `where`, and never executed."""
-    before = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    names = ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")  # torch refuses both set
+    before = {name: os.environ.pop(name, None) for name in names}
     os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
     try:
         with torch.serialization.safe_globals(allowed):
@@ -87,10 +88,11 @@ def weights_only_loads(where: str | Path, allowed: list[type]):
         raise KilnError(f"{where}: holds pickled objects other than tensors and plain state "
                         f"({_first_line(err)}); refusing to load it") from None
     finally:
-        if before is None:
-            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
-        else:
-            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = before
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _first_line(err: BaseException) -> str:

@@ -117,11 +117,12 @@ def register(tracker: Tracker, model_dir: str | Path, name: str, alias: str | No
     if existing:
         version = tracker.strict(name, add_version, tracker, existing, name, alias)
         return {"model_id": existing, "name": name, "version": version, "uri": f"models:/{name}/{version}"}
-    stage = stage or config.get("kiln_stage") or ("quantized" if config.get("quantization") else "pretrain")
+    lineage = config.get("kiln", {})
+    stage = stage or lineage.get("stage") or ("quantized" if config.get("quantization") else "pretrain")
     with tracker.stage_run("register", tags={"kiln.model_dir": str(model_dir.resolve())}) as run:
         if run.broken or not run.run_id:
             raise KilnError(f"{model_dir}: could not reach the tracking server at {tracker.uri}")
-        info = run.log_model(model_dir, stage=stage, parent=parent or config.get("parent_model"),
+        info = run.log_model(model_dir, stage=stage, parent=parent or lineage.get("parent_model"),
                              register_as=name, alias=alias)
     if info is None:
         raise KilnError(f"{model_dir}: registering failed; see the warning above")
