@@ -141,6 +141,9 @@ class RunConfig(_Strict):
                 f"parallel.zero_stage: {p.zero_stage} with parallel.pp {p.pp}: "
                 "DeepSpeed's pipeline engine allows ZeRO 0 or 1"
             )
+        if p.pp > 1 and p.zero_stage == 0 and self.train.precision == "bf16":
+            raise ValueError("parallel.zero_stage: 0 with parallel.pp > 1 and bf16: DeepSpeed's bf16 pipeline "
+                             "optimizer trains but cannot resume its own checkpoint; use parallel.zero_stage: 1")
         if p.offload == "cpu" and p.zero_stage == 0:
             raise ValueError("parallel.offload: cpu needs parallel.zero_stage >= 1")
         return self

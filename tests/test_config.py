@@ -91,6 +91,7 @@ def test_error_names_the_override_that_caused_it(tmp_path):
         (["parallel.pp=5"], "parallel.pp: 5 does not divide model.n_layer 12"),
         (["parallel.pp=2", "parallel.zero_stage=2"], "parallel.zero_stage: 2 with parallel.pp 2"),
         (["parallel.pp=2", "parallel.zero_stage=3"], "allows ZeRO 0 or 1"),
+        (["parallel.pp=2", "parallel.zero_stage=0", "train.precision=bf16"], "cannot resume its own checkpoint"),
         (["parallel.offload=cpu", "parallel.zero_stage=0"], "parallel.offload: cpu needs"),
         (["model.n_head=5"], "not divisible by n_head 5"),
         (["model.style=bert"], "model.style: 'bert' is not one of llama,gpt2"),
