@@ -70,8 +70,10 @@ class IndexedWriter:
             raise ValueError(f"unsupported shard dtype {self.dtype}")
         self.bin_path = self.prefix.with_name(self.prefix.name + ".bin")
         self.idx_path = self.prefix.with_name(self.prefix.name + ".idx")
-        self._bin_tmp = self.bin_path.with_name(self.bin_path.name + ".tmp")
-        self._idx_tmp = self.idx_path.with_name(self.idx_path.name + ".tmp")
+        # pid-suffixed: a task Ray retried while the first attempt still runs (a lost node on a shared
+        # filesystem) must not write into the same file
+        self._bin_tmp = self.bin_path.with_name(f"{self.bin_path.name}.tmp{os.getpid()}")
+        self._idx_tmp = self.idx_path.with_name(f"{self.idx_path.name}.tmp{os.getpid()}")
         self.prefix.parent.mkdir(parents=True, exist_ok=True)
         self._bin = open(self._bin_tmp, "wb")
         self._bin_hash = hashlib.sha256()
