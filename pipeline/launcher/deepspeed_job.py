@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shlex
+import socket
 import sys
 from pathlib import Path
 
@@ -76,7 +77,9 @@ def launch(job: dict, dry_run: bool) -> dict:
             print(f"# on {host}:")
             print(cmd)
         return job
-    check_train(job["user_command"], job["world_size"])  # data and checkpoint checks: this node sees the files
+    # data and checkpoint checks only where this host trains too (it sees what the ranks will see)
+    here = {"localhost", "127.0.0.1", socket.gethostname(), socket.getfqdn()}
+    check_train(job["user_command"], job["world_size"], data=bool(here & set(job["nodes"])))
     # DeepSpeed's runner ships these to every node (pdsh) from .deepspeed_env in the current directory.
     Path(".deepspeed_env").write_text("".join(f"{k}={v}\n" for k, v in job["deepspeed_env"].items()))
     master, port = job["master"].rsplit(":", 1)
