@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import (
+    SCHEMAS,
     ConfigError,
     RunConfig,
     flatten,
@@ -137,3 +138,20 @@ def test_flatten_roundtrip():
     flat = flatten(RunConfig())
     assert flat["parallel.zero_stage"] == 1 and flat["model.style"] == "llama"
     assert all(not isinstance(v, dict) for v in flat.values())
+
+
+@pytest.mark.parametrize("kind", sorted(SCHEMAS))
+def test_every_key_refuses_a_wrong_type_or_an_unknown_name_in_one_line(kind):
+    """Every pydantic error path of every schema: each leaf key given a mapping, and an unknown key at every
+    level, is a ConfigError of one line that names the key."""
+    keys = flatten(load_config(kind, None, []))
+    assert len(keys) > 3
+    for key in keys:
+        with pytest.raises(ConfigError) as err:
+            load_config(kind, None, [f"{key}={{bad: 1}}"])
+        assert key in str(err.value) and "\n" not in str(err.value), (key, str(err.value))
+    for level in {k.rpartition(".")[0] for k in keys}:
+        key = f"{level}.no_such_key" if level else "no_such_key"
+        with pytest.raises(ConfigError, match=f"{key}: unknown key") as err:
+            load_config(kind, None, [f"{key}=1"])
+        assert "\n" not in str(err.value)
