@@ -245,6 +245,10 @@ def cmd_launch(args) -> dict:
         text = slurm_job.render(command, nodes=args.nodes, gpus_per_node=args.gpus_per_node, time_limit=args.time,
                                 partition=args.partition, account=args.account, job_name=args.job_name,
                                 cpus_per_task=args.cpus_per_task, env=env)
+        if not args.dry_run:  # where the data is visible (shared filesystem), check it before the job queues
+            from pipeline.launcher.common import check_train
+
+            check_train(command, args.nodes * args.gpus_per_node, data="if-visible")
         job = slurm_job.launch(text, args.dry_run)
     else:
         from pipeline.launcher import ray_job

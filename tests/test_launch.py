@@ -122,6 +122,14 @@ def test_data_and_checkpoint_problems_are_refused_before_launch(tmp_path, capsys
     code = main(["launch", "torchrun", "--gpus-per-node", "2", "--", *cmd[:-1], f"data.paths=[{missing}]"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and len(err) == 1 and err[0].startswith("kiln launch torchrun: error: ") and str(missing) in err[0]
+    # SLURM: checked at submission where the data is visible (a shared filesystem), else left to the ranks
+    common.check_train([*cmd[:-1], f"data.paths=[{missing}]"], 2, data="if-visible")
+    assert "data.paths are not all visible on this host" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="smaller than the tokenizer's"):
+        common.check_train([*cmd, "--set", "model.vocab_size=100"], 2, data="if-visible")
+    code = main(["launch", "slurm", "--nodes", "1", "--gpus-per-node", "2", "--", *cmd, "--set", "model.vocab_size=100"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err == ["kiln launch slurm: error: model.vocab_size: 100 is smaller than the tokenizer's 128"]
 
 
 def test_master_errors():

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from pipeline.config import ConfigError, KilnError, load_config, validate_world
+from pipeline.console import log
 
 SCRIPTS = Path(__file__).resolve().parents[2] / "launch"
 
@@ -61,13 +62,17 @@ def train_config_of(command: list[str]):
     return load_config("train", args.config, args.set, base={"out": args.out} if args.out else None)
 
 
-def check_train(command: list[str], world_size: int, data: bool = True) -> None:
+def check_train(command: list[str], world_size: int, data: bool | str = True) -> None:
     """Refuse, before launching, a `kiln train` that cannot run: a layout that does not fit the world
     and (with `data`: on nodes that see the files) missing/mixed corpora, a vocab too small, a
-    changed model shape or data under an --out that holds checkpoints."""
+    changed model shape or data under an --out that holds checkpoints. `data="if-visible"`: only
+    when every data path exists here (a SLURM login node may not mount the data)."""
     cfg = train_config_of(command)
     if cfg is None:
         return
+    if data == "if-visible" and not all(Path(p).exists() for p in cfg.data.paths):
+        log.warning("data.paths are not all visible on this host; the ranks check them when they start")
+        data = False
     if not data:
         validate_world(cfg, world_size)
         return
