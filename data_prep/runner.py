@@ -33,7 +33,7 @@ from data_prep import readers, stages
 from data_prep.steps import build_steps
 from data_prep.steps.minhash_dedup import cluster_roots
 from data_prep.tokenizer import check_tokenizer, train_tokenizer
-from pipeline.config import ConfigError, KilnError, PrepConfig
+from pipeline.config import ConfigError, KilnError, PrepConfig, first_line
 
 FORMAT = 1
 log = __import__("logging").getLogger("kiln.prep")
@@ -106,15 +106,11 @@ def _task_error(ray, err, what: str, retries: int) -> Exception:
         cause = err.cause if isinstance(err.cause, Exception) else err
         if isinstance(cause, KilnError | ConfigError):
             return cause
-        return KilnError(f"{what}: {type(cause).__name__}: {_first_line(cause)}")
+        return KilnError(f"{what}: {type(cause).__name__}: {first_line(cause)}")
     if isinstance(err, ray.exceptions.WorkerCrashedError):
         return KilnError(f"{what}: its Ray worker process died (killed or out of memory) on every attempt "
                          f"({retries + 1}, task_retries={retries}); rerun the same command to resume")
-    return KilnError(f"{what}: {type(err).__name__}: {_first_line(err)}")
-
-
-def _first_line(err: BaseException) -> str:
-    return next((ln.strip() for ln in str(err).splitlines() if ln.strip()), "")
+    return KilnError(f"{what}: {type(err).__name__}: {first_line(err)}")
 
 
 def _cancel(ray, pending: dict, wait_s: float = 30.0) -> None:

@@ -23,6 +23,12 @@ class KilnError(RuntimeError):
     """A one-line, user-facing runtime failure (CLI exit code 1): names the file/record/key."""
 
 
+def first_line(err: BaseException) -> str:
+    """The first non-blank line of an exception's message (its type name if it has none): what a
+    one-line KilnError quotes of a library's multi-line error."""
+    return next((ln.strip() for ln in str(err).splitlines() if ln.strip()), type(err).__name__)
+
+
 class _Strict(BaseModel):
     # Unknown keys are typos until proven otherwise.
     model_config = ConfigDict(extra="forbid", validate_assignment=True)

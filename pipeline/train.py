@@ -28,7 +28,7 @@ from pipeline.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
-from pipeline.config import ConfigError, KilnError, RunConfig
+from pipeline.config import ConfigError, KilnError, RunConfig, first_line
 from pipeline.console import log, progress
 from pipeline.data.sampler import TrainData, rank_slice
 from pipeline.model.flops import flops_per_token
@@ -175,7 +175,7 @@ def train(
         if lost is None:
             raise
         raise KilnError(f"rank {dist.get_rank()} of {dist.get_world_size()}: {lost} "
-                        f"(train.collective_timeout_s={cfg.train.collective_timeout_s:g}): {_first_line(err)}") from None
+                        f"(train.collective_timeout_s={cfg.train.collective_timeout_s:g}): {first_line(err)}") from None
 
 
 _TIMEOUT_MARKS = ("timed out",)
@@ -192,11 +192,6 @@ def _lost_peer(err: RuntimeError) -> str | None:
     if any(m in text for m in _PEER_MARKS):
         return "another rank closed its connection (it died)"
     return None
-
-
-def _first_line(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return lines[0] if lines else type(err).__name__
 
 
 def _train(cfg: RunConfig, on_log, on_checkpoint, on_end) -> dict:

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipeline.config import KilnError, ModelConfig
+from pipeline.config import KilnError, ModelConfig, first_line
 from pipeline.model.gpt import GPT
 
 WEIGHTS = "model.safetensors"
@@ -70,7 +70,7 @@ def load_safetensors(path: str | Path, device: str = "cpu") -> dict[str, torch.T
     try:
         return load_file(str(path), device=device)
     except (SafetensorError, OSError) as err:
-        raise KilnError(f"{path}: not a readable safetensors file ({_first_line(err)}); refusing to load it") from None
+        raise KilnError(f"{path}: not a readable safetensors file ({first_line(err)}); refusing to load it") from None
 
 
 @contextmanager
@@ -86,18 +86,13 @@ def weights_only_loads(where: str | Path, allowed: list[type]):
             yield
     except pickle.UnpicklingError as err:
         raise KilnError(f"{where}: holds pickled objects other than tensors and plain state "
-                        f"({_first_line(err)}); refusing to load it") from None
+                        f"({first_line(err)}); refusing to load it") from None
     finally:
         for name, value in before.items():
             if value is None:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
-
-
-def _first_line(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return lines[0] if lines else type(err).__name__
 
 
 def unique_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -7,7 +7,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import TrackingConfig
+from pipeline.config import TrackingConfig, first_line
 from pipeline.provenance import git_commit
 
 DEFAULT_URI = "sqlite:///mlflow.db"
@@ -39,8 +39,7 @@ def system_tags() -> dict[str, str]:
 
 
 def one_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0] if text else ''}"
+    return f"{type(err).__name__}: {first_line(err)}"
 
 
 def is_number(v: Any) -> bool:
