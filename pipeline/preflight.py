@@ -9,9 +9,9 @@ Read-only: nothing here writes to --out (other nodes may already be running).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from pipeline.checkpoint import read_state, step_dirs
 from pipeline.config import ConfigError, KilnError, RunConfig, validate_world
 from pipeline.data.sampler import open_corpora
 
@@ -39,13 +39,10 @@ def check_resume(cfg: RunConfig, checkpoint: Path, state: dict, digests: list[st
 
 def newest_state(out: str | Path | None) -> tuple[Path, dict] | None:
     """The newest readable kiln_state.json under OUT/checkpoints (checksums are left to the resume itself)."""
-    root = Path(out) / "checkpoints" if out else None
-    if root is None or not root.is_dir():
-        return None
-    for path in sorted((p for p in root.glob("step_*") if p.is_dir()), reverse=True):
+    for path in step_dirs(Path(out) / "checkpoints") if out else []:
         try:
-            return path, json.loads((path / "kiln_state.json").read_text())
-        except (OSError, ValueError):
+            return path, read_state(path)
+        except KilnError:
             continue
     return None
 

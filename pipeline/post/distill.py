@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from pipeline.checkpoint import step_dirs
 from pipeline.config import ConfigError, DistillConfig, KilnError, ModelConfig, build, load_yaml
 from pipeline.console import log, progress
 from pipeline.evaluate import evaluate_windows
@@ -123,7 +124,7 @@ def save_checkpoint(ckpt_dir: Path, step: int, student: GPT, optimizer, state: d
     pointer = ckpt_dir / ".latest.tmp"
     pointer.write_text(name + "\n")
     os.replace(pointer, ckpt_dir / "latest")
-    for old in sorted(ckpt_dir.glob("step_*"))[:-keep]:
+    for old in step_dirs(ckpt_dir)[keep:]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
