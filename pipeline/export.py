@@ -147,7 +147,8 @@ def to_hf(state: dict[str, torch.Tensor], cfg: ModelConfig):
 
 
 def export(src: str | Path, out: str | Path, fmt: str = "safetensors") -> dict:
-    state, cfg, tok, meta = load_source(src)
+    source = resolve_source(src)  # once: for a run dir it checksums every candidate checkpoint
+    state, cfg, tok, meta = load_source(source)
     out = Path(out)
     if fmt == "safetensors":
         save_model_dir(state, cfg, out, tokenizer=tok, meta=meta)
@@ -161,5 +162,5 @@ def export(src: str | Path, out: str | Path, fmt: str = "safetensors") -> dict:
                                                          default=str) + "\n")
     else:
         raise KilnError(f"--format {fmt}: expected safetensors or hf")
-    return {"source": str(resolve_source(src)), "out": str(out), "format": fmt, "style": cfg.style,
+    return {"source": str(source), "out": str(out), "format": fmt, "style": cfg.style,
             "params": sum(v.numel() for v in state.values())}
