@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +17,23 @@ import numpy as np
 from data_prep.indexed import IndexedWriter
 
 EOS = 2
+
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY_TRAIN = ROOT / "configs/train/tiny-cpu.yaml"
+TRAIN_ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+def launcher(ranks: int = 1) -> list[str]:
+    """This Python, under torchrun with `ranks` local processes when ranks > 1."""
+    torchrun = ["-m", "torch.distributed.run", "--nproc-per-node", str(ranks)] if ranks > 1 else []
+    return [sys.executable, *torchrun]
+
+
+def kiln_train_cmd(out: Path, *sets: str, ranks: int = 1, config: Path = TINY_TRAIN) -> list[str]:
+    """`kiln train --json` of the tiny CPU config into `out`, with `--set` overrides."""
+    return [*launcher(ranks), "-m", "pipeline.cli", "train", "--config", str(config), "--out", str(out), "--json",
+            *[a for s in sets for a in ("--set", s)]]
 
 
 def phrase_docs(n_docs: int, vocab_size: int, seed: int, n_phrases: int = 12, phrase_len: int = 8) -> list[np.ndarray]:

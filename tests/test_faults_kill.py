@@ -8,7 +8,6 @@ import json
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from pipeline.checkpoint import newest_complete
-from tests.factories import fake_corpus
+from tests.factories import TRAIN_ENV, fake_corpus, kiln_train_cmd
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = [pytest.mark.fault, pytest.mark.slow]
@@ -93,15 +92,12 @@ def corpus(tmp_path_factory) -> Path:
 
 
 def torchrun(out: Path, corpus: Path, kill: str | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": f"{corpus.parent / 'hook'}{os.pathsep}{ROOT}"}
+    env = {**TRAIN_ENV, "PYTHONPATH": f"{corpus.parent / 'hook'}{os.pathsep}{ROOT}"}
     env.pop("KILN_TEST_KILL", None)
     if kill:
         env["KILN_TEST_KILL"] = kill
         env["KILN_TEST_KILL_MARKS"] = str(out.parent)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "pipeline.cli", "train",
-           "--config", str(ROOT / "configs/train/tiny-cpu.yaml"), "--out", str(out), "--json",
-           "--set", f"data.paths=[{corpus}]", *[a for s in SETS for a in ("--set", s)]]
+    cmd = kiln_train_cmd(out, f"data.paths=[{corpus}]", *SETS, ranks=2)
     # a new session: when the hook kills torchrun itself, nothing of the job is left attached to pytest
     return subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300, start_new_session=True)
 

@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,17 +14,15 @@ import pytest
 
 from pipeline.config import ConfigError, DataConfig
 from pipeline.data.sampler import TrainData
-from tests.factories import fake_corpus
+from tests.factories import TRAIN_ENV, fake_corpus, kiln_train_cmd
 
 ROOT = Path(__file__).resolve().parent.parent
-CONFIG = ROOT / "configs/train/tiny-cpu.yaml"
-ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+ENV = TRAIN_ENV
 pytestmark = pytest.mark.fault
 
 
 def kiln_train(out: Path, *sets: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "pipeline.cli", "train", "--config", str(CONFIG), "--out", str(out), "--json",
-           *[a for s in sets for a in ("--set", s)]]
+    cmd = kiln_train_cmd(out, *sets)
     return subprocess.run(cmd, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
@@ -111,10 +108,8 @@ def test_hung_rank_ends_the_job_with_an_error_naming_a_rank(corpus, tmp_path):
     """SIGSTOP rank 1 after the first logged step: rank 0's next collective times out (gloo) and the job ends."""
     timeout_s = 8
     out = tmp_path / "hung"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "pipeline.cli", "train",
-           "--config", str(CONFIG), "--out", str(out), "--set", f"data.paths=[{corpus}]", "--set", "train.steps=100000",
-           "--set", "parallel.zero_stage=1", "--set", "checkpoint.every=100000",
-           "--set", f"train.collective_timeout_s={timeout_s}"]
+    cmd = kiln_train_cmd(out, f"data.paths=[{corpus}]", "train.steps=100000", "parallel.zero_stage=1",
+                         "checkpoint.every=100000", f"train.collective_timeout_s={timeout_s}", ranks=2)
     log = open(tmp_path / "log.txt", "w+")
     proc = subprocess.Popen(cmd, env=ENV, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:

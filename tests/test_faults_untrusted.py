@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import ast
 import json
-import os
 import pickle
 import subprocess
 import sys
@@ -17,9 +16,10 @@ import torch
 from pipeline.config import KilnError, ModelConfig
 from pipeline.model.gpt import GPT
 from pipeline.model.io import save_model_dir, write_sums
+from tests.factories import TRAIN_ENV
 
 ROOT = Path(__file__).resolve().parent.parent
-ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+ENV = TRAIN_ENV
 pytestmark = pytest.mark.fault
 
 
@@ -157,16 +157,15 @@ def test_checkpoint_weights_are_read_from_safetensors_only(tmp_path):
 @pytest.mark.slow
 def test_a_pickle_planted_in_deepspeed_state_is_refused_on_resume(tmp_path):
     """DeepSpeed itself calls torch.load(weights_only=False) on ds/*.pt; Kiln forces weights-only there."""
-    from tests.factories import fake_corpus
+    from tests.factories import fake_corpus, kiln_train_cmd
 
     (tmp_path / "sp.model").write_bytes(b"stand-in tokenizer")
     corpus = fake_corpus(tmp_path / "corpus", vocab_size=128, tokenizer=tmp_path / "sp.model")
     marker = tmp_path / "pwned"
 
     def train(steps: int) -> subprocess.CompletedProcess:
-        cmd = [sys.executable, "-m", "pipeline.cli", "train", "--config", str(ROOT / "configs/train/tiny-cpu.yaml"),
-               "--out", str(tmp_path / "run"), "--set", f"data.paths=[{corpus}]", "--set", f"train.steps={steps}",
-               "--set", "checkpoint.every=2", "--set", "tracking.enabled=false"]
+        cmd = kiln_train_cmd(tmp_path / "run", f"data.paths=[{corpus}]", f"train.steps={steps}", "checkpoint.every=2",
+                             "tracking.enabled=false")
         return subprocess.run(cmd, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300)
 
     assert train(2).returncode == 0

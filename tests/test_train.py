@@ -7,7 +7,6 @@ import math
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,10 +20,10 @@ from pipeline.config import ConfigError, DataConfig, RunConfig, load_config
 from pipeline.data.sampler import BlendedSamples, TrainData, blend_slots, rank_slice
 from pipeline.model.io import write_sums
 from pipeline.parallel.engine import lr_at
-from tests.factories import fake_corpus
+from tests.factories import TRAIN_ENV, fake_corpus, kiln_train_cmd
 
 ROOT = Path(__file__).resolve().parent.parent
-ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+ENV = TRAIN_ENV
 
 
 # --------------------------------------------------------------------------- data order
@@ -120,8 +119,7 @@ def test_newest_checkpoint_is_by_step_number_not_by_the_pointer(tmp_path):
 
 
 def kiln_train(out: Path, corpus: Path, *sets: str, wait: bool = True):
-    cmd = [sys.executable, "-m", "pipeline.cli", "train", "--config", str(ROOT / "configs/train/tiny-cpu.yaml"),
-           "--out", str(out), "--set", f"data.paths=[{corpus}]", "--json", *[a for s in sets for a in ("--set", s)]]
+    cmd = kiln_train_cmd(out, f"data.paths=[{corpus}]", *sets)
     if not wait:
         return subprocess.Popen(cmd, env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     res = subprocess.run(cmd, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300)

@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.factories import fake_corpus
+from tests.factories import TRAIN_ENV, fake_corpus, launcher
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs/train/tiny-cpu.yaml"
@@ -44,16 +44,11 @@ LAYOUTS = {
 }
 
 
-ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-
-
-def _launcher(nproc: int) -> list[str]:
-    return [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run",
-                                                "--nproc-per-node", str(nproc)]
+ENV = TRAIN_ENV
 
 
 def run_many(nproc: int, specs: list[list[str]]) -> None:
-    cmd = [*_launcher(nproc), str(Path(__file__).resolve()), str(CONFIG), *[json.dumps(s) for s in specs]]
+    cmd = [*launcher(nproc), str(Path(__file__).resolve()), str(CONFIG), *[json.dumps(s) for s in specs]]
     res = subprocess.run(cmd, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
 
@@ -61,7 +56,7 @@ def run_many(nproc: int, specs: list[list[str]]) -> None:
 def run_cli(nproc: int, overrides: list[str]) -> dict:
     """The documented multi-process path: `torchrun --no-python kiln train --config F --set ...`."""
     kiln = shutil.which("kiln") or str(Path(sys.executable).parent / "kiln")
-    cmd = [*_launcher(nproc), "--no-python", kiln, "train", "--config", str(CONFIG), "--json",
+    cmd = [*launcher(nproc), "--no-python", kiln, "train", "--config", str(CONFIG), "--json",
            *[a for o in overrides for a in ("--set", o)]]
     res = subprocess.run(cmd, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
