@@ -313,7 +313,8 @@ def _finish(out: Path, cfg, in_info, parts, clean, drops, tok, vocab, tok_sha) -
     removed.update(r for _, r, _ in drops["removed"])
     _write_reports(out, clean, drops)
     shards = [r["shards"][split] for split in ("train", "val") for r in tok if split in r["shards"]]
-    shards = [{k: sh[k] for k in ("path", "sha256", "documents", "tokens", "split")} for sh in shards]
+    keys = ("path", "sha256", "documents", "tokens", "split", "fingerprint", "bin_bytes", "idx_bytes")
+    shards = [{k: sh[k] for k in keys if k in sh} for sh in shards]
     langs = Counter()
     for r in tok:
         for sh in r["shards"].values():

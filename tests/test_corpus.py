@@ -28,8 +28,10 @@ def test_tampered_shard_is_refused(tmp_path):
     data = bytearray(shard.read_bytes())
     data[0] ^= 1
     shard.write_bytes(bytes(data))
-    with pytest.raises(KilnError, match="train_00000.bin: digest .* does not match manifest"):
+    with pytest.raises(KilnError, match="train_00000.bin/.idx: fingerprint .* does not match the manifest"):
         PreparedCorpus(directory)
+    with pytest.raises(KilnError, match="train_00000.bin: digest .* does not match manifest"):
+        PreparedCorpus(directory, verify=False).verify_full()
     data[0] ^= 1
     shard.write_bytes(bytes(data))
     PreparedCorpus(directory)  # restored: accepted again

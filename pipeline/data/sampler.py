@@ -4,7 +4,9 @@ Sample i of the run is a pure function of (seed, i): no state to save but the
 number of samples consumed, and resuming at sample n reads nothing before it.
 
 * Each corpus is cut into fixed windows of block_size+1 tokens across document
-  boundaries (`Windows`); every epoch over a corpus is a fresh seeded permutation.
+  boundaries (`Windows`); every epoch over a corpus is a fresh seeded permutation,
+  evaluated one sample at a time (`Permutation`): nothing of size O(corpus) is ever
+  built, so a multi-terabyte corpus starts as fast as a small one.
 * Blending: samples come in chunks of CHUNK; inside a chunk corpus k gets
   round(weight_k * CHUNK) slots, spread by Megatron's greedy rule and then
   shuffled by the seed. The same slot pattern repeats every chunk, so the
@@ -22,6 +24,45 @@ from pipeline.config import ConfigError, DataConfig, KilnError
 from pipeline.data.corpus import PreparedCorpus, Windows
 
 CHUNK = 4096
+_M64 = (1 << 64) - 1
+
+
+def _mix(x: int) -> int:
+    """splitmix64's finalizer: a fast 64-bit mixing function (the Feistel round function)."""
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9 & _M64
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EB & _M64
+    return x ^ (x >> 31)
+
+
+class Permutation:
+    """A seeded pseudorandom permutation of range(n), evaluated point by point in O(1) memory.
+
+    A 4-round Feistel network is a bijection on [0, 2^bits) (bits even, 2^bits >= n); values that land
+    outside [0, n) are fed through again ("cycle walking") until they land inside, which keeps it a
+    bijection of [0, n). Fewer than 8 rounds trips on average, whatever n."""
+
+    ROUNDS = 4
+
+    def __init__(self, n: int, key: list[int]):
+        self.n = n
+        bits = max(2, (n - 1).bit_length())
+        self.half = (bits + 1) // 2
+        self.mask = (1 << self.half) - 1
+        self.keys = [int(k) for k in np.random.default_rng(key).integers(0, 2**63, size=self.ROUNDS)]
+
+    def _feistel(self, x: int) -> int:
+        left, right = x >> self.half, x & self.mask
+        for k in self.keys:
+            left, right = right, left ^ (_mix(right ^ k) & self.mask)
+        return (left << self.half) | right
+
+    def __call__(self, i: int) -> int:
+        if not 0 <= i < self.n:
+            raise IndexError(f"{i} outside a permutation of {self.n}")
+        x = self._feistel(i)
+        while x >= self.n:
+            x = self._feistel(x)
+        return x
 
 
 def blend_slots(weights: list[float], seed: int, chunk: int = CHUNK) -> np.ndarray:
@@ -43,7 +84,7 @@ class BlendedSamples:
     def __init__(self, windows: list[Windows], weights: list[float], seed: int):
         self.windows, self.seed = windows, seed
         self.slots = blend_slots(weights, seed)
-        self._orders: dict[tuple[int, int], np.ndarray] = {}
+        self._orders: dict[tuple[int, int], Permutation] = {}
         self.per_chunk = np.bincount(self.slots, minlength=len(windows))
         if any(self.per_chunk[k] == 0 and weights[k] > 0 for k in range(len(windows))):
             raise ConfigError(f"data.weights: a weight below 1/{CHUNK} of the total gets no samples")
@@ -54,15 +95,13 @@ class BlendedSamples:
             self.rank_in_chunk[i] = seen[k]
             seen[k] += 1
 
-    def _order(self, corpus: int, epoch: int) -> np.ndarray:
-        """The window order of one epoch over one corpus (the current few are kept)."""
+    def _order(self, corpus: int, epoch: int) -> Permutation:
+        """The window order of one epoch over one corpus (a few kept: each is a handful of integers)."""
         key = (corpus, epoch)
         if key not in self._orders:
-            if len(self._orders) >= 2 * len(self.windows):
+            if len(self._orders) >= 4 * len(self.windows):
                 self._orders.pop(next(iter(self._orders)))
-            n = len(self.windows[corpus])
-            dtype = np.int32 if n < 2**31 else np.int64
-            self._orders[key] = np.random.default_rng([self.seed, corpus, epoch]).permutation(n).astype(dtype)
+            self._orders[key] = Permutation(len(self.windows[corpus]), [self.seed, corpus, epoch])
         return self._orders[key]
 
     def locate(self, i: int) -> tuple[int, int]:
@@ -71,7 +110,7 @@ class BlendedSamples:
         k = int(self.slots[slot])
         pos = chunk * int(self.per_chunk[k]) + int(self.rank_in_chunk[slot])
         epoch, j = divmod(pos, len(self.windows[k]))
-        return k, int(self._order(k, epoch)[j])
+        return k, self._order(k, epoch)(j)
 
     def __getitem__(self, i: int) -> np.ndarray:
         k, w = self.locate(i)
@@ -113,9 +152,11 @@ class TrainData:
         self.val = self._val_windows(cfg.val_tokens)
 
     def _val_windows(self, val_tokens: int) -> list[tuple[Windows, int]]:
-        """The first val_tokens worth of windows of every corpus' val split, in order (no shuffle)."""
+        """The first val_tokens worth of windows of every corpus' val split, in order (no shuffle).
+        Sets val_requested (windows asked for) and val_available (windows the val splits hold)."""
         out: list[tuple[Windows, int]] = []
         per = max(1, val_tokens // self.block_size // len(self.corpora)) if val_tokens else 0
+        self.val_requested, self.val_available = per * len(self.corpora), 0
         for c in self.corpora:
             if not per or not c.shards("val"):
                 continue
@@ -123,8 +164,27 @@ class TrainData:
                 w = Windows(c.stream("val"), self.block_size)
             except KilnError:
                 continue  # a val split shorter than one window: nothing to evaluate on
+            self.val_available += len(w)
             out.extend((w, j) for j in range(min(per, len(w))))
         return out
+
+    def verify_full(self, rank: int = 0, world: int = 1) -> None:
+        """Every byte of every shard against the manifest, the shards split over `world` ranks (collective
+        when world > 1: every rank raises the first problem any rank found)."""
+        problem = None
+        try:
+            for c in self.corpora:
+                c.verify_full(rank, world)
+        except KilnError as err:
+            problem = str(err)
+        if world > 1:
+            import torch.distributed as dist
+
+            found = [None] * world
+            dist.all_gather_object(found, problem)
+            problem = next((p for p in found if p), None)
+        if problem:
+            raise KilnError(problem)
 
     @property
     def digests(self) -> list[str]:
