@@ -1,21 +1,24 @@
-"""Checkpoints that survive kill -9: temp dir + rename, checksums, a `latest` pointer.
+"""Checkpoints that survive kill -9 and scale: every rank writes and hashes its own files, nothing is gathered.
 
     OUT/checkpoints/step_0000100/
-        ds/                  DeepSpeed engine state (model shards, optimizer, ZeRO partitions)
-        model.safetensors    the consolidated plain weights (any layout can start from them)
-        kiln_state.json      step, consumed samples, config, data digests, code commit, elapsed
-        rng/rank_NNNNN.json  python / numpy / torch RNG states of every rank
-        SHA256SUMS
-    OUT/checkpoints/latest   the name of the last complete checkpoint, for people and tools
+        ds/                            DeepSpeed engine state (model shards, optimizer, ZeRO partitions)
+        weights/rank_NNNNN.safetensors this rank's slices of the plain weights, their slicing recorded
+                                       (pipeline/model/weights.py reassembles any tensor on demand)
+        kiln_state.json                step, consumed samples, config, data digests, layout, code commit
+        rng/rank_NNNNN.json            python / numpy / torch RNG states of every rank
+        SHA256SUMS                     every file above; each rank hashed what it wrote while writing it
+    OUT/checkpoints/latest             the name of the last complete checkpoint, for people and tools
 
-Everything is written under `.tmp-step_…` and renamed only after every rank has
-finished, so a directory named step_* is always complete; a checkpoint whose
-checksums do not match is skipped with a warning and the previous one is used.
+Everything is written under `.tmp-step_…` and renamed only after every rank has finished, so
+a directory named step_* is always complete. A resume takes the newest checkpoint whose
+checksums verify, checked once and in parallel (each rank hashes its share of the files);
+a broken one is skipped with a warning and the previous one is used.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import random
@@ -26,16 +29,16 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors.torch import save_file
 
-from pipeline.config import KilnError
+from pipeline.config import KilnError, first_line
 from pipeline.console import log
-from pipeline.model.io import load_safetensors, verify_sums, write_sums
+from pipeline.model.io import SUMS, check_sums, read_sums, write_sums
+from pipeline.model.weights import SHARDS_DIR, WEIGHTS, Weights, open_weights
 from pipeline.provenance import git_commit
 
 STATE = "kiln_state.json"
-WEIGHTS = "model.safetensors"
 LATEST = "latest"
+RANK_SUMS = ".sums"  # per-rank digests, merged into SHA256SUMS by rank 0
 _STEP = re.compile(r"step_(\d+)")
 
 
@@ -94,28 +97,42 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _write_hashed(path: Path, text: str) -> str:
+    data = text.encode()
+    path.write_bytes(data)
+    return hashlib.sha256(data).hexdigest()
+
+
 def step_name(step: int) -> str:
     return f"step_{step:07d}"
 
 
 def save_checkpoint(engine, root: Path, step: int, state: dict, keep: int) -> Path | None:
-    """Collective: every rank writes its DeepSpeed shard; rank 0 publishes. Returns the path on rank 0."""
+    """Collective: every rank writes (and hashes) its own files; rank 0 merges the sums and publishes.
+    Returns the path on rank 0."""
     root = Path(root)
     final, tmp = root / step_name(step), root / f".tmp-{step_name(step)}"
-    if _rank() == 0:
+    rank = _rank()
+    if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / "rng").mkdir(parents=True)
+        (tmp / RANK_SUMS).mkdir()
     _barrier()
-    engine.save(tmp)
-    (tmp / "rng" / f"rank_{_rank():05d}.json").write_text(json.dumps(rng_state()))
-    weights = engine.consolidated_state()
+    written = engine.save(tmp)
+    rng = f"rng/rank_{rank:05d}.json"
+    written[rng] = _write_hashed(tmp / rng, json.dumps(rng_state()))
+    _atomic_write(tmp / RANK_SUMS / f"rank_{rank:05d}", json.dumps(written))
     _barrier()
-    if _rank() != 0:
+    if rank != 0:
         _barrier()
         return None
-    save_file(weights, str(tmp / WEIGHTS), metadata={"format": "pt"})
-    (tmp / STATE).write_text(json.dumps({**state, "step": step, "code_commit": git_commit()}, indent=2) + "\n")
-    write_sums(tmp)
+    known: dict[str, str] = {}
+    for part in sorted((tmp / RANK_SUMS).iterdir()):
+        known.update(json.loads(part.read_text()))
+    shutil.rmtree(tmp / RANK_SUMS)
+    known[STATE] = _write_hashed(tmp / STATE, json.dumps({**state, "step": step, "code_commit": git_commit()},
+                                                         indent=2) + "\n")
+    write_sums(tmp, known)  # files DeepSpeed wrote outside its checkpoint engine (a helper script) are hashed here
     if final.exists():  # the same step saved again (a rerun after the rename, before `latest`)
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -126,7 +143,7 @@ def save_checkpoint(engine, root: Path, step: int, state: dict, keep: int) -> Pa
     return final
 
 
-# --------------------------------------------------------------------------- find / load
+# --------------------------------------------------------------------------- find / verify / load
 
 
 def step_dirs(root: str | Path) -> list[Path]:
@@ -138,30 +155,72 @@ def step_dirs(root: str | Path) -> list[Path]:
     return [p for _, p in sorted(found, reverse=True)]
 
 
-def newest_complete(root: str | Path) -> Path | None:
-    """The newest checkpoint whose checksums verify (read-only); warns about each broken one it skips.
+def weights_only(name: str) -> bool:
+    """The files that consolidation reads (export, init_from): the weight slices and the state."""
+    return name.startswith(f"{SHARDS_DIR}/") or name in (WEIGHTS, STATE)
+
+
+def _my_share(path: Path, entries: dict[str, str], rank: int, world: int) -> dict[str, str]:
+    """Split the files to hash over the ranks, balanced by size, the same way on every rank."""
+    sizes = sorted(((path / n).stat().st_size if (path / n).is_file() else 0, n) for n in entries)
+    load, mine = [0] * world, {}
+    for size, name in reversed(sizes):
+        r = min(range(world), key=lambda i: (load[i], i))
+        load[r] += size
+        if r == rank:
+            mine[name] = entries[name]
+    return mine
+
+
+def verify(path: str | Path, only=None, collective: bool = False) -> None:
+    """Raise KilnError unless every file SHA256SUMS lists (those `only(name)` accepts) verifies.
+    `collective`: every rank calls it and hashes its share; all raise the same first problem."""
+    path = Path(path)
+    rank, world = (_rank(), dist.get_world_size()) if collective and dist.is_initialized() else (0, 1)
+    problem = None
+    try:
+        entries = {k: v for k, v in read_sums(path).items() if only is None or only(k)}
+        check_sums(path, _my_share(path, entries, rank, world))
+    except (KilnError, OSError, ValueError) as err:
+        problem = first_line(err)
+    if world > 1:
+        problems = [None] * world
+        dist.all_gather_object(problems, problem)
+        problem = next((p for p in problems if p), None)
+    if problem:
+        raise KilnError(problem)
+
+
+def newest_complete(root: str | Path, only=None, collective: bool = False) -> Path | None:
+    """The newest checkpoint whose checksums verify; warns about each broken one it skips.
 
     Newest by step, not by the `latest` pointer: a save killed after its rename but before the pointer
-    moved left a complete checkpoint that the pointer does not name yet."""
+    moved left a complete checkpoint that the pointer does not name yet. `only`: verify just those files
+    (consolidation reads the weights, not the optimizer state)."""
     for path in step_dirs(root):
         try:
-            verify_sums(path)
-            json.loads((path / STATE).read_text())
+            verify(path, only, collective)
+            read_state(path)
             return path
-        except (KilnError, OSError, ValueError) as err:
-            log.warning("checkpoint %s is unusable (%s); trying the previous one", path, err)
+        except KilnError as err:
+            if _rank() == 0 or not collective:
+                log.warning("checkpoint %s is unusable (%s); trying the previous one", path, err)
     return None
 
 
-def find_checkpoint(root: str | Path) -> Path | None:
-    """For a resume (rank 0, before any rank writes): drop interrupted saves, take the newest complete
-    checkpoint and make `latest` name it, so export and init_from see what training resumed from."""
+def find_checkpoint(root: str | Path, collective: bool = False) -> Path | None:
+    """For a resume (before any rank writes): drop interrupted saves, take the newest complete checkpoint
+    (verified once, in parallel when `collective`) and make `latest` name it, so export and init_from
+    see what training resumed from."""
     root = Path(root)
-    for tmp in root.glob(".tmp-step_*"):  # a save that was interrupted
-        shutil.rmtree(tmp, ignore_errors=True)
-    path = newest_complete(root)
+    if _rank() == 0:
+        for tmp in root.glob(".tmp-step_*"):  # a save that was interrupted
+            shutil.rmtree(tmp, ignore_errors=True)
+    if collective:
+        _barrier()
+    path = newest_complete(root, collective=collective)
     pointer = root / LATEST
-    if path is not None and (not pointer.exists() or pointer.read_text().strip() != path.name):
+    if _rank() == 0 and path is not None and (not pointer.exists() or pointer.read_text().strip() != path.name):
         _atomic_write(pointer, path.name + "\n")
     return path
 
@@ -174,13 +233,15 @@ def read_state(path: str | Path) -> dict:
         raise KilnError(f"{path}: cannot read checkpoint state ({err})") from None
 
 
-def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """The consolidated plain weights of a checkpoint dir or a MODEL dir (safetensors only)."""
+def load_weights(path: str | Path, verified: bool = False) -> Weights:
+    """The plain weights of a checkpoint dir (sharded or old) or a MODEL dir, read lazily, tensor by tensor.
+    Checks the files it will read against SHA256SUMS unless the caller has (`verified`)."""
     path = Path(path)
-    if not (path / WEIGHTS).exists():
-        raise KilnError(f"{path}: no {WEIGHTS}; expected a checkpoint or MODEL directory")
-    verify_sums(path)
-    return load_safetensors(path / WEIGHTS)
+    if not verified:
+        if not (path / SUMS).exists():
+            raise KilnError(f"{path / SUMS}: missing; cannot verify this directory")
+        verify(path, weights_only)
+    return open_weights(path)
 
 
 def restore_rng(path: Path) -> None:

@@ -30,6 +30,7 @@ from pipeline.commands import (
     cmd_register,
     cmd_track,
     cmd_train,
+    cmd_verify,
 )
 from pipeline.config import ConfigError, KilnError
 
@@ -79,6 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("train", cmd_train, "Train a GPT (DeepSpeed ZeRO + TP + PP); resumes from the latest checkpoint.",
             "torchrun --nproc-per-node 8 --no-python kiln train --config configs/train/125m-1node.yaml")
     p.add_argument("--out", metavar="DIR")
+
+    p = add("verify", cmd_verify, "Hash every byte of prepared corpora against their manifests (training checks "
+            "only sizes, headers and fingerprints at start-up).",
+            "kiln verify data/prepped data/code --threads 8")
+    p.add_argument("data", nargs="+", metavar="DATA", help="`kiln prep` output directories")
+    p.add_argument("--threads", type=int, default=4, help="shards hashed at once")
 
     p = add("export", cmd_export, "Consolidate a checkpoint into a MODEL dir (safetensors) or a HF transformers dir.",
             "kiln export runs/125m/checkpoints/latest --format hf --out exports/125m-hf")

@@ -83,7 +83,7 @@ class TrainConfig(_Strict):
     activation_checkpointing: bool = False
     log_every: int = Field(10, ge=1)
     eval_every: int = Field(0, ge=0, description="0 disables periodic validation")
-    eval_batches: int = Field(8, ge=1)
+    eval_batches: int | None = Field(None, ge=1, description="cap on validation micro-batches (all ranks together); default: all of data.val_tokens")
     peak_flops: float | None = Field(None, gt=0, description="per-device peak for MFU; default: measured/known")
     init_from: str | None = Field(None, description="start from these weights: a checkpoint dir or a MODEL dir")
     compile: bool = Field(False, description="torch.compile each transformer block (GPU throughput)")
@@ -100,6 +100,8 @@ class DataConfig(_Strict):
     paths: list[str] = Field(default_factory=list, description="prep output directories")
     weights: list[float] | None = None
     val_tokens: int = Field(65536, ge=0)
+    verify: Literal["fast", "full"] = Field("fast", description="shard check at start: size, header and fingerprint "
+                                            "(fast) or every byte's sha256, split over the ranks (full)")
 
     @model_validator(mode="after")
     def _weights_match(self) -> DataConfig:

@@ -1,7 +1,9 @@
 """`kiln export`: a checkpoint (any layout) or MODEL dir -> a MODEL dir or a Hugging Face transformers dir.
 
-Checkpoints carry their consolidated plain weights (checkpoint.py), so export
-never needs the layout they were trained with. The HF mapping:
+Checkpoints carry every rank's slices of the plain weights with their slicing
+recorded (checkpoint.py), so export never needs the layout they were trained with:
+it reassembles one tensor at a time and streams it out (peak memory: the largest
+tensor). Only the Hugging Face format builds the whole model in memory. The HF mapping:
 
     llama -> LlamaForCausalLM: same rotary layout ("rotate half"), so weights copy 1:1
     gpt2  -> GPT2LMHeadModel: Conv1D stores (in, out), so every matrix is transposed,
@@ -11,44 +13,54 @@ never needs the layout they were trained with. The HF mapping:
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
 import torch
 
-from pipeline.checkpoint import LATEST, STATE, newest_complete, read_state
+from pipeline.checkpoint import LATEST, STATE, load_weights, newest_complete, read_state, verify, weights_only
 from pipeline.config import KilnError, ModelConfig
 from pipeline.model.flops import ffn_hidden
-from pipeline.model.io import (
-    CONFIG,
-    TOKENIZER,
-    WEIGHTS,
-    load_safetensors,
-    read_config,
-    save_model_dir,
-    verify_sums,
-)
+from pipeline.model.io import CONFIG, TOKENIZER, read_config, save_model_dir, verify_sums
+from pipeline.model.weights import Weights
 
 
-def resolve_source(src: str | Path) -> Path:
-    """A MODEL dir, a checkpoint dir, a `checkpoints/latest` pointer, a checkpoints/ dir or a run dir."""
+def resolve_source(src: str | Path, only=weights_only, collective: bool = False) -> Path:
+    """A MODEL dir, a checkpoint dir, a `checkpoints/latest` pointer, a checkpoints/ dir or a run dir.
+    For a run dir: the newest checkpoint whose weights (`only`) verify, as a resume would choose."""
+    return _resolve(src, only, collective)[0]
+
+
+def resolve_verified(src: str | Path, only=weights_only, collective: bool = False) -> Path:
+    """`resolve_source`, with the chosen directory's files (`only`) checked against SHA256SUMS exactly once
+    (`collective`: every rank calls it and hashes a share)."""
+    path, verified = _resolve(src, only, collective)
+    if not verified:
+        verify(path, only, collective)
+    return path
+
+
+def _resolve(src: str | Path, only=weights_only, collective: bool = False) -> tuple[Path, bool]:
+    """(the directory, whether its weights were just verified choosing it)."""
     src = Path(src)
     if src.is_file() and src.name == LATEST:
-        return src.parent / src.read_text().strip()
+        return src.parent / src.read_text().strip(), False
     if src.is_dir() and not (src / CONFIG).exists() and not (src / STATE).exists():
-        for root in (src, src / "checkpoints"):  # as a resume would: the newest complete one
-            found = newest_complete(root)
+        for root in (src, src / "checkpoints"):
+            found = newest_complete(root, only, collective)
             if found is not None:
-                return found
+                return found, True
     if not src.exists():
         raise KilnError(f"{src}: no such checkpoint or MODEL directory")
-    return src
+    return src, False
 
 
-def load_source(src: str | Path) -> tuple[dict[str, torch.Tensor], ModelConfig, Path | None, dict]:
-    """(plain weights, model config, tokenizer path or None, metadata) of a checkpoint or MODEL dir."""
-    path = resolve_source(src)
-    verify_sums(path)
+def load_source(src: str | Path, verified: bool = False) -> tuple[Weights, ModelConfig, Path | None, dict]:
+    """(plain weights, read lazily; model config; tokenizer path or None; metadata) of a checkpoint or MODEL
+    dir. Checks what it will read against SHA256SUMS: a checkpoint's weights and state, a MODEL dir whole."""
+    path, just_verified = _resolve(src)
+    verified = verified or just_verified
     if (path / STATE).exists():
         state = read_state(path)
         run = state["config"]
@@ -63,14 +75,16 @@ def load_source(src: str | Path) -> tuple[dict[str, torch.Tensor], ModelConfig, 
         meta = {"kiln": {"stage": "pretrain", "step": state["step"], "data_digests": state.get("data_digests"),
                          "data_digest": (state.get("data_digests") or [None])[0], "git_commit": state.get("code_commit"),
                          "train_config": run, "exported_from": str(path)}}
-        return load_safetensors(path / WEIGHTS), cfg, tok, meta
+        return load_weights(path, verified), cfg, tok, meta
+    if not verified:
+        verify_sums(path)
     config = read_config(path)
     if config.get("quantization"):
         raise KilnError(f"{path / CONFIG}: a quantized model cannot be exported to this format")
     cfg = ModelConfig.model_validate(config["model"])
     tok = path / TOKENIZER if (path / TOKENIZER).exists() else None
     meta = {k: v for k, v in config.items() if k not in ("model", "format_version")}
-    return load_safetensors(path / WEIGHTS), cfg, tok, meta
+    return load_weights(path, verified=True), cfg, tok, meta
 
 
 # --------------------------------------------------------------------------- Hugging Face
@@ -147,13 +161,13 @@ def to_hf(state: dict[str, torch.Tensor], cfg: ModelConfig):
 
 
 def export(src: str | Path, out: str | Path, fmt: str = "safetensors") -> dict:
-    source = resolve_source(src)  # once: for a run dir it checksums every candidate checkpoint
-    state, cfg, tok, meta = load_source(source)
+    source, verified = _resolve(src)  # for a run dir this already checksums the chosen checkpoint's weights
+    state, cfg, tok, meta = load_source(source, verified)
     out = Path(out)
     if fmt == "safetensors":
-        save_model_dir(state, cfg, out, tokenizer=tok, meta=meta)
+        save_model_dir(state, cfg, out, tokenizer=tok, meta=meta, as_float32=True)
     elif fmt == "hf":
-        model = to_hf(state, cfg)
+        model = to_hf(state.to_dict(), cfg)  # an explicit export: the one place the whole model is in memory
         out.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(str(out), safe_serialization=True)
         if tok:
@@ -163,4 +177,4 @@ def export(src: str | Path, out: str | Path, fmt: str = "safetensors") -> dict:
     else:
         raise KilnError(f"--format {fmt}: expected safetensors or hf")
     return {"source": str(source), "out": str(out), "format": fmt, "style": cfg.style,
-            "params": sum(v.numel() for v in state.values())}
+            "params": sum(math.prod(state.shape(n)) for n in state.names())}

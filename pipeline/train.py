@@ -27,12 +27,14 @@ from pipeline.checkpoint import (
     read_state,
     restore_rng,
     save_checkpoint,
+    weights_only,
 )
 from pipeline.config import ConfigError, KilnError, RunConfig, first_line
 from pipeline.console import log, progress
 from pipeline.data.sampler import TrainData, rank_slice
 from pipeline.model.flops import flops_per_token
 from pipeline.model.io import save_model_dir, sha256_file
+from pipeline.model.weights import open_weights
 from pipeline.parallel.engine import Engine, lr_at
 from pipeline.parallel.topology import init_distributed, make_layout
 from pipeline.preflight import check_resume, check_vocab
@@ -126,15 +128,36 @@ def _trim_metrics(path: Path, step: int) -> None:
     path.write_text("".join(ln + "\n" for ln in keep))
 
 
-def _open_data(cfg: RunConfig) -> TrainData:
-    """One process per node hashes the shards against the manifest; the others wait, then trust it."""
-    local0 = os.environ.get("LOCAL_RANK", "0") == "0"
-    if local0:
-        data = TrainData(cfg.data, cfg.model.block_size, cfg.train.seed, verify=True)
-    dist.barrier()
-    if not local0:
-        data = TrainData(cfg.data, cfg.model.block_size, cfg.train.seed, verify=False)
+def _open_data(cfg: RunConfig, layout) -> TrainData:
+    """Every rank opens the corpora and checks each shard against the manifest by size, header and
+    fingerprint (O(shards)); `data.verify: full` also hashes every byte, the shards split over the ranks."""
+    data = TrainData(cfg.data, cfg.model.block_size, cfg.train.seed)
+    if cfg.data.verify == "full":
+        data.verify_full(rank=layout.rank, world=layout.world)
     return data
+
+
+def _eval_batches(cfg: RunConfig, layout, data: TrainData) -> int:
+    """Micro-batches per rank per validation: the first windows of data.val_tokens (at most train.eval_batches
+    micro-batches in all), in whole global eval batches, so every layout evaluates the same windows.
+    A validation set smaller than one global eval batch is a config error, never a silent skip."""
+    t = cfg.train
+    if not t.eval_every:
+        return 0
+    per_batch = t.micro_batch_size * layout.dp
+    have, block = len(data.val), cfg.model.block_size
+    if have < per_batch:
+        raise ConfigError(
+            f"data.val_tokens: validation holds {have} windows of {block} tokens ({have * block:,} tokens: "
+            f"data.val_tokens={cfg.data.val_tokens:,}, the corpora's val splits hold {data.val_available:,} windows), "
+            f"but one evaluation batch needs micro_batch_size {t.micro_batch_size} x dp {layout.dp} = {per_batch} "
+            f"windows ({per_batch * block:,} tokens); raise data.val_tokens or set train.eval_every=0")
+    if data.val_available < data.val_requested and layout.rank == 0:
+        log.warning("data.val_tokens asks for %d windows of %d tokens; the corpora's val splits hold %d",
+                    data.val_requested, block, data.val_available)
+    if t.eval_batches:  # a cap on the windows evaluated, the same whatever the layout
+        have = max(per_batch, min(have, t.eval_batches * t.micro_batch_size))
+    return have // per_batch
 
 
 def _starting_point(cfg: RunConfig, layout, data: TrainData, resume: Path | None):
@@ -142,20 +165,21 @@ def _starting_point(cfg: RunConfig, layout, data: TrainData, resume: Path | None
     if resume is None:
         if not cfg.train.init_from:
             return 0, 0, 0.0, False, None
-        from pipeline.export import resolve_source
+        from pipeline.export import resolve_verified
 
-        log.info("starting from the weights of %s", cfg.train.init_from)
-        return 0, 0, 0.0, False, load_weights(resolve_source(cfg.train.init_from))
+        source = resolve_verified(cfg.train.init_from, weights_only, collective=True)  # each rank hashes a share
+        log.info("starting from the weights of %s", source)
+        return 0, 0, 0.0, False, load_weights(source, verified=True)
     state = read_state(resume)
     check_resume(cfg, resume, state, data.digests)
     here = _layout_key(cfg, layout.world)
     same_layout = state.get("layout") == here
-    init_state = None
+    source = None
     if not same_layout:
         log.warning("%s was saved with layout %s; continuing at %s from its consolidated weights "
                     "(optimizer state starts fresh)", resume, state.get("layout"), here)
-        init_state = load_weights(resume)
-    return state["step"], state["consumed_samples"], state.get("elapsed_s", 0.0), same_layout, init_state
+        source = open_weights(resume)  # verified with the whole checkpoint by find_checkpoint
+    return state["step"], state["consumed_samples"], state.get("elapsed_s", 0.0), same_layout, source
 
 
 def train(
@@ -178,8 +202,10 @@ def train(
                         f"(train.collective_timeout_s={cfg.train.collective_timeout_s:g}): {first_line(err)}") from None
 
 
-_TIMEOUT_MARKS = ("timed out",)
-_PEER_MARKS = ("connection closed by peer", "connection reset by peer", "broken pipe")
+# gloo's words, then NCCL's (its watchdog, with TORCH_NCCL_ASYNC_ERROR_HANDLING=2: topology.NCCL_ENV)
+_TIMEOUT_MARKS = ("timed out", "collective operation timeout")
+_PEER_MARKS = ("connection closed by peer", "connection reset by peer", "broken pipe",
+               "remote process exited", "communicator was aborted", "network error")
 
 
 def _lost_peer(err: RuntimeError) -> str | None:
@@ -198,21 +224,22 @@ def _train(cfg: RunConfig, on_log, on_checkpoint, on_end) -> dict:
     layout = make_layout(cfg)
     rank0 = layout.rank == 0
     t = cfg.train
-    data = _open_data(cfg)
+    data = _open_data(cfg, layout)
     check_vocab(cfg, data.vocab_size)
     if cfg.model.vocab_size is None:
         cfg.model.vocab_size = data.vocab_size
+    eval_batches = _eval_batches(cfg, layout, data)
     out = Path(cfg.out)
     ckpt_root = out / "checkpoints"
     metrics_path = out / "metrics.jsonl"
     if rank0:
         ckpt_root.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(t.seed)
+    torch.manual_seed(layout.dropout_seed(t.seed))  # dropout: same within a TP group, different across DP/PP
 
     # ---------------------------------------------------------------- resume or start
-    resume = _broadcast(find_checkpoint(ckpt_root) if rank0 else None)
-    step, consumed, elapsed0, same_layout, init_state = _starting_point(cfg, layout, data, resume)
-    engine = Engine(cfg, layout, init_state)
+    resume = find_checkpoint(ckpt_root, collective=True)
+    step, consumed, elapsed0, same_layout, source = _starting_point(cfg, layout, data, resume)
+    engine = Engine(cfg, layout, source)
     if resume is not None and same_layout:
         engine.load(resume)
         restore_rng(resume)
@@ -231,21 +258,21 @@ def _train(cfg: RunConfig, on_log, on_checkpoint, on_end) -> dict:
              f"{sum(p.numel() for p in engine.engine.module.parameters()):,} local", global_batch,
              cfg.model.block_size, t.steps)
 
-    def evaluate() -> float | None:
-        """Mean loss over the same first val samples whatever the layout (each DP rank takes a slice)."""
+    def evaluate() -> float:
+        """Mean loss over the first val windows, the same whatever the layout (each DP rank takes a slice)."""
         mbs = t.micro_batch_size
-        per_rank = min(len(data.val), t.eval_batches * mbs) // (mbs * layout.dp)
-        if per_rank == 0:
-            return None
-        first = layout.dp_rank * per_rank * mbs
-        return engine.evaluate([data.val_batch(first + b * mbs, mbs) for b in range(per_rank)])
+        first = layout.dp_rank * eval_batches * mbs
+        return engine.evaluate([data.val_batch(first + b * mbs, mbs) for b in range(eval_batches)])
+
+    newest = resume
 
     def checkpoint(at: int) -> None:
-        path = save_checkpoint(engine, ckpt_root, at, {**base_state, "consumed_samples": consumed,
-                                                       "elapsed_s": elapsed0 + time.perf_counter() - t_start},
-                               cfg.checkpoint.keep)
+        nonlocal newest
+        newest = save_checkpoint(engine, ckpt_root, at, {**base_state, "consumed_samples": consumed,
+                                                         "elapsed_s": elapsed0 + time.perf_counter() - t_start},
+                                 cfg.checkpoint.keep)
         if rank0 and on_checkpoint:
-            on_checkpoint(path)
+            on_checkpoint(newest)
 
     # ---------------------------------------------------------------- loop
     t_start = time.perf_counter()
@@ -287,14 +314,14 @@ def _train(cfg: RunConfig, on_log, on_checkpoint, on_end) -> dict:
                 t_last, tokens_last = time.perf_counter(), 0
 
     # ---------------------------------------------------------------- the MODEL dir
-    weights = engine.consolidated_state()
     model_dir = out / "model"
-    if rank0:
+    if rank0:  # streamed tensor by tensor from the last checkpoint's weight slices: nothing is gathered
+        weights = open_weights(newest)
         tok = data.tokenizer
         meta = {"kiln": {"stage": "pretrain", "step": step, "data_digests": data.digests,
                          "data_digest": data.digests[0], "tokenizer_sha256": sha256_file(tok) if tok else None,
                          "git_commit": git_commit(), "train_config": cfg.model_dump(mode="json")}}
-        save_model_dir(weights, cfg.model, model_dir, tokenizer=tok, meta=meta)
+        save_model_dir(weights, cfg.model, model_dir, tokenizer=tok, meta=meta, as_float32=True)
         log.info("model written to %s", model_dir)
         if on_end:
             on_end(model_dir)

@@ -67,8 +67,7 @@ def fake_corpus(
             with IndexedWriter(directory / rel, np.uint16) as w:
                 for i in part:
                     w.add(docs[i])
-            entries.append({"path": rel + ".bin", "sha256": w.result["sha256"], "documents": w.result["documents"],
-                            "tokens": w.result["tokens"], "split": split})
+            entries.append({"path": rel + ".bin", "split": split, **w.result})
     tok = {"path": "tokenizer.model", "sha256": None, "vocab_size": vocab_size}
     if tokenizer:
         data = Path(tokenizer).read_bytes()

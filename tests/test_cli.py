@@ -9,7 +9,7 @@ import pytest
 
 from pipeline.cli import build_parser, main
 
-COMMANDS = ["prep", "train", "export", "quantize", "distill", "prune", "eval", "generate", "register",
+COMMANDS = ["prep", "train", "verify", "export", "quantize", "distill", "prune", "eval", "generate", "register",
             "fetch", "lineage", "plot", "track", "plan", "launch", "demo"]
 
 

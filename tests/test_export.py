@@ -12,7 +12,7 @@ from pipeline.cli import main
 from pipeline.config import ModelConfig
 from pipeline.export import export, to_hf
 from pipeline.model.io import load_model_dir, save_model_dir
-from pipeline.parallel.parts import build_gpt
+from pipeline.parallel.materialize import build_gpt
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -25,7 +25,7 @@ pytestmark = [pytest.mark.fault, pytest.mark.slow]
 # whole job: torchrun and every worker, as a lost node would) at `point` of the checkpoint save of `step`:
 #   before   entering save_checkpoint: nothing of this save written yet
 #   shard    this rank's DeepSpeed files written under .tmp-step_*, the others' maybe not
-#   torn     rank 0 half-way through model.safetensors (the file is cut in two first)
+#   torn     rank 0 half-way through its weight shard weights/rank_00000.safetensors (cut in two first)
 #   renamed  rank 0 after renaming .tmp-step_* to step_*, before moving the `latest` pointer
 #   after    save_checkpoint returned: the checkpoint is complete and named by `latest`
 HOOK = '''
@@ -60,14 +60,17 @@ if SPEC and "LOCAL_RANK" in os.environ:
         return path
 
     def save(self, directory, _save=engine.Engine.save):
-        _save(self, directory)
+        written = _save(self, directory)
         die("shard", directory)
+        return written
 
-    def save_file(weights, path, metadata=None, _save=checkpoint.save_file):
-        _save(weights, path, metadata=metadata)
-        if hit("torn", os.path.dirname(path)):
+    def write_shard(path, slices, _write=engine.write_shard):
+        sha = _write(path, slices)
+        step_dir = os.path.dirname(os.path.dirname(path))
+        if hit("torn", step_dir):
             os.truncate(path, os.path.getsize(path) // 2)
-            die("torn", os.path.dirname(path))
+            die("torn", step_dir)
+        return sha
 
     def atomic_write(path, text, _write=checkpoint._atomic_write):
         if path.name == "latest":
@@ -75,7 +78,7 @@ if SPEC and "LOCAL_RANK" in os.environ:
         _write(path, text)
 
     train.save_checkpoint, engine.Engine.save = save_checkpoint, save
-    checkpoint.save_file, checkpoint._atomic_write = save_file, atomic_write
+    engine.write_shard, checkpoint._atomic_write = write_shard, atomic_write
 '''
 
 SETS = ["train.steps=10", "checkpoint.every=2", "checkpoint.keep=2", "train.eval_every=4",
@@ -124,7 +127,7 @@ def test_killed_around_checkpoints_then_rerun_equals_uninterrupted(corpus, tmp_p
     plan = [
         ("before:4:1", lambda: not (ckpts / "step_0000004").exists(), "step_0000002"),
         ("shard:4:all", lambda: (ckpts / ".tmp-step_0000004" / "ds").is_dir(), "step_0000002"),
-        ("torn:4:0", lambda: (ckpts / ".tmp-step_0000004" / "model.safetensors").exists(), "step_0000002"),
+        ("torn:4:0", lambda: (ckpts / ".tmp-step_0000004" / "weights" / "rank_00000.safetensors").exists(), "step_0000002"),
         ("renamed:4:0", lambda: (ckpts / "latest").read_text().strip() == "step_0000002"
          and (ckpts / "step_0000004" / "SHA256SUMS").exists(), "step_0000004"),
         ("after:6:1", lambda: (ckpts / "latest").read_text().strip() == "step_0000006", "step_0000006"),

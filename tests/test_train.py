@@ -212,9 +212,10 @@ def test_fp16_on_cpu_is_a_config_error():
 
 def test_init_from_with_another_shape_is_one_line(tmp_path):
     from pipeline.config import KilnError, ModelConfig
-    from pipeline.parallel.parts import build_gpt
+    from pipeline.model.weights import DictWeights
+    from pipeline.parallel.materialize import build_gpt
 
     small = ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=50)
-    state = dict(build_gpt(small, seed=0).state_dict())
+    state = DictWeights(dict(build_gpt(small, seed=0).state_dict()))
     with pytest.raises(KilnError, match="train.init_from: embed.wte.weight has shape"):
-        build_gpt(small.model_copy(update={"vocab_size": 60}), seed=0, init_state=state)
+        build_gpt(small.model_copy(update={"vocab_size": 60}), seed=0, source=state)

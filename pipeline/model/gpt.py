@@ -6,6 +6,10 @@ about ranks or devices: tensor and pipeline parallelism are applied on top of it
 by `pipeline/model/tensor_parallel.py` and `pipeline/parallel/`. For that, every
 layer derives its local sizes from its weights, never from the config, so a
 column-split projection simply yields fewer heads.
+
+The model can be built on the meta device (no memory, no init) and materialized
+later, shard by shard: `init_plan` says how each parameter starts, and buffers
+are recomputed by `reset_buffers()`.
 """
 
 from __future__ import annotations
@@ -15,7 +19,6 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from pipeline.config import ModelConfig
 from pipeline.model.flops import ffn_hidden
@@ -32,11 +35,22 @@ class Rotary(nn.Module):
 
     def __init__(self, head_dim: int, max_len: int, theta: float):
         super().__init__()
-        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-        freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
+        self.head_dim, self.max_len, self.theta = head_dim, max_len, theta
+        self.register_buffer("cos", torch.empty(max_len, head_dim), persistent=False)
+        self.register_buffer("sin", torch.empty(max_len, head_dim), persistent=False)
+        self.reset_buffers()
+
+    def reset_buffers(self) -> None:
+        """(Re)compute cos/sin on the buffers' device (a no-op on the meta device)."""
+        if self.cos.is_meta:
+            return
+        d = self.head_dim
+        inv_freq = 1.0 / self.theta ** (torch.arange(0, d, 2, dtype=torch.float32, device=self.cos.device) / d)
+        freqs = torch.outer(torch.arange(self.max_len, dtype=torch.float32, device=self.cos.device), inv_freq)
         emb = torch.cat([freqs, freqs], dim=-1)
-        self.register_buffer("cos", emb.cos(), persistent=False)
-        self.register_buffer("sin", emb.sin(), persistent=False)
+        with torch.no_grad():
+            self.cos.copy_(emb.cos())
+            self.sin.copy_(emb.sin())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, H, T, D)
         t = x.size(-2)
@@ -134,6 +148,41 @@ class Head(nn.Module):
         return self.lm_head(self.norm(x))
 
 
+RESIDUAL = ("attn.wo", "mlp.w2", "mlp.proj")  # GPT-2/GPT-3: std / sqrt(2 * n_layer)
+
+
+def init_plan(module: nn.Module, cfg: ModelConfig, skip: tuple[str, ...] = ()) -> list[tuple[str, str, float]]:
+    """How every parameter under `module` starts, in a fixed order: (name, "normal" | "zeros" | "ones", std).
+
+    GPT-3 style: linear weights and embeddings N(0, init_std), residual output projections
+    N(0, init_std / sqrt(2 n_layer)), biases 0, norm weights 1. The order is the order in which a
+    seeded generator draws them, so a part initialized alone equals the same part of the whole model.
+    `skip` names submodules left out (a tied head: the embedding carries its weight).
+    """
+    plan = []
+    for name, m in module.named_modules():
+        if name in skip:
+            continue
+        pre = f"{name}." if name else ""
+        if isinstance(m, nn.Linear | nn.Embedding):
+            residual = isinstance(m, nn.Linear) and name.endswith(RESIDUAL)
+            plan.append((pre + "weight", "normal", cfg.init_std / math.sqrt(2 * cfg.n_layer) if residual else cfg.init_std))
+            if getattr(m, "bias", None) is not None:
+                plan.append((pre + "bias", "zeros", 0.0))
+        elif isinstance(m, nn.LayerNorm | nn.RMSNorm):
+            plan.append((pre + "weight", "ones", 0.0))
+            if getattr(m, "bias", None) is not None:
+                plan.append((pre + "bias", "zeros", 0.0))
+    return plan
+
+
+def initial_value(kind: str, std: float, shape, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One parameter's starting value (fp32, CPU) as `init_plan` describes it."""
+    if kind == "normal":
+        return torch.randn(shape, generator=generator) * std
+    return torch.ones(shape) if kind == "ones" else torch.zeros(shape)
+
+
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean token loss in fp32; target -100 is ignored."""
     return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
@@ -151,20 +200,11 @@ class GPT(nn.Module):
         if cfg.tie_embeddings:
             self.head.lm_head.weight = self.embed.wte.weight
         self.loss_fn = cross_entropy  # tensor parallelism swaps in a vocab-parallel version
-        self.activation_checkpointing = False
-        self.apply(self._init_weights)
-        # GPT-2/GPT-3: scale residual output projections by 1/sqrt(2 * n_layer)
-        for name, p in self.named_parameters():
-            if name.endswith(("attn.wo.weight", "mlp.w2.weight", "mlp.proj.weight")):
-                nn.init.normal_(p, mean=0.0, std=cfg.init_std / math.sqrt(2 * cfg.n_layer))
-
-    def _init_weights(self, module: nn.Module) -> None:
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, mean=0.0, std=self.cfg.init_std)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=self.cfg.init_std)
+        if not self.embed.wte.weight.is_meta:  # built for use right away (not to be materialized by parts)
+            params = dict(self.named_parameters())
+            with torch.no_grad():
+                for name, kind, std in init_plan(self, cfg, skip=("head.lm_head",) if cfg.tie_embeddings else ()):
+                    params[name].copy_(initial_value(kind, std, params[name].shape))
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
         """Return logits (B, T, V), and the mean loss when targets are given."""
@@ -172,10 +212,7 @@ class GPT(nn.Module):
             raise ValueError(f"sequence length {idx.size(1)} exceeds model.block_size {self.cfg.block_size}")
         x = self.embed(idx)
         for block in self.blocks:
-            if self.activation_checkpointing and self.training:
-                x = checkpoint(block, x, use_reentrant=False)
-            else:
-                x = block(x)
+            x = block(x)
         logits = self.head(x)
         if targets is None:
             return logits, None

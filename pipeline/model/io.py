@@ -19,12 +19,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from pipeline.config import KilnError, ModelConfig, first_line
 from pipeline.model.gpt import GPT
+from pipeline.model.weights import WEIGHTS, DictWeights, Weights, save_weights
 
-WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 TOKENIZER = "tokenizer.model"
 SUMS = "SHA256SUMS"
@@ -39,27 +39,54 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def write_sums(directory: Path) -> None:
-    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != SUMS)
-    lines = [f"{sha256_file(p)}  {p.relative_to(directory).as_posix()}" for p in files]
+def write_sums(directory: Path, known: dict[str, str] | None = None) -> None:
+    """SHA256SUMS over every file under `directory`; digests in `known` (computed while the files were
+    written) are taken as they are, the rest are hashed here."""
+    known = known or {}
+    files = sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file() and p.name != SUMS)
+    missing = sorted(set(known) - set(files))
+    if missing:
+        raise KilnError(f"{directory}: {missing[0]} was hashed when written but is not there")
+    lines = [f"{known.get(name) or sha256_file(directory / name)}  {name}" for name in files]
     (directory / SUMS).write_text("\n".join(lines) + "\n")
 
 
-def verify_sums(directory: str | Path) -> None:
-    """Raise KilnError naming the first file whose checksum does not match."""
+def read_sums(directory: str | Path) -> dict[str, str]:
+    """{relative path: sha256} from SHA256SUMS, every path confined to `directory` (no absolute paths,
+    no `..`, no links or special files): a checksum file is data a stranger may have written."""
     directory = Path(directory)
     sums = directory / SUMS
     if not sums.exists():
-        raise KilnError(f"{sums}: missing; cannot verify this model directory")
-    for line in sums.read_text().splitlines():
+        raise KilnError(f"{sums}: missing; cannot verify this directory")
+    out: dict[str, str] = {}
+    for n, line in enumerate(sums.read_text(errors="replace").splitlines(), 1):
         if not line.strip():
             continue
-        digest, name = line.split(maxsplit=1)
+        digest, _, name = line.partition("  ")
+        parts = Path(name).parts
+        if not name or Path(name).is_absolute() or ".." in parts or len(digest) != 64:
+            raise KilnError(f"{sums}:{n}: not a checksum of a file inside {directory}: {line[:120]!r}")
+        out[name] = digest
+    return out
+
+
+def check_sums(directory: str | Path, entries: dict[str, str]) -> None:
+    """Raise KilnError naming the first listed file that is missing, not a plain file or whose bytes differ."""
+    directory = Path(directory)
+    for name, digest in entries.items():
         path = directory / name
         if not path.exists():
             raise KilnError(f"{path}: listed in {SUMS} but missing")
+        if path.is_symlink() or not path.is_file():
+            raise KilnError(f"{path}: listed in {SUMS} but not a regular file")
         if sha256_file(path) != digest:
             raise KilnError(f"{path}: checksum mismatch (corrupt or modified)")
+
+
+def verify_sums(directory: str | Path, only=None) -> None:
+    """Check every file SHA256SUMS lists (or those whose name `only(name)` accepts)."""
+    entries = read_sums(directory)
+    check_sums(directory, {k: v for k, v in entries.items() if only is None or only(k)})
 
 
 def load_safetensors(path: str | Path, device: str = "cpu") -> dict[str, torch.Tensor]:
@@ -109,25 +136,32 @@ def unique_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_model_dir(
-    state: dict[str, torch.Tensor] | torch.nn.Module,
+    state: dict[str, torch.Tensor] | torch.nn.Module | Weights,
     cfg: ModelConfig,
     out: str | Path,
     tokenizer: str | Path | None = None,
     meta: dict | None = None,
+    as_float32: bool = False,
 ) -> Path:
-    """Write a MODEL dir atomically (temp dir + rename): a reader never sees half of one."""
+    """Write a MODEL dir atomically (temp dir + rename): a reader never sees half of one.
+
+    `state` may be lazy (`Weights`, e.g. a sharded checkpoint): the weights then stream through tensor by
+    tensor, stored as they are given, or as float32 when the source is a checkpoint (`as_float32`)."""
     out = Path(out)
     if isinstance(state, torch.nn.Module):
         state = unique_state_dict(state)
+    if isinstance(state, dict):
+        state = DictWeights(state)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt", "kiln_format": str(FORMAT_VERSION)})
+        known = {WEIGHTS: save_weights(state, tmp / WEIGHTS, {"format": "pt", "kiln_format": str(FORMAT_VERSION)},
+                                       dtype=torch.float32 if as_float32 else None)}
         config = {"format_version": FORMAT_VERSION, "model": cfg.model_dump(mode="json"), **(meta or {})}
         (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if tokenizer:
             shutil.copyfile(tokenizer, tmp / TOKENIZER)
-        write_sums(tmp)
+        write_sums(tmp, known)
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             os.replace(out, old)

@@ -10,15 +10,18 @@ walks it and swaps layers for sharded versions built from the full weights:
     loss                              -> vocab_parallel_cross_entropy (no full-vocab gather)
 
 Each collective is a pair of autograd functions (identity forward / all-reduce
-backward and the reverse), as in Megatron-LM. Parameter names are unchanged, so a
-sharded state dict consolidates by concatenating along `param.tp_dim`.
-The vocabulary is padded to a multiple of 64*tp; padded logits are masked out of
-the loss and stripped on consolidation.
+backward and the reverse), as in Megatron-LM. Parameter names are unchanged, and
+every sharded parameter carries `tp_shard` (which slice of the full tensor it is):
+`take_shard` cuts a full tensor to it, `TPShard.place` says where a shard lies in
+the full tensor. Layers may be swapped on the meta device (nothing allocated) and
+filled later. The vocabulary is padded to a multiple of 64*tp; padded logits are
+masked out of the loss and stripped on consolidation.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -71,16 +74,45 @@ def reduce_from_tp(x: torch.Tensor, group) -> torch.Tensor:
 # --------------------------------------------------------------------------- layers
 
 
-def _shard(t: torch.Tensor, dim: int, rank: int, size: int) -> torch.Tensor:
-    return t.chunk(size, dim=dim)[rank].clone().contiguous()
+@dataclass(frozen=True)
+class TPShard:
+    """Slice `rank` of `size` equal slices along `dim` of the full tensor zero-padded to `padded` along dim;
+    the full tensor itself is `length` long there (the rest is vocabulary padding)."""
+
+    dim: int
+    rank: int
+    size: int
+    length: int
+    padded: int
+
+    @property
+    def start(self) -> int:
+        return self.rank * (self.padded // self.size)
+
+    @property
+    def stop(self) -> int:
+        return self.start + self.padded // self.size
 
 
-def _mark(p: nn.Parameter, dim: int, vocab: int | None = None) -> nn.Parameter:
-    """Tell DeepSpeed (grad norm) and consolidation how this parameter is split."""
+def take_shard(full: torch.Tensor, shard: TPShard | None) -> torch.Tensor:
+    """This rank's slice of a full tensor (padding rows added as zeros); the tensor itself when unsharded."""
+    if shard is None:
+        return full
+    if full.size(shard.dim) < shard.padded:
+        pad = list(full.shape)
+        pad[shard.dim] = shard.padded - full.size(shard.dim)
+        full = torch.cat([full, full.new_zeros(pad)], dim=shard.dim)
+    return full.narrow(shard.dim, shard.start, shard.stop - shard.start).clone().contiguous()
+
+
+def _split(full: torch.Tensor, dim: int, rank: int, size: int, padded: int | None = None) -> nn.Parameter:
+    """A parameter holding this rank's slice of `full` (works on the meta device), tagged with its TPShard
+    for DeepSpeed (grad norm) and for consolidation."""
+    length = full.size(dim)
+    shard = TPShard(dim, rank, size, length, padded or length)
+    p = nn.Parameter(take_shard(full.detach(), shard))
     p.tensor_model_parallel = True
-    p.tp_dim = dim
-    if vocab is not None:
-        p.tp_vocab = vocab  # true vocab size: rows past it are padding
+    p.tp_shard = shard
     return p
 
 
@@ -92,15 +124,9 @@ class ColumnParallelLinear(nn.Module):
         self.group, self.weight, self.bias = group, weight, bias
 
     @classmethod
-    def from_full(cls, full: nn.Linear, group, rank: int, size: int, pad_to: int | None = None,
-                  vocab: int | None = None) -> ColumnParallelLinear:
-        weight = full.weight.detach()
-        if pad_to is not None and pad_to > weight.size(0):
-            weight = torch.cat([weight, weight.new_zeros(pad_to - weight.size(0), weight.size(1))])
-        bias = None
-        if full.bias is not None:
-            bias = _mark(nn.Parameter(_shard(full.bias.detach(), 0, rank, size)), 0)
-        return cls(_mark(nn.Parameter(_shard(weight, 0, rank, size)), 0, vocab), bias, group)
+    def from_full(cls, full: nn.Linear, group, rank: int, size: int, pad_to: int | None = None) -> ColumnParallelLinear:
+        bias = _split(full.bias, 0, rank, size) if full.bias is not None else None
+        return cls(_split(full.weight, 0, rank, size, pad_to), bias, group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(copy_to_tp(x, self.group), self.weight, self.bias)
@@ -112,7 +138,7 @@ class RowParallelLinear(nn.Module):
     def __init__(self, full: nn.Linear, group, rank: int, size: int):
         super().__init__()
         self.group = group
-        self.weight = _mark(nn.Parameter(_shard(full.weight.detach(), 1, rank, size)), 1)
+        self.weight = _split(full.weight, 1, rank, size)
         self.bias = nn.Parameter(full.bias.detach().clone()) if full.bias is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -126,10 +152,7 @@ class VocabParallelEmbedding(nn.Module):
     def __init__(self, full: nn.Embedding, group, rank: int, size: int, padded: int):
         super().__init__()
         self.group = group
-        vocab = full.weight.size(0)
-        weight = full.weight.detach()
-        weight = torch.cat([weight, weight.new_zeros(padded - vocab, weight.size(1))])
-        self.weight = _mark(nn.Parameter(_shard(weight, 0, rank, size)), 0, vocab)
+        self.weight = _split(full.weight, 0, rank, size, padded)
         self.start = rank * (padded // size)
         self.end = self.start + padded // size
 
@@ -205,9 +228,10 @@ ROW = ("wo", "w2", "proj")
 def parallelize_tp(module: nn.Module, group, vocab_size: int, tied: bool) -> nn.Module:
     """Swap every plain layer under `module` for its tensor-parallel version, in place.
 
-    `module` may be the whole GPT or one pipeline stage's layer (Embedding, Block, Head).
-    Replicated parameters (norms, row biases) are marked `model_parallel` on TP rank 0
-    only, so DeepSpeed's gradient norm counts each of them once.
+    `module` may be the whole GPT or one pipeline stage's layer (Embedding, Block, Head), on the meta
+    device or not; the loss to pair it with is `VocabParallelCrossEntropy`. Replicated parameters
+    (norms, row biases) are marked `model_parallel` on TP rank 0 only, so the gradient norm counts
+    each of them once.
     """
     from pipeline.model.gpt import GPT, Attention, Embedding, GeluMLP, Head, SwiGLU
 
@@ -223,24 +247,11 @@ def parallelize_tp(module: nn.Module, group, vocab_size: int, tied: bool) -> nn.
         elif isinstance(parent, Embedding):
             parent.wte = VocabParallelEmbedding(parent.wte, group, rank, size, padded)
         elif isinstance(parent, Head) and not (tied and isinstance(module, GPT)):
-            parent.lm_head = ColumnParallelLinear.from_full(parent.lm_head, group, rank, size, padded, vocab_size)
-    if isinstance(module, GPT):
-        if tied:
-            module.head.lm_head = ColumnParallelLinear(module.embed.wte.weight, None, group)
-        module.loss_fn = VocabParallelCrossEntropy(group, rank, vocab_size, padded, size)
+            parent.lm_head = ColumnParallelLinear.from_full(parent.lm_head, group, rank, size, padded)
+    if isinstance(module, GPT) and tied:
+        module.head.lm_head = ColumnParallelLinear(module.embed.wte.weight, None, group)
     for p in module.parameters():
         if not getattr(p, "tensor_model_parallel", False):
             p.model_parallel = rank == 0
     return module
 
-
-def gather_tp(t: torch.Tensor, p: nn.Parameter | None, group) -> torch.Tensor:
-    """The full tensor of a possibly sharded parameter (padding stripped); call on every TP rank."""
-    dim = getattr(p, "tp_dim", None) if p is not None else None
-    if dim is None or group is None or dist.get_world_size(group) == 1:
-        return t
-    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, t.contiguous(), group=group)
-    full = torch.cat(parts, dim=dim)
-    vocab = getattr(p, "tp_vocab", None)
-    return full[:vocab] if vocab is not None else full

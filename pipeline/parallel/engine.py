@@ -3,22 +3,34 @@
 PP = 1: the (TP-sharded) GPT goes through `deepspeed.initialize` with ZeRO 0-3;
 each micro-batch is forward/backward/step (DeepSpeed accumulates and steps at
 the boundary). PP > 1: a `PipelineModule` and `engine.train_batch` (1F1B).
+Either way the model is materialized in place, this rank's slice only, already
+on its device and in its training dtype (materialize.py); under ZeRO-3 each
+parameter is partitioned as soon as it exists.
 The optimizer is torch's AdamW in both (works on CPU and GPU, and its state
 restores bit for bit); the learning rate is set by Kiln every step, so the
 schedule is a pure function of the step number.
+
+`save` writes DeepSpeed's state and this rank's slice of the plain weights, and
+returns the sha256 of every file this rank wrote, computed while writing.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from pipeline.config import KilnError, RunConfig
 from pipeline.model.io import weights_only_loads
-from pipeline.parallel.parts import build_gpt, consolidated_state
+from pipeline.model.weights import SHARDS_DIR, Weights, write_shard
+from pipeline.parallel.materialize import build_gpt, local_slices
 from pipeline.parallel.topology import Layout
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def deepspeed_state_types() -> list[type]:
@@ -66,11 +78,12 @@ def lr_at(step: int, cfg: RunConfig) -> float:
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices (weights, embeddings), not norms or biases."""
+    """Decay matrices (weights, embeddings), not norms or biases. A ZeRO-3 parameter is judged by its full
+    shape (`ds_shape`): its own data is an empty placeholder once partitioned."""
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
+            (decay if len(getattr(p, "ds_shape", p.shape)) >= 2 else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -89,32 +102,34 @@ def _grad_norm_and_clip(engine, max_norm: float, layout: Layout) -> float:
 
 
 class Engine:
-    """Wraps the DeepSpeed engine: train_step, evaluate, save/load, consolidated weights."""
+    """Wraps the DeepSpeed engine: train_step, evaluate, save (with this rank's weight slices), load."""
 
-    def __init__(self, cfg: RunConfig, layout: Layout, init_state: dict | None = None):
+    def __init__(self, cfg: RunConfig, layout: Layout, source: Weights | None = None):
+        """`source`: start from these weights (train.init_from, a resume at another layout), else from the seed."""
         import deepspeed
+        from deepspeed.accelerator import get_accelerator
 
         self.cfg, self.layout = cfg, layout
         self.pipe = layout.pp > 1
+        self.zero3 = cfg.parallel.zero_stage == 3
+        device = torch.device(get_accelerator().current_device_name())
+        dtype = DTYPES[cfg.train.precision]
+        t = cfg.train
+        config = ds_config(cfg, layout.dp)
         if self.pipe:
             from pipeline.parallel.pipeline_module import build_pipeline_module
 
-            model = build_pipeline_module(cfg, layout, init_state)
+            model = build_pipeline_module(cfg, layout, device, dtype, source)
         else:
-            model = build_gpt(cfg.model, cfg.train.seed, layout.tp_group if layout.tp > 1 else None, init_state)
-            model.activation_checkpointing = cfg.train.activation_checkpointing
-        t = cfg.train
-        if t.compile:  # per block: graph breaks at TP collectives stay local, PP stages compile alike
-            from pipeline.model.gpt import Block
-
-            for m in model.modules():
-                if isinstance(m, Block):
-                    m.compile()
+            zero3 = None
+            if self.zero3:  # partition each parameter as soon as it is filled (DeepSpeed's zero.Init, not entered)
+                zero3 = deepspeed.zero.Init(data_parallel_group=layout.dp_group, config_dict_or_path=config,
+                                            mpu=layout.grid, dtype=dtype)
+            model = build_gpt(cfg.model, t.seed, layout, cfg, device, dtype, source, zero3)
         self.optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2),
                                            eps=1e-8)
         self.engine, _, _, _ = deepspeed.initialize(
-            model=model, optimizer=self.optimizer, config=ds_config(cfg, layout.dp),
-            mpu=None if self.pipe else layout.grid,
+            model=model, optimizer=self.optimizer, config=config, mpu=None if self.pipe else layout.grid,
         )
         self.grad_norm: float | None = None
         if not self.pipe and cfg.parallel.zero_stage == 0 and layout.dp == 1:
@@ -176,8 +191,19 @@ class Engine:
         self.engine.train()
         return loss.item()
 
-    def save(self, directory) -> None:
-        self.engine.save_checkpoint(str(directory), tag="ds", save_latest=False)
+    def save(self, directory) -> dict[str, str]:
+        """Collective. Write DeepSpeed's state under `directory/ds` and this rank's weight slices under
+        `directory/weights/`; return {path relative to directory: sha256} of the files this rank wrote."""
+        directory = Path(directory)
+        written: dict[str, str] = {}
+        with _hashing_saves(self.engine, directory, written):
+            self.engine.save_checkpoint(str(directory), tag="ds", save_latest=False)
+        slices = local_slices(self.engine.module, self.layout, self.zero3)
+        if slices:
+            rel = f"{SHARDS_DIR}/rank_{self.layout.rank:05d}.safetensors"
+            (directory / SHARDS_DIR).mkdir(exist_ok=True)
+            written[rel] = write_shard(directory / rel, slices)
+        return written
 
     def load(self, directory) -> None:
         """DeepSpeed unpickles its state files with weights_only=False; Kiln forces weights-only loading and
@@ -187,6 +213,45 @@ class Engine:
         if path is None:
             raise KilnError(f"{directory}/ds: DeepSpeed found no loadable checkpoint there")
 
-    def consolidated_state(self) -> dict[str, torch.Tensor] | None:
-        module = self.engine.module
-        return consolidated_state(module, self.layout, zero3=self.cfg.parallel.zero_stage == 3)
+
+class _HashWriter:
+    """A file object that hashes what passes through it (torch.save writes sequentially)."""
+
+    def __init__(self, f):
+        self.f, self.sha = f, hashlib.sha256()
+
+    def write(self, data) -> int:
+        self.sha.update(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+class _hashing_saves:
+    """While DeepSpeed saves, its (torch) checkpoint engine writes through `_HashWriter`: every file it writes
+    for this rank is hashed on the way out, never read back. Any other checkpoint engine is left alone; what
+    nobody hashed is hashed by rank 0 when it publishes the checkpoint (checkpoint.py)."""
+
+    def __init__(self, engine, root: Path, written: dict[str, str]):
+        self.ce, self.root, self.written = engine.checkpoint_engine, root.resolve(), written
+
+    def _save(self, state_dict, path: str) -> None:
+        with open(path, "wb") as f:
+            w = _HashWriter(f)
+            torch.save(state_dict, w, _use_new_zipfile_serialization=self.ce.zipfile_serialization)
+            f.flush()
+            os.fsync(f.fileno())
+        self.written[Path(path).resolve().relative_to(self.root).as_posix()] = w.sha.hexdigest()
+
+    def __enter__(self):
+        from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+        self.active = type(self.ce) is TorchCheckpointEngine
+        if self.active:
+            self.ce.save = self._save
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.active:
+            del self.ce.save

@@ -2,9 +2,11 @@
 
 Layers, in order: Embedding, n_layer Blocks, then either the untied Head or (tied
 embeddings) a final norm plus the embedding again via `TiedLayerSpec`, whose
-`forward_fn` projects onto the shared table. Each stage builds only its own
-layers; `parts.build_part` gives every layer the same initial weights as the
-1-process model (or the weights of `train.init_from`) and applies TP.
+`forward_fn` projects onto the shared table. Each layer is built on the meta device,
+parallelized like the whole model would be (parallelize.py), and materialized
+(materialize.py) only when it belongs to this stage: DeepSpeed also builds every
+layer once to count its parameters for `partition: parameters`, and that build stays
+on the meta device, so it costs neither memory nor time.
 """
 
 from __future__ import annotations
@@ -14,39 +16,52 @@ import functools
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from pipeline.config import ModelConfig, RunConfig
-from pipeline.model.gpt import Block, Embedding, Head, cross_entropy, make_norm
-from pipeline.model.tensor_parallel import VocabParallelCrossEntropy, copy_to_tp, padded_vocab
-from pipeline.parallel.parts import build_part
+from pipeline.config import RunConfig
+from pipeline.model.gpt import Block, Embedding, Head, make_norm
+from pipeline.model.tensor_parallel import copy_to_tp
+from pipeline.parallel.materialize import mark_part, materialize
+from pipeline.parallel.parallelize import loss_fn, parallelize
+
+
+def _stage_layer(layer: nn.Module, index: int, prefix: str, ctx: dict) -> None:
+    """Mark, parallelize and (unless DeepSpeed is only counting) materialize a layer built on meta."""
+    run: RunConfig = ctx["run"]
+    mark_part(layer, index, prefix, run.model)
+    parallelize(layer, ctx["layout"], run)
+    if not ctx.get("counting"):
+        materialize(layer, run.train.seed, ctx["device"], ctx["dtype"], ctx.get("source"))
 
 
 class EmbeddingPipe(Embedding):
-    def __init__(self, cfg: ModelConfig, ctx: dict):
-        super().__init__(cfg)
-        build_part(self, "embed.", 0, cfg, ctx)
+    def __init__(self, ctx: dict):
+        with torch.device("meta"):
+            super().__init__(ctx["run"].model)
+        _stage_layer(self, 0, "embed.", ctx)
 
 
 class BlockPipe(Block):
-    def __init__(self, cfg: ModelConfig, index: int, ctx: dict):
-        super().__init__(cfg)
-        build_part(self, f"blocks.{index}.", index + 1, cfg, ctx)
+    def __init__(self, index: int, ctx: dict):
+        with torch.device("meta"):
+            super().__init__(ctx["run"].model)
+        _stage_layer(self, index + 1, f"blocks.{index}.", ctx)
 
 
 class HeadPipe(Head):
-    def __init__(self, cfg: ModelConfig, ctx: dict):
-        super().__init__(cfg)
-        build_part(self, "head.", cfg.n_layer + 1, cfg, ctx)
+    def __init__(self, ctx: dict):
+        with torch.device("meta"):
+            super().__init__(ctx["run"].model)
+        _stage_layer(self, ctx["run"].model.n_layer + 1, "head.", ctx)
 
 
 class FinalNormPipe(nn.Module):
     """The Head's norm alone, when lm_head is the tied embedding table."""
 
-    def __init__(self, cfg: ModelConfig, ctx: dict):
+    def __init__(self, ctx: dict):
         super().__init__()
-        self.norm = make_norm(cfg)
-        build_part(self, "head.", cfg.n_layer + 1, cfg, ctx)
+        with torch.device("meta"):
+            self.norm = make_norm(ctx["run"].model)
+        _stage_layer(self, ctx["run"].model.n_layer + 1, "head.", ctx)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(x)
@@ -58,29 +73,38 @@ def tied_logits(group, embed: Embedding, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x, embed.wte.weight)
 
 
-def build_pipeline_module(cfg: RunConfig, layout, init_state: dict | None = None):
-    from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
+def _pipeline_module_class():
+    from deepspeed.pipe import PipelineModule
 
-    m = cfg.model
+    class KilnPipelineModule(PipelineModule):
+        def _count_layer_params(self):
+            """DeepSpeed builds every layer to count it: let it build them on the meta device."""
+            self._kiln_ctx["counting"] = True
+            try:
+                with torch.device("meta"):
+                    return super()._count_layer_params()
+            finally:
+                self._kiln_ctx["counting"] = False
+
+    return KilnPipelineModule
+
+
+def build_pipeline_module(run: RunConfig, layout, device, dtype, source=None):
+    from deepspeed.pipe import LayerSpec, TiedLayerSpec
+
+    m = run.model
+    ctx = {"run": run, "layout": layout, "device": device, "dtype": dtype, "source": source}
     tp_group = layout.tp_group if layout.tp > 1 else None
-    ctx = {"seed": cfg.train.seed, "tp_group": tp_group, "init_state": init_state}
-    layers = [TiedLayerSpec("embed", EmbeddingPipe, m, ctx, tied_weight_attr="wte.weight")
-              if m.tie_embeddings else LayerSpec(EmbeddingPipe, m, ctx)]
-    layers += [LayerSpec(BlockPipe, m, i, ctx) for i in range(m.n_layer)]
+    layers = [TiedLayerSpec("embed", EmbeddingPipe, ctx, tied_weight_attr="wte.weight")
+              if m.tie_embeddings else LayerSpec(EmbeddingPipe, ctx)]
+    layers += [LayerSpec(BlockPipe, i, ctx) for i in range(m.n_layer)]
     if m.tie_embeddings:
-        layers += [LayerSpec(FinalNormPipe, m, ctx),
-                   TiedLayerSpec("embed", EmbeddingPipe, m, ctx, forward_fn=functools.partial(tied_logits, tp_group),
+        layers += [LayerSpec(FinalNormPipe, ctx),
+                   TiedLayerSpec("embed", EmbeddingPipe, ctx, forward_fn=functools.partial(tied_logits, tp_group),
                                  tied_weight_attr="wte.weight")]
     else:
-        layers += [LayerSpec(HeadPipe, m, ctx)]
-    if tp_group is not None:
-        loss_fn = VocabParallelCrossEntropy(tp_group, layout.tp_rank, m.vocab_size,
-                                            padded_vocab(m.vocab_size, layout.tp), layout.tp)
-    else:
-        loss_fn = cross_entropy
-    ckpt = functools.partial(checkpoint, use_reentrant=False)
-    return PipelineModule(
-        layers=layers, topology=layout.topology, loss_fn=loss_fn, partition_method=cfg.parallel.partition,
-        activation_checkpoint_interval=1 if cfg.train.activation_checkpointing else 0,
-        activation_checkpoint_func=ckpt,
-    )
+        layers += [LayerSpec(HeadPipe, ctx)]
+    cls = _pipeline_module_class()
+    cls._kiln_ctx = ctx  # read by _count_layer_params, which DeepSpeed calls from __init__
+    return cls(layers=layers, topology=layout.topology, loss_fn=loss_fn(layout, run),
+               partition_method=run.parallel.partition, activation_checkpoint_interval=0)

@@ -25,6 +25,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# Under NCCL the watchdog thread, not the training loop, sees a collective time out or a peer vanish; by
+# default it then kills the process (no Python frame, no message of ours). Mode 2 aborts the communicator
+# only: the next wait in the training loop raises, and `train` turns that into its one-line "lost peer"
+# message naming this rank, as on gloo. (Only the gloo path can be exercised on a CPU machine.)
+NCCL_ENV = {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "2"}
+
+
 def init_distributed(timeout_s: float = 1800) -> None:
     """Join the launcher's process group, or make a 1-process gloo group when run directly.
 
@@ -42,6 +49,7 @@ def init_distributed(timeout_s: float = 1800) -> None:
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
     backend = "nccl" if torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") == "cuda" else "gloo"
     if backend == "nccl":
+        os.environ.update({k: v for k, v in NCCL_ENV.items() if k not in os.environ})
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     timeout = timedelta(seconds=timeout_s)
     distributed_c10d.default_pg_timeout = timeout
@@ -72,9 +80,11 @@ class Layout:
     def dp_group(self):
         return self.grid.get_data_parallel_group()
 
-    @property
-    def is_last_stage(self) -> bool:
-        return self.pp_rank == self.pp - 1
+    def dropout_seed(self, seed: int) -> int:
+        """The default RNG's seed on this rank: the same across a TP group (its activations are replicated,
+        so their dropout masks must be too), different across data-parallel replicas and pipeline stages.
+        (Attention dropout on a rank's own heads draws from a TP-rank stream: parallelize.py.)"""
+        return seed + 100 * self.pp_rank + 1_000_003 * self.dp_rank
 
     def describe(self) -> str:
         return f"world {self.world} = dp {self.dp} x pp {self.pp} x tp {self.tp}"
@@ -90,8 +100,3 @@ def make_layout(cfg: RunConfig) -> Layout:
     coord = topo.get_coord(dist.get_rank())
     return Layout(tp=cfg.parallel.tp, pp=cfg.parallel.pp, dp=dp, rank=dist.get_rank(), world=world,
                   tp_rank=coord.model, pp_rank=coord.pipe, dp_rank=coord.data, grid=grid, topology=topo)
-
-
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()

@@ -1,0 +1,160 @@
+"""Weights that do not depend on the layout, made only where they live, and written back the same way.
+
+A model is built on the meta device (nothing allocated), parallelized there, then materialized:
+each rank allocates and fills only its own slice of each parameter. The values come from
+
+    a seed     every part (embedding = 0, block i = i+1, head = n_layer+1) draws from its own generator,
+               seeded by (train.seed, part), in `gpt.init_plan` order: a pipeline stage that holds blocks
+               3..5, a TP rank that holds half of each matrix, a ZeRO-3 rank that holds 1/dp of it all get
+               exactly the weights of the 1-process model;
+    weights    a checkpoint or MODEL dir (`train.init_from`, a resume at another layout), read tensor by tensor.
+
+Only one full tensor exists at a time (it is cut to this rank's slice at once), so init memory is the
+rank's share plus the largest tensor. Under ZeRO-3 each parameter is handed to DeepSpeed's partitioner
+as soon as it is filled (data-parallel rank 0 fills it; DeepSpeed broadcasts and keeps 1/dp per rank).
+
+`local_slices` is the way back: the slices this rank holds, named by the plain model, for its weight shard
+in a checkpoint (pipeline/model/weights.py reassembles them).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pipeline.config import KilnError, ModelConfig
+from pipeline.model.gpt import GPT, init_plan, initial_value
+from pipeline.model.tensor_parallel import take_shard
+from pipeline.model.weights import Weights
+
+
+def mark_part(module: nn.Module, index: int, prefix: str, cfg: ModelConfig) -> nn.Module:
+    """Tag a plain part (before any parallelism) with its index, plain-name prefix and init plan."""
+    skip = ("lm_head",) if cfg.tie_embeddings and prefix == "head." else ()  # the embedding carries it
+    module.kiln_part = (index, prefix, [(n, k, s, tuple(_param(module, n).shape)) for n, k, s in init_plan(module, cfg, skip)])
+    return module
+
+
+def mark_parts(model: GPT) -> GPT:
+    mark_part(model.embed, 0, "embed.", model.cfg)
+    for i, block in enumerate(model.blocks):
+        mark_part(block, i + 1, f"blocks.{i}.", model.cfg)
+    mark_part(model.head, model.cfg.n_layer + 1, "head.", model.cfg)
+    return model
+
+
+def parts(module: nn.Module) -> list[nn.Module]:
+    return [m for m in module.modules() if hasattr(m, "kiln_part")]
+
+
+def _param(module: nn.Module, name: str) -> nn.Parameter:
+    owner, _, leaf = name.rpartition(".")
+    return (module.get_submodule(owner) if owner else module)._parameters[leaf]
+
+
+def _allocate(module: nn.Module, device, dtype: torch.dtype, params: bool = True) -> None:
+    """Give meta parameters (and buffers) real, uninitialized storage, keeping shared parameters shared and
+    their attributes (TP slice, DeepSpeed flags); `to_empty` would make new, untied, unmarked ones."""
+    memo: dict[int, nn.Parameter] = {}
+    for m in module.modules():
+        for key, p in m._parameters.items() if params else ():
+            if p is None or not p.is_meta:
+                continue
+            if id(p) not in memo:
+                new = nn.Parameter(torch.empty(p.shape, dtype=dtype, device=device), requires_grad=p.requires_grad)
+                new.__dict__.update(p.__dict__)
+                memo[id(p)] = new
+            m._parameters[key] = memo[id(p)]
+        for key, b in m._buffers.items():
+            if b is not None and b.is_meta:
+                m._buffers[key] = torch.empty(b.shape, dtype=b.dtype, device=device)
+        if hasattr(m, "reset_buffers"):
+            m.reset_buffers()
+
+
+def _full(prefix: str, name: str, kind: str, std: float, shape, gen, source: Weights | None, where: str):
+    if source is None:
+        return initial_value(kind, std, shape, gen)
+    key = prefix + name
+    if key not in source:
+        raise KilnError(f"{where}: the weights have no {key}; the model config differs")
+    if tuple(source.shape(key)) != tuple(shape):
+        raise KilnError(f"{where}: {key} has shape {tuple(source.shape(key))}, the model config needs {tuple(shape)}")
+    return source.get(key)
+
+
+def materialize(module: nn.Module, seed: int, device, dtype: torch.dtype, source: Weights | None = None,
+                where: str = "train.init_from", zero3=None) -> nn.Module:
+    """Allocate and fill this rank's slice of every parameter of every marked part under `module`.
+
+    `zero3`: a `deepspeed.zero.Init` (not entered) to partition each parameter as soon as it is filled;
+    then only data-parallel rank 0 computes values (the others' are overwritten by its broadcast).
+    """
+    fills = zero3 is None or zero3.rank == 0
+    _allocate(module, device, dtype, params=zero3 is None)
+    holders: dict[int, list[tuple[nn.Module, str]]] = {}  # ZeRO-3 swaps parameters: every holder of a tied one
+    for m in module.modules():
+        for key, q in m._parameters.items():
+            if q is not None:
+                holders.setdefault(id(q), []).append((m, key))
+    for part in parts(module):
+        index, prefix, plan = part.kiln_part
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + index) if source is None and fills else None
+        for name, kind, std, shape in plan:
+            p = _param(part, name)
+            if zero3 is not None:
+                new = nn.Parameter(torch.empty(p.shape, dtype=dtype, device=device), requires_grad=p.requires_grad)
+                new.__dict__.update(p.__dict__)
+                for holder, key in holders[id(p)]:
+                    holder._parameters[key] = new
+                p = new
+            if fills:
+                full = _full(prefix, name, kind, std, shape, gen, source, where)
+                with torch.no_grad():
+                    p.copy_(take_shard(full, getattr(p, "tp_shard", None)).to(dtype))
+                del full
+            if zero3 is not None:
+                zero3._convert_to_zero_parameters([p])  # broadcast from DP rank 0, keep 1/dp, free the rest
+    return module
+
+
+def local_slices(module: nn.Module, layout, zero3: bool) -> list[tuple[str, torch.Tensor, dict]]:
+    """(plain name, this rank's tensor, slice spec) for every slice only this rank writes: one data-parallel
+    replica per TP/PP position (all of them under ZeRO-3, each with its partition); a tied embedding
+    repeated on the last pipeline stage is written by the first."""
+    if not zero3 and layout.dp_rank != 0:
+        return []
+    out = []
+    for part in parts(module):
+        _, prefix, plan = part.kiln_part
+        if prefix == "embed." and layout.pp_rank != 0:
+            continue
+        for name, _, _, shape in plan:
+            p = _param(part, name)
+            shard = getattr(p, "tp_shard", None)
+            spec = {"shape": list(shape), "tp": [shard.dim, shard.start, shard.stop, shard.padded] if shard else None,
+                    "flat": None}
+            tensor = p.detach()
+            if zero3:
+                import torch.distributed as dist
+
+                size = p.ds_tensor.ds_numel
+                start = dist.get_rank(group=p.ds_process_group) * size
+                stop = min(p.ds_numel, start + size)
+                if stop <= start:
+                    continue  # this rank's partition is all padding
+                tensor, spec["flat"] = p.ds_tensor.detach().narrow(0, 0, stop - start), [start, stop]
+            out.append((prefix + name, tensor, spec))
+    return out
+
+
+def build_gpt(cfg: ModelConfig, seed: int, layout=None, run=None, device="cpu", dtype=torch.float32,
+              source: Weights | None = None, zero3=None) -> GPT:
+    """The whole model for PP = 1: built on meta, parallelized (when `layout`/`run` are given), materialized."""
+    from pipeline.parallel.parallelize import parallelize
+
+    with torch.device("meta"):
+        model = mark_parts(GPT(cfg))
+    if layout is not None:
+        parallelize(model, layout, run)
+    return materialize(model, seed, device, dtype, source, zero3=zero3)
