@@ -1,22 +1,18 @@
 """Exact duplicates: a 64-bit hash of the normalized text; the earliest document of each group stays.
 
-`find_exact` works on hash/uid arrays so the runner can apply it bucket by
+`group_min` works on hash/uid arrays so the runner can apply it bucket by
 bucket across partitions; `ExactDedup` does the same within one stream.
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable, Iterator
 
 import numpy as np
 
 from data_prep.document import Document
 from data_prep.steps.base import Step
-
-
-def text_hash(text: str) -> int:
-    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
+from data_prep.steps.text import text_hash
 
 
 def group_min(keys: np.ndarray, uids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -30,8 +26,6 @@ def group_min(keys: np.ndarray, uids: np.ndarray) -> tuple[np.ndarray, np.ndarra
     later = ~starts
     return u[later], head[later]
 
-
-find_exact = group_min
 
 
 class ExactDedup(Step):
