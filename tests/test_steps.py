@@ -7,6 +7,7 @@ import random
 import numpy as np
 import pytest
 
+from data_prep.config import PrepConfig
 from data_prep.document import Document
 from data_prep.steps import (
     C4,
@@ -20,7 +21,6 @@ from data_prep.steps import (
     Normalize,
     build_steps,
 )
-from data_prep.config import PrepConfig
 from data_prep.steps.exact_dedup import group_min
 from data_prep.steps.gopher_repetition import dup_ngram_fraction
 from data_prep.steps.minhash_dedup import MinHasher

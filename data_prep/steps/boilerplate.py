@@ -3,7 +3,7 @@
 Navigation bars, cookie banners and licence footers repeat across thousands of pages; no single
 page shows it. Two passes, as CCNet and dolma do it: the clean stage records the keys of every
 document's lines (`line_keys`: a 64-bit hash of the line lowercased, digits as 0, punctuation and
-spacing dropped, so "© 2019 Acme Inc." and "(c) 2021 ACME inc" agree), a bucket stage counts in how
+spacing dropped, so "© 2019 Acme Inc." and "2021 ACME inc" agree), a bucket stage counts in how
 many documents each key occurs (`frequent`), and this step then drops the lines whose key occurs
 in more than `max_docs` documents. A document with nothing else left is removed
 (`boilerplate:nothing_left`); `counts` holds the lines and UTF-8 bytes removed.
