@@ -9,7 +9,7 @@ sentences, one paragraph per line as in extracted web text, with a log-normal le
 whose pages share a navigation line and a footer, personal data, quotes of an evaluation set, and
 malformed records. `edit` makes a near copy at a chosen word-5-gram Jaccard.
 
-    python bench/synth_corpus.py --docs 1000000 --out /tmp/synth   # jsonl files + evals/ + truth.json
+    python bench/_synth_corpus.py --docs 1000000 --out /tmp/synth   # jsonl files + evals/ + truth.json
 """
 
 from __future__ import annotations
