@@ -12,7 +12,7 @@ from data_prep.document import Document
 from data_prep.steps import Boilerplate
 from data_prep.steps.boilerplate import frequent, line_keys, unit_key
 
-FOOTER = "Copyright 2019 Acme Inc. All rights reserved."
+FOOTER = "© Copyright 2019 Acme Inc. All rights reserved."  # not ASCII: bytes != characters
 BODY = ["The river rose two metres overnight and the old bridge was closed to traffic.",
         "Engineers will inspect the stone piers once the water has gone down again.",
         "Shops near the market square opened late because their cellars were flooded.",

@@ -45,6 +45,8 @@ def test_sketch_jaccard_is_exact_below_the_sketch_size_and_close_above(length):
     else:
         assert max(errors) < 0.05  # ~3 sigma of sqrt(J(1-J)/1024)
     assert sketch_jaccard(np.array([1, 2, 3], np.uint32), np.array([2, 3, 4], np.uint32), 8) == 0.5
+    # a full sketch (4 of 4) knows its set only up to 4: the other's 9 is beyond what can be compared
+    assert sketch_jaccard(np.array([1, 2, 3, 4], np.uint32), np.array([2, 3, 9], np.uint32), 4) == 0.5
 
 
 def test_candidates_pair_each_member_with_the_first_and_the_previous():

@@ -27,6 +27,7 @@ KEPT = [
     "ISBN 978-3-16-148410-0, order 12345678901, price 1,234,567.",
     "Mixed separators 650-253.0000 are not a phone.",
     "user@localhost is local; x = a@b is code; std::vector<int> and a::b too.",
+    "The tally moved +12 34 56 points.",                # too few digits for a phone
 ]
 
 

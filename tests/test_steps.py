@@ -11,6 +11,7 @@ from data_prep.config import PrepConfig
 from data_prep.document import Document
 from data_prep.steps import (
     C4,
+    EvalIndex,
     ExactDedup,
     FineWeb,
     GopherQuality,
@@ -180,6 +181,8 @@ def test_build_steps_runs_the_listed_filters_in_registry_order():
     names = [s.name for s in build_steps(PrepConfig())]
     assert names == ["normalize", "length", "lang", "gopher_repetition", "gopher_quality", "c4", "fineweb", "pii"]
     assert [s.name for s in build_steps(PrepConfig(filters=["fineweb", "c4"]))] == ["normalize", "length", "c4", "fineweb"]
+    index = EvalIndex.build([])[0]
+    assert [s.name for s in build_steps(PrepConfig(), index)][-3:] == ["fineweb", "decontaminate", "pii"]
     with pytest.raises(ValueError, match="langs: unknown language code"):
         build_steps(PrepConfig(langs=["xx"]))
     with pytest.raises(ValueError, match="filter_params.gopher_repetition: "):
