@@ -15,16 +15,20 @@ from data_prep.steps.base import Step
 from data_prep.steps.text import text_hash
 
 
+def sorted_groups(keys: np.ndarray, uids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """uids sorted by (key, uid); for each, the lowest uid with its key; and whether it is that lowest."""
+    order = np.lexsort((uids, keys))
+    k, u = keys[order], uids[order]
+    starts = np.r_[True, k[1:] != k[:-1]]
+    return u, u[np.maximum.accumulate(np.where(starts, np.arange(len(u)), 0))], starts
+
+
 def group_min(keys: np.ndarray, uids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """For every key shared by several uids: (non-minimal uids, the minimal uid of their group)."""
     if len(keys) == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    order = np.lexsort((uids, keys))
-    k, u = keys[order], uids[order]
-    starts = np.r_[True, k[1:] != k[:-1]]
-    head = u[np.maximum.accumulate(np.where(starts, np.arange(len(u)), 0))]
-    later = ~starts
-    return u[later], head[later]
+    u, head, starts = sorted_groups(keys, uids)
+    return u[~starts], head[~starts]
 
 
 

@@ -25,6 +25,7 @@ import numpy as np
 
 from data_prep.document import Document
 from data_prep.steps.base import Step
+from data_prep.steps.exact_dedup import sorted_groups
 from data_prep.steps.text import mix64, ngram_hashes, text_hash, token_hashes, words
 
 _BLOCK = 4096
@@ -90,10 +91,7 @@ def candidate_pairs(keys: np.ndarray, uids: np.ndarray) -> tuple[np.ndarray, np.
     however large the group), without repeats."""
     if len(keys) == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    order = np.lexsort((uids, keys))
-    k, u = keys[order], uids[order]
-    starts = np.r_[True, k[1:] != k[:-1]]
-    first = u[np.maximum.accumulate(np.where(starts, np.arange(len(u)), 0))]
+    u, first, starts = sorted_groups(keys, uids)
     later = ~starts
     prev = np.r_[u[:1], u[:-1]]
     a = np.concatenate([u[later], u[later]])
