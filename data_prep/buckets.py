@@ -142,8 +142,11 @@ def dedup_bucket(bucket: int, parts: list[int], work: str, cfg) -> dict:
 def boilerplate_bucket(bucket: int, parts: list[int], work: str, max_docs: int) -> np.ndarray:
     """Line keys of `bucket` found in more than `max_docs` documents that survived dedup (sorted)."""
     keys, uids = _gather(work, parts, f"l{bucket}", f"lp{bucket}")
-    dropped = np.load(Path(work) / "dropped.npy")
-    live = ~np.isin(uids, dropped) if len(dropped) else np.ones(len(uids), bool)
+    dropped = np.load(Path(work) / "dropped.npy", mmap_mode="r")  # sorted; read only where looked up
+    live = np.ones(len(uids), bool)
+    if len(dropped):
+        at = np.minimum(np.searchsorted(dropped, uids), len(dropped) - 1)
+        live = np.asarray(dropped[at]) != uids
     return frequent(keys[live], max_docs)
 
 

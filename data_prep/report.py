@@ -79,8 +79,8 @@ def write_reports(out: Path, clean: list[dict], drops: dict, tok: list[dict]) ->
     def id_of(uid: int) -> str:
         p = uid >> PART_BITS
         if p not in ids:
-            with open(work / f"{p:05d}" / "docs.jsonl", encoding="utf-8") as f:
-                ids[p] = [json.loads(line)["id"] for line in f]
+            with open(work / f"{p:05d}" / "ids.jsonl", encoding="utf-8") as f:
+                ids[p] = [json.loads(line) for line in f]
         return ids[p][uid & POS_MASK]
 
     for name in ("removed", "quarantine"):

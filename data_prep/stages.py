@@ -87,7 +87,7 @@ def clean_partition(part: dict, cfg, work: str) -> dict:
     keys = KeyChunks(tmp, part["index"], cfg, lambda doc_id: id_hash(doc_id, b"sample"))
     langs: Counter = Counter()
     with open(tmp / "quarantine.jsonl", "w") as quarantine, open(tmp / "removed.jsonl", "w") as removed, \
-            open(tmp / "docs.jsonl", "w") as out:
+            open(tmp / "docs.jsonl", "w") as out, open(tmp / "ids.jsonl", "w") as ids:
         docs = _records(part, cfg, counts, quarantine)
         for step in steps:
             docs = step(docs)
@@ -101,6 +101,7 @@ def clean_partition(part: dict, cfg, work: str) -> dict:
             lang = doc.meta.get("lang")
             langs[lang] += 1
             out.write(json.dumps({"id": doc.id, "text": doc.text, "lang": lang}, ensure_ascii=False) + "\n")
+            ids.write(json.dumps(doc.id, ensure_ascii=False) + "\n")  # reports name dups without reading texts
             keys.add(doc)
     n = keys.close()
     stats = {

@@ -139,8 +139,9 @@ def test_clean_partition_publishes_once_and_is_reused(tmp_path):
     assert stats["records"] == 4 and stats["kept"] == 2 and stats["quarantined"] == {"malformed_json": 1}
     assert stats["removed"] == {"gopher_quality:word_count": 1}
     done = tmp_path / "work" / "clean" / "00000"
-    assert sorted(p.name for p in done.iterdir()) == ["docs.jsonl", "keys_00000.npz", "quarantine.jsonl", "removed.jsonl",
-                                                      "sketch_00000.npy", "sketchoff_00000.npy", "stats.json"]
+    assert sorted(p.name for p in done.iterdir()) == ["docs.jsonl", "ids.jsonl", "keys_00000.npz", "quarantine.jsonl",
+                                                      "removed.jsonl", "sketch_00000.npy", "sketchoff_00000.npy",
+                                                      "stats.json"]
     mtime = (done / "docs.jsonl").stat().st_mtime_ns
     assert stages.clean_partition(parts[0], cfg, str(tmp_path / "work")) == stats
     assert (done / "docs.jsonl").stat().st_mtime_ns == mtime
