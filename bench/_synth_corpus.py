@@ -133,13 +133,13 @@ def edit(text: str, target: float, rng: np.random.Generator, vocab: np.ndarray, 
     return copy, shingle_jaccard(text, copy)
 
 
-def site_lines(rng: np.random.Generator, n_sites: int) -> list[tuple[str, str]]:
-    """(navigation line, footer) per site."""
+def site_lines(rng: np.random.Generator, n_sites: int, vocab: np.ndarray) -> list[tuple[str, str]]:
+    """(navigation line, footer) per site, the site named by two words."""
     out = []
     for s in range(n_sites):
-        name = f"site{s}"
-        nav = " | ".join(["Home", "News", "About us", f"{name.title()} shop", "Contact"])
-        footer = f"Copyright {2010 + s % 15} {name.title()} Media Ltd. All rights reserved."
+        name = " ".join(str(w).title() for w in vocab[rng.integers(50, 2000, 2)])
+        nav = " | ".join(["Home", "News", "About us", f"{name} shop", "Contact"])
+        footer = f"Copyright {2010 + s % 15} {name} Media Ltd. All rights reserved."
         out.append((nav, footer))
     return out
 
@@ -159,8 +159,8 @@ def write_corpus(out: Path, docs: int, seed: int = 0, files: int = 8, eval_texts
     rng = np.random.default_rng(seed)
     langs = {c: Language(c) for c in SHARES}
     codes, shares = list(SHARES), np.array(list(SHARES.values()))
-    sites = site_lines(rng, 300)
     en = langs["en"]
+    sites = site_lines(rng, 50, en.words)
     (out / "corpus").mkdir(parents=True, exist_ok=True)
     (out / "evals").mkdir(parents=True, exist_ok=True)
     passages = [" ".join(en.sentence(rng) for _ in range(2)) for _ in range(eval_texts)]

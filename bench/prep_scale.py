@@ -43,12 +43,12 @@ def kind(p: psutil.Process, driver: int) -> str:
     if p.pid == driver:
         return "driver"
     try:
-        cmd = " ".join(p.cmdline())
+        cmd = p.cmdline()
     except psutil.Error:
         return "other"
-    if "default_worker.py" in cmd:
-        return "ray_worker"
-    return "ray_system"  # gcs_server, raylet, dashboard agent, log monitor...
+    if cmd and (cmd[0].startswith("ray::") or any("default_worker.py" in c for c in cmd)):
+        return "ray_worker"  # a task process (Ray renames it ray::<task>)
+    return "ray_system"  # gcs_server, raylet, log monitor...
 
 
 class PeakMemory(threading.Thread):
