@@ -5,7 +5,9 @@ Per partition, every `shard_docs` documents (bounded memory, even for one huge c
   `n{b}`/`nu{b}`, boilerplate line keys `l{b}`/`lp{b}` (positions in the partition), and `sample`
   (the tokenizer-sample hash of each document);
 - `sketch_NNNNN.npy` + `sketchoff_NNNNN.npy`: every document's shingle sketch (uint32) and the
-  offsets into it, plain .npy so verification reads only the documents it needs (memory-mapped).
+  offsets into it, plain .npy so verification reads only the documents it needs (memory-mapped);
+- `units_NNNNN.npy` + `unitsoff_NNNNN.npy`: the key of every line (paragraph) of every document, in
+  order, so the tokenize stage strips boilerplate without hashing the texts again.
 A key goes to bucket `key % buckets`, so each bucket task sees every copy of a key it owns.
 """
 
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.steps.boilerplate import frequent, line_keys
+from data_prep.steps.boilerplate import frequent, line_keys, unit_keys
 from data_prep.steps.exact_dedup import group_min
 from data_prep.steps.minhash_dedup import MinHasher, candidate_pairs, sketch_jaccard, unique_pairs
 from data_prep.steps.text import text_hash
@@ -52,7 +54,7 @@ class KeyChunks:
             self.bands.append(self.hasher.band_keys(self.hasher.signature(shingles)))
             self.sketches.append(self.hasher.sketch(shingles))
         if self.cfg.boilerplate.enabled:
-            self.lines.append(line_keys(doc.text, self.cfg.boilerplate.unit))
+            self.lines.append(unit_keys(doc.text, self.cfg.boilerplate.unit))
         self.sample.append(self.sample_hash(doc.id))
         if len(self.sample) >= self.cfg.shard_docs:
             self.flush()
@@ -67,12 +69,12 @@ class KeyChunks:
         if self.near:
             flat = np.array(self.bands, np.uint64).reshape(-1)
             _split(arrays, "n", "nu", flat, np.repeat(uids, cfg.minhash.bands), buckets)
-            sizes = np.fromiter(map(len, self.sketches), np.int64, n)
-            np.save(self.dir / f"sketch_{self.chunks:05d}.npy", np.concatenate([np.zeros(0, np.uint32), *self.sketches]))
-            np.save(self.dir / f"sketchoff_{self.chunks:05d}.npy", np.r_[0, np.cumsum(sizes)])
+            _save_ragged(self.dir, "sketch", self.chunks, self.sketches, np.uint32)
         if cfg.boilerplate.enabled:
-            keys = np.concatenate([np.zeros(0, np.uint64), *self.lines])
-            owner = np.repeat(pos, np.fromiter(map(len, self.lines), np.int64, n)).astype(np.uint32)
+            _save_ragged(self.dir, "units", self.chunks, self.lines, np.uint64)
+            distinct = [line_keys(k) for k in self.lines]
+            keys = np.concatenate([np.zeros(0, np.uint64), *distinct])
+            owner = np.repeat(pos, np.fromiter(map(len, distinct), np.int64, n)).astype(np.uint32)
             _split(arrays, "l", "lp", keys, owner, buckets)
         np.savez(self.dir / f"keys_{self.chunks:05d}.npz", **arrays)
         self.chunks += 1
@@ -83,6 +85,22 @@ class KeyChunks:
         if self.sample or not self.chunks:
             self.flush()
         return self.done
+
+
+def _save_ragged(directory: Path, name: str, chunk: int, rows: list[np.ndarray], dtype) -> None:
+    """Rows of different lengths as one flat .npy and the offsets of each row (`<name>off_`)."""
+    sizes = np.fromiter(map(len, rows), np.int64, len(rows))
+    np.save(directory / f"{name}_{chunk:05d}.npy", np.concatenate([np.zeros(0, dtype), *rows]))
+    np.save(directory / f"{name}off_{chunk:05d}.npy", np.r_[0, np.cumsum(sizes)])
+
+
+def ragged_rows(work: str | Path, part: int, name: str):
+    """Every row a partition saved under `name`, in document order."""
+    d = Path(work) / "clean" / f"{part:05d}"
+    for path in sorted(d.glob(f"{name}_*.npy")):
+        values, off = np.load(path), np.load(d / path.name.replace(f"{name}_", f"{name}off_"))
+        for i in range(len(off) - 1):
+            yield values[off[i] : off[i + 1]]
 
 
 def _split(arrays: dict, name: str, owner_name: str, keys: np.ndarray, owners: np.ndarray, buckets: int) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.buckets import KeyChunks
+from data_prep.buckets import KeyChunks, ragged_rows
 from data_prep.document import BadRecord, Document
 from data_prep.readers import read_partition
 from data_prep.steps import Boilerplate, EvalIndex, build_steps
@@ -128,11 +128,16 @@ def surviving(work: str | Path, part: int, skip: Callable[[int], bool],
     lines stripped; a document with nothing but boilerplate comes marked as removed."""
 
     def read():
+        keys = ragged_rows(work, part, "units") if boilerplate else None
         with open(Path(work) / "clean" / f"{part:05d}" / "docs.jsonl", encoding="utf-8") as f:
             for pos, line in enumerate(f):
+                hits = boilerplate.hits(next(keys)) if keys is not None else None
                 if not skip(pos):
                     d = json.loads(line)
-                    yield Document(d["id"], d["text"], meta={"lang": d["lang"], "pos": pos})
+                    meta = {"lang": d["lang"], "pos": pos}
+                    if hits is not None:
+                        meta["boilerplate"] = hits if hits.any() else None
+                    yield Document(d["id"], d["text"], meta=meta)
 
     docs = boilerplate(read()) if boilerplate else read()
     for doc in docs:

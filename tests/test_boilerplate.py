@@ -10,7 +10,7 @@ from data_prep import buckets, readers, stages
 from data_prep.config import PrepConfig
 from data_prep.document import Document
 from data_prep.steps import Boilerplate
-from data_prep.steps.boilerplate import frequent, line_keys, unit_key
+from data_prep.steps.boilerplate import frequent, line_keys, unit_key, unit_keys
 
 FOOTER = "© Copyright 2019 Acme Inc. All rights reserved."  # not ASCII: bytes != characters
 BODY = ["The river rose two metres overnight and the old bridge was closed to traffic.",
@@ -23,9 +23,11 @@ def test_line_keys_ignore_case_digits_punctuation_and_spacing():
     assert unit_key(FOOTER) == unit_key("© COPYRIGHT 2024 acme inc -- all rights   reserved!") is not None
     assert unit_key("* * * ---") is None
     assert unit_key("Copyright Acme") != unit_key(FOOTER)
-    keys = line_keys(f"{BODY[0]}\n{FOOTER}\n\n{FOOTER}\n")
+    every = unit_keys(f"{BODY[0]}\n{FOOTER}\n\n{FOOTER}\n")
+    assert len(every) == 5 and every[2] == every[4] == 0 and every[1] == every[3] == unit_key(FOOTER)
+    keys = line_keys(every)
     assert len(keys) == 2 and list(keys) == sorted(keys)  # distinct, one per document
-    assert len(line_keys(f"{BODY[0]}\n{BODY[1]}\n\n{BODY[2]}", "paragraph")) == 2
+    assert len(line_keys(unit_keys(f"{BODY[0]}\n{BODY[1]}\n\n{BODY[2]}", "paragraph"))) == 2
 
 
 def test_frequent_counts_documents_not_occurrences():
@@ -60,3 +62,18 @@ def test_bucket_counts_only_documents_that_dedup_kept(tmp_path):
     np.save(tmp_path / "dropped.npy", np.array([1, 2], np.int64))  # uids of the two copies
     got = np.concatenate([buckets.boilerplate_bucket(b, [0], str(tmp_path), 2) for b in range(3)])
     assert got.tolist() == []
+
+
+def test_tokenize_side_strips_with_the_keys_the_clean_stage_stored(tmp_path, monkeypatch):
+    texts = [f"{BODY[0]}\n{FOOTER}", f"{BODY[1]}\n{BODY[2]}", FOOTER]
+    path = tmp_path / "in.jsonl"
+    path.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in enumerate(texts)))
+    cfg = PrepConfig(filters=[], near_dedup=False, shard_docs=2)  # two key chunks
+    _, parts = readers.plan([path], 100)
+    stages.clean_partition(parts[0], cfg, str(tmp_path))
+    np.save(tmp_path / "boilerplate.npy", np.array([unit_key(FOOTER)], np.uint64))
+    step = stages.boilerplate_step(cfg, tmp_path)
+    monkeypatch.setattr("data_prep.steps.boilerplate.unit_keys", None)  # no text is hashed again
+    out = list(stages.surviving(tmp_path, 0, lambda pos: pos == 1, step))
+    assert [(pos, d.text, d.removed) for pos, d in out] == [(0, BODY[0], None), (2, FOOTER, "boilerplate:nothing_left")]
+    assert step.counts["lines"] == 2 and step.counts["documents"] == 2

@@ -141,7 +141,7 @@ def test_clean_partition_publishes_once_and_is_reused(tmp_path):
     done = tmp_path / "work" / "clean" / "00000"
     assert sorted(p.name for p in done.iterdir()) == ["docs.jsonl", "ids.jsonl", "keys_00000.npz", "quarantine.jsonl",
                                                       "removed.jsonl", "sketch_00000.npy", "sketchoff_00000.npy",
-                                                      "stats.json"]
+                                                      "stats.json", "units_00000.npy", "unitsoff_00000.npy"]
     mtime = (done / "docs.jsonl").stat().st_mtime_ns
     assert stages.clean_partition(parts[0], cfg, str(tmp_path / "work")) == stats
     assert (done / "docs.jsonl").stat().st_mtime_ns == mtime

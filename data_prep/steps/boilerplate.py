@@ -41,10 +41,14 @@ def unit_key(part: str) -> int | None:
     return text_hash(norm) if norm else None
 
 
-def line_keys(text: str, unit: str = "line") -> np.ndarray:
-    """Distinct keys of a document's lines/paragraphs (each document counts once per key)."""
-    keys = {k for k in map(unit_key, units(text, unit)) if k is not None}
-    return np.array(sorted(keys), np.uint64)
+def unit_keys(text: str, unit: str = "line") -> np.ndarray:
+    """The key of each line/paragraph of a document, in order (0: none)."""
+    return np.array([unit_key(p) or 0 for p in units(text, unit)], np.uint64)
+
+
+def line_keys(keys: np.ndarray) -> np.ndarray:
+    """Distinct keys of one document's `unit_keys` (each document counts once per key)."""
+    return np.unique(keys[keys != 0])
 
 
 def frequent(keys: np.ndarray, max_docs: int) -> np.ndarray:
@@ -63,18 +67,22 @@ class Boilerplate(Step):
         self.keys, self.unit = np.asarray(keys, np.uint64), unit
 
     def __call__(self, docs: Iterable[Document]) -> Iterator[Document]:
+        """A document may carry `meta["boilerplate"]`: which of its units to drop, worked out beforehand
+        from keys the clean stage stored (None: none), so its text need not be hashed again here."""
         for doc in docs:
             if doc.removed is None and len(self.keys):
-                self.strip(doc)
+                drop = doc.meta["boilerplate"] if "boilerplate" in doc.meta else self.hits(unit_keys(doc.text, self.unit))
+                if drop is not None and drop.any():
+                    self.strip(doc, drop)
             yield doc
 
-    def strip(self, doc: Document) -> None:
-        parts = units(doc.text, self.unit)
-        keys = np.array([unit_key(p) or 0 for p in parts], np.uint64)
+    def hits(self, keys: np.ndarray) -> np.ndarray:
+        """Which of `keys` are boilerplate."""
         pos = np.minimum(np.searchsorted(self.keys, keys), len(self.keys) - 1)
-        drop = (self.keys[pos] == keys) & (keys != 0)
-        if not drop.any():
-            return
+        return (self.keys[pos] == keys) & (keys != 0)
+
+    def strip(self, doc: Document, drop: np.ndarray) -> None:
+        parts = units(doc.text, self.unit)
         gone = [p for p, d in zip(parts, drop.tolist(), strict=True) if d]
         self.counts[f"{self.unit}s"] += len(gone)
         self.counts["bytes"] += sum(len(p.encode("utf-8")) for p in gone)
