@@ -77,3 +77,6 @@ def test_tokenize_side_strips_with_the_keys_the_clean_stage_stored(tmp_path, mon
     out = list(stages.surviving(tmp_path, 0, lambda pos: pos == 1, step))
     assert [(pos, d.text, d.removed) for pos, d in out] == [(0, BODY[0], None), (2, FOOTER, "boilerplate:nothing_left")]
     assert step.counts["lines"] == 2 and step.counts["documents"] == 2
+    np.save(tmp_path / "boilerplate.npy", np.zeros(0, np.uint64))  # no line is frequent: nothing changes
+    out = list(stages.surviving(tmp_path, 0, lambda pos: False, stages.boilerplate_step(cfg, tmp_path)))
+    assert [d.text for _, d in out] == texts

@@ -78,6 +78,8 @@ class Boilerplate(Step):
 
     def hits(self, keys: np.ndarray) -> np.ndarray:
         """Which of `keys` are boilerplate."""
+        if not len(self.keys):
+            return np.zeros(len(keys), bool)
         pos = np.minimum(np.searchsorted(self.keys, keys), len(self.keys) - 1)
         return (self.keys[pos] == keys) & (keys != 0)
 
