@@ -26,9 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
 
-from data_prep import readers, stages  # noqa: E402
+from data_prep import buckets, readers, stages  # noqa: E402
 from data_prep.demo_corpus import write_demo_corpus  # noqa: E402
-from data_prep.steps.minhash_dedup import cluster_roots  # noqa: E402
+from data_prep.steps.minhash_dedup import keep_first  # noqa: E402
 from data_prep.tokenizer import train_tokenizer  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 
@@ -58,8 +58,8 @@ def main() -> None:
         work = tmp / f"work{rep}"
         t = time.perf_counter()
         clean = [stages.clean_partition(p, cfg, str(work)) for p in parts]
-        res = [stages.dedup_bucket(b, [p["index"] for p in parts], str(work), True) for b in range(cfg.dedup_buckets)]
-        cluster_roots(np.concatenate([r["edges"][0] for r in res]), np.concatenate([r["edges"][1] for r in res]))
+        res = [buckets.dedup_bucket(b, [p["index"] for p in parts], str(work), cfg) for b in range(cfg.dedup_buckets)]
+        keep_first(*buckets.merge_pairs(res))
         times.append(time.perf_counter() - t)
     dt = min(times)
     n = sum(s["records"] for s in clean)
@@ -69,13 +69,14 @@ def main() -> None:
 
     # 3. dedup key memory (measured on disk; computed from the layout)
     kept = sum(s["kept"] for s in clean)
-    npz = sum(k.stat().st_size for p in parts for k in stages.key_files(work, p["index"]))
+    npz = sum(k.stat().st_size for p in parts for k in (work / "clean" / f"{p['index']:05d}").glob("*.np[yz]"))
     emit("prep_minhash_keys_mb_per_million_docs_measured", npz / kept, "MB/1M docs", None,
          note="keys_*.npz bytes on disk / kept docs (bytes per doc = MB per million docs)")
-    per_doc = 8 * (2 + 2 * cfg.minhash.bands + 1)  # exact hash+uid, bands x (key+uid), sample key
+    per_doc = 8 * (2 + 2 * cfg.minhash.bands + 1) + 8  # exact hash+uid, bands x (key+uid), sample key, sketch offset
     emit("prep_minhash_keys_mb_per_million_docs_computed", per_doc, "MB/1M docs", None,
-         note=f"{cfg.minhash.bands} bands x (8 B key + 8 B uid) + exact (16 B) + sample (8 B); a dedup bucket "
-              f"task holds 1/{cfg.dedup_buckets} of it; signatures ({cfg.minhash.bands * cfg.minhash.rows} x 4 B) are never stored")
+         note=f"{cfg.minhash.bands} bands x (8 B key + 8 B uid) + exact (16 B) + sample (8 B) + sketch offset (8 B), "
+              f"plus 4 B per distinct shingle up to {cfg.minhash.sketch} (the sketch) and 12 B per distinct line "
+              f"(boilerplate keys); a bucket task holds 1/{cfg.dedup_buckets} of the keys")
 
     # 2. tokenize stage vs raw sentencepiece, same texts, same cores
     texts = [json.loads(line)["text"] for f in files for line in open(f, encoding="utf-8")]

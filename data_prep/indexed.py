@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.config import KilnError
+from data_prep.errors import KilnError
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1

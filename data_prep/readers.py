@@ -27,7 +27,7 @@ import numpy as np
 import zstandard
 
 from data_prep.document import BadRecord, Document
-from pipeline.config import ConfigError
+from data_prep.errors import ConfigError
 
 BLOCK = 1 << 20
 _JSONL = (".jsonl", ".ndjson")

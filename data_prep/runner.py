@@ -1,12 +1,15 @@
 """`kiln prep` driver: the only module that knows Ray.
 
 Stages (each unit of work is a Ray task; finished units are reused on a rerun):
-  plan      hash inputs, cut partitions (driver)
-  clean     read -> normalize -> length -> langid -> Gopher/C4/FineWeb; hashes + MinHash  (task per partition)
-  dedup     exact groups and LSH candidate edges, bucket-wise; clusters joined in the driver (task per bucket)
-  tokenizer sentencepiece on a deterministic sample (driver), or --tokenizer
-  tokenize  encode into train/val Megatron shards (task per partition)
-  manifest  reports, counts, shard digests, run digest (driver)
+  plan        hash inputs, cut partitions; index the evaluation n-grams of --decontaminate (driver)
+  clean       read -> normalize -> length -> langid -> Gopher/C4/FineWeb -> decontaminate -> PII;
+              exact hash, MinHash band keys + shingle sketch of the text as read, line keys (task per partition)
+  dedup       exact groups, LSH candidates verified by Jaccard, bucket-wise (task per bucket);
+              who is kept decided in the driver, in input order
+  boilerplate line keys counted over the documents dedup kept, bucket-wise (task per bucket)
+  tokenizer   sentencepiece on a deterministic sample (driver), or --tokenizer
+  tokenize    strip boilerplate lines, encode into train/val Megatron shards (task per partition)
+  manifest    reports, counts, shard digests, run digest (driver)
 
 Results do not depend on the worker count: partitions depend only on the input,
 dedup keeps the lowest uid (input order) of each cluster, the val split is a hash
@@ -29,13 +32,14 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep import readers, stages
-from data_prep.steps import build_steps
-from data_prep.steps.minhash_dedup import cluster_roots
+from data_prep import buckets, readers, report, stages
+from data_prep.config import PrepConfig
+from data_prep.errors import ConfigError, KilnError, first_line
+from data_prep.eval_texts import read_sources
+from data_prep.steps import EvalIndex, build_steps
+from data_prep.steps.minhash_dedup import keep_first
 from data_prep.tokenizer import check_tokenizer, train_tokenizer
-from pipeline.config import ConfigError, KilnError, PrepConfig, first_line
 
-FORMAT = 1
 log = __import__("logging").getLogger("kiln.prep")
 
 
@@ -146,11 +150,13 @@ def _swept(out: Path):
         sweep()
 
 
-def _fingerprint(cfg: PrepConfig, inputs: list[dict], tokenizer_sha: str | None) -> str:
-    """What the results depend on: config (not the worker count), input contents, a given tokenizer's bytes."""
-    conf = cfg.model_dump(mode="json", exclude={"workers", "ray_address", "task_retries"})
-    blob = json.dumps({"format": FORMAT, "config": conf, "tokenizer": tokenizer_sha,
-                       "inputs": [(i["rel"], i["sha256"]) for i in inputs]}, sort_keys=True)
+def _fingerprint(cfg: PrepConfig, inputs: list[dict], tokenizer_sha: str | None, evals: list[dict]) -> str:
+    """What the results depend on: config (not the worker count), input contents, a given tokenizer's
+    bytes, the evaluation files' contents."""
+    conf = cfg.model_dump(mode="json", exclude={"workers", "ray_address", "task_retries", "tracking"})
+    blob = json.dumps({"format": report.FORMAT, "config": conf, "tokenizer": tokenizer_sha,
+                       "inputs": [(i["rel"], i["sha256"]) for i in inputs],
+                       "evals": [(e["source"], e["sha256"]) for e in evals]}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -181,15 +187,17 @@ def prep(inputs: list[str], out: str | Path, cfg: PrepConfig, progress=None, tab
     t0 = time.time()
     out = Path(out)
     try:
-        build_steps(cfg)  # validate filters.* before any work
+        build_steps(cfg)  # validate filter_params before any work
     except ValueError as err:
         raise ConfigError(str(err)) from None
     given_tokenizer = check_tokenizer(cfg.tokenizer)[1] if cfg.tokenizer else None
     files = readers.resolve_inputs(inputs, exclude=out)
+    evals = read_sources(cfg.decontaminate.paths, cfg.decontaminate.max_bytes)
     in_info, parts = readers.plan(files, cfg.shard_docs)
     if len(parts) >= 2**31:
         raise KilnError("too many partitions; raise shard_docs")
-    work = _prepare_out(out, _fingerprint(cfg, in_info, given_tokenizer))
+    work = _prepare_out(out, _fingerprint(cfg, in_info, given_tokenizer, evals))
+    decontam = _eval_index(cfg, work, evals)
     timings = {"plan": time.time() - t0}
     log.info("prep: %d input file(s), %d partition(s), %d worker(s) -> %s", len(files), len(parts), cfg.workers, out)
     with _swept(out), ray_session(cfg) as ray:
@@ -204,14 +212,17 @@ def prep(inputs: list[str], out: str | Path, cfg: PrepConfig, progress=None, tab
             for s in clean:
                 q.update(s["quarantined"])
             if q.get("missing_text_field"):
-                _write_reports(out, clean, {"removed": []})
+                report.write_reports(out, clean, {"removed": []}, [])
                 raise KilnError(f"no record has the text field {cfg.text_field!r} (use --text-field; "
                                 f"see {out / 'report' / 'quarantine.jsonl'})")
         t = time.time()
         drops = _dedup(ray, cfg, work, clean, progress)
         timings["dedup"] = time.time() - t
+        t = time.time()
+        boiler = _boilerplate(ray, cfg, work, clean, progress)
+        timings["boilerplate"] = time.time() - t
         if not cfg.tokenizer and sum(s["kept"] for s in clean) == len(drops["removed"]):
-            _write_reports(out, clean, drops)
+            report.write_reports(out, clean, drops, [])
             raise KilnError(f"no document survived reading, filtering and dedup ({sum(s['records'] for s in clean)} "
                             f"records), nothing to train a tokenizer on; see {out / 'report'}")
         t = time.time()
@@ -227,40 +238,81 @@ def prep(inputs: list[str], out: str | Path, cfg: PrepConfig, progress=None, tab
         timings["tokenize"] = time.time() - t
         n = sum(sh["tokens"] for r in tok for sh in r["shards"].values())
         log.info("tokenize: %d tokens in %.1f s (%.0f tokens/s)", n, timings["tokenize"], n / max(timings["tokenize"], 1e-9))
-    summary = _finish(out, cfg, in_info, parts, clean, drops, tok, vocab, tok_sha)
+    summary = report.finish(out, cfg, in_info, parts, clean, drops, tok, vocab, tok_sha,
+                            {"decontamination": decontam, "boilerplate_keys": boiler})
     timings["total"] = time.time() - t0
     summary["timings_s"] = {k: round(v, 2) for k, v in timings.items()}
-    _print_summary(summary, table)
+    report.print_summary(summary, table)
     return summary
 
 
+def _eval_index(cfg: PrepConfig, work: Path, evals: list[dict]) -> dict | None:
+    """Index the evaluation n-grams once (work/decontam/, memory-mapped by the clean tasks); their stats."""
+    if not evals:
+        return None
+    d = cfg.decontaminate
+    stats_path = work / "decontam" / "stats.json"
+    if not stats_path.is_file():
+        index, stats = EvalIndex.build(evals, d.ngram, d.min_words, d.max_ngrams)
+        tmp = work / f"decontam.tmp{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        index.save(tmp)
+        stages.write_json(tmp / "stats.json", {"ngram": d.ngram, "min_words": d.min_words, "sources": stats})
+        shutil.rmtree(work / "decontam", ignore_errors=True)
+        os.replace(tmp, work / "decontam")
+        log.info("decontaminate: %d evaluation n-grams from %d file(s)", len(index.hashes), len(evals))
+    return json.loads(stats_path.read_text())
+
+
 def _dedup(ray, cfg: PrepConfig, work: Path, clean: list[dict], progress=None) -> dict:
-    """{uid: (reason, kept uid)} for exact and near duplicates, plus per-partition positions to drop."""
+    """Exact and near duplicates: {"removed": [[uid, reason, kept uid, jaccard]], "by_part": positions to drop}.
+
+    An exact duplicate names the first identical document; a near duplicate the earlier, kept document
+    it was verified against (with their Jaccard). Also writes work/dropped.npy (sorted uids) for the
+    boilerplate counts.
+    """
     path = work / "dedup.json"
     if path.is_file():
         saved = json.loads(path.read_text())
     elif not cfg.dedup:
-        saved = {"removed": []}
+        saved = {"removed": [], "pairs_checked": 0, "pairs_similar": 0}
     else:
         parts = [s["index"] for s in clean]
-        res = _run_tasks(ray, stages.dedup_bucket, [(b, parts, str(work), cfg.near_dedup) for b in range(cfg.dedup_buckets)],
+        res = _run_tasks(ray, buckets.dedup_bucket, [(b, parts, str(work), cfg) for b in range(cfg.dedup_buckets)],
                          cfg, "dedup", [f"bucket {b} of {cfg.dedup_buckets}" for b in range(cfg.dedup_buckets)],
                          progress=progress)
-        removed: dict[int, tuple[str, int]] = {}
+        removed: dict[int, tuple[str, int, float | None]] = {}
         for r in res:
             for u, k in zip(*(x.tolist() for x in r["exact"]), strict=True):
-                removed[u] = ("exact_dup", k)
-        a = np.concatenate([r["edges"][0] for r in res]) if res else np.zeros(0, np.int64)
-        b = np.concatenate([r["edges"][1] for r in res]) if res else np.zeros(0, np.int64)
-        for u, root in cluster_roots(a, b).items():
-            if u != root and u not in removed:
-                removed[u] = ("near_dup", root)
-        saved = {"removed": sorted([u, r, k] for u, (r, k) in removed.items())}
+                removed[u] = ("exact_dup", k, None)
+        a, b, j = buckets.merge_pairs(res)
+        for u, (k, jac) in keep_first(a, b, j, gone=frozenset(removed)).items():
+            removed[u] = ("near_dup", k, round(jac, 4))
+        saved = {"removed": sorted([u, r, k, jac] for u, (r, k, jac) in removed.items()),
+                 "pairs_checked": sum(r["checked"] for r in res), "pairs_similar": len(a)}
         stages.write_json(path, saved)
+    dropped = np.array(sorted(u for u, *_ in saved["removed"]), np.int64)
+    np.save(work / "dropped.npy", dropped)
     by_part: dict[int, list[int]] = {}
-    for u, _, _ in saved["removed"]:
-        by_part.setdefault(u >> stages.PART_BITS, []).append(u & ((1 << stages.PART_BITS) - 1))
-    return {"removed": saved["removed"], "by_part": {p: np.array(v, np.int64) for p, v in by_part.items()}}
+    for u in dropped.tolist():
+        by_part.setdefault(u >> buckets.PART_BITS, []).append(u & buckets.POS_MASK)
+    return {**saved, "by_part": {p: np.array(v, np.int64) for p, v in by_part.items()}}
+
+
+def _boilerplate(ray, cfg: PrepConfig, work: Path, clean: list[dict], progress=None) -> int:
+    """Line keys found in more than boilerplate.max_docs kept documents -> work/boilerplate.npy; how many."""
+    path = work / "boilerplate.npy"
+    if not cfg.boilerplate.enabled:
+        return 0
+    if not path.is_file():
+        parts, n = [s["index"] for s in clean], cfg.dedup_buckets
+        res = _run_tasks(ray, buckets.boilerplate_bucket, [(b, parts, str(work), cfg.boilerplate.max_docs) for b in range(n)],
+                         cfg, "boilerplate", [f"bucket {b} of {n}" for b in range(n)], progress=progress)
+        keys = np.sort(np.concatenate([np.zeros(0, np.uint64), *res]))
+        tmp = work / f"boilerplate.tmp{os.getpid()}.npy"
+        np.save(tmp, keys)
+        os.replace(tmp, path)
+    return len(np.load(path, mmap_mode="r"))
 
 
 def _part_label(p: dict) -> str:
@@ -270,23 +322,26 @@ def _part_label(p: dict) -> str:
 
 
 def _sample_texts(cfg: PrepConfig, work: Path, clean: list[dict], drops: dict):
-    """Documents for tokenizer training: those whose id hash falls under a cut (deterministic), in order."""
+    """Documents for tokenizer training: those whose id hash falls under a cut (deterministic), in order,
+    boilerplate stripped as the tokenize stage will."""
     kept = sum(s["kept"] for s in clean) - len(drops["removed"])
     cut = int(min(1.0, cfg.tokenizer_sample_docs / max(1, kept)) * (2**64 - 1))
+    boilerplate = stages.boilerplate_step(cfg, work)
+
+    def skip(part: int):
+        sample = np.concatenate([np.load(k)["sample"] for k in buckets.key_files(work, part)])
+        drop = set(drops["by_part"].get(part, np.zeros(0, np.int64)).tolist())
+        return lambda pos: pos in drop or int(sample[pos]) > cut
+
     chars = 0
     for s in clean:
-        d = work / "clean" / f"{s['index']:05d}"
-        sample = np.concatenate([np.load(k)["sample"] for k in stages.key_files(work, s["index"])])
-        skip = set(drops["by_part"].get(s["index"], np.zeros(0)).tolist())
-        with open(d / "docs.jsonl", encoding="utf-8") as f:
-            for pos, line in enumerate(f):
-                if pos in skip or int(sample[pos]) > cut:
-                    continue
-                text = json.loads(line)["text"]
-                chars += len(text)
-                yield text
-                if chars >= cfg.tokenizer_sample_chars:
-                    return
+        for _, doc in stages.surviving(work, s["index"], skip(s["index"]), boilerplate):
+            if doc.removed is not None:
+                continue
+            chars += len(doc.text)
+            yield doc.text
+            if chars >= cfg.tokenizer_sample_chars:
+                return
 
 
 def _tokenizer(cfg: PrepConfig, work: Path, out: Path, clean, drops) -> tuple[Path, int, str]:
@@ -302,91 +357,3 @@ def _tokenizer(cfg: PrepConfig, work: Path, out: Path, clean, drops) -> tuple[Pa
         shutil.copyfile(work / "tokenizer.model", final)
     vocab, sha = check_tokenizer(final)
     return final, vocab, sha
-
-
-def _finish(out: Path, cfg, in_info, parts, clean, drops, tok, vocab, tok_sha) -> dict:
-    """Reports, manifest (written last, atomically) and the summary."""
-    removed, quarantined = Counter(), Counter()
-    for s in clean:
-        removed.update(s["removed"])
-        quarantined.update(s["quarantined"])
-    removed.update(r for _, r, _ in drops["removed"])
-    _write_reports(out, clean, drops)
-    shards = [r["shards"][split] for split in ("train", "val") for r in tok if split in r["shards"]]
-    keys = ("path", "sha256", "documents", "tokens", "split", "fingerprint", "bin_bytes", "idx_bytes")
-    shards = [{k: sh[k] for k in keys if k in sh} for sh in shards]
-    langs = Counter()
-    for r in tok:
-        for sh in r["shards"].values():
-            langs.update(sh["langs"])
-    records = Counter()
-    for p, s in zip(parts, clean, strict=True):
-        records[p["path"]] += s["records"]
-    tokens = {split: sum(s["tokens"] for s in shards if s["split"] == split) for split in ("train", "val")}
-    counts = {
-        "records_in": sum(s["records"] for s in clean),
-        "documents_read": sum(s["read"] for s in clean),
-        "documents_in": sum(s["documents_in"] for s in clean),
-        "documents_kept": sum(s["documents"] for s in shards),
-        "removed": dict(sorted(removed.items())),
-        "quarantined": dict(sorted(quarantined.items())),
-        "languages": dict(sorted(langs.items())),
-    }
-    conf = cfg.model_dump(mode="json", exclude={"ray_address"})
-    manifest = {
-        "version": FORMAT,
-        "inputs": [{"path": os.path.relpath(i["path"], out.resolve()), "sha256": i["sha256"], "records": records[i["path"]]}
-                   for i in in_info],
-        "config": conf,
-        "counts": counts,
-        "tokens": tokens,
-        "tokenizer": {"path": "tokenizer.model", "sha256": tok_sha, "vocab_size": vocab},
-        "shards": shards,
-        "digest": hashlib.sha256("".join(s["sha256"] for s in shards).encode()).hexdigest(),
-    }
-    stages.write_json(out / "manifest.json", manifest)
-    return {"out": str(out), "digest": manifest["digest"], "counts": counts, "tokens": tokens,
-            "shards": len(shards), "vocab_size": vocab}
-
-
-def _write_reports(out: Path, clean: list[dict], drops: dict) -> None:
-    """report/removed.jsonl (filters per partition, then duplicates by uid) and report/quarantine.jsonl."""
-    work = out / "work" / "clean"
-    ids: dict[int, list[str]] = {}
-
-    def id_of(uid: int) -> str:
-        p = uid >> stages.PART_BITS
-        if p not in ids:
-            with open(work / f"{p:05d}" / "docs.jsonl", encoding="utf-8") as f:
-                ids[p] = [json.loads(line)["id"] for line in f]
-        return ids[p][uid & ((1 << stages.PART_BITS) - 1)]
-
-    for name in ("removed", "quarantine"):
-        tmp = out / "report" / f"{name}.jsonl.tmp"
-        with open(tmp, "wb") as dst:
-            for s in clean:
-                with open(work / f"{s['index']:05d}" / f"{name}.jsonl", "rb") as src:
-                    shutil.copyfileobj(src, dst)
-            if name == "removed":
-                for u, reason, k in drops["removed"]:
-                    dst.write((json.dumps({"id": id_of(u), "reason": reason, "detail": id_of(k)}, ensure_ascii=False) + "\n").encode())
-        os.replace(tmp, out / "report" / f"{name}.jsonl")
-
-
-def _print_summary(summary: dict, table=None) -> None:
-    c = summary["counts"]
-    rows = [{"what": "records read", "value": c["records_in"]},
-            {"what": "quarantined", "value": sum(c["quarantined"].values())},
-            {"what": "documents after length policy", "value": c["documents_in"]}]
-    rows += [{"what": f"removed: {k}", "value": v} for k, v in c["removed"].items()]
-    rows += [{"what": "documents kept", "value": c["documents_kept"]},
-             {"what": "languages", "value": ", ".join(f"{k} {v}" for k, v in c["languages"].items())},
-             {"what": "tokens train / val", "value": f"{summary['tokens']['train']:,} / {summary['tokens']['val']:,}"},
-             {"what": "shards", "value": summary["shards"]},
-             {"what": "time (s)", "value": ", ".join(f"{k} {v}" for k, v in summary["timings_s"].items())},
-             {"what": "digest", "value": summary["digest"][:16]}]
-    if table is None:
-        for row in rows:
-            log.info("%s: %s", row["what"], row["value"])
-    else:
-        table(f"kiln prep -> {summary['out']}", rows, ["what", "value"])

@@ -1,12 +1,12 @@
-"""The work of one Ray task, as plain functions (testable without Ray).
+"""The work of one Ray task on one partition, as plain functions (testable without Ray).
 
-Each stage writes its outputs for one unit of work (a partition, a bucket) under
-`DIR/work/` and publishes them atomically: files go to a temp name and are
-renamed, a partition's directory appears only when complete. A rerun after a
-crash reuses whatever was published and redoes the rest.
+Each stage writes its outputs for one partition under `DIR/work/` and publishes them atomically:
+files go to a temp name and are renamed, a partition's directory appears only when complete. A
+rerun after a crash reuses whatever was published and redoes the rest. The bucket-wise work
+(dedup, boilerplate counts) lives in data_prep/buckets.py.
 
 Documents get a `uid` = partition << 32 | position: the global input order.
-Dedup keeps the lowest uid of each group, so results never depend on workers.
+Dedup keeps the earliest document, so results never depend on workers.
 """
 
 from __future__ import annotations
@@ -16,23 +16,16 @@ import json
 import os
 import shutil
 from collections import Counter
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 
-from data_prep.document import BadRecord
+from data_prep.buckets import KeyChunks, ragged_rows
+from data_prep.document import BadRecord, Document
 from data_prep.readers import read_partition
-from data_prep.steps import build_steps
-from data_prep.steps.exact_dedup import group_min, text_hash
+from data_prep.steps import Boilerplate, EvalIndex, build_steps
 from data_prep.steps.length import LengthPolicy
-from data_prep.steps.minhash_dedup import MinHasher, lsh_edges
-from pipeline.config import PrepConfig
-
-PART_BITS = 32
-
-
-def uid_of(part: int, pos: int | np.ndarray):
-    return (np.int64(part) << PART_BITS) + pos
 
 
 def id_hash(doc_id: str, salt: bytes) -> int:
@@ -52,7 +45,7 @@ def _publish_dir(tmp: Path, final: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _records(part: dict, cfg: PrepConfig, counts: Counter, quarantine):
+def _records(part: dict, cfg, counts: Counter, quarantine):
     for rec in read_partition(part, cfg.text_field, cfg.id_field):
         counts["records"] += 1
         if isinstance(rec, BadRecord):
@@ -63,32 +56,43 @@ def _records(part: dict, cfg: PrepConfig, counts: Counter, quarantine):
             yield rec
 
 
-def _count_in(docs, counts: Counter):
+def _as_read(docs, counts: Counter):
+    """Documents as they enter filtering (after length splits): counted, and their text remembered
+    for near-dup shingles, which must not see the lines filters drop."""
     for doc in docs:
         counts["documents_in"] += 1
+        doc.meta["as_read"] = doc.text
         yield doc
 
 
-def clean_partition(part: dict, cfg: PrepConfig, work: str) -> dict:
-    """Read, normalize, filter, langid; hash for exact dedup, MinHash for near dedup."""
+def edits(steps) -> dict[str, int]:
+    """What editing steps changed, as {"<step>:<what>": n}."""
+    return {f"{s.name}:{k}": v for s in steps for k, v in sorted(s.counts.items())}
+
+
+def eval_index(cfg, work: str | Path) -> EvalIndex | None:
+    return EvalIndex.load(Path(work) / "decontam") if cfg.decontaminate.paths else None
+
+
+def clean_partition(part: dict, cfg, work: str) -> dict:
+    """Read, normalize, filter, langid, decontaminate, redact; keys for dedup and boilerplate."""
     final = Path(work) / "clean" / f"{part['index']:05d}"
     if (final / "stats.json").is_file():
         return json.loads((final / "stats.json").read_text())
     tmp = final.with_name(final.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    steps = build_steps(cfg)
-    hasher = MinHasher(cfg.minhash.ngram, cfg.minhash.bands, cfg.minhash.rows, cfg.minhash.seed)
+    steps = build_steps(cfg, eval_index(cfg, work))
     counts: Counter = Counter()
-    keys = _KeyChunks(tmp, part["index"], cfg)
+    keys = KeyChunks(tmp, part["index"], cfg, lambda doc_id: id_hash(doc_id, b"sample"))
     langs: Counter = Counter()
     with open(tmp / "quarantine.jsonl", "w") as quarantine, open(tmp / "removed.jsonl", "w") as removed, \
-            open(tmp / "docs.jsonl", "w") as out:
+            open(tmp / "docs.jsonl", "w") as out, open(tmp / "ids.jsonl", "w") as ids:
         docs = _records(part, cfg, counts, quarantine)
         for step in steps:
             docs = step(docs)
-            if isinstance(step, LengthPolicy):  # documents as they enter filtering (after splits)
-                docs = _count_in(docs, counts)
+            if isinstance(step, LengthPolicy):
+                docs = _as_read(docs, counts)
         for doc in docs:
             if doc.removed is not None:
                 counts["r:" + doc.removed] += 1
@@ -97,7 +101,8 @@ def clean_partition(part: dict, cfg: PrepConfig, work: str) -> dict:
             lang = doc.meta.get("lang")
             langs[lang] += 1
             out.write(json.dumps({"id": doc.id, "text": doc.text, "lang": lang}, ensure_ascii=False) + "\n")
-            keys.add(doc, hasher)
+            ids.write(json.dumps(doc.id, ensure_ascii=False) + "\n")  # reports name dups without reading texts
+            keys.add(doc)
     n = keys.close()
     stats = {
         "index": part["index"], "rel": part["rel"], "records": counts["records"], "read": counts["read"],
@@ -105,84 +110,41 @@ def clean_partition(part: dict, cfg: PrepConfig, work: str) -> dict:
         "quarantined": {k[2:]: v for k, v in sorted(counts.items()) if k.startswith("q:")},
         "removed": {k[2:]: v for k, v in sorted(counts.items()) if k.startswith("r:")},
         "langs": {str(k): v for k, v in sorted(langs.items(), key=lambda kv: str(kv[0]))},
+        "edits": edits(steps),
     }
     write_json(tmp / "stats.json", stats)
     _publish_dir(tmp, final)
     return stats
 
 
-class _KeyChunks:
-    """Dedup keys of a partition, flushed every `shard_docs` documents to keys_NNNNN.npz.
-
-    Each file holds, per bucket b, exact hashes `e{b}` / near-dup band keys `n{b}`
-    with their uids (`eu{b}`, `nu{b}`), plus `sample` (tokenizer-sample hash per doc).
-    Flushing keeps a worker's memory bounded even for one huge compressed file.
-    """
-
-    def __init__(self, directory: Path, part: int, cfg: PrepConfig):
-        self.dir, self.part, self.cfg = directory, part, cfg
-        self.exact: list[int] = []
-        self.bands: list[np.ndarray] = []
-        self.sample: list[int] = []
-        self.done = self.chunks = 0
-
-    def add(self, doc, hasher: MinHasher) -> None:
-        if self.cfg.dedup:
-            self.exact.append(text_hash(doc.text))
-            if self.cfg.near_dedup:
-                self.bands.append(hasher.band_keys(hasher.signature(doc.text)))
-        self.sample.append(id_hash(doc.id, b"sample"))
-        if len(self.sample) >= self.cfg.shard_docs:
-            self.flush()
-
-    def flush(self) -> None:
-        n, cfg, buckets = len(self.sample), self.cfg, self.cfg.dedup_buckets
-        uids = uid_of(self.part, np.arange(self.done, self.done + n, dtype=np.int64))
-        arrays = {"sample": np.array(self.sample, np.uint64)}
-        if cfg.dedup:
-            e = np.array(self.exact, np.uint64)
-            for b in range(buckets):
-                m = e % np.uint64(buckets) == b
-                arrays[f"e{b}"], arrays[f"eu{b}"] = e[m], uids[m]
-        if cfg.dedup and cfg.near_dedup:
-            flat = np.array(self.bands, np.uint64).reshape(-1)
-            flat_uids = np.repeat(uids, cfg.minhash.bands)
-            for b in range(buckets):
-                m = flat % np.uint64(buckets) == b
-                arrays[f"n{b}"], arrays[f"nu{b}"] = flat[m], flat_uids[m]
-        np.savez(self.dir / f"keys_{self.chunks:05d}.npz", **arrays)
-        self.chunks += 1
-        self.done += n
-        self.exact, self.bands, self.sample = [], [], []
-
-    def close(self) -> int:
-        if self.sample or not self.chunks:
-            self.flush()
-        return self.done
+def boilerplate_step(cfg, work: str | Path) -> Boilerplate | None:
+    path = Path(work) / "boilerplate.npy"
+    return Boilerplate(np.load(path), cfg.boilerplate.unit) if cfg.boilerplate.enabled and path.is_file() else None
 
 
-def key_files(work: str | Path, part: int) -> list[Path]:
-    return sorted((Path(work) / "clean" / f"{part:05d}").glob("keys_*.npz"))
+def surviving(work: str | Path, part: int, skip: Callable[[int], bool],
+              boilerplate: Boilerplate | None) -> Iterator[tuple[int, Document]]:
+    """(position, document) for a partition's documents not skipped (by dedup, by sampling), boilerplate
+    lines stripped; a document with nothing but boilerplate comes marked as removed."""
+
+    def read():
+        keys = ragged_rows(work, part, "units") if boilerplate else None
+        with open(Path(work) / "clean" / f"{part:05d}" / "docs.jsonl", encoding="utf-8") as f:
+            for pos, line in enumerate(f):
+                hits = boilerplate.hits(next(keys)) if keys is not None else None
+                if not skip(pos):
+                    d = json.loads(line)
+                    meta = {"lang": d["lang"], "pos": pos}
+                    if hits is not None:
+                        meta["boilerplate"] = hits if hits.any() else None
+                    yield Document(d["id"], d["text"], meta=meta)
+
+    docs = boilerplate(read()) if boilerplate else read()
+    for doc in docs:
+        yield doc.meta["pos"], doc
 
 
-def dedup_bucket(bucket: int, parts: list[int], work: str, near: bool) -> dict:
-    """Exact groups and LSH candidate edges among the keys that hash into `bucket`."""
-    ek, eu, nk, nu = [], [], [], []
-    for p in parts:
-        for path in key_files(work, p):
-            with np.load(path) as z:
-                ek.append(z[f"e{bucket}"])
-                eu.append(z[f"eu{bucket}"])
-                if near:
-                    nk.append(z[f"n{bucket}"])
-                    nu.append(z[f"nu{bucket}"])
-    cat = lambda xs, dt: np.concatenate(xs) if xs else np.zeros(0, dt)  # noqa: E731
-    dup, kept = group_min(cat(ek, np.uint64), cat(eu, np.int64))
-    a, b = lsh_edges(cat(nk, np.uint64), cat(nu, np.int64)) if near else (np.zeros(0, np.int64),) * 2
-    return {"exact": (dup, kept), "edges": (a, b)}
-
-
-def tokenize_partition(part: int, drop: np.ndarray, tokenizer: str, cfg: PrepConfig, work: str, out: str) -> dict:
+def tokenize_partition(part: int, drop: np.ndarray, tokenizer: str, cfg, work: str, out: str) -> dict:
     """Encode a partition's surviving documents into train/val shards (EOS after each)."""
     import sentencepiece as spm
 
@@ -195,23 +157,22 @@ def tokenize_partition(part: int, drop: np.ndarray, tokenizer: str, cfg: PrepCon
     eos = sp.eos_id()
     dtype = np.uint16 if sp.get_piece_size() < 65500 else np.int32
     val_cut = int(cfg.val_fraction * 2**64)
-    drop_set = set(drop.tolist())
+    boilerplate = boilerplate_step(cfg, work)
     writers = {s: IndexedWriter(Path(out) / "shards" / f"{s}_{part:05d}", dtype) for s in ("train", "val")}
     langs = {"train": Counter(), "val": Counter()}
-    chars = Counter()
+    chars, removed = Counter(), []
     try:
-        with open(Path(work) / "clean" / f"{part:05d}" / "docs.jsonl", encoding="utf-8") as f:
-            batch: list[tuple[str, str, str]] = []
-            for pos, line in enumerate(f):
-                if pos in drop_set:
-                    continue
-                d = json.loads(line)
-                batch.append((d["id"], d["text"], d["lang"]))
-                if len(batch) >= 512:
-                    _encode(batch, sp, eos, val_cut, writers, langs, chars)
-                    batch = []
-            _encode(batch, sp, eos, val_cut, writers, langs, chars)
-        result = {"part": part, "shards": {}}
+        batch: list[tuple[str, str, str]] = []
+        for _, doc in surviving(work, part, set(drop.tolist()).__contains__, boilerplate):
+            if doc.removed is not None:
+                removed.append({"id": doc.id, "reason": doc.removed, "detail": doc.detail})
+                continue
+            batch.append((doc.id, doc.text, doc.meta["lang"]))
+            if len(batch) >= 512:
+                _encode(batch, sp, eos, val_cut, writers, langs, chars)
+                batch = []
+        _encode(batch, sp, eos, val_cut, writers, langs, chars)
+        result = {"part": part, "shards": {}, "removed": removed, "edits": edits([boilerplate] if boilerplate else [])}
         for split, w in writers.items():
             if w.sizes:
                 info = w.close()
@@ -243,5 +204,3 @@ def _encode(batch, sp, eos, val_cut, writers, langs, chars) -> None:
     for split, docs in out.items():
         if docs:
             writers[split].add_many(docs)
-
-

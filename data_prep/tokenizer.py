@@ -16,7 +16,7 @@ import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from pipeline.config import KilnError
+from data_prep.errors import KilnError
 
 MAX_SENTENCE_CHARS = 4000
 

@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     p = add("prep", cmd_prep, "Clean, filter, dedup and tokenize a corpus into Megatron shards (Ray).",
-            "kiln prep data/raw/*.jsonl.zst --out data/prepped --vocab-size 32000 --langs en,de --workers 8")
+            "kiln prep data/raw/*.jsonl.zst --out data/prepped --vocab-size 32000 --langs en,de --workers 8 --decontaminate evals/")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="jsonl[.gz|.zst] / parquet files, globs or directories")
     p.add_argument("--out", required=True, metavar="DIR")
     p.add_argument("--text-field")
@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-fraction", type=float)
     p.add_argument("--no-dedup", action="store_true")
     p.add_argument("--langs", help="comma-separated language codes to keep, e.g. en,de")
+    p.add_argument("--decontaminate", nargs="+", action="extend", metavar="PATH",
+                   help="evaluation files/dirs (jsonl, json, txt, lm-eval task yaml): remove documents sharing a "
+                        "13-gram with them (put it after INPUT)")
 
     p = add("train", cmd_train, "Train a GPT (DeepSpeed ZeRO + TP + PP); resumes from the latest checkpoint.",
             "torchrun --nproc-per-node 8 --no-python kiln train --config configs/train/125m-1node.yaml")

@@ -39,6 +39,7 @@ def _prep_flags(args) -> dict:
         "val_fraction": args.val_fraction,
         "dedup": False if args.no_dedup else None,
         "langs": langs,
+        "decontaminate": {"paths": args.decontaminate} if args.decontaminate else None,
     }
 
 

@@ -12,27 +12,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
-
-class ConfigError(ValueError):
-    """A one-line, user-facing configuration or usage error (CLI exit code 2)."""
-
-
-class KilnError(RuntimeError):
-    """A one-line, user-facing runtime failure (CLI exit code 1): names the file/record/key."""
-
-
-def first_line(err: BaseException) -> str:
-    """The first non-blank line of an exception's message (its type name if it has none): what a
-    one-line KilnError quotes of a library's multi-line error."""
-    return next((ln.strip() for ln in str(err).splitlines() if ln.strip()), type(err).__name__)
-
-
-class _Strict(BaseModel):
-    # Unknown keys are typos until proven otherwise.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
+# The errors and the prep schema live in data_prep (the bottom layer); re-exported for the rest of the code.
+from data_prep.config import BoilerplateConfig, DecontaminateConfig, MinHashConfig  # noqa: F401
+from data_prep.config import PrepConfig as _PrepSchema
+from data_prep.config import Strict as _Strict
+from data_prep.errors import ConfigError, KilnError, first_line  # noqa: F401
 
 # --------------------------------------------------------------------------- model / training
 
@@ -170,54 +156,9 @@ def validate_world(cfg: RunConfig, world_size: int) -> int:
 # --------------------------------------------------------------------------- prep
 
 
-class FilterConfig(_Strict):
-    gopher_quality: bool = True
-    gopher_repetition: bool = True
-    c4: bool = True
-    fineweb: bool = True
-    min_words: int = Field(50, ge=0)
-    max_words: int = Field(100_000, ge=1)
-    max_doc_chars: int = Field(1_000_000, ge=1)
-    long_doc_policy: Literal["split", "drop"] = "split"
-    langid: bool = True
-    disable: list[str] = Field(default_factory=list, description='single rules off, e.g. ["c4:curly_bracket"]')
-    params: dict[str, dict[str, Any]] = Field(
-        default_factory=dict, description='step constructor overrides, e.g. {c4: {min_sentences: 2}}'
-    )
+class PrepConfig(_PrepSchema):
+    """What `kiln prep` reads: data_prep's schema plus where the run is tracked."""
 
-
-class MinHashConfig(_Strict):
-    ngram: int = Field(5, ge=1)
-    bands: int = Field(14, ge=1)
-    rows: int = Field(8, ge=1)
-    seed: int = 1
-
-
-class PrepConfig(_Strict):
-    """What `kiln prep` reads (CLI flags map onto these keys)."""
-
-    text_field: str = "text"
-    id_field: str = "id"
-    workers: int = Field(2, ge=1)
-    ray_address: str | None = None
-    vocab_size: int = Field(8192, ge=64)
-    tokenizer: str | None = Field(None, description="an existing sentencepiece .model; skips training")
-    tokenizer_type: Literal["bpe", "unigram"] = "bpe"
-    tokenizer_sample_docs: int = Field(200_000, ge=100)
-    val_fraction: float = Field(0.01, ge=0.0, lt=1.0)
-    dedup: bool = True
-    near_dedup: bool = True
-    langs: list[str] | None = None
-    lang_threshold: float = Field(0.5, ge=0.0, le=1.0)
-    filters: FilterConfig = Field(default_factory=FilterConfig)
-    minhash: MinHashConfig = Field(default_factory=MinHashConfig)
-    shard_docs: int = Field(50_000, ge=1, description="documents per input partition / output shard")
-    seed: int = 1234
-    tokenizer_threads: int = Field(2, ge=1, description="sentencepiece training threads (fixed: part of the result)")
-    tokenizer_sample_chars: int = Field(500_000_000, ge=1000, description="cap on characters fed to training")
-    character_coverage: float = Field(0.9995, gt=0, le=1)
-    dedup_buckets: int = Field(16, ge=1, description="hash buckets for exact/near-dup clustering tasks")
-    task_retries: int = Field(2, ge=0, description="reruns of a Ray task whose worker process died (killed, OOM, node lost)")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
 

@@ -93,8 +93,7 @@ def _corpus(directory: Path) -> Path:
 
 def _cfg() -> PrepConfig:
     return PrepConfig(vocab_size=300, val_fraction=0.1, shard_docs=20, workers=2, near_dedup=False,
-                      filters={"langid": False, "gopher_quality": False, "gopher_repetition": False, "c4": False,
-                               "fineweb": False},
+                      filters=[],
                       tracking={"enabled": False})
 
 
@@ -134,9 +133,8 @@ def test_prep_on_a_full_disk_fails_cleanly_then_resumes(ray_with_fault, tmp_path
     out = tmp_path / "full"
     flag.touch()  # the disk is full from now on
     args = ["prep", str(corpus), "--out", str(out), "--workers", "2", "--vocab-size", "300", "--val-fraction", "0.1",
-            "--set", "shard_docs=20", "--set", "near_dedup=false", "--set", "filters.langid=false",
-            "--set", "filters.gopher_quality=false", "--set", "filters.gopher_repetition=false",
-            "--set", "filters.c4=false", "--set", "filters.fineweb=false", "--set", "tracking.enabled=false", "--json"]
+            "--set", "shard_docs=20", "--set", "near_dedup=false", "--set", "filters=[]",
+            "--set", "tracking.enabled=false", "--json"]
     assert main(args) == 1
     err = [ln for ln in capsys.readouterr().err.splitlines() if "error" in ln]
     assert len(err) == 1, err

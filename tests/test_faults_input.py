@@ -212,10 +212,8 @@ def bad_corpus(tmp_path_factory) -> tuple[Path, dict]:
 def prepped(bad_corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("prepped") / "out"
     cmd = [sys.executable, "-m", "pipeline.cli", "prep", str(bad_corpus[0]), "--out", str(out), "--workers", "2",
-           "--vocab-size", "400", "--val-fraction", "0.1", "--set", "shard_docs=16", "--set", "filters.langid=false",
-           "--set", "filters.gopher_quality=false", "--set", "filters.gopher_repetition=false",
-           "--set", "filters.c4=false", "--set", "filters.fineweb=false", "--set", "filters.max_doc_chars=100000",
-           "--set", "filters.long_doc_policy=drop", "--set", "near_dedup=false", "--set", "tracking.enabled=false",
+           "--vocab-size", "400", "--val-fraction", "0.1", "--set", "shard_docs=16", "--set", "filters=[]",
+           "--set", "max_doc_chars=100000", "--set", "long_doc_policy=drop", "--set", "near_dedup=false", "--set", "tracking.enabled=false",
            "--json"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("RAY_ADDRESS", None)

@@ -32,6 +32,7 @@ SITECUSTOMIZE = textwrap.dedent('''
         import signal
         from pathlib import Path
 
+        import data_prep.buckets
         import data_prep.indexed
         import data_prep.stages
 
@@ -74,7 +75,7 @@ SITECUSTOMIZE = textwrap.dedent('''
                                        "published": self.bin_path.exists()})
 
         data_prep.indexed.IndexedWriter.add_many = add_many
-        _dedup_bucket = data_prep.stages.dedup_bucket
+        _dedup_bucket = data_prep.buckets.dedup_bucket
 
         def dedup_bucket(bucket, *args, **kwargs):
             """dedup: die with the bucket's groups computed but not yet handed back."""
@@ -82,7 +83,7 @@ SITECUSTOMIZE = textwrap.dedent('''
             _die_if_armed(f"dedup-{bucket}", lambda out: {"exact_duplicates": len(result["exact"][0])})
             return result
 
-        data_prep.stages.dedup_bucket = dedup_bucket
+        data_prep.buckets.dedup_bucket = dedup_bucket
 ''')
 
 

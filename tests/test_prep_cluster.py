@@ -20,12 +20,12 @@ def test_prep_on_a_two_node_cluster(tmp_path):
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     cluster.add_node(num_cpus=1)
     try:
-        cfg = config(workers=2, ray_address=cluster.address)
+        cfg = config(tmp_path / "corpus", workers=2, ray_address=cluster.address)
         summary = prep([str(tmp_path / "corpus")], tmp_path / "out", cfg)  # joins the cluster via ray_address
         assert not ray.is_initialized()  # prep shut its connection down; the cluster itself stays up
         ray.init(address=cluster.address)
         assert len([n for n in ray.nodes() if n["Alive"]]) == 2
-        one = prep([str(tmp_path / "corpus")], tmp_path / "one", config(workers=1))  # reuses this connection
+        one = prep([str(tmp_path / "corpus")], tmp_path / "one", config(tmp_path / "corpus", workers=1))  # reuses this connection
         ray.shutdown()
     finally:
         cluster.shutdown()

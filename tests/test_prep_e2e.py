@@ -1,5 +1,6 @@
 """End-to-end `kiln prep` on a real local Ray: a multilingual corpus with planted duplicates,
-filtered documents and every kind of bad record; exact counts, determinism, kill -9 + resume."""
+filtered documents, every kind of bad record, personal data, a footer repeated across documents
+and a document quoting an evaluation set; exact counts, determinism, kill -9 + resume."""
 
 from __future__ import annotations
 
@@ -145,6 +146,26 @@ FINNISH = (
 )
 
 
+FOOTER = "Copyright 2024 Harbour Media Group, all rights reserved."
+CONTACT = (
+    "The ferry timetable changes twice a year, in April and in October, when the winter service begins. "
+    "Tickets can be bought on board or at the small office next to the pier, which opens an hour before the "
+    "first crossing.\n\nQuestions about group bookings go to bookings@harbour-ferries.com or to the office on "
+    "+44 20 7946 0958, and lost property is kept for three months at the same desk."
+)
+EVAL_PASSAGE = "the keeper wound the clockwork every evening so that the great lens turned through the night"
+QUOTING = (
+    "Our history club visited the old lighthouse last weekend and read the guide to each other on the way up. "
+    "One page said that the keeper wound the clockwork every evening so that the great lens turned through the "
+    "night, and that the family rarely left the point in winter. Afterwards we had tea in the museum cafe."
+)
+
+
+def evals_dir(corpus: Path) -> Path:
+    """Where build_corpus puts the evaluation set (beside the corpus: inside, it would be read as input)."""
+    return corpus.with_name(corpus.name + "-evals")
+
+
 def doc_text(lang: str, k: int) -> str:
     s = SENTENCES[lang][4 * k : 4 * k + 4]
     sep = "" if lang == "zh" else " "
@@ -155,9 +176,12 @@ def build_corpus(root: Path) -> dict:
     """Write the corpus; return what a correct prep must report."""
     root.mkdir(parents=True, exist_ok=True)
     en = SENTENCES["en"]
-    good = [(f"{lang}-{k}", doc_text(lang, k)) for lang in ("en", "de", "es", "ru", "zh") for k in range(3)]
+    good = [(f"{lang}-{k}", doc_text(lang, k) + (f"\n\n{FOOTER}" if lang == "es" else ""))
+            for lang in ("en", "de", "es", "ru", "zh") for k in range(3)]
     lines = [json.dumps({"id": i, "text": t}, ensure_ascii=False) for i, t in good]
     lines.append(json.dumps({"id": "long", "text": LONG}))
+    lines.append(json.dumps({"id": "contact", "text": CONTACT}))
+    lines.append(json.dumps({"id": "quoting", "text": QUOTING}))
     filtered = {
         "short": "Too short to keep.",
         "repeated": "This line is repeated many times in this document.\n" * 6,
@@ -200,30 +224,38 @@ def build_corpus(root: Path) -> dict:
 
     Dataset.from_dict({"id": [f"pl-{k}" for k in range(3)], "text": [doc_text("pl", k) for k in range(3)]}).save_to_disk(
         str(root / "e_hf"))
+    evals = evals_dir(root)
+    evals.mkdir(exist_ok=True)
+    (evals / "bench.jsonl").write_text(json.dumps({"question": f"Why did {EVAL_PASSAGE}?", "choices": ["a", "b"]}) + "\n")
     return {
         "records_in": len(lines) + len(bad) + 1 + len(dups) + 1 + len(more) + 1 + len(it) + 3,
         "quarantined": {"malformed_json": 1, "missing_text_field": 1, "null_text": 2, "non_string_text": 1,
                         "empty_text": 1, "lone_surrogate": 1, "not_an_object": 1, "undecodable": 1, "truncated_stream": 2},
         "removed": {"exact_dup": 2, "near_dup": 1, "lang": 1, "too_long": 1, "gopher_quality:word_count": 1,
                     "gopher_repetition:dup_line_fraction": 1, "c4:lorem_ipsum": 1, "c4:curly_bracket": 1,
-                    "fineweb:char_dup_ratio": 1},
-        "languages": {"en": 4, "de": 3, "es": 3, "it": 3, "pl": 3, "ru": 3, "zh": 3},
-        "kept": 22,
+                    "fineweb:char_dup_ratio": 1, f"decontaminate:{evals.name}/bench.jsonl": 1},
+        "edits": {"pii:email": 1, "pii:phone": 1, "boilerplate:lines": 3, "boilerplate:documents": 3,
+                  "boilerplate:bytes": 3 * len(FOOTER.encode())},
+        "languages": {"en": 5, "de": 3, "es": 3, "it": 3, "pl": 3, "ru": 3, "zh": 3},
+        "kept": 23,
     }
 
 
-def config(**kw) -> PrepConfig:
+def config(corpus: Path | None = None, **kw) -> PrepConfig:
+    """The test config; with `corpus`, decontaminated against its evaluation set."""
     base = dict(langs=LANGS, vocab_size=600, val_fraction=0.2, shard_docs=8, workers=1,
-                filters={"min_words": 30, "max_doc_chars": 4000, "long_doc_policy": "drop"})
+                filter_params={"gopher_quality": {"min_words": 30}}, max_doc_chars=4000, long_doc_policy="drop",
+                boilerplate={"max_docs": 2}, decontaminate={"paths": [str(evals_dir(corpus))] if corpus else []})
     base.update(kw)
     return PrepConfig(**base)
 
 
 def cli_args(corpus: Path, out: Path, workers: int = 1) -> list[str]:
-    """The `kiln prep` arguments that mean `config(workers=workers)`."""
+    """The `kiln prep` arguments that mean `config(corpus, workers=workers)`."""
     return ["prep", str(corpus), "--out", str(out), "--workers", str(workers), "--langs", ",".join(LANGS),
-            "--vocab-size", "600", "--val-fraction", "0.2", "--set", "shard_docs=8", "--set", "filters.min_words=30",
-            "--set", "filters.max_doc_chars=4000", "--set", "filters.long_doc_policy=drop"]
+            "--vocab-size", "600", "--val-fraction", "0.2", "--set", "shard_docs=8",
+            "--set", "filter_params.gopher_quality.min_words=30", "--set", "max_doc_chars=4000",
+            "--set", "long_doc_policy=drop", "--set", "boilerplate.max_docs=2", "--decontaminate", str(evals_dir(corpus))]
 
 
 @pytest.fixture(scope="module")
@@ -246,8 +278,14 @@ def reference(ray_local, corpus, tmp_path_factory):
     from data_prep.runner import prep
 
     out = tmp_path_factory.mktemp("ref")
-    summary = prep([str(corpus[0])], out, config(workers=1))
+    summary = prep([str(corpus[0])], out, config(corpus[0], workers=1))
     return out, summary
+
+
+def shingle_jaccard(a: str, b: str, n: int = 5) -> float:
+    """The oracle: Jaccard of the sets of word 5-grams, as plain Python tuples."""
+    sa, sb = ({tuple(ws[i : i + n]) for i in range(len(ws) - n + 1)} for ws in (a.lower().split(), b.lower().split()))
+    return len(sa & sb) / len(sa | sb)
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -263,6 +301,8 @@ def test_counts_reports_and_shards(reference, corpus):
     assert c["quarantined"] == want["quarantined"]
     assert c["removed"] == want["removed"]
     assert c["languages"] == want["languages"]
+    assert c["edits"] == want["edits"]
+    assert c["boilerplate_keys"] == 1  # the footer; nothing else is in more than 2 documents
     assert c["documents_kept"] == want["kept"]
     assert c["documents_in"] == c["documents_kept"] + sum(c["removed"].values())
     assert c["records_in"] == c["documents_read"] + sum(c["quarantined"].values())
@@ -271,7 +311,12 @@ def test_counts_reports_and_shards(reference, corpus):
     removed = {r["id"]: r for r in read_jsonl(out / "report" / "removed.jsonl")}
     assert removed["copy-of-en-0"] == {"id": "copy-of-en-0", "reason": "exact_dup", "detail": "en-0"}
     assert removed["spaced-de-0"]["detail"] == "de-0"
-    assert removed["near-long"] == {"id": "near-long", "reason": "near_dup", "detail": "long"}
+    assert {k: removed["near-long"][k] for k in ("reason", "detail")} == {"reason": "near_dup", "detail": "long"}
+    assert removed["near-long"]["jaccard"] == round(shingle_jaccard(NEAR, LONG), 4) >= 0.8
+    assert removed["quoting"]["reason"] == f"decontaminate:{evals_dir(corpus[0]).name}/bench.jsonl"
+    assert repr(" ".join(EVAL_PASSAGE.split()[:13])) in removed["quoting"]["detail"]  # the first shared 13-gram
+    [source] = manifest["decontamination"]["sources"]
+    assert source["documents_removed"] == 1 and source["texts"] == 3 and source["too_short"] == 2
     assert removed["finnish"]["reason"] == "lang" and removed["huge"]["reason"] == "too_long"
     assert len(removed) == sum(want["removed"].values())
     quarantine = read_jsonl(out / "report" / "quarantine.jsonl")
@@ -305,6 +350,9 @@ def test_counts_reports_and_shards(reference, corpus):
     assert total == manifest["tokens"] and total["val"] > 0
     assert doc_text("zh", 1) in texts and doc_text("ru", 2) in texts and LONG in texts
     assert doc_text("de", 0) in texts
+    assert doc_text("es", 1) in texts and not any(FOOTER in t for t in texts)  # boilerplate stripped
+    [contact] = [t for t in texts if "ferry timetable" in t]
+    assert "<EMAIL>" in contact and "<PHONE>" in contact and "@" not in contact and "7946" not in contact
     assert not list(out.glob("shards/*.tmp"))
 
 
@@ -312,10 +360,11 @@ def test_same_digest_with_4_workers_and_on_rerun(reference, corpus, tmp_path):
     from data_prep.runner import prep
 
     out, summary = reference
-    four = prep([str(corpus[0])], tmp_path / "w4", config(workers=4))
+    four = prep([str(corpus[0])], tmp_path / "w4", config(corpus[0], workers=4))
     assert four["digest"] == summary["digest"]
     assert four["counts"] == summary["counts"]
-    again = prep([str(corpus[0])], out, config(workers=2))
+    assert (tmp_path / "w4" / "report" / "removed.jsonl").read_bytes() == (out / "report" / "removed.jsonl").read_bytes()
+    again = prep([str(corpus[0])], out, config(corpus[0], workers=2))
     assert again["digest"] == summary["digest"]
 
 
@@ -323,9 +372,9 @@ def test_given_tokenizer_and_errors(reference, corpus, tmp_path):
     from data_prep.runner import prep
 
     out, summary = reference
-    reuse = prep([str(corpus[0])], tmp_path / "tok", config(tokenizer=str(out / "tokenizer.model")))
+    reuse = prep([str(corpus[0])], tmp_path / "tok", config(corpus[0], tokenizer=str(out / "tokenizer.model")))
     assert reuse["digest"] == summary["digest"]
-    nodedup = prep([str(corpus[0])], tmp_path / "nodedup", config(tokenizer=str(out / "tokenizer.model"), dedup=False))
+    nodedup = prep([str(corpus[0])], tmp_path / "nodedup", config(corpus[0], tokenizer=str(out / "tokenizer.model"), dedup=False))
     assert nodedup["counts"]["documents_kept"] == corpus[1]["kept"] + 3
     assert not {"exact_dup", "near_dup"} & set(nodedup["counts"]["removed"])
     with pytest.raises(KilnError, match="try --vocab-size"):

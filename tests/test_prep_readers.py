@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from data_prep import readers, stages
+from data_prep import buckets, readers, stages
 from data_prep.document import BadRecord, Document
 from data_prep.tokenizer import check_tokenizer, train_tokenizer
 from pipeline.config import ConfigError, KilnError, PrepConfig
@@ -134,17 +134,19 @@ def test_clean_partition_publishes_once_and_is_reused(tmp_path):
     path = tmp_path / "in.jsonl"
     path.write_text("\n".join(json.dumps({"id": i, "text": text if i != 2 else "tiny"}) for i in range(3)) + "\n{bad\n")
     _, parts = readers.plan([path], 100)
-    cfg = PrepConfig(filters={"min_words": 10})
+    cfg = PrepConfig(filter_params={"gopher_quality": {"min_words": 10}})
     stats = stages.clean_partition(parts[0], cfg, str(tmp_path / "work"))
     assert stats["records"] == 4 and stats["kept"] == 2 and stats["quarantined"] == {"malformed_json": 1}
     assert stats["removed"] == {"gopher_quality:word_count": 1}
     done = tmp_path / "work" / "clean" / "00000"
-    assert sorted(p.name for p in done.iterdir()) == ["docs.jsonl", "keys_00000.npz", "quarantine.jsonl", "removed.jsonl", "stats.json"]
+    assert sorted(p.name for p in done.iterdir()) == ["docs.jsonl", "ids.jsonl", "keys_00000.npz", "quarantine.jsonl",
+                                                      "removed.jsonl", "sketch_00000.npy", "sketchoff_00000.npy",
+                                                      "stats.json", "units_00000.npy", "unitsoff_00000.npy"]
     mtime = (done / "docs.jsonl").stat().st_mtime_ns
     assert stages.clean_partition(parts[0], cfg, str(tmp_path / "work")) == stats
     assert (done / "docs.jsonl").stat().st_mtime_ns == mtime
-    res = stages.dedup_bucket(0, [0], str(tmp_path / "work"), True)
-    assert set(res) == {"exact", "edges"}
+    res = buckets.dedup_bucket(0, [0], str(tmp_path / "work"), cfg)
+    assert set(res) == {"exact", "near", "checked"}
 
 
 def test_add_many_writes_the_same_bytes_as_add(tmp_path):
@@ -173,10 +175,10 @@ def test_one_big_compressed_file_flushes_keys_in_chunks(tmp_path):
     path.write_bytes(gzip.compress("".join(json.dumps({"id": f"d{i}", "text": t}) + "\n" for i, t in enumerate(texts)).encode()))
     _, parts = readers.plan([path], 2)
     assert len(parts) == 1
-    cfg = PrepConfig(filters={"min_words": 10}, shard_docs=2, dedup_buckets=3)
+    cfg = PrepConfig(filter_params={"gopher_quality": {"min_words": 10}}, shard_docs=2, dedup_buckets=3)
     assert stages.clean_partition(parts[0], cfg, str(tmp_path / "w"))["kept"] == 5
-    assert len(stages.key_files(tmp_path / "w", 0)) == 3
-    exact = [stages.dedup_bucket(b, [0], str(tmp_path / "w"), True)["exact"] for b in range(3)]
+    assert len(buckets.key_files(tmp_path / "w", 0)) == 3
+    exact = [buckets.dedup_bucket(b, [0], str(tmp_path / "w"), cfg)["exact"] for b in range(3)]
     pairs = [(int(d), int(k)) for dup, kept in exact for d, k in zip(dup, kept, strict=True)]
     assert pairs == [(4, 0)]
 

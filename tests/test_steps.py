@@ -7,9 +7,11 @@ import random
 import numpy as np
 import pytest
 
+from data_prep.config import PrepConfig
 from data_prep.document import Document
 from data_prep.steps import (
     C4,
+    EvalIndex,
     ExactDedup,
     FineWeb,
     GopherQuality,
@@ -20,11 +22,10 @@ from data_prep.steps import (
     Normalize,
     build_steps,
 )
-from data_prep.steps.base import ngram_hashes, token_hashes, words
 from data_prep.steps.exact_dedup import group_min
 from data_prep.steps.gopher_repetition import dup_ngram_fraction
-from data_prep.steps.minhash_dedup import MinHasher, cluster_roots
-from pipeline.config import PrepConfig
+from data_prep.steps.minhash_dedup import MinHasher
+from data_prep.steps.text import ngram_hashes, token_hashes, words
 
 PROSE = (
     "The committee met on Tuesday to review the budget for the coming year and to hear reports from each of "
@@ -168,24 +169,21 @@ def test_minhash_catches_few_word_edits_only():
     out = run(MinHashDedup(), " ".join(base), " ".join(other), " ".join(edited))
     assert [d.removed for d in out] == [None, None, "near_dup"] and out[2].detail == "d0"
     a, b = MinHasher(seed=1), MinHasher(seed=1)
-    assert np.array_equal(a.signature(" ".join(base)), b.signature(" ".join(base)))
-    assert a.signature("").shape == (14 * 8,)
-
-
-def test_cluster_roots_follow_chains_to_the_lowest_uid():
-    roots = cluster_roots(np.array([5, 9, 20, 30]), np.array([1, 5, 9, 31]))
-    assert roots == {1: 1, 5: 1, 9: 1, 20: 1, 30: 30, 31: 30}
+    assert np.array_equal(a.signature(a.shingles(" ".join(base))), b.signature(b.shingles(" ".join(base))))
+    assert a.signature(a.shingles("")).shape == (20 * 4,)
 
 
 def test_words_split_cjk_into_characters():
     assert words("Hello, world! 你好世界") == ["Hello,", "world!", "你", "好", "世", "界"]
 
 
-def test_build_steps_validates_filter_config():
+def test_build_steps_runs_the_listed_filters_in_registry_order():
     names = [s.name for s in build_steps(PrepConfig())]
-    assert names == ["normalize", "length", "lang", "gopher_repetition", "gopher_quality", "c4", "fineweb"]
-    assert [s.name for s in build_steps(PrepConfig(filters={"c4": False, "langid": False}))][-1] == "fineweb"
-    for bad, msg in [({"disable": ["curly_bracket"]}, "filters.disable"), ({"params": {"c5": {}}}, "filters.params"),
-                     ({"params": {"c4": {"nope": 1}}}, "filters.params.c4")]:
-        with pytest.raises(ValueError, match=msg):
-            build_steps(PrepConfig(filters=bad))
+    assert names == ["normalize", "length", "lang", "gopher_repetition", "gopher_quality", "c4", "fineweb", "pii"]
+    assert [s.name for s in build_steps(PrepConfig(filters=["fineweb", "c4"]))] == ["normalize", "length", "c4", "fineweb"]
+    index = EvalIndex.build([])[0]
+    assert [s.name for s in build_steps(PrepConfig(), index)][-3:] == ["fineweb", "decontaminate", "pii"]
+    with pytest.raises(ValueError, match="langs: unknown language code"):
+        build_steps(PrepConfig(langs=["xx"]))
+    with pytest.raises(ValueError, match="filter_params.gopher_repetition: "):
+        build_steps(PrepConfig(filter_params={"gopher_repetition": {"top_ngram": [1, 2]}}))

@@ -1,14 +1,19 @@
 """Document steps, datatrove style: each a small class with one method over an iterator.
 
-`build_steps(cfg)` composes them in pipeline order from a `PrepConfig`:
-normalize -> length policy -> langid -> Gopher repetition -> Gopher quality -> C4 -> FineWeb.
-(Exact and near dedup run after, across partitions: see data_prep/stages.py.)
+`STEPS` is the registry of the per-document steps a config lists under `filters:`; `build_steps`
+composes them in this fixed order, after the two that always run:
+normalize -> length policy -> langid -> Gopher repetition -> Gopher quality -> C4 -> FineWeb
+-> decontaminate (with --decontaminate) -> PII.
+Exact and near dedup and boilerplate run across partitions (data_prep/buckets.py); the
+boilerplate step is applied when tokenizing (data_prep/stages.py).
 """
 
 from __future__ import annotations
 
 from data_prep.steps.base import Filter, Step
+from data_prep.steps.boilerplate import Boilerplate
 from data_prep.steps.c4 import C4
+from data_prep.steps.decontaminate import Decontaminate, EvalIndex
 from data_prep.steps.exact_dedup import ExactDedup
 from data_prep.steps.fineweb import FineWeb
 from data_prep.steps.gopher_quality import GopherQuality
@@ -17,44 +22,46 @@ from data_prep.steps.langid import LangId
 from data_prep.steps.length import LengthPolicy
 from data_prep.steps.minhash_dedup import MinHashDedup
 from data_prep.steps.normalize import Normalize
+from data_prep.steps.pii import PII
 
-FILTERS = {f.name: f for f in (GopherRepetition, GopherQuality, C4, FineWeb)}
+STEPS: dict[str, type[Step]] = {
+    "langid": LangId,
+    "gopher_repetition": GopherRepetition,
+    "gopher_quality": GopherQuality,
+    "c4": C4,
+    "fineweb": FineWeb,
+    "pii": PII,
+}
+DEFAULT_FILTERS = list(STEPS)
 
 
-def build_steps(cfg) -> list[Step]:
-    """Steps for `cfg` (a PrepConfig); ValueError names the offending `filters.*` key."""
-    f = cfg.filters
-    unknown = set(f.params) - set(FILTERS) - {"langid"}
-    if unknown:
-        raise ValueError(f"filters.params: unknown step(s) {sorted(unknown)}; known: {sorted(FILTERS)} and langid")
+def build_steps(cfg, eval_index: EvalIndex | None = None) -> list[Step]:
+    """Steps for `cfg` (a PrepConfig, already schema-checked); ValueError names the `filter_params.*` key.
+
+    `eval_index` adds decontamination (the runner builds it from `decontaminate.paths`).
+    """
     disabled: dict[str, list[str]] = {}
-    for item in f.disable:
-        step, sep, rule = item.partition(":")
-        if not sep or step not in FILTERS:
-            raise ValueError(f"filters.disable: {item!r} is not <step>:<rule> with step one of {sorted(FILTERS)}")
+    for item in cfg.filter_disable:
+        step, _, rule = item.partition(":")
         disabled.setdefault(step, []).append(rule)
-    steps: list[Step] = [Normalize(), LengthPolicy(f.max_doc_chars, f.long_doc_policy)]
-    if f.langid:
+    steps: list[Step] = [Normalize(), LengthPolicy(cfg.max_doc_chars, cfg.long_doc_policy)]
+    for name, cls in STEPS.items():
+        if name == "pii" and eval_index is not None:
+            steps.append(Decontaminate(eval_index))
+        if name not in cfg.filters:
+            continue
+        kwargs = {"langs": cfg.langs, "threshold": cfg.lang_threshold} if name == "langid" else {}
+        if cls.rules:
+            kwargs["disabled"] = disabled.get(name, ())
+        kwargs.update(cfg.filter_params.get(name, {}))
         try:
-            steps.append(_make(LangId, "langid", f.params, langs=cfg.langs, threshold=cfg.lang_threshold))
-        except ValueError as err:
-            raise ValueError(f"langs: {str(err).split(': ', 1)[-1]}") from None
-    elif cfg.langs:
-        raise ValueError("langs: needs filters.langid true")
-    extra = {"gopher_quality": {"min_words": f.min_words, "max_words": f.max_words}}
-    for name, cls in FILTERS.items():
-        if getattr(f, name):
-            steps.append(_make(cls, name, f.params, disabled=disabled.get(name, ()), **extra.get(name, {})))
+            steps.append(cls(**kwargs))
+        except (TypeError, ValueError, AttributeError) as err:  # a parameter of the wrong type
+            key = "langs" if name == "langid" and "language" in str(err) else f"filter_params.{name}"
+            raise ValueError(f"{key}: {err}") from None
     return steps
 
 
-def _make(cls, name: str, params: dict, **kwargs):
-    kwargs.update(params.get(name, {}))
-    try:
-        return cls(**kwargs)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"filters.params.{name}: {err}") from None
-
-
-__all__ = ["Step", "Filter", "Normalize", "LengthPolicy", "LangId", "GopherQuality", "GopherRepetition",
-           "C4", "FineWeb", "ExactDedup", "MinHashDedup", "build_steps"]
+__all__ = ["Step", "Filter", "STEPS", "DEFAULT_FILTERS", "Normalize", "LengthPolicy", "LangId", "GopherQuality",
+           "GopherRepetition", "C4", "FineWeb", "PII", "Decontaminate", "EvalIndex", "Boilerplate", "ExactDedup",
+           "MinHashDedup", "build_steps"]

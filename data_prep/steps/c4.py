@@ -12,9 +12,9 @@ from __future__ import annotations
 import re
 
 from data_prep.document import Document
-from data_prep.steps.base import Filter, words
+from data_prep.steps.base import Filter
+from data_prep.steps.text import TERMINAL, words
 
-TERMINAL = (".", "!", "?", '"', "”", "’", "'", "»", "…", "。", "！", "？", "」", "』")
 POLICY = ("terms of use", "privacy policy", "cookie policy", "uses cookies", "use of cookies", "use cookies")
 _CITATION = re.compile(r"\[\d+\]|\[citation needed\]|\[edit\]", re.I)
 _SENTENCE_END = re.compile(r"[.!?]+[\"'”’»]*(?=\s|$)|[。！？]+")

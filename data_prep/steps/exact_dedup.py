@@ -1,37 +1,35 @@
 """Exact duplicates: a 64-bit hash of the normalized text; the earliest document of each group stays.
 
-`find_exact` works on hash/uid arrays so the runner can apply it bucket by
+`group_min` works on hash/uid arrays so the runner can apply it bucket by
 bucket across partitions; `ExactDedup` does the same within one stream.
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable, Iterator
 
 import numpy as np
 
 from data_prep.document import Document
 from data_prep.steps.base import Step
+from data_prep.steps.text import text_hash
 
 
-def text_hash(text: str) -> int:
-    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
+def sorted_groups(keys: np.ndarray, uids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """uids sorted by (key, uid); for each, the lowest uid with its key; and whether it is that lowest."""
+    order = np.lexsort((uids, keys))
+    k, u = keys[order], uids[order]
+    starts = np.r_[True, k[1:] != k[:-1]]
+    return u, u[np.maximum.accumulate(np.where(starts, np.arange(len(u)), 0))], starts
 
 
 def group_min(keys: np.ndarray, uids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """For every key shared by several uids: (non-minimal uids, the minimal uid of their group)."""
     if len(keys) == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    order = np.lexsort((uids, keys))
-    k, u = keys[order], uids[order]
-    starts = np.r_[True, k[1:] != k[:-1]]
-    head = u[np.maximum.accumulate(np.where(starts, np.arange(len(u)), 0))]
-    later = ~starts
-    return u[later], head[later]
+    u, head, starts = sorted_groups(keys, uids)
+    return u[~starts], head[~starts]
 
-
-find_exact = group_min
 
 
 class ExactDedup(Step):

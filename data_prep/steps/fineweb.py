@@ -9,9 +9,8 @@ newlines per word (a list, not prose).
 from __future__ import annotations
 
 from data_prep.document import Document
-from data_prep.steps.base import Filter, words
-from data_prep.steps.c4 import TERMINAL
-from data_prep.steps.gopher_repetition import duplicates
+from data_prep.steps.base import Filter
+from data_prep.steps.text import TERMINAL, duplicates, lines, words
 
 
 class FineWeb(Filter):
@@ -26,19 +25,19 @@ class FineWeb(Filter):
 
     def check(self, doc: Document):
         text = doc.text
-        lines = [ln.strip() for ln in text.split("\n") if ln.strip()]
-        if not lines:
+        ls = lines(text)
+        if not ls:
             return "line_punct_ratio", "no lines"
         if self.on("line_punct_ratio"):
-            ratio = sum(ln.endswith(TERMINAL) for ln in lines) / len(lines)
+            ratio = sum(ln.endswith(TERMINAL) for ln in ls) / len(ls)
             if ratio < self.punct:
                 return "line_punct_ratio", f"{ratio:.2f} < {self.punct}"
         if self.on("short_line_ratio"):
-            ratio = sum(len(ln) <= self.short_len for ln in lines) / len(lines)
+            ratio = sum(len(ln) <= self.short_len for ln in ls) / len(ls)
             if ratio > self.short:
                 return "short_line_ratio", f"{ratio:.2f} > {self.short}"
         if self.on("char_dup_ratio"):
-            ratio = duplicates(lines)[1] / max(1, len(text) - text.count("\n"))
+            ratio = duplicates(ls)[1] / max(1, len(text) - text.count("\n"))
             if ratio > self.char_dup:
                 return "char_dup_ratio", f"{ratio:.3f} > {self.char_dup}"
         if self.on("list_ratio"):

@@ -13,7 +13,8 @@ from __future__ import annotations
 import re
 
 from data_prep.document import Document
-from data_prep.steps.base import CJK_LANGS, Filter, words
+from data_prep.steps.base import Filter
+from data_prep.steps.text import CJK_LANGS, lines, words
 
 STOP_WORDS = frozenset({"the", "be", "to", "of", "and", "that", "have", "with"})
 BULLETS = ("•", "●", "○", "▪", "◦", "‣", "⁃", "-", "*", "·")
@@ -52,13 +53,13 @@ class GopherQuality(Filter):
             ratio = (text.count("#") + text.count("...") + text.count("…")) / n
             if ratio > self.max_symbol:
                 return "symbol_ratio", f"{ratio:.3f} > {self.max_symbol}"
-        lines = [ln.strip() for ln in text.split("\n") if ln.strip()]
-        if self.on("bullet_lines") and lines:
-            ratio = sum(ln.startswith(BULLETS) for ln in lines) / len(lines)
+        ls = lines(text)
+        if self.on("bullet_lines") and ls:
+            ratio = sum(ln.startswith(BULLETS) for ln in ls) / len(ls)
             if ratio > self.max_bullet:
                 return "bullet_lines", f"{ratio:.2f} > {self.max_bullet}"
-        if self.on("ellipsis_lines") and lines:
-            ratio = sum(ln.endswith(ELLIPSES) for ln in lines) / len(lines)
+        if self.on("ellipsis_lines") and ls:
+            ratio = sum(ln.endswith(ELLIPSES) for ln in ls) / len(ls)
             if ratio > self.max_ellipsis:
                 return "ellipsis_lines", f"{ratio:.2f} > {self.max_ellipsis}"
         if self.on("alpha_words"):

@@ -10,29 +10,14 @@ than 0.15, 0.14, 0.13, 0.12, 0.11, 0.10 of them. N-grams are hashed with numpy;
 
 from __future__ import annotations
 
-import re
-
 import numpy as np
 
 from data_prep.document import Document
-from data_prep.steps.base import Filter, ngram_hashes, token_hashes, words
+from data_prep.steps.base import Filter
+from data_prep.steps.text import duplicates, lines, ngram_hashes, paragraphs, token_hashes, words
 
 TOP_NGRAM = {2: 0.20, 3: 0.18, 4: 0.16}
 DUP_NGRAM = {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10}
-_PARAGRAPHS = re.compile(r"\n{2,}")
-
-
-def duplicates(items: list[str]) -> tuple[int, int]:
-    """(number of items that repeat an earlier one, their total characters)."""
-    seen: set[str] = set()
-    count = chars = 0
-    for item in items:
-        if item in seen:
-            count += 1
-            chars += len(item)
-        else:
-            seen.add(item)
-    return count, chars
 
 
 def top_ngram_fraction(h: np.ndarray, lengths: np.ndarray, n: int, total: int) -> float:
@@ -77,16 +62,16 @@ class GopherRepetition(Filter):
 
     def check(self, doc: Document):
         text = doc.text
-        paras = [p for p in (p.strip() for p in _PARAGRAPHS.split(text)) if p]
+        paras = paragraphs(text)
         n_dup, chars = duplicates(paras)
         if self.on("dup_para_fraction") and paras and n_dup / len(paras) > self.para_frac:
             return "dup_para_fraction", f"{n_dup / len(paras):.2f} > {self.para_frac}"
         if self.on("dup_para_chars") and chars / len(text) > self.para_chars:
             return "dup_para_chars", f"{chars / len(text):.2f} > {self.para_chars}"
-        lines = [ln for ln in (ln.strip() for ln in text.split("\n")) if ln]
-        n_dup, chars = duplicates(lines)
-        if self.on("dup_line_fraction") and lines and n_dup / len(lines) > self.line_frac:
-            return "dup_line_fraction", f"{n_dup / len(lines):.2f} > {self.line_frac}"
+        ls = lines(text)
+        n_dup, chars = duplicates(ls)
+        if self.on("dup_line_fraction") and ls and n_dup / len(ls) > self.line_frac:
+            return "dup_line_fraction", f"{n_dup / len(ls):.2f} > {self.line_frac}"
         if self.on("dup_line_chars") and chars / len(text) > self.line_chars:
             return "dup_line_chars", f"{chars / len(text):.2f} > {self.line_chars}"
         if not (self.on("top_ngram") or self.on("dup_ngram")):

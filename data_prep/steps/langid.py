@@ -30,6 +30,7 @@ class LangId(Step):
     name = "lang"
 
     def __init__(self, langs: list[str] | None = None, threshold: float = 0.5, max_chars: int = 1000):
+        super().__init__()
         self.model = _model()
         labels = list(self.model.nb_classes)
         unknown = sorted(set(langs or []) - set(labels))

@@ -27,6 +27,7 @@ class LengthPolicy(Step):
     def __init__(self, max_chars: int = 1_000_000, policy: str = "split"):
         if policy not in ("split", "drop"):
             raise ValueError(f"length policy must be split or drop, got {policy!r}")
+        super().__init__()
         self.max_chars, self.policy = max_chars, policy
 
     def __call__(self, docs: Iterable[Document]) -> Iterator[Document]:
