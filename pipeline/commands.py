@@ -203,12 +203,14 @@ def cmd_track(args) -> dict:
     from pathlib import Path
 
     from pipeline.console import log
+    from pipeline.credentials import without_mask
     from pipeline.tracking import RUN_RECORD, Tracker
 
     tracker = _tracker(args)
     record = Path(args.run_dir) / RUN_RECORD
     if not (args.tracking_uri or tracker.cfg.uri or os.environ.get("MLFLOW_TRACKING_URI")) and record.exists():
-        tracker = Tracker(tracker.cfg, uri=json.loads(record.read_text()).get("tracking_uri"))
+        # the record holds the URI redacted; credentials come from MLFLOW_TRACKING_USERNAME/_PASSWORD
+        tracker = Tracker(tracker.cfg, uri=without_mask(json.loads(record.read_text()).get("tracking_uri") or ""))
     result = tracker.sync(args.run_dir)
     log.info("replayed %d metric values into run %s at %s", result["replayed"], result["run_id"], tracker.uri)
     return result

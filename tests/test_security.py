@@ -102,10 +102,11 @@ def test_1_a_registry_tag_cannot_choose_where_files_are_written(registry, tmp_pa
     args = {"generate": ["generate", uri, "--prompt", "hi", "--max-new-tokens", "1"],
             "eval": ["eval", uri, "--data", str(fake_corpus(tmp_path / "corpus", vocab_size=64))],
             "fetch": ["fetch", uri, "--out", str(tmp_path / "fetched")]}[command]
-    assert main([*args, "--tracking-uri", registry.uri]) == 1
+    code = main([*args, "--tracking-uri", registry.uri])
+    assert not victim.exists(), sorted(p.name for p in victim.iterdir())
+    assert code == 1 and not (tmp_path / "fetched").exists()
     line = one_error(capsys.readouterr().err)
     assert "kiln.model_id" in line and "not a plain model id" in line, line
-    assert not victim.exists() and not (tmp_path / "fetched").exists()
 
 
 # --------------------------------------------------------------------------- 2. corpus manifests
@@ -130,10 +131,10 @@ def test_2_a_manifest_cannot_pull_a_file_into_the_trained_model(tmp_path):
     out = tmp_path / "run"
     res = subprocess.run(kiln_train_cmd(out, f"data.paths=[{corpus}]", "train.steps=2", "tracking.enabled=false"),
                          env=TRAIN_ENV, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert not out.exists() or files_containing(out, SECRET[:20]) == []
     assert res.returncode == 1, res.stderr[-3000:]
     line = one_error(res.stderr)
     assert "manifest.json: tokenizer.path '../victim_secret'" in line and "'..'" in line, line
-    assert not out.exists() or files_containing(out, SECRET[:20]) == []
 
 
 def test_2_a_manifest_cannot_pull_a_file_into_an_export(tmp_path, capsys):
@@ -145,16 +146,17 @@ def test_2_a_manifest_cannot_pull_a_file_into_an_export(tmp_path, capsys):
                                                                            "data": {"paths": [str(corpus)]}}}))
     (ckpt / "tokenizer.model").unlink()
     write_sums(ckpt)
-    assert main(["export", str(ckpt), "--format", "safetensors", "--out", str(tmp_path / "exported")]) == 1
+    code = main(["export", str(ckpt), "--format", "safetensors", "--out", str(tmp_path / "exported")])
+    assert not (tmp_path / "exported").exists() or files_containing(tmp_path / "exported", SECRET[:20]) == []
+    assert code == 1
     line = one_error(capsys.readouterr().err)
     assert f"tokenizer.path '{tmp_path / 'victim_secret'}' is an absolute path" in line, line
-    assert not (tmp_path / "exported").exists()
 
 
 # --------------------------------------------------------------------------- 3. decompression bombs
 
 WORDS = "river stone bridge market harbour lantern garden window winter summer baker kettle".split()
-PREP_LIGHT = ["--vocab-size", "200", "--no-dedup", "--set", "filters.langid=false", "--set",
+PREP_LIGHT = ["--vocab-size", "300", "--no-dedup", "--set", "filters.langid=false", "--set",
               "filters.gopher_quality=false", "--set", "filters.gopher_repetition=false", "--set", "filters.c4=false",
               "--set", "filters.fineweb=false", "--set", "tracking.enabled=false"]
 

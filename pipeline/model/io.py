@@ -13,6 +13,7 @@ import importlib
 import json
 import os
 import pickle
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -21,6 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from data_prep.confine import escapes
 from pipeline.config import KilnError, ModelConfig, first_line
 from pipeline.model.gpt import GPT
 
@@ -28,7 +30,10 @@ WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 TOKENIZER = "tokenizer.model"
 SUMS = "SHA256SUMS"
+FETCH_MARKER = ".kiln-fetched.json"  # written by `kiln fetch` next to what it verified (pipeline/tracking/registry.py)
+UNLISTED_OK = {SUMS, FETCH_MARKER}  # the only files a verified directory may hold without a SHA256SUMS line
 FORMAT_VERSION = 1
+_SUMS_LINE = re.compile(r"([0-9a-f]{64}) [ *](.+)")  # sha256sum's text and binary forms
 
 
 def sha256_file(path: str | Path) -> str:
@@ -46,15 +51,29 @@ def write_sums(directory: Path) -> None:
 
 
 def verify_sums(directory: str | Path) -> None:
-    """Raise KilnError naming the first file whose checksum does not match."""
+    """Rehash every file SHA256SUMS lists and refuse the directory (KilnError naming the file) unless
+    each matches, each entry stays inside the directory as a regular file (no absolute path, `..` or
+    symlink out: SHA256SUMS is as untrusted as the files), and no file is there that it does not list."""
     directory = Path(directory)
     sums = directory / SUMS
-    if not sums.exists():
+    if not sums.is_file():
         raise KilnError(f"{sums}: missing; cannot verify this model directory")
-    for line in sums.read_text().splitlines():
+    listed = {}
+    for n, line in enumerate(sums.read_text(errors="replace").splitlines(), 1):
         if not line.strip():
             continue
-        digest, name = line.split(maxsplit=1)
+        if not (m := _SUMS_LINE.fullmatch(line)):
+            raise KilnError(f"{sums}:{n}: not a `<sha256>  <file>` line")
+        digest, name = m.groups()
+        if why := escapes(directory, name):
+            raise KilnError(f"{sums}:{n}: {name!r} {why}; refusing this directory")
+        listed[name] = digest
+    unlisted = sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*")
+                      if not p.is_dir() or p.is_symlink())
+    for name in unlisted:
+        if name not in listed and name not in UNLISTED_OK:
+            raise KilnError(f"{directory / name}: not listed in {sums}; refusing a directory with unverified files")
+    for name, digest in listed.items():
         path = directory / name
         if not path.exists():
             raise KilnError(f"{path}: listed in {SUMS} but missing")
