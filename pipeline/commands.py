@@ -227,6 +227,7 @@ def cmd_launch(args) -> dict:
 
     command = common.strip_dashdash(args.job_command)
     env = common.parse_env(args.env)
+    common.check_launch_values({k: v for k, v in vars(args).items() if k not in ("job_command", "env")}, command, env)
     if args.launcher == "deepspeed":
         from pipeline.launcher import deepspeed_job as job_kind
 

@@ -399,7 +399,7 @@ def test_8_slurm_values_are_rendered_literally(tmp_path, capsys):
     assert not marker.exists()
     assert main(["launch", "slurm", "--nodes", "1", "--gpus-per-node", "1", "--time", "\\1", "--dry-run",
                  "--", "echo"]) == 2
-    assert "--time '\\1': not a SLURM time" in one_error(capsys.readouterr().err)
+    assert "--time " + repr("\\1") + ": not a SLURM time" in one_error(capsys.readouterr().err)
 
 
 def test_8_deepspeed_env_values_cannot_run_commands_on_the_nodes(tmp_path, capsys):
