@@ -13,6 +13,14 @@ import sys
 from pipeline.config import ConfigError, KilnError
 
 
+def _locked(out, what: str):
+    """The exclusive lock on a stage's --out (pipeline/outlock.py), held by the job's rank 0."""
+    from pipeline.console import is_main_process
+    from pipeline.outlock import locked
+
+    return locked(out, what, enabled=is_main_process())
+
+
 def _config(args, kind: str, base: dict | None = None):
     from pipeline.config import load_config
 
@@ -24,7 +32,8 @@ def cmd_prep(args) -> dict:
     from pipeline.console import print_table, progress
 
     cfg = _config(args, "prep", _prep_flags(args))
-    return tracked.prep(args.inputs, args.out, cfg, args.tracking_uri, progress=progress, table=print_table)
+    with _locked(args.out, "kiln prep"):
+        return tracked.prep(args.inputs, args.out, cfg, args.tracking_uri, progress=progress, table=print_table)
 
 
 def _prep_flags(args) -> dict:
@@ -46,7 +55,8 @@ def cmd_train(args) -> dict:
     cfg = _config(args, "train", {"out": args.out})
     from pipeline import tracked
 
-    return tracked.train(cfg, args.tracking_uri)
+    with _locked(cfg.out, "kiln train"):
+        return tracked.train(cfg, args.tracking_uri)
 
 
 def cmd_export(args) -> dict:
@@ -59,7 +69,8 @@ def cmd_quantize(args) -> dict:
     cfg = _config(args, "quantize", {"method": args.method, "bits": args.bits, "group_size": args.group_size, "calib": args.calib})
     from pipeline import tracked
 
-    summary = tracked.quantize(args.model, cfg, args.out, args.tracking_uri)
+    with _locked(args.out, "kiln quantize"):
+        summary = tracked.quantize(args.model, cfg, args.out, args.tracking_uri)
     _post_table("kiln quantize", summary)
     return summary
 
@@ -69,7 +80,8 @@ def cmd_distill(args) -> dict:
     from pipeline import tracked
     from pipeline.console import is_main_process
 
-    summary = tracked.distill(args.teacher, args.student_config, args.data, args.out, cfg, args.tracking_uri)
+    with _locked(args.out, "kiln distill"):
+        summary = tracked.distill(args.teacher, args.student_config, args.data, args.out, cfg, args.tracking_uri)
     if is_main_process():
         _post_table("kiln distill", summary)
     return summary
@@ -79,7 +91,8 @@ def cmd_prune(args) -> dict:
     cfg = _config(args, "prune", {"sparsity": args.sparsity, "pattern": args.pattern})
     from pipeline import tracked
 
-    summary = tracked.prune(args.model, cfg, args.out, args.tracking_uri)
+    with _locked(args.out, "kiln prune"):
+        summary = tracked.prune(args.model, cfg, args.out, args.tracking_uri)
     _post_table("kiln prune", summary)
     return summary
 
