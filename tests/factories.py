@@ -33,8 +33,9 @@ def free_port() -> int:
 
 
 def launcher(ranks: int = 1) -> list[str]:
-    """This Python, under torchrun with `ranks` local processes when ranks > 1."""
-    torchrun = ["-m", "torch.distributed.run", "--nproc-per-node", str(ranks)] if ranks > 1 else []
+    """This Python, under torchrun with `ranks` local processes when ranks > 1 (`--standalone`: a rendezvous
+    on a port the OS picks, so concurrent test runs never collide on 29500)."""
+    torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks)] if ranks > 1 else []
     return [sys.executable, *torchrun]
 
 

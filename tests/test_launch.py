@@ -219,7 +219,7 @@ def test_ray_job_on_local_head_and_worker(tmp_path):
         job_py.write_text("import ray\nray.init()\nprint('NODES', len(ray.nodes()), 'CPUS', int(ray.cluster_resources()['CPU']))\n")
         res = subprocess.run([str(BIN / "kiln"), "launch", "ray", "--address", f"http://127.0.0.1:{port}",
                               "--working-dir", str(tmp_path), "--json", "--", sys.executable, "job.py"],
-                             capture_output=True, text=True, env=_env(), timeout=240)
+                             capture_output=True, text=True, env=_env(), timeout=600)  # agent wait is <= 300 s
         assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
         assert "NODES 2 CPUS 2" in res.stdout
         summary = json.loads(res.stdout.strip().splitlines()[-1])
@@ -227,6 +227,31 @@ def test_ray_job_on_local_head_and_worker(tmp_path):
         assert f"ray job logs {summary['job_id']}" in res.stdout
     finally:
         cluster.shutdown()
+
+
+def test_ray_submit_waits_for_the_job_agent_with_progress(capsys):
+    """A head whose job agent is not up yet answers 503 'No available agent': wait (bounded), say so."""
+    from pipeline.launcher import ray_job
+
+    class Head:
+        def __init__(self, busy: int):
+            self.busy, self.calls = busy, 0
+
+        def submit_job(self, **_):
+            self.calls += 1
+            if self.calls <= self.busy:
+                raise RuntimeError("Request failed with status code 503: No available agent to submit job")
+            return "raysubmit_1"
+
+    job = ray_job.plan(["echo"], address="http://head:8265")
+    head = Head(busy=3)
+    assert ray_job._submit(head, job, wait_s=60, every_s=0) == "raysubmit_1" and head.calls == 4
+    assert capsys.readouterr().err.count("waiting for the job agent of the Ray head at http://head:8265") == 3
+    with pytest.raises(KilnError, match=r"No available agent.*\(waited \d+s for a job agent\)"):
+        ray_job._submit(Head(busy=10**6), job, wait_s=1.5, every_s=100)
+    with pytest.raises(KilnError, match="status code 500"):  # other errors are not waited on
+        ray_job._submit(type("Bad", (), {"submit_job": lambda self, **_: (_ for _ in ()).throw(
+            RuntimeError("Request failed with status code 500"))})(), job, wait_s=60)
 
 
 def _train_cmd(corpus, out, seed_cfg):
