@@ -34,6 +34,7 @@ def hosts(tmp_path):
     return path
 
 
+@pytest.mark.fault
 def test_hostfile_parsing_and_selection(hosts, tmp_path):
     assert parse_hostfile(hosts) == {"node0": 8, "node1": 8}
     assert select(parse_hostfile(hosts), include="node1:0,2") == {"node1": [0, 2]}
@@ -85,6 +86,7 @@ def test_slurm_render_2x8(tmp_path):
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
 
 
+@pytest.mark.fault
 def test_layout_mismatch_is_one_line_before_launch(capsys):
     code = main(["launch", "slurm", "--nodes", "2", "--gpus-per-node", "3", "--dry-run", "--",
                  "kiln", "train", "--config", str(ROOT / "configs/train/6.7b-pp.yaml")])
@@ -97,6 +99,7 @@ def test_layout_mismatch_is_one_line_before_launch(capsys):
     common.check_train(["python", "train.py"], 3)  # not kiln train: nothing to check
 
 
+@pytest.mark.fault
 def test_data_and_checkpoint_problems_are_refused_before_launch(tmp_path, capsys):
     """On the launching node, before torchrun starts a rank: missing corpus, vocab too small, changed shape."""
     from factories import fake_corpus
@@ -132,6 +135,7 @@ def test_data_and_checkpoint_problems_are_refused_before_launch(tmp_path, capsys
     assert code == 2 and err == ["kiln launch slurm: error: model.vocab_size: 100 is smaller than the tokenizer's 128"]
 
 
+@pytest.mark.fault
 def test_master_errors():
     with pytest.raises(KilnError, match="cannot resolve"):
         common.check_master("no-such-host.invalid", 29500, 1, wait_s=0)

@@ -135,6 +135,7 @@ def test_register_cli_reuses_the_logged_model_of_the_same_weights(pipeline, serv
     assert pipeline["tracker"].client.get_model_version_by_alias("kiln-other", "best").version == "1"
 
 
+@pytest.mark.fault
 def test_fetch_refuses_a_tampered_artifact(pipeline, server, tmp_path, capsys):
     mid = pipeline["quant"]["model_id"]
     (weights,) = server.root.glob(f"artifacts/**/{mid}/artifacts/model.safetensors")
@@ -193,6 +194,7 @@ def test_server_killed_mid_run_then_sync_replays(server, tmp_path, monkeypatch):
             srv.start()
 
 
+@pytest.mark.fault
 def test_sync_creates_a_run_when_the_server_was_down_from_the_start(tmp_path, monkeypatch, caplog, capsys):
     from test_tracking_support import free_port
 

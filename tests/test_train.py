@@ -56,6 +56,7 @@ def test_epochs_cover_every_window_once(tmp_path):
     assert x.shape == y.shape == (3, 16) and torch.equal(x[:, 1:], y[:, :-1])
 
 
+@pytest.mark.fault
 def test_blend_follows_weights_and_vocab_must_match(tmp_path):
     slots = blend_slots([3.0, 1.0], seed=0)
     assert np.bincount(slots).tolist() == [3072, 1024]
@@ -78,6 +79,7 @@ def test_lr_schedule_warmup_then_cosine_to_min():
     assert lr_at(110, cfg) == pytest.approx(1e-4)
 
 
+@pytest.mark.fault
 def test_corrupt_latest_checkpoint_falls_back(tmp_path, caplog):
     root = tmp_path / "checkpoints"
     for step in (5, 10):
@@ -132,6 +134,7 @@ def weights(model_dir: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
+@pytest.mark.fault
 def test_kill9_and_rerun_equals_uninterrupted_bit_for_bit(tmp_path):
     (tmp_path / "sp.model").write_bytes(b"stand-in sentencepiece model")
     corpus = fake_corpus(tmp_path / "corpus", vocab_size=128, tokenizer=tmp_path / "sp.model")
@@ -199,6 +202,7 @@ def test_kiln_plot_writes_png(tmp_path, capsys):
     assert main(["plot", str(tmp_path / "missing")]) == 1
 
 
+@pytest.mark.fault
 def test_fp16_on_cpu_is_a_config_error():
     from pipeline.train import train
 
@@ -209,6 +213,7 @@ def test_fp16_on_cpu_is_a_config_error():
         train(cfg)
 
 
+@pytest.mark.fault
 def test_init_from_with_another_shape_is_one_line(tmp_path):
     from pipeline.config import KilnError, ModelConfig
     from pipeline.parallel.parts import build_gpt
