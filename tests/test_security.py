@@ -550,3 +550,22 @@ def test_10_an_out_in_use_is_refused_by_every_writing_stage(tmp_path, capsys, co
         assert main([*args, "--set", "tracking.enabled=false"]) == 1
     assert f"{out}: in use by another kiln run (pid {os.getpid()}" in one_error(capsys.readouterr().err)
     assert not out.exists() or not any(out.iterdir())
+
+
+# --------------------------------------------------------------------------- beyond the audit
+
+
+def test_a_model_config_cannot_name_a_function_to_call(tmp_path, capsys):
+    """config.json's quantization.loader picks the code that loads a quantized model: only Kiln's loaders."""
+    from pipeline.model.io import QUANT_LOADERS
+    from pipeline.post.formats import LOADER
+    from pipeline.post.quantize import INT8_LOADER
+
+    assert QUANT_LOADERS == {LOADER, INT8_LOADER}
+    evil = model_dir(tmp_path / "m")
+    config = json.loads((evil / "config.json").read_text())
+    config["quantization"] = {"loader": "pipeline.launcher.common:run", "method": "rtn4"}  # run(path, config, ...)
+    (evil / "config.json").write_text(json.dumps(config))
+    write_sums(evil)
+    assert main(["generate", str(evil), "--prompt", "hi", "--set", "tracking.enabled=false"]) == 1
+    assert "quantization.loader 'pipeline.launcher.common:run' is not a Kiln loader" in one_error(capsys.readouterr().err)

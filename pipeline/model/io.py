@@ -33,6 +33,9 @@ SUMS = "SHA256SUMS"
 FETCH_MARKER = ".kiln-fetched.json"  # written by `kiln fetch` next to what it verified (pipeline/tracking/registry.py)
 UNLISTED_OK = {SUMS, FETCH_MARKER}  # the only files a verified directory may hold without a SHA256SUMS line
 FORMAT_VERSION = 1
+# The quantized formats' loaders (pipeline/post/formats.py LOADER, pipeline/post/quantize.py INT8_LOADER),
+# named in config.json "quantization.loader"; tests/test_security.py checks this list against them.
+QUANT_LOADERS = frozenset({"pipeline.post.formats:load_packed", "pipeline.post.quantize:load_int8"})
 _SUMS_LINE = re.compile(r"([0-9a-f]{64}) [ *](.+)")  # sha256sum's text and binary forms
 
 
@@ -177,10 +180,11 @@ def load_model_dir(path: str | Path, verify: bool = True, device: str = "cpu") -
         verify_sums(path)
     config = read_config(path)
     quant = config.get("quantization")
-    if quant:  # e.g. {"loader": "pipeline.post.formats:load_quantized", ...}
+    if quant:  # e.g. {"loader": "pipeline.post.formats:load_packed", ...}
+        if quant.get("loader") not in QUANT_LOADERS:  # config.json is data: it may not name any function to call
+            raise KilnError(f"{path / CONFIG}: quantization.loader {str(quant.get('loader'))[:100]!r} is not a "
+                            f"Kiln loader ({', '.join(sorted(QUANT_LOADERS))})")
         module, _, func = quant["loader"].partition(":")
-        if not module.startswith("pipeline."):
-            raise KilnError(f"{path / CONFIG}: quantization.loader {quant['loader']!r} is not a Kiln loader")
         model = getattr(importlib.import_module(module), func)(path, config, device)
         return model.eval(), config
     cfg = ModelConfig.model_validate(config["model"])
