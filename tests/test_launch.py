@@ -10,6 +10,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from factories import free_port
 
 from pipeline.cli import main
 from pipeline.config import ConfigError, KilnError
@@ -20,11 +21,6 @@ ROOT = Path(__file__).resolve().parent.parent
 TRAIN = ["kiln", "train", "--config", str(ROOT / "configs/train/1.3b-2x8.yaml")]
 BIN = Path(sys.executable).parent
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
