@@ -4,8 +4,8 @@ Two runs writing the same directory destroy each other's work (a second run's st
 first one's temp files and half-written checkpoints). The lock is `flock` on a file next to the
 directory (`.NAME.kiln-lock`; next to it because quantize and prune replace the directory whole):
 the kernel drops it when the process dies, even by kill -9, so a crash never leaves a stale lock.
-The file is left in place (removing it would let two runs lock two different files) and names the
-holder, which the refused run quotes.
+The file names the holder, which a refused run quotes; the holder removes it when done (and a run
+that locked a file just removed that way tries again, so two runs never hold two different files).
 
 A multi-process job (torchrun, deepspeed, srun) shares one --out: its global rank 0 holds the lock
 (pipeline/commands.py), since rank 0 is the one that cleans up and publishes; the other ranks wait
@@ -42,19 +42,34 @@ def locked(out: str | Path, what: str, enabled: bool = True) -> Iterator[None]:
         return
     path = lock_path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = _acquire(path, out)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise KilnError(f"{out}: in use by another kiln run ({_holder(fd)}); wait for it to finish or "
-                            "choose another --out") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "what": what,
                                   "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode(), 0)
         yield
     finally:
-        os.close(fd)  # releases the lock
+        path.unlink(missing_ok=True)  # while still holding it: a waiting run then finds a new file
+        os.close(fd)
+
+
+def _acquire(path: Path, out) -> int:
+    """flock the lock file; retry when the file we locked was unlinked by a finishing holder meanwhile."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder(fd)
+            os.close(fd)
+            raise KilnError(f"{out}: in use by another kiln run ({holder}); wait for it to finish or "
+                            "choose another --out") from None
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
 
 
 def _holder(fd: int) -> str:
