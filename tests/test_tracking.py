@@ -167,7 +167,8 @@ def test_server_killed_mid_run_then_sync_replays(server, tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
     env = {k: v for k, v in TRAIN_ENV.items() if k != "MLFLOW_TRACKING_URI"}
     cmd = kiln_train_cmd(run_dir, f"data.paths=[{fake_corpus(tmp_path / 'corpus', vocab_size=128)}]",
-                         "train.steps=12", "train.log_every=1", "checkpoint.every=100") + ["--tracking-uri", srv.uri]
+                         "train.steps=12", "train.log_every=1", "checkpoint.every=100", "tracking.enabled=true",
+                         ) + ["--tracking-uri", srv.uri]
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         record_path = run_dir / RUN_RECORD

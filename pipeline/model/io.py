@@ -31,7 +31,9 @@ CONFIG = "config.json"
 TOKENIZER = "tokenizer.model"
 SUMS = "SHA256SUMS"
 FETCH_MARKER = ".kiln-fetched.json"  # written by `kiln fetch` next to what it verified (pipeline/tracking/registry.py)
-UNLISTED_OK = {SUMS, FETCH_MARKER}  # the only files a verified directory may hold without a SHA256SUMS line
+# The only files a verified directory may hold without a SHA256SUMS line; no loader reads them. mlflow_run.json
+# is the run record a stage whose --out is a MODEL dir (quantize, prune) writes there (pipeline/tracking/common.py).
+UNLISTED_OK = {SUMS, FETCH_MARKER, "mlflow_run.json"}
 FORMAT_VERSION = 1
 # The quantized formats' loaders (pipeline/post/formats.py LOADER, pipeline/post/quantize.py INT8_LOADER),
 # named in config.json "quantization.loader"; tests/test_security.py checks this list against them.
