@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
+import shutil
 import sys
 import tempfile
 import time
@@ -123,6 +123,9 @@ def main() -> None:
 
     import ray
 
+    from data_prep.runner import loopback_only
+
+    loopback_only()
     ray.init(address="local", num_cpus=args.workers, include_dashboard=False, _node_ip_address="127.0.0.1",
              configure_logging=False, log_to_driver=False)
     try:
@@ -142,7 +145,7 @@ def main() -> None:
         ray.shutdown()
     emit(f"prep_tokenize_tokens_per_s_{args.workers}cores_ray", best_stage, "tokens/s", best_raw, tokens=ntok,
          reference_is=f"raw sentencepiece encode, num_threads={args.workers}, same texts (best of 3 each, interleaved)")
-    os.system(f"rm -rf {tmp}")
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

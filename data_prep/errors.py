@@ -15,7 +15,15 @@ class KilnError(RuntimeError):
     """A one-line, user-facing runtime failure (CLI exit code 1): names the file/record/key."""
 
 
+MAX_ERROR_CHARS = 500  # one error line; a longer one (a value echoed back, a huge input) is cut
+
+
+def clip(line: str, limit: int = MAX_ERROR_CHARS) -> str:
+    """One error line cut to `limit` characters, saying how much was left out."""
+    return line if len(line) <= limit else f"{line[:limit]}… ({len(line) - limit} more characters)"
+
+
 def first_line(err: BaseException) -> str:
-    """The first non-blank line of an exception's message (its type name if it has none): what a
-    one-line KilnError quotes of a library's multi-line error."""
-    return next((ln.strip() for ln in str(err).splitlines() if ln.strip()), type(err).__name__)
+    """The first non-blank line of an exception's message (its type name if it has none), clipped:
+    what a one-line KilnError quotes of a library's multi-line error."""
+    return clip(next((ln.strip() for ln in str(err).splitlines() if ln.strip()), type(err).__name__))

@@ -9,6 +9,12 @@ by row group, Arrow record batch by batch. Every record becomes either a
 Partitions depend only on the files and `docs_per_part`, never on the worker
 count: plain jsonl is cut at line boundaries every `docs_per_part` lines, parquet
 at row-group boundaries, compressed files and Arrow files are one partition each.
+
+Inputs are written by strangers, so reading is bounded: a line longer than
+MAX_RECORD_BYTES is quarantined as `record_too_large` without being held in memory,
+a compressed file stops at max(MAX_EXPANSION x its size, EXPANSION_FLOOR) decompressed
+bytes (`decompression_bomb`), and the decompressor is fed FEED bytes at a time, so no
+single call can produce more than FEED x the format's maximum ratio (~32 MiB for zstd).
 """
 
 from __future__ import annotations
@@ -26,10 +32,16 @@ from pathlib import Path
 import numpy as np
 import zstandard
 
+from data_prep.confine import escapes
 from data_prep.document import BadRecord, Document
 from data_prep.errors import ConfigError
 
 BLOCK = 1 << 20
+MAX_RECORD_BYTES = 128 << 20  # one jsonl line; a 100 MB document still fits
+MAX_EXPANSION = 100  # decompressed / compressed; real text compresses 3-10x
+EXPANSION_FLOOR = 256 << 20  # small files may expand more, up to this many bytes
+FEED = 1 << 10  # compressed bytes per decompress call: zstd's ratio is at most ~32768 (RLE blocks)
+HEAD = 200  # bytes of a refused record kept for the quarantine report
 _JSONL = (".jsonl", ".ndjson")
 _COMPRESSED = {".gz": "gz", ".zst": "zst", ".zstd": "zst"}
 
@@ -52,7 +64,11 @@ def _hf_arrow_files(directory: Path) -> list[Path] | None:
     """Arrow files of a `save_to_disk` directory (Dataset or DatasetDict), else None."""
     if (directory / "state.json").is_file():
         state = json.loads((directory / "state.json").read_text())
-        return [directory / f["filename"] for f in state.get("_data_files", [])]
+        names = [f.get("filename") for f in state.get("_data_files", [])]
+        for name in names:  # a dataset directory someone else wrote names files inside itself only
+            if why := escapes(directory, name):
+                raise ConfigError(f"{directory / 'state.json'}: _data_files filename {name!r} {why}")
+        return [directory / name for name in names]
     if (directory / "dataset_dict.json").is_file():
         splits = json.loads((directory / "dataset_dict.json").read_text()).get("splits", [])
         return [p for s in splits for p in (_hf_arrow_files(directory / s) or [])]
@@ -178,29 +194,49 @@ def _raw_blocks(path: str, start: int, end: int) -> Iterator[bytes]:
 
 
 def _decompressed_blocks(path: str, kind: str, state: dict) -> Iterator[bytes]:
-    """Decompress frame after frame (multi-member gzip, multi-frame zstd); note truncation."""
+    """Decompress frame after frame (multi-member gzip, multi-frame zstd); note truncation, corruption
+    and a file that expands past its budget (a decompression bomb)."""
     new = (lambda: zlib.decompressobj(31)) if kind == "gz" else (lambda: zstandard.ZstdDecompressor().decompressobj())
-    d, fed = new(), False
-    for block in _raw_blocks(path, 0, os.path.getsize(path)):
-        while block:
-            fed = True
-            try:
-                out = d.decompress(block)
-            except (zlib.error, zstandard.ZstdError) as err:
-                state["error"] = f"corrupt_stream: {err}"
-                return
-            if out:
-                yield out
-            if d.eof:
-                block, d, fed = d.unused_data, new(), False
-            else:
-                block = b""
+    size = os.path.getsize(path)
+    budget = max(MAX_EXPANSION * size, EXPANSION_FLOOR)
+    d, fed, produced = new(), False, 0
+    for block in _raw_blocks(path, 0, size):
+        view = memoryview(block)
+        for i in range(0, len(view), FEED):
+            piece = view[i:i + FEED]
+            while piece:
+                fed = True
+                try:
+                    out = d.decompress(piece)
+                except (zlib.error, zstandard.ZstdError) as err:
+                    state["error"] = f"corrupt_stream: {err}"
+                    return
+                produced += len(out)
+                if produced > budget:
+                    state["error"] = f"decompression_bomb: more than {budget} bytes from {size}"
+                    return
+                if out:
+                    yield out
+                if d.eof:
+                    piece, d, fed = d.unused_data, new(), False
+                else:
+                    piece = b""
     if fed and not d.eof:
         state["error"] = "truncated_stream"
 
 
+def _head(pieces: list[bytes]) -> bytes:
+    out = b""
+    for p in pieces:
+        out += p[:HEAD - len(out)]
+        if len(out) >= HEAD:
+            break
+    return out
+
+
 def iter_lines(part: dict) -> Iterator[tuple[int, bytes, str | None]]:
-    """Yield (line number, raw line, problem); problem is None for complete lines."""
+    """Yield (line number, raw line, problem); problem is None for complete lines. A line over
+    MAX_RECORD_BYTES is yielded as its first HEAD bytes with problem `record_too_large`."""
     state: dict = {}
     if part["kind"] == "jsonl":
         blocks = _raw_blocks(part["path"], part["start"], part["end"])
@@ -208,20 +244,32 @@ def iter_lines(part: dict) -> Iterator[tuple[int, bytes, str | None]]:
         blocks = _decompressed_blocks(part["path"], part["kind"], state)
     # A huge line arrives in many blocks: its pieces wait in `pending` and are joined once (re-joining a
     # growing tail per block is quadratic), and no finished line is still referenced while the next is read.
-    lineno, pending = part["first_line"], []
+    # Past MAX_RECORD_BYTES only its head is kept and the rest is skipped up to the next newline.
+    lineno, pending, size, oversize = part["first_line"], [], 0, False
     for block in blocks:
         *done, last = block.split(b"\n")
         if done:
-            done[0] = b"".join([*pending, done[0]])
-            pending = []
+            if oversize or size + len(done[0]) > MAX_RECORD_BYTES:
+                yield lineno, _head([*pending, done[0]]), "record_too_large"
+                lineno += 1
+                del done[0]
+            else:
+                done[0] = b"".join([*pending, done[0]])
+            pending, size, oversize = [], 0, False
             yield from zip(range(lineno, lineno + len(done)), done, repeat(None))
             lineno += len(done)
             del done
+        if oversize:
+            continue
+        size += len(last)
         pending.append(last)
-    tail = b"".join(pending)
-    if state.get("error"):
-        yield lineno, tail, state["error"]
-    elif tail:
+        if size > MAX_RECORD_BYTES:
+            pending, oversize = [_head(pending)], True
+    if state.get("error"):  # what was cut off is reported by its head
+        yield lineno, _head(pending), state["error"]
+    elif oversize:
+        yield lineno, pending[0], "record_too_large"
+    elif tail := b"".join(pending):
         yield lineno, tail, None
 
 

@@ -55,12 +55,27 @@ def ray_session(cfg: PrepConfig):
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
+        loopback_only()
         ray.init(address="local", num_cpus=cfg.workers, include_dashboard=False, _node_ip_address="127.0.0.1",
                  configure_logging=False, log_to_driver=True)
     try:
         yield ray
     finally:
         ray.shutdown()
+
+
+def loopback_only() -> None:
+    """Make the private Ray's GCS, raylet, agents and metrics port listen on 127.0.0.1 only.
+
+    Ray turns a 127.0.0.1 node address into the host's reachable IP (so other nodes could join) and
+    then binds its services there and on all interfaces, unless clustering is switched off, which it
+    reads from RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER (named for the platforms where that is the default).
+    Its processes inherit the variable; this process reads the constant it was imported with.
+    """
+    import ray._private.ray_constants as constants
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    constants.ENABLE_RAY_CLUSTER = False
 
 
 @contextmanager

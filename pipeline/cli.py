@@ -32,7 +32,8 @@ from pipeline.commands import (
     cmd_train,
     cmd_verify,
 )
-from pipeline.config import ConfigError, KilnError
+from pipeline.config import ConfigError, KilnError, clip, first_line
+from pipeline.credentials import redact
 
 # --------------------------------------------------------------------------- parser
 
@@ -259,11 +260,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = args.func(args)
     except ConfigError as err:
-        for line in str(err).splitlines():
-            print(f"{prog}: error: {line}", file=sys.stderr)
+        _error(prog, str(err))
         return 2
     except KilnError as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
+        _error(prog, str(err))
         return 1
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
@@ -271,11 +271,23 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # an unexpected failure: still one line, traceback with -v
         if args.verbose:
             log.exception("unexpected failure")
-        print(f"{prog}: error: {type(err).__name__}: {err}", file=sys.stderr)
+        _error(prog, f"{type(err).__name__}: {first_line(err)}")
         return 1
     if args.json and os.environ.get("RANK", "0") == "0":  # one summary per job, not one per rank
-        print(json.dumps(result if isinstance(result, dict) else {"result": result}, default=str))
+        print(redact(json.dumps(result if isinstance(result, dict) else {"result": result}, default=str)))
     return 0
+
+
+MAX_ERROR_LINES = 20  # a config error prints one line per problem; a flood of them is cut
+
+
+def _error(prog: str, text: str) -> None:
+    """Error lines on stderr: credentials redacted, each line clipped, at most MAX_ERROR_LINES."""
+    lines = redact(text).splitlines() or [""]
+    for line in lines[:MAX_ERROR_LINES]:
+        print(f"{prog}: error: {clip(line)}", file=sys.stderr)
+    if len(lines) > MAX_ERROR_LINES:
+        print(f"{prog}: error: … and {len(lines) - MAX_ERROR_LINES} more", file=sys.stderr)
 
 
 if __name__ == "__main__":

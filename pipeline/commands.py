@@ -13,6 +13,14 @@ import sys
 from pipeline.config import ConfigError, KilnError
 
 
+def _locked(out, what: str):
+    """The exclusive lock on a stage's --out (pipeline/outlock.py), held by the job's rank 0."""
+    from pipeline.console import is_main_process
+    from pipeline.outlock import locked
+
+    return locked(out, what, enabled=is_main_process())
+
+
 def _config(args, kind: str, base: dict | None = None):
     from pipeline.config import load_config
 
@@ -24,7 +32,8 @@ def cmd_prep(args) -> dict:
     from pipeline.console import print_table, progress
 
     cfg = _config(args, "prep", _prep_flags(args))
-    return tracked.prep(args.inputs, args.out, cfg, args.tracking_uri, progress=progress, table=print_table)
+    with _locked(args.out, "kiln prep"):
+        return tracked.prep(args.inputs, args.out, cfg, args.tracking_uri, progress=progress, table=print_table)
 
 
 def _prep_flags(args) -> dict:
@@ -47,7 +56,8 @@ def cmd_train(args) -> dict:
     cfg = _config(args, "train", {"out": args.out})
     from pipeline import tracked
 
-    return tracked.train(cfg, args.tracking_uri)
+    with _locked(cfg.out, "kiln train"):
+        return tracked.train(cfg, args.tracking_uri)
 
 
 def cmd_verify(args) -> dict:
@@ -78,7 +88,8 @@ def cmd_quantize(args) -> dict:
     cfg = _config(args, "quantize", {"method": args.method, "bits": args.bits, "group_size": args.group_size, "calib": args.calib})
     from pipeline import tracked
 
-    summary = tracked.quantize(args.model, cfg, args.out, args.tracking_uri)
+    with _locked(args.out, "kiln quantize"):
+        summary = tracked.quantize(args.model, cfg, args.out, args.tracking_uri)
     _post_table("kiln quantize", summary)
     return summary
 
@@ -88,7 +99,8 @@ def cmd_distill(args) -> dict:
     from pipeline import tracked
     from pipeline.console import is_main_process
 
-    summary = tracked.distill(args.teacher, args.student_config, args.data, args.out, cfg, args.tracking_uri)
+    with _locked(args.out, "kiln distill"):
+        summary = tracked.distill(args.teacher, args.student_config, args.data, args.out, cfg, args.tracking_uri)
     if is_main_process():
         _post_table("kiln distill", summary)
     return summary
@@ -98,7 +110,8 @@ def cmd_prune(args) -> dict:
     cfg = _config(args, "prune", {"sparsity": args.sparsity, "pattern": args.pattern})
     from pipeline import tracked
 
-    summary = tracked.prune(args.model, cfg, args.out, args.tracking_uri)
+    with _locked(args.out, "kiln prune"):
+        summary = tracked.prune(args.model, cfg, args.out, args.tracking_uri)
     _post_table("kiln prune", summary)
     return summary
 
@@ -222,12 +235,14 @@ def cmd_track(args) -> dict:
     from pathlib import Path
 
     from pipeline.console import log
+    from pipeline.credentials import without_mask
     from pipeline.tracking import RUN_RECORD, Tracker
 
     tracker = _tracker(args)
     record = Path(args.run_dir) / RUN_RECORD
     if not (args.tracking_uri or tracker.cfg.uri or os.environ.get("MLFLOW_TRACKING_URI")) and record.exists():
-        tracker = Tracker(tracker.cfg, uri=json.loads(record.read_text()).get("tracking_uri"))
+        # the record holds the URI redacted; credentials come from MLFLOW_TRACKING_USERNAME/_PASSWORD
+        tracker = Tracker(tracker.cfg, uri=without_mask(json.loads(record.read_text()).get("tracking_uri") or ""))
     result = tracker.sync(args.run_dir)
     log.info("replayed %d metric values into run %s at %s", result["replayed"], result["run_id"], tracker.uri)
     return result
@@ -244,6 +259,7 @@ def cmd_launch(args) -> dict:
 
     command = common.strip_dashdash(args.job_command)
     env = common.parse_env(args.env)
+    common.check_launch_values({k: v for k, v in vars(args).items() if k not in ("job_command", "env")}, command, env)
     if args.launcher == "deepspeed":
         from pipeline.launcher import deepspeed_job as job_kind
 

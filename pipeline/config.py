@@ -12,13 +12,18 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+
+from pipeline.credentials import has_credentials
 
 # The errors and the prep schema live in data_prep (the bottom layer); re-exported for the rest of the code.
 from data_prep.config import BoilerplateConfig, DecontaminateConfig, MinHashConfig  # noqa: F401
 from data_prep.config import PrepConfig as _PrepSchema
 from data_prep.config import Strict as _Strict
-from data_prep.errors import ConfigError, KilnError, first_line  # noqa: F401
+from data_prep.errors import MAX_ERROR_CHARS, ConfigError, KilnError, clip, first_line  # noqa: F401
+
+MAX_YAML_BYTES = 1 << 20  # a config file or --set value
+MAX_YAML_VALUES = 100_000  # scalars + containers after alias expansion (a "billion laughs" stops here)
 
 # --------------------------------------------------------------------------- model / training
 
@@ -110,6 +115,15 @@ class TrackingConfig(_Strict):
     experiment: str = "kiln"
     register_as: str | None = Field(None, description="registered model name for this stage's output")
     alias: str | None = Field(None, description="registry alias set on the new version, e.g. champion, int8")
+
+    @field_validator("uri")
+    @classmethod
+    def _no_credentials(cls, uri: str | None) -> str | None:
+        """A config is stored with the run (params, checkpoints, manifests, model lineage)."""
+        if uri and has_credentials(uri):
+            raise ValueError("holds credentials, and configs are stored with every run; put them in "
+                             "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (or --tracking-uri)")
+        return uri
 
 
 class RunConfig(_Strict):
@@ -233,13 +247,11 @@ def load_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
     if path.resolve() in _seen:
         raise ConfigError(f"{path}: extends: cycle through {' -> '.join(str(p) for p in _seen)}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError:
+        with open(path, "rb") as f:
+            text = f.read(MAX_YAML_BYTES + 1)
+    except (FileNotFoundError, NotADirectoryError):
         raise ConfigError(f"{path}: no such config file") from None
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f":{mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}{where}: not valid YAML: {getattr(err, 'problem', err)}") from None
+    data = _safe_yaml(text, str(path)) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
     parents = data.pop("extends", None) or []
@@ -257,10 +269,40 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if not sep or not key.strip():
         raise ConfigError(f"--set {item}: expected key=value")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _safe_yaml(raw.encode(), f"--set {key.strip()}") if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return key.strip().split("."), value
+
+
+def _safe_yaml(text: bytes, where: str) -> Any:
+    """yaml.safe_load with bounds: input size, nesting, and the number of values after aliases are
+    expanded (a few hundred bytes of nested aliases would otherwise stand for billions of values)."""
+    if len(text) > MAX_YAML_BYTES:
+        raise ConfigError(f"{where}: larger than {MAX_YAML_BYTES >> 10} KiB; not a config")
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        if where.startswith("--set"):
+            raise
+        mark = getattr(err, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise ConfigError(clip(f"{where}{line}: not valid YAML: {getattr(err, 'problem', err)}")) from None
+    except RecursionError:
+        raise ConfigError(f"{where}: nested too deeply; not a config") from None
+    seen, stack = 0, [data]
+    while stack:  # counts a value once per reference, as everything that walks the data later would
+        value = stack.pop()
+        seen += 1
+        if seen > MAX_YAML_VALUES:
+            raise ConfigError(f"{where}: expands to more than {MAX_YAML_VALUES:,} values (YAML aliases?); "
+                              "not a config")
+        if isinstance(value, dict):
+            stack.extend(value.keys())
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+    return data
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> tuple[dict, dict[str, str]]:

@@ -20,6 +20,17 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from pipeline.credentials import redact
+
+
+class _Redacted(logging.Filter):
+    """Log lines never show credentials (MLflow and requests quote the URLs they called)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = redact(record.getMessage()), ()
+        return True
+
+
 # Human-facing output goes to stderr so that stdout stays clean for `--json`.
 console = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
 log = logging.getLogger("kiln")
@@ -31,6 +42,7 @@ def setup_logging(verbose: bool = False) -> None:
     fmt = f"[rank {rank}] %(message)s" if rank not in (None, "0") else "%(message)s"
     handler = RichHandler(console=console, show_path=False, rich_tracebacks=False, markup=False)
     handler.setFormatter(logging.Formatter(fmt))
+    handler.addFilter(_Redacted())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING)

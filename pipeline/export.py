@@ -21,6 +21,7 @@ import torch
 
 from pipeline.checkpoint import LATEST, STATE, load_weights, newest_complete, read_state, verify, weights_only
 from pipeline.config import KilnError, ModelConfig
+from pipeline.data.corpus import PreparedCorpus
 from pipeline.model.flops import ffn_hidden
 from pipeline.model.io import CONFIG, TOKENIZER, read_config, save_model_dir, verify_sums
 from pipeline.model.weights import Weights
@@ -67,9 +68,8 @@ def load_source(src: str | Path, verified: bool = False) -> tuple[Weights, Model
         cfg = ModelConfig.model_validate(run["model"])
         tok = None
         for data_dir in run.get("data", {}).get("paths", []):
-            manifest = Path(data_dir) / "manifest.json"
-            if manifest.exists():
-                cand = Path(data_dir) / json.loads(manifest.read_text())["tokenizer"]["path"]
+            if (Path(data_dir) / "manifest.json").exists():  # confined to the corpus and hash-checked there
+                cand = PreparedCorpus(data_dir, verify=False).tokenizer_path
                 tok = cand if cand.exists() else None
                 break
         meta = {"kiln": {"stage": "pretrain", "step": state["step"], "data_digests": state.get("data_digests"),

@@ -11,6 +11,11 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MLFLOW_ENABLE_TELEMETRY", "false")
 
 ROOT = Path(__file__).resolve().parent.parent
+# DeepSpeed JIT-builds its CPU shared-memory op on first use into TORCH_EXTENSIONS_DIR (default: one
+# ~/.cache directory for every venv on the machine). Its build files name this venv's paths, so two
+# checkouts would rebuild it for each other (minutes) and a run killed mid-build leaves a lock that
+# hangs every later one. Each checkout's tests build it once, in their own venv.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".venv" / "torch_extensions"))
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -24,9 +25,17 @@ TINY_TRAIN = ROOT / "configs/train/tiny-cpu.yaml"
 TRAIN_ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 
+def free_port() -> int:
+    """A TCP port the OS says is free on 127.0.0.1 now (tests never hard-code one)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def launcher(ranks: int = 1) -> list[str]:
-    """This Python, under torchrun with `ranks` local processes when ranks > 1."""
-    torchrun = ["-m", "torch.distributed.run", "--nproc-per-node", str(ranks)] if ranks > 1 else []
+    """This Python, under torchrun with `ranks` local processes when ranks > 1 (`--standalone`: a rendezvous
+    on a port the OS picks, so concurrent test runs never collide on 29500)."""
+    torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks)] if ranks > 1 else []
     return [sys.executable, *torchrun]
 
 

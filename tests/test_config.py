@@ -68,6 +68,7 @@ def test_overrides_coerce_types():
         parse_override("novalue")
 
 
+@pytest.mark.fault
 def test_error_names_file_and_key(tmp_path):
     bad = write(tmp_path, "configs/train/x.yaml", "parallel: {zero_stage: 4}\n")
     with pytest.raises(ConfigError) as err:
@@ -75,6 +76,7 @@ def test_error_names_file_and_key(tmp_path):
     assert str(err.value) == f"{bad}: parallel.zero_stage: 4 is not one of 0,1,2,3"
 
 
+@pytest.mark.fault
 def test_error_names_the_override_that_caused_it(tmp_path):
     good = write(tmp_path, "ok.yaml", "train: {steps: 3}\n")
     with pytest.raises(ConfigError) as err:
@@ -100,6 +102,7 @@ def test_error_names_the_override_that_caused_it(tmp_path):
         (["data.paths=[a]", "data.weights=[1,2]"], "2 weights for 1 paths"),
     ],
 )
+@pytest.mark.fault
 def test_validation_errors(overrides, message):
     with pytest.raises(ConfigError) as err:
         load_config("train", None, overrides)
@@ -107,6 +110,7 @@ def test_validation_errors(overrides, message):
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.fault
 def test_yaml_syntax_error_names_line(tmp_path):
     bad = write(tmp_path, "bad.yaml", "train:\n  lr: [1,\n")
     with pytest.raises(ConfigError, match=r"bad\.yaml:\d+: not valid YAML"):
@@ -118,6 +122,7 @@ def test_yaml_syntax_error_names_line(tmp_path):
         load_config("train", scalar)
 
 
+@pytest.mark.fault
 def test_world_size_must_fit_layout():
     cfg = load_config("train", None, ["parallel.tp=2", "parallel.pp=2"])
     assert validate_world(cfg, 8) == 2
@@ -141,6 +146,7 @@ def test_flatten_roundtrip():
 
 
 @pytest.mark.parametrize("kind", sorted(SCHEMAS))
+@pytest.mark.fault
 def test_every_key_refuses_a_wrong_type_or_an_unknown_name_in_one_line(kind):
     """Every pydantic error path of every schema: each leaf key given a mapping, and an unknown key at every
     level, is a ConfigError of one line that names the key."""

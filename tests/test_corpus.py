@@ -22,6 +22,7 @@ def test_stream_crosses_shard_boundaries(tmp_path):
     np.testing.assert_array_equal(windows[1], everything[16:33])
 
 
+@pytest.mark.fault
 def test_tampered_shard_is_refused(tmp_path):
     directory = fake_corpus(tmp_path / "c")
     shard = directory / "shards" / "train_00000.bin"

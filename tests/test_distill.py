@@ -130,7 +130,7 @@ def test_two_processes_match_one_with_the_same_global_batch(setup, tmp_path):
             "--set", "checkpoint_every=0", "--json"]
     repo = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": repo}
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                           "-m", "pipeline.cli", *args[:-1], "--set", "train.micro_batch_size=4", "--out", str(tmp_path / "two")],
                          env=env, cwd=repo, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-2000:]

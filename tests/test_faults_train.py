@@ -113,7 +113,7 @@ def test_hung_rank_ends_the_job_with_an_error_naming_a_rank(corpus, tmp_path):
     log = open(tmp_path / "log.txt", "w+")
     proc = subprocess.Popen(cmd, env=ENV, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.time() + 240
+        deadline = time.time() + 600  # start-up on a loaded box
         rank1 = _children_with_rank(proc.pid, 1, deadline)
         metrics = out / "metrics.jsonl"
         while not (metrics.exists() and metrics.read_text().strip()):
@@ -122,7 +122,7 @@ def test_hung_rank_ends_the_job_with_an_error_naming_a_rank(corpus, tmp_path):
         os.kill(rank1, signal.SIGSTOP)
         stopped = time.time()
         while "kiln train: error:" not in (tmp_path / "log.txt").read_text():
-            assert time.time() - stopped < timeout_s + 60, "rank 0 still waiting: the collective never timed out"
+            assert time.time() - stopped < 600, "rank 0 still waiting: the collective never timed out"
             time.sleep(0.2)
         waited = time.time() - stopped
         (line,) = [ln for ln in (tmp_path / "log.txt").read_text().splitlines() if "kiln train: error:" in ln]

@@ -40,6 +40,7 @@ def test_writer_matches_hand_built_bytes(tmp_path, dtype, code):
     assert list(ds.doc_idx) == [0, 1, 2, 3]
 
 
+@pytest.mark.fault
 def test_failed_write_leaves_nothing_under_final_name(tmp_path):
     with pytest.raises(RuntimeError):
         with IndexedWriter(tmp_path / "s") as w:

@@ -10,6 +10,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from factories import free_port
 
 from pipeline.cli import main
 from pipeline.config import ConfigError, KilnError
@@ -21,11 +22,6 @@ TRAIN = ["kiln", "train", "--config", str(ROOT / "configs/train/1.3b-2x8.yaml")]
 BIN = Path(sys.executable).parent
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture
 def hosts(tmp_path):
@@ -34,6 +30,7 @@ def hosts(tmp_path):
     return path
 
 
+@pytest.mark.fault
 def test_hostfile_parsing_and_selection(hosts, tmp_path):
     assert parse_hostfile(hosts) == {"node0": 8, "node1": 8}
     assert select(parse_hostfile(hosts), include="node1:0,2") == {"node1": [0, 2]}
@@ -85,6 +82,7 @@ def test_slurm_render_2x8(tmp_path):
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
 
 
+@pytest.mark.fault
 def test_layout_mismatch_is_one_line_before_launch(capsys):
     code = main(["launch", "slurm", "--nodes", "2", "--gpus-per-node", "3", "--dry-run", "--",
                  "kiln", "train", "--config", str(ROOT / "configs/train/6.7b-pp.yaml")])
@@ -97,6 +95,7 @@ def test_layout_mismatch_is_one_line_before_launch(capsys):
     common.check_train(["python", "train.py"], 3)  # not kiln train: nothing to check
 
 
+@pytest.mark.fault
 def test_data_and_checkpoint_problems_are_refused_before_launch(tmp_path, capsys):
     """On the launching node, before torchrun starts a rank: missing corpus, vocab too small, changed shape."""
     from factories import fake_corpus
@@ -132,6 +131,7 @@ def test_data_and_checkpoint_problems_are_refused_before_launch(tmp_path, capsys
     assert code == 2 and err == ["kiln launch slurm: error: model.vocab_size: 100 is smaller than the tokenizer's 128"]
 
 
+@pytest.mark.fault
 def test_master_errors():
     with pytest.raises(KilnError, match="cannot resolve"):
         common.check_master("no-such-host.invalid", 29500, 1, wait_s=0)
@@ -219,7 +219,7 @@ def test_ray_job_on_local_head_and_worker(tmp_path):
         job_py.write_text("import ray\nray.init()\nprint('NODES', len(ray.nodes()), 'CPUS', int(ray.cluster_resources()['CPU']))\n")
         res = subprocess.run([str(BIN / "kiln"), "launch", "ray", "--address", f"http://127.0.0.1:{port}",
                               "--working-dir", str(tmp_path), "--json", "--", sys.executable, "job.py"],
-                             capture_output=True, text=True, env=_env(), timeout=240)
+                             capture_output=True, text=True, env=_env(), timeout=600)  # agent wait is <= 300 s
         assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
         assert "NODES 2 CPUS 2" in res.stdout
         summary = json.loads(res.stdout.strip().splitlines()[-1])
@@ -227,6 +227,31 @@ def test_ray_job_on_local_head_and_worker(tmp_path):
         assert f"ray job logs {summary['job_id']}" in res.stdout
     finally:
         cluster.shutdown()
+
+
+def test_ray_submit_waits_for_the_job_agent_with_progress(capsys):
+    """A head whose job agent is not up yet answers 503 'No available agent': wait (bounded), say so."""
+    from pipeline.launcher import ray_job
+
+    class Head:
+        def __init__(self, busy: int):
+            self.busy, self.calls = busy, 0
+
+        def submit_job(self, **_):
+            self.calls += 1
+            if self.calls <= self.busy:
+                raise RuntimeError("Request failed with status code 503: No available agent to submit job")
+            return "raysubmit_1"
+
+    job = ray_job.plan(["echo"], address="http://head:8265")
+    head = Head(busy=3)
+    assert ray_job._submit(head, job, wait_s=60, every_s=0) == "raysubmit_1" and head.calls == 4
+    assert capsys.readouterr().err.count("waiting for the job agent of the Ray head at http://head:8265") == 3
+    with pytest.raises(KilnError, match=r"No available agent.*\(waited \d+s for a job agent\)"):
+        ray_job._submit(Head(busy=10**6), job, wait_s=1.5, every_s=100)
+    with pytest.raises(KilnError, match="status code 500"):  # other errors are not waited on
+        ray_job._submit(type("Bad", (), {"submit_job": lambda self, **_: (_ for _ in ()).throw(
+            RuntimeError("Request failed with status code 500"))})(), job, wait_s=60)
 
 
 def _train_cmd(corpus, out, seed_cfg):

@@ -69,6 +69,7 @@ def test_too_long_sequence_is_refused():
         GPT(tiny())(torch.zeros(1, 17, dtype=torch.long))
 
 
+@pytest.mark.fault
 def test_model_dir_round_trip_and_corruption(tmp_path):
     torch.manual_seed(0)
     cfg = tiny()

@@ -292,6 +292,7 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+@pytest.mark.fault
 def test_counts_reports_and_shards(reference, corpus):
     out, summary = reference
     _, want = corpus

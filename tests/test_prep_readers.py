@@ -34,6 +34,7 @@ def test_jsonl_partitions_cover_every_line_once(tmp_path, docs_per_part):
     assert len(parts) == -(-12 // docs_per_part)
 
 
+@pytest.mark.fault
 def test_compressed_and_truncated_streams(tmp_path):
     gz = tmp_path / "a.jsonl.gz"
     gz.write_bytes(gzip.compress(lines(3)) + gzip.compress(lines(2)))  # multi-member
@@ -53,6 +54,7 @@ def test_compressed_and_truncated_streams(tmp_path):
     assert records(junk)[0][-1].reason == "corrupt_stream"
 
 
+@pytest.mark.fault
 def test_bad_records_are_named(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_bytes(b"\n".join([

@@ -1,9 +1,11 @@
 """Dependency rules around tracking: only pipeline/tracking/ imports mlflow, and the CLI and
 checkpointing start without it; the git commit has one source for checkpoints and MLflow tags."""
 
+import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 from pipeline import checkpoint
 from pipeline.tracking import system_tags
@@ -26,7 +28,25 @@ def test_cli_and_checkpoint_start_without_mlflow(root):
     assert out.stdout.strip() == "[]"
 
 
-def test_checkpoints_and_run_tags_record_the_same_commit(monkeypatch):
-    monkeypatch.setenv("KILN_GIT_COMMIT", "0123abc")
-    assert checkpoint.git_commit() == "0123abc"
+def test_checkpoints_and_run_tags_record_the_same_commit(root, tmp_path, monkeypatch):
+    """A real checkpoint save and the MLflow system tags both record Kiln's own HEAD, also when the
+    process runs elsewhere (the commit is the code's, not the working directory's)."""
+    import torch
+
+    monkeypatch.delenv("KILN_GIT_COMMIT", raising=False)
+    monkeypatch.chdir(tmp_path)
+    head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+    class Engine:  # what save_checkpoint needs of a DeepSpeed engine
+        def save(self, path):
+            Path(path, "ds").mkdir()
+
+        def consolidated_state(self):
+            return {"w": torch.zeros(2)}
+
+    ckpt = checkpoint.save_checkpoint(Engine(), tmp_path / "ckpts", 3, {"config": {}}, keep=1)
+    recorded = json.loads((ckpt / "kiln_state.json").read_text())["code_commit"]
+    assert len(head) == 40 and recorded == head and system_tags()["kiln.git_commit"] == head
+    monkeypatch.setenv("KILN_GIT_COMMIT", "0123abc")  # installs without .git name it explicitly
     assert system_tags()["kiln.git_commit"] == "0123abc"

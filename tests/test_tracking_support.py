@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from factories import free_port
 
 from data_prep.indexed import IndexedWriter
 from pipeline.config import ModelConfig
@@ -37,11 +37,6 @@ def one_thread():
 
 # --------------------------------------------------------------------------- mlflow server
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class MlflowServer:

@@ -8,12 +8,14 @@ document boundaries, as Megatron and nanoGPT do.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 
+from data_prep.confine import escapes
 from data_prep.indexed import IndexedDataset, shard_digest, shard_fingerprint
 from pipeline.config import KilnError
 from pipeline.console import log
@@ -44,16 +46,32 @@ class PreparedCorpus:
     def vocab_size(self) -> int:
         return int(self.manifest["tokenizer"]["vocab_size"])
 
-    @property
+    @cached_property
     def tokenizer_path(self) -> Path:
-        return self.dir / self.manifest["tokenizer"]["path"]
+        """The manifest's tokenizer.path, confined to this directory; a file there must have the
+        manifest's tokenizer.sha256 (recomputed): a manifest cannot pull another file into a model."""
+        tok = self.manifest["tokenizer"]
+        path = self._inside(tok.get("path"), "tokenizer.path")
+        if path.exists():
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            if digest != tok.get("sha256"):
+                raise KilnError(f"{path}: sha256 {digest[:12]}… does not match {self.dir / 'manifest.json'} "
+                                f"tokenizer.sha256 {str(tok.get('sha256'))[:12]}…; refusing this tokenizer")
+        return path
+
+    def _inside(self, name, key: str) -> Path:
+        if why := escapes(self.dir, name):
+            raise KilnError(f"{self.dir / 'manifest.json'}: {key} {name!r} {why}; refusing this corpus")
+        return self.dir / name
 
     def shards(self, split: str) -> list[dict]:
         return [s for s in self.manifest["shards"] if s["split"] == split]
 
     def verify(self) -> None:
         """Refuse shards that are missing, truncated, stale or swapped: sizes, .idx header and the sampled
-        fingerprint recorded at prep time. O(shards), not O(bytes); `verify_full` reads everything."""
+        fingerprint recorded at prep time (O(shards), not O(bytes); `verify_full` reads everything), and a
+        tokenizer outside the directory or other than the manifest's."""
+        self.tokenizer_path  # noqa: B018 - confined and hashed once, before any work
         unfingerprinted = 0
         for shard in self.manifest["shards"]:
             prefix = self._prefix(shard)
@@ -96,7 +114,7 @@ class PreparedCorpus:
             return sum(pool.map(check, mine))
 
     def _prefix(self, shard: dict) -> Path:
-        path = self.dir / shard["path"]
+        path = self._inside(shard["path"], "shards[].path")
         return path.with_suffix("") if path.suffix in (".bin", ".idx") else path
 
     def stream(self, split: str) -> TokenStream:

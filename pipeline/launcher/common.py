@@ -1,4 +1,6 @@
-"""What every launcher checks before starting processes: layout vs world size, master address, env."""
+"""What every launcher checks before starting processes: layout vs world size, master address, env,
+and that no option, command word or environment value holds a control character (a newline in a
+value that reaches a job script or an env file would start a new shell line)."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import shlex
 import socket
 import subprocess
 import time
+import unicodedata
 from pathlib import Path
 
 from pipeline.config import ConfigError, KilnError, load_config, validate_world
@@ -21,6 +24,25 @@ def script(name: str) -> Path:
     if not path.exists():
         raise KilnError(f"{path}: launch script not found; `kiln launch` runs from a Kiln source checkout")
     return path
+
+
+def refuse_control(what: str, value: str) -> None:
+    """ConfigError naming `what` when `value` holds a control character (newline, CR, tab, NUL, ...)."""
+    bad = next((c for c in value if unicodedata.category(c) == "Cc"), None)
+    if bad is not None:
+        raise ConfigError(f"{what} {value[:60]!r}: contains a control character ({bad!r}); launch values "
+                          "end up in job scripts and env files, where it would start a new shell line")
+
+
+def check_launch_values(options: dict, command: list[str], env: dict[str, str]) -> None:
+    """Every string a launcher puts into a script, an env file or a command line."""
+    for name, value in options.items():
+        if isinstance(value, str):
+            refuse_control(f"--{name.replace('_', '-')}", value)
+    for word in command:
+        refuse_control("the command word", word)
+    for name, value in env.items():
+        refuse_control(f"--env {name}", value)
 
 
 def parse_env(items: list[str] | None) -> dict[str, str]:

@@ -1,14 +1,39 @@
-"""`kiln launch deepspeed`: the DeepSpeed launcher over a hostfile, checked first, printable per node."""
+r"""`kiln launch deepspeed`: the DeepSpeed launcher over a hostfile, checked first, printable per node.
+
+The environment reaches every node through `.deepspeed_env`, which DeepSpeed's pdsh runner turns
+into `export NAME=VALUE;` in the remote shell, putting a value in double quotes when it holds any
+character outside `[\w@%+=:,./-]`. Inside double quotes `$(...)`, backticks and `\` still expand, and
+older DeepSpeed versions do not quote at all, so no quoting Kiln could add survives: values are
+limited to characters that mean nothing to a shell (SAFE_VALUE) and anything else is refused.
+"""
 
 from __future__ import annotations
 
+import re
 import shlex
 import socket
 import sys
 from pathlib import Path
 
+from pipeline.config import ConfigError
 from pipeline.launcher.common import check_master, check_train, launch_env, run
 from pipeline.launcher.hostfile import parse_hostfile, select
+
+SAFE_VALUE = re.compile(r"[\w@%+=:,./^-]*")  # DeepSpeed's own "no quoting needed" set, plus ^ (NCCL's ^lo,docker)
+
+
+def check_deepspeed_env(env: dict[str, str]) -> dict[str, str]:
+    for name, value in env.items():
+        if not name.isidentifier() or not SAFE_VALUE.fullmatch(value):
+            raise ConfigError(f"--env {name}={value[:60]!r}: .deepspeed_env values may hold only letters, digits "
+                              "and @%+=:,./^-_ (DeepSpeed's pdsh runner hands them to a shell on every node); "
+                              "set this one in the nodes' environment instead")
+    return env
+
+
+def write_deepspeed_env(env: dict[str, str], path: str | Path = ".deepspeed_env") -> None:
+    """The file DeepSpeed's runner ships to every node (pdsh), one NAME=VALUE per line."""
+    Path(path).write_text("".join(f"{k}={v}\n" for k, v in check_deepspeed_env(env).items()))
 
 
 def plan(
@@ -46,11 +71,9 @@ def plan(
     ds += ["--no_python", "--no_local_rank", *command]
     world_info = encode_world_info({h: s for h, s in active.items()})
     per_node = {
-        host: " ".join([
-            "python -u -m deepspeed.launcher.launch", f"--world_info={world_info}", f"--node_rank={rank}",
-            f"--master_addr={master}", f"--master_port={master_port}", "--no_python", "--no_local_rank",
-            shlex.join(command),
-        ])
+        host: shlex.join(["python", "-u", "-m", "deepspeed.launcher.launch", f"--world_info={world_info}",
+                          f"--node_rank={rank}", f"--master_addr={master}", f"--master_port={master_port}",
+                          "--no_python", "--no_local_rank", *command])
         for rank, host in enumerate(hosts)
     }
     return {
@@ -62,7 +85,7 @@ def plan(
         "argv": ds,
         "user_command": command,
         "per_node": per_node,
-        "deepspeed_env": launch_env(env or {}),
+        "deepspeed_env": check_deepspeed_env(launch_env(env or {})),
     }
 
 
@@ -81,7 +104,7 @@ def launch(job: dict, dry_run: bool) -> dict:
     here = {"localhost", "127.0.0.1", socket.gethostname(), socket.getfqdn()}
     check_train(job["user_command"], job["world_size"], data=bool(here & set(job["nodes"])))
     # DeepSpeed's runner ships these to every node (pdsh) from .deepspeed_env in the current directory.
-    Path(".deepspeed_env").write_text("".join(f"{k}={v}\n" for k, v in job["deepspeed_env"].items()))
+    write_deepspeed_env(job["deepspeed_env"])
     master, port = job["master"].rsplit(":", 1)
     if master in ("localhost", "127.0.0.1"):
         check_master(master, int(port), 0)

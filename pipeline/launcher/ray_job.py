@@ -9,9 +9,10 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import sys
 import time
 
-from pipeline.config import KilnError
+from pipeline.config import KilnError, first_line
 
 EXCLUDES = [".git", ".venv", "runs", "demo_out", "mlruns", "mlartifacts", "*.db", "logs", "__pycache__"]
 
@@ -30,18 +31,27 @@ def plan(command: list[str], *, address: str | None = None, working_dir: str = "
             "equivalent_cli": shlex.join(cli)}
 
 
-def _submit(client, job: dict, deadline: float) -> str:
-    """Submit, retrying while a freshly started head has no job agent yet."""
+def _submit(client, job: dict, wait_s: float, every_s: float = 10.0) -> str:
+    """Submit, waiting (at most `wait_s`, saying so every `every_s`) while the head has no job agent
+    yet: a head that just started, or a busy one, registers its agent seconds to minutes later."""
+    start = time.monotonic()
+    said = start
     while True:
         try:
             return client.submit_job(entrypoint=job["entrypoint"], runtime_env=job["runtime_env"])
         except RuntimeError as err:
-            if "No available agent" not in str(err) or time.monotonic() > deadline:
-                raise KilnError(f"Ray job API at {job['address']}: {err}") from None
-            time.sleep(2)
+            waited = time.monotonic() - start
+            if "No available agent" not in str(err) or waited > wait_s:
+                raise KilnError(f"Ray job API at {job['address']}: {first_line(err)}"
+                                + (f" (waited {waited:.0f}s for a job agent)" if waited > wait_s else "")) from None
+            if time.monotonic() - said >= every_s:
+                said = time.monotonic()
+                print(f"waiting for the job agent of the Ray head at {job['address']} ({waited:.0f}s of at most "
+                      f"{wait_s:.0f}s)", file=sys.stderr, flush=True)
+            time.sleep(1)
 
 
-def launch(job: dict, dry_run: bool, detach: bool = False, poll_s: float = 1.0) -> dict:
+def launch(job: dict, dry_run: bool, detach: bool = False, poll_s: float = 1.0, agent_wait_s: float = 300.0) -> dict:
     if dry_run:
         print(f"# Ray job for {job['address']}")
         print(job["equivalent_cli"])
@@ -52,7 +62,7 @@ def launch(job: dict, dry_run: bool, detach: bool = False, poll_s: float = 1.0) 
         client = JobSubmissionClient(job["address"])
     except Exception as err:  # noqa: BLE001 - connection errors come in many types
         raise KilnError(f"Ray job API at {job['address']} unreachable: {err}") from None
-    job_id = _submit(client, job, deadline=time.monotonic() + 90)
+    job_id = _submit(client, job, agent_wait_s)
     job["job_id"] = job_id
     print(f"submitted Ray job {job_id}")
     print(f"logs: ray job logs {job_id} --address {job['address']} --follow")

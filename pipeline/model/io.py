@@ -13,6 +13,7 @@ import importlib
 import json
 import os
 import pickle
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -21,6 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from data_prep.confine import escapes
 from pipeline.config import KilnError, ModelConfig, first_line
 from pipeline.model.gpt import GPT
 from pipeline.model.weights import WEIGHTS, DictWeights, Weights, save_weights
@@ -28,7 +30,15 @@ from pipeline.model.weights import WEIGHTS, DictWeights, Weights, save_weights
 CONFIG = "config.json"
 TOKENIZER = "tokenizer.model"
 SUMS = "SHA256SUMS"
+FETCH_MARKER = ".kiln-fetched.json"  # written by `kiln fetch` next to what it verified (pipeline/tracking/registry.py)
+# The only files a verified directory may hold without a SHA256SUMS line; no loader reads them. mlflow_run.json
+# is the run record a stage whose --out is a MODEL dir (quantize, prune) writes there (pipeline/tracking/common.py).
+UNLISTED_OK = {SUMS, FETCH_MARKER, "mlflow_run.json"}
 FORMAT_VERSION = 1
+# The quantized formats' loaders (pipeline/post/formats.py LOADER, pipeline/post/quantize.py INT8_LOADER),
+# named in config.json "quantization.loader"; tests/test_security.py checks this list against them.
+QUANT_LOADERS = frozenset({"pipeline.post.formats:load_packed", "pipeline.post.quantize:load_int8"})
+_SUMS_LINE = re.compile(r"([0-9a-f]{64}) [ *](.+)")  # sha256sum's text and binary forms
 
 
 def sha256_file(path: str | Path) -> str:
@@ -52,22 +62,29 @@ def write_sums(directory: Path, known: dict[str, str] | None = None) -> None:
 
 
 def read_sums(directory: str | Path) -> dict[str, str]:
-    """{relative path: sha256} from SHA256SUMS, every path confined to `directory` (no absolute paths,
-    no `..`, no links or special files): a checksum file is data a stranger may have written."""
+    """{relative path: sha256} from SHA256SUMS. A checksum file is as untrusted as the files: every entry
+    must stay inside `directory` as a regular file (no absolute path, `..` or symlink out), and no file may
+    be there that it does not list (UNLISTED_OK aside)."""
     directory = Path(directory)
     sums = directory / SUMS
-    if not sums.exists():
+    if not sums.is_file():
         raise KilnError(f"{sums}: missing; cannot verify this directory")
-    out: dict[str, str] = {}
+    listed = {}
     for n, line in enumerate(sums.read_text(errors="replace").splitlines(), 1):
         if not line.strip():
             continue
-        digest, _, name = line.partition("  ")
-        parts = Path(name).parts
-        if not name or Path(name).is_absolute() or ".." in parts or len(digest) != 64:
-            raise KilnError(f"{sums}:{n}: not a checksum of a file inside {directory}: {line[:120]!r}")
-        out[name] = digest
-    return out
+        if not (m := _SUMS_LINE.fullmatch(line)):
+            raise KilnError(f"{sums}:{n}: not a `<sha256>  <file>` line")
+        digest, name = m.groups()
+        if why := escapes(directory, name):
+            raise KilnError(f"{sums}:{n}: {name!r} {why}; refusing this directory")
+        listed[name] = digest
+    present = sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*")
+                     if not p.is_dir() or p.is_symlink())
+    for name in present:
+        if name not in listed and name not in UNLISTED_OK:
+            raise KilnError(f"{directory / name}: not listed in {sums}; refusing a directory with unverified files")
+    return listed
 
 
 def check_sums(directory: str | Path, entries: dict[str, str]) -> None:
@@ -192,10 +209,11 @@ def load_model_dir(path: str | Path, verify: bool = True, device: str = "cpu") -
         verify_sums(path)
     config = read_config(path)
     quant = config.get("quantization")
-    if quant:  # e.g. {"loader": "pipeline.post.formats:load_quantized", ...}
+    if quant:  # e.g. {"loader": "pipeline.post.formats:load_packed", ...}
+        if quant.get("loader") not in QUANT_LOADERS:  # config.json is data: it may not name any function to call
+            raise KilnError(f"{path / CONFIG}: quantization.loader {str(quant.get('loader'))[:100]!r} is not a "
+                            f"Kiln loader ({', '.join(sorted(QUANT_LOADERS))})")
         module, _, func = quant["loader"].partition(":")
-        if not module.startswith("pipeline."):
-            raise KilnError(f"{path / CONFIG}: quantization.loader {quant['loader']!r} is not a Kiln loader")
         model = getattr(importlib.import_module(module), func)(path, config, device)
         return model.eval(), config
     cfg = ModelConfig.model_validate(config["model"])

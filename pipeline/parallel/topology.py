@@ -19,12 +19,6 @@ import torch.distributed as dist
 from pipeline.config import RunConfig, validate_world
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # Under NCCL the watchdog thread, not the training loop, sees a collective time out or a peer vanish; by
 # default it then kills the process (no Python frame, no message of ours). Mode 2 aborts the communicator
 # only: the next wait in the training loop raises, and `train` turns that into its one-line "lost peer"
@@ -44,9 +38,9 @@ def init_distributed(timeout_s: float = 1800) -> None:
 
     if dist.is_initialized():
         return
-    if "RANK" not in os.environ:  # plain `kiln train`: DeepSpeed still wants a group
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    alone = "RANK" not in os.environ  # plain `kiln train`: DeepSpeed still wants a group
+    if alone:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
     backend = "nccl" if torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") == "cuda" else "gloo"
     if backend == "nccl":
         os.environ.update({k: v for k, v in NCCL_ENV.items() if k not in os.environ})
@@ -54,6 +48,11 @@ def init_distributed(timeout_s: float = 1800) -> None:
     timeout = timedelta(seconds=timeout_s)
     distributed_c10d.default_pg_timeout = timeout
     distributed_c10d.default_pg_nccl_timeout = timeout
+    if alone:  # an in-process store, no TCP rendezvous; gloo/NCCL talk over loopback (there is no peer)
+        loopback = next((name for _, name in socket.if_nameindex() if name.startswith("lo")), None)
+        if loopback:
+            os.environ.update(GLOO_SOCKET_IFNAME=loopback, NCCL_SOCKET_IFNAME=loopback)
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=timeout)
 
 

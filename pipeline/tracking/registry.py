@@ -3,12 +3,18 @@
 A MODEL dir is identified across copies and fetches by the digest of its weights
 (tag `kiln.weights_sha256`), so registering a directory that was logged before
 reuses that LoggedModel instead of uploading a copy.
+
+Registry contents are written by other people: a model id from a tag is only used as a
+directory name when it is a plain id, a download is verified file by file (every file listed,
+every digest recomputed, nothing outside the directory), and a directory already at `--out` or
+in the cache is believed only when its SHA256SUMS is the registered one, byte for byte.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass
@@ -23,6 +29,8 @@ from pipeline.config import KilnError
 
 if TYPE_CHECKING:
     from pipeline.tracking.tracker import Tracker
+
+PLAIN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")  # MLflow's are m-<32 hex>; never a path
 
 
 @dataclass
@@ -74,13 +82,22 @@ def resolve(tracker: Tracker, uri: str) -> ModelRef:
         alias = None
         mv = tracker.strict(uri, c.get_model_version, name, version)
     else:
+        _plain(uri, body, "the logged model id")
         lm = tracker.strict(uri, c.get_logged_model, body)
+        _plain(uri, lm.model_id, "the logged model id")
         return ModelRef(uri, lm.model_id, download_uri=lm.artifact_location)
     model_id = mv.tags.get("kiln.model_id") or getattr(mv, "model_id", None)
     if not model_id:
         raise KilnError(f"{uri}: version {mv.version} was not registered by Kiln (no kiln.model_id tag)")
+    _plain(uri, model_id, f"version {mv.version}'s kiln.model_id tag")
     download = tracker.strict(uri, c.get_model_version_download_uri, mv.name, mv.version)
     return ModelRef(uri, model_id, mv.name, str(mv.version), alias, download)
+
+
+def _plain(uri: str, model_id: str, what: str) -> None:
+    """A model id names the cache directory of a fetch: anything but a plain id is refused."""
+    if not PLAIN_ID.fullmatch(model_id):
+        raise KilnError(f"{uri}: {what} {model_id[:100]!r} is not a plain model id; refusing to use it as a path")
 
 
 def find_model_by_weights(tracker: Tracker, digest: str) -> str | None:
@@ -107,11 +124,12 @@ def model_id_for(tracker: Tracker, model: str | Path) -> str | None:
 def register(tracker: Tracker, model_dir: str | Path, name: str, alias: str | None = None,
              stage: str | None = None, parent: str | None = None) -> dict:
     """`kiln register`: reuse the logged model with the same weights, else log one; add a version."""
-    from pipeline.model.io import read_config
+    from pipeline.model.io import read_config, verify_sums
 
     if not tracker.enabled:
         raise KilnError("tracking.enabled is false (or RANK is not 0); registering needs MLflow")
     model_dir = Path(model_dir)
+    verify_sums(model_dir)  # digests recomputed now: a stale SHA256SUMS must not name other weights
     config = read_config(model_dir)
     existing = tracker.strict(str(model_dir), find_model_by_weights, tracker, weights_sha256(model_dir))
     if existing:
@@ -149,14 +167,17 @@ def add_version(tracker: Tracker, model_id: str, name: str, alias: str | None, r
 
 
 def fetch(tracker: Tracker, uri: str, out: str | Path) -> dict:
-    """Download a registered MODEL dir (streamed), verify SHA256SUMS, then move it into place."""
-    from pipeline.model.io import verify_sums
+    """Download a registered MODEL dir (streamed), verify it, then move it into place. A directory
+    already at `out` is used only when it verifies and its SHA256SUMS is the registered one."""
+    from pipeline.model.io import FETCH_MARKER, SUMS, verify_sums
 
     ref = resolve(tracker, uri)
     out = Path(out)
-    marker = out / ".kiln-fetched.json"
-    if marker.exists() and json.loads(marker.read_text()).get("model_id") == ref.model_id:
+    if (out / FETCH_MARKER).exists():
         verify_sums(out)
+        if (out / SUMS).read_bytes() != _registered_sums(tracker, ref):
+            raise KilnError(f"{out}: its files differ from the registered {uri} ({SUMS} is not the registry's); "
+                            "delete it or choose another --out")
         return {**asdict(ref), "out": str(out), "cached": True}
     if out.exists() and any(out.iterdir()):
         raise KilnError(f"{out}: exists and is not empty; choose another --out")
@@ -164,9 +185,10 @@ def fetch(tracker: Tracker, uri: str, out: str | Path) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.fetch-", dir=out.parent))
     try:
         got = Path(tracker.strict(uri, download_artifacts, artifact_uri=ref.download_uri,
-                                  dst_path=str(tmp), tracking_uri=tracker.uri))
+                                  dst_path=str(tmp), tracking_uri=tracker.connect_uri))
         verify_sums(got)
-        (got / marker.name).write_text(json.dumps(asdict(ref)) + "\n")
+        _check_weights_tag(tracker, ref, got)
+        (got / FETCH_MARKER).write_text(json.dumps(asdict(ref)) + "\n")
         if out.exists():
             out.rmdir()
         os.replace(got, out)
@@ -175,13 +197,35 @@ def fetch(tracker: Tracker, uri: str, out: str | Path) -> dict:
     return {**asdict(ref), "out": str(out), "cached": False}
 
 
+def _registered_sums(tracker: Tracker, ref: ModelRef) -> bytes:
+    """The registered copy's SHA256SUMS, downloaded now (a few hundred bytes)."""
+    from pipeline.model.io import SUMS
+
+    with tempfile.TemporaryDirectory(prefix="kiln-sums-") as tmp:
+        got = tracker.strict(ref.uri, download_artifacts, artifact_uri=f"{ref.download_uri.rstrip('/')}/{SUMS}",
+                             dst_path=tmp, tracking_uri=tracker.connect_uri)
+        return Path(got).read_bytes()
+
+
+def _check_weights_tag(tracker: Tracker, ref: ModelRef, got: Path) -> None:
+    """The logged model's kiln.weights_sha256 tag (registry metadata) must agree with the downloaded
+    artifacts (artifact store): both would have to be changed to swap the weights."""
+    from pipeline.model.io import WEIGHTS
+
+    lm = tracker.strict(ref.uri, tracker.client.get_logged_model, ref.model_id)
+    tagged = lm.tags.get("kiln.weights_sha256")
+    if tagged and tagged != file_sha(got, WEIGHTS):
+        raise KilnError(f"{ref.uri}: the downloaded {WEIGHTS} is not the one logged model {ref.model_id} records "
+                        f"(kiln.weights_sha256 {tagged[:12]}…); refusing it")
+
+
 def materialize(tracker: Tracker, model: str | Path) -> Path:
     """A MODEL dir on disk: the path itself, or a models:/ URI fetched (once) into the cache
     $KILN_CACHE_DIR/models/<model id> (default ~/.cache/kiln)."""
     text = str(model)
     if not text.startswith("models:/"):
         return Path(model)
-    ref = resolve(tracker, text)
+    ref = resolve(tracker, text)  # a plain id: one directory under the cache, never a path elsewhere
     cache = Path(os.environ.get("KILN_CACHE_DIR") or Path.home() / ".cache" / "kiln") / "models" / ref.model_id
     fetch(tracker, text, cache)
     return cache

@@ -13,6 +13,7 @@ from mlflow.entities import Dataset, DatasetInput, InputTag, LoggedModelInput, M
 
 from pipeline.config import flatten
 from pipeline.console import log
+from pipeline.credentials import redact
 from pipeline.provenance import git_commit
 from pipeline.tracking.common import PARAM_MAX, PARENT_ENV, RUN_RECORD, is_number, one_line, system_tags
 from pipeline.tracking.registry import add_version, file_sha, weights_sha256
@@ -45,7 +46,7 @@ class StageRun:
             self.broken = True
             where = f" `kiln track sync {self.run_dir}` replays the metrics later." if self.run_dir else ""
             log.warning("MLflow at %s failed (%s); %s stage continues without tracking.%s",
-                        self.tracker.uri, one_line(err), self.stage, where)
+                        self.tracker.uri, redact(one_line(err)), self.stage, where)
             return None
 
     def _record(self, **fields) -> None:

@@ -17,6 +17,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from pipeline.config import KilnError, TrackingConfig
+from pipeline.credentials import redact
 from pipeline.tracking import lineage, registry, sync
 from pipeline.tracking.common import HTTP_DEFAULTS, PARENT_ENV, absolute_sqlite, one_line, resolve_uri
 from pipeline.tracking.registry import ModelRef
@@ -28,7 +29,8 @@ class Tracker:
 
     def __init__(self, cfg: TrackingConfig | None = None, uri: str | None = None, enabled: bool | None = None):
         self.cfg = cfg or TrackingConfig()
-        self.uri = absolute_sqlite(resolve_uri(self.cfg, uri))
+        self.connect_uri = absolute_sqlite(resolve_uri(self.cfg, uri))  # may hold user:password: never shown
+        self.uri = redact(self.connect_uri)  # what errors, warnings, --json and run records say
         if enabled is None:
             enabled = self.cfg.enabled and os.environ.get("RANK", "0") == "0"
         self.enabled = enabled
@@ -44,7 +46,7 @@ class Tracker:
     @property
     def client(self) -> MlflowClient:
         if self._client is None:
-            self._client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+            self._client = MlflowClient(tracking_uri=self.connect_uri, registry_uri=self.connect_uri)
         return self._client
 
     def experiment_id(self) -> str:
@@ -64,10 +66,10 @@ class Tracker:
         """Registry operations the user asked for: failures become one-line KilnErrors."""
         try:
             return fn(*args, **kwargs)
-        except MlflowException as err:
-            raise KilnError(f"{what}: {err.message.splitlines()[0]} (tracking URI {self.uri})") from None
+        except MlflowException as err:  # MLflow quotes the URL it called, credentials included
+            raise KilnError(redact(f"{what}: {err.message.splitlines()[0]} (tracking URI {self.uri})")) from None
         except OSError as err:
-            raise KilnError(f"{what}: {one_line(err)} (tracking URI {self.uri})") from None
+            raise KilnError(redact(f"{what}: {one_line(err)} (tracking URI {self.uri})")) from None
 
     # ------------------------------------------------------------------ runs
 
