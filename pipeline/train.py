@@ -315,6 +315,7 @@ def _train(cfg: RunConfig, on_log, on_checkpoint, on_end) -> dict:
 
     # ---------------------------------------------------------------- the MODEL dir
     model_dir = out / "model"
+    engine.close()
     if rank0:  # streamed tensor by tensor from the last checkpoint's weight slices: nothing is gathered
         weights = open_weights(newest)
         tok = data.tokenizer

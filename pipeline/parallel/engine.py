@@ -30,6 +30,7 @@ from pipeline.model.weights import SHARDS_DIR, Weights, write_shard
 from pipeline.parallel.materialize import build_gpt, local_slices
 from pipeline.parallel.topology import Layout
 
+BUCKET_ELEMENTS = 50_000_000
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -46,7 +47,12 @@ def deepspeed_state_types() -> list[type]:
 def ds_config(cfg: RunConfig, dp: int) -> dict:
     t, p = cfg.train, cfg.parallel
     accum = (p.micro_batches or t.grad_accum) if p.pp > 1 else t.grad_accum
-    zero: dict = {"stage": p.zero_stage}
+    # Buckets bounded like Megatron's DDP (40M elements): DeepSpeed's default 5e8 is 2 GB of fp32 per rank
+    # in ZeRO-1/2's reduce buffer (allocated whole under PP), more than a small rank's whole share.
+    # Stage 1 keeps whole gradients anyway: a contiguous copy of them (ZeRO-2's layout) would only add 4 bytes a
+    # parameter to the step's peak.
+    zero: dict = {"stage": p.zero_stage, "reduce_bucket_size": BUCKET_ELEMENTS, "allgather_bucket_size": BUCKET_ELEMENTS,
+                  "contiguous_gradients": p.zero_stage >= 2}
     if p.offload == "cpu":
         zero["offload_optimizer"] = {"device": "cpu"}
         if p.zero_stage == 3:
@@ -204,6 +210,14 @@ class Engine:
             (directory / SHARDS_DIR).mkdir(exist_ok=True)
             written[rel] = write_shard(directory / rel, slices)
         return written
+
+    def close(self) -> None:
+        """Release the model, gradients and optimizer state (before the MODEL dir is written)."""
+        import gc
+
+        self.engine.destroy()
+        del self.engine, self.optimizer
+        gc.collect()
 
     def load(self, directory) -> None:
         """DeepSpeed unpickles its state files with weights_only=False; Kiln forces weights-only loading and
