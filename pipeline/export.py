@@ -11,7 +11,6 @@ never needs the layout they were trained with. The HF mapping:
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -148,18 +147,18 @@ def to_hf(state: dict[str, torch.Tensor], cfg: ModelConfig):
 
 def export(src: str | Path, out: str | Path, fmt: str = "safetensors") -> dict:
     source = resolve_source(src)  # once: for a run dir it checksums every candidate checkpoint
+    if fmt == "hf" and (source / CONFIG).is_file() and read_config(source).get("quantization"):
+        from pipeline.hf.model import export_model_dir  # int8 (torchao) / GPTQ layouts transformers reads
+
+        return {"source": str(source), **export_model_dir(source, out)}
     state, cfg, tok, meta = load_source(source)
     out = Path(out)
     if fmt == "safetensors":
         save_model_dir(state, cfg, out, tokenizer=tok, meta=meta)
     elif fmt == "hf":
-        model = to_hf(state, cfg)
-        out.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(str(out), safe_serialization=True)
-        if tok:
-            shutil.copyfile(tok, out / TOKENIZER)
-        (out / "kiln_export.json").write_text(json.dumps({"model": cfg.model_dump(mode="json"), **meta}, indent=2,
-                                                         default=str) + "\n")
+        from pipeline.hf.model import save_hf  # weights + tokenizer.json checked against sentencepiece
+
+        save_hf(state, cfg, out, tok, meta)
     else:
         raise KilnError(f"--format {fmt}: expected safetensors or hf")
     return {"source": str(source), "out": str(out), "format": fmt, "style": cfg.style,

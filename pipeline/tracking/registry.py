@@ -21,6 +21,8 @@ from mlflow.exceptions import MlflowException
 
 from pipeline.config import KilnError
 
+MODEL_VERSIONS_TAG = "mlflow.modelVersions"  # what mlflow.register_model itself sets on a LoggedModel
+
 if TYPE_CHECKING:
     from pipeline.tracking.tracker import Tracker
 
@@ -145,14 +147,26 @@ def add_version(tracker: Tracker, model_id: str, name: str, alias: str | None, r
                                 await_creation_for=0, model_id=model_id)
     if alias:
         c.set_registered_model_alias(name, alias, mv.version)
+    # the UI links a logged model to its versions through this tag (else it offers "Register model")
+    versions = json.loads(lm.tags.get(MODEL_VERSIONS_TAG) or "[]") + [{"name": name, "version": str(mv.version)}]
+    c.set_logged_model_tags(model_id, {MODEL_VERSIONS_TAG: json.dumps(versions)})
     return str(mv.version)
 
 
-def fetch(tracker: Tracker, uri: str, out: str | Path) -> dict:
-    """Download a registered MODEL dir (streamed), verify SHA256SUMS, then move it into place."""
+def fetch(tracker: Tracker, uri: str, out: str | Path, fmt: str = "kiln") -> dict:
+    """Download a registered MODEL dir (streamed), verify SHA256SUMS, then move it into place;
+    fmt="hf": its transformers form (pipeline/tracking/forms.py)."""
+    if fmt == "hf":
+        from pipeline.tracking.forms import fetch_hf
+
+        return fetch_hf(tracker, uri, out)
+    return download_verified(tracker, resolve(tracker, uri), out)
+
+
+def download_verified(tracker: Tracker, ref: ModelRef, out: str | Path) -> dict:
     from pipeline.model.io import verify_sums
 
-    ref = resolve(tracker, uri)
+    uri = ref.uri
     out = Path(out)
     marker = out / ".kiln-fetched.json"
     if marker.exists() and json.loads(marker.read_text()).get("model_id") == ref.model_id:
