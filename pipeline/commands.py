@@ -150,8 +150,11 @@ def _eval_compare(args) -> dict:
     from pipeline.console import print_table
 
     rows = _tracker(args, must_exist=True).eval_table(args.compare)
-    keys = list(dict.fromkeys(k for row in rows for k in row))
-    print_table(f"kiln eval --compare {args.compare}", rows, keys)
+    # one column per alias, one row per measurement: stays readable however many tasks were run
+    aliases = [row["alias"] for row in rows]
+    keys = list(dict.fromkeys(k for row in rows for k in row if k != "alias"))
+    table = [{"measurement": key, **{row["alias"]: row.get(key) for row in rows}} for key in keys]
+    print_table(f"kiln eval --compare {args.compare}", table, ["measurement", *aliases])
     return {"name": args.compare, "rows": rows}
 
 

@@ -126,7 +126,7 @@ def run_demo(out: str | Path = "demo_out", quick: bool = False) -> dict:
                                 ("perplexity", "loss", "tokens_per_s") if row.get(k) is not None}, "val", out / "prep")
         for row in table:  # one lm-evaluation-harness task per model, as served (int8 on torchao, GPTQ codes)
             res = demo.kiln(f"lm-eval @{row['model']}", "eval", f"models:/{NAME}@{row['model']}", "--tasks", LM_EVAL_TASK,
-                            *(["--limit", "48"] if quick else []))
+                            *(["--limit", "48"] if quick else []), "--set", "tracking.experiment=kiln-demo")
             row[LM_EVAL_TASK + ".acc"] = res["lm_eval"]["results"][LM_EVAL_TASK]["acc"]
         demo.kiln("eval --compare", "eval", "--compare", f"models:/{NAME}")
         demo.kiln("fetch @int8 --format hf", "fetch", f"models:/{NAME}@int8", "--format", "hf", "--out", "fetched-hf/int8")
@@ -144,9 +144,12 @@ def run_demo(out: str | Path = "demo_out", quick: bool = False) -> dict:
         "ln_vocab": math.log(prepped["vocab_size"]), "eval": table, "samples": samples,
         "curves_png": str(out / "train" / "curves.png"),
         "mlflow_ui": f"mlflow ui --backend-store-uri sqlite:///{out / 'mlflow.db'} --host 127.0.0.1",
+        # MLflow 3.17's UI picks GenAI vs model-training view from the URL (else the browser's last choice)
+        "mlflow_ui_page": f"/#/experiments/{tracker.experiment_id()}?workflowType=machine_learning",
     }
     for prompt, text in zip(PROMPTS, samples, strict=False):
         console.print(f"[bold]{prompt}[/bold]{text}")
     console.print(f"[bold]done in {wall / 60:.1f} min[/bold]; loss curves: {summary['curves_png']}")
-    console.print(f"look at runs, datasets, models and lineage: [bold]{summary['mlflow_ui']}[/bold] (from {out})")
+    console.print(f"look at runs, datasets, models and lineage: [bold]{summary['mlflow_ui']}[/bold], then open "
+                  f"http://127.0.0.1:5000{summary['mlflow_ui_page']}")
     return summary

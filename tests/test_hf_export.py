@@ -144,20 +144,20 @@ def test_registry_links_versions_runs_and_forms(fetched):
     c = fetched["tracker"].client
     for alias in ("plain", "int8", "gptq4"):
         mv = c.get_model_version_by_alias(NAME, alias)
-        lm = c.get_logged_model(mv.model_id)
+        lm = c.get_logged_model(mv.tags["kiln.model_id"])
         assert {"name": NAME, "version": str(mv.version)} in json.loads(lm.tags["mlflow.modelVersions"])
         hf = c.get_model_version_by_alias(f"{NAME}-hf", alias)
-        assert lm.tags["kiln.hf_model_id"] == hf.model_id == mv.tags["kiln.hf_model_id"]
+        assert lm.tags["kiln.hf_model_id"] == hf.tags["kiln.model_id"] == mv.tags["kiln.hf_model_id"]
         run = c.get_run(lm.source_run_id)
         outputs = {o.model_id for o in run.outputs.model_outputs}
-        assert {lm.model_id, hf.model_id} <= outputs  # the producer run lists both forms
+        assert {lm.model_id, hf.tags["kiln.model_id"]} <= outputs  # the producer run lists both forms
 
 
 @pytest.mark.slow
 def test_fetch_hf_converts_a_version_registered_without_its_form(fetched, tmp_path):
     c = fetched["tracker"].client
     mv = c.get_model_version_by_alias(NAME, "int8")
-    c.delete_logged_model_tag(mv.model_id, "kiln.hf_model_id")
+    c.delete_logged_model_tag(mv.tags["kiln.model_id"], "kiln.hf_model_id")
     res = fetched["tracker"].fetch(f"models:/{NAME}@int8", tmp_path / "hf", fmt="hf")
     assert res["converted"] is True
     assert json.load(open(tmp_path / "hf" / "config.json"))["quantization_config"]["quant_method"] == "torchao"
