@@ -126,7 +126,7 @@ def run_demo(out: str | Path = "demo_out", quick: bool = False) -> dict:
                                 ("perplexity", "loss", "tokens_per_s") if row.get(k) is not None}, "val", out / "prep")
         for row in table:  # one lm-evaluation-harness task per model, as served (int8 on torchao, GPTQ codes)
             res = demo.kiln(f"lm-eval @{row['model']}", "eval", f"models:/{NAME}@{row['model']}", "--tasks", LM_EVAL_TASK,
-                            *(["--limit", "48"] if quick else []), "--set", "tracking.experiment=kiln-demo")
+                            *(["--limit", "24"] if quick else []), "--set", "tracking.experiment=kiln-demo")
             row[LM_EVAL_TASK + ".acc"] = res["lm_eval"]["results"][LM_EVAL_TASK]["acc"]
         demo.kiln("eval --compare", "eval", "--compare", f"models:/{NAME}")
         demo.kiln("fetch @int8 --format hf", "fetch", f"models:/{NAME}@int8", "--format", "hf", "--out", "fetched-hf/int8")

@@ -16,7 +16,7 @@ def test_quick_demo_end_to_end(tmp_path):
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "KILN_CACHE_DIR": str(tmp_path / "cache")}
     env.pop("MLFLOW_TRACKING_URI", None)  # the demo uses its own sqlite store under --out
     res = subprocess.run([str(BIN / "kiln"), "demo", "--quick", "--out", str(tmp_path / "demo"), "--json"],
-                         capture_output=True, text=True, env=env, timeout=900, cwd=tmp_path)
+                         capture_output=True, text=True, env=env, timeout=int(os.environ.get("KILN_DEMO_TIMEOUT", "900")), cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-4000:]
     summary = json.loads(res.stdout.strip().splitlines()[-1])
     out = Path(summary["out"])

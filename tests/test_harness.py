@@ -6,14 +6,14 @@ import sys
 import pytest
 
 from pipeline.harness.run import run_tasks
-from tests.factories import ROOT, tiny_model_family
+from tests.factories import ROOT
 
 TASKS = ["kiln_pydoc", "kiln_stdlib_mc"]
 
 
-@pytest.fixture(scope="module")
-def family(tmp_path_factory):
-    return tiny_model_family(tmp_path_factory.mktemp("harness"))
+@pytest.fixture
+def family(tiny_family):
+    return tiny_family
 
 
 @pytest.mark.slow
@@ -22,8 +22,8 @@ def test_kiln_lm_scores_as_lm_evals_own_hf_model(family, tmp_path):
     from pipeline.export import export
 
     export(family["plain"], tmp_path / "hf", "hf")
-    ours = run_tasks(family["plain"], TASKS, limit=3, batch_size=8)
-    theirs = run_tasks(tmp_path / "hf", TASKS, limit=3, batch_size=8)
+    ours = run_tasks(family["plain"], TASKS, limit=2, batch_size=8)
+    theirs = run_tasks(tmp_path / "hf", TASKS, limit=2, batch_size=8)
     for task in TASKS:
         assert ours["datasets"][task]["digest"] == theirs["datasets"][task]["digest"]  # the same documents
     mc, ref = ours["results"]["kiln_stdlib_mc"], theirs["results"]["kiln_stdlib_mc"]

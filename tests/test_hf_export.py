@@ -15,16 +15,16 @@ from safetensors.torch import load_file
 from pipeline.config import KilnError, TrackingConfig
 from pipeline.model.io import load_model_dir
 from pipeline.tracking import Tracker
-from tests.factories import ROOT, tiny_model_family
+from tests.factories import ROOT
 
 NAME = "tiny"
 
 
 @pytest.fixture(scope="module")
-def fetched(tmp_path_factory):
+def fetched(tmp_path_factory, tiny_family):
     """The family registered (aliases plain/int8/gptq4) and fetched back in both forms."""
     root = tmp_path_factory.mktemp("hf-export")
-    family = tiny_model_family(root / "models")
+    family = tiny_family
     tracker = Tracker(TrackingConfig(experiment="hf-export"), uri=f"sqlite:///{root / 'mlflow.db'}")
     out = {"tracker": tracker, "root": root}
     for alias in ("plain", "int8", "gptq4"):

@@ -35,7 +35,7 @@ def python_docs(start: int, n: int) -> list[str]:
 @pytest.fixture(scope="module", params=["bpe", "unigram"])
 def spm_model(request, tmp_path_factory):
     path = tmp_path_factory.mktemp(f"tok-{request.param}") / "tokenizer.model"
-    train_tokenizer(faker_docs(0, 150) + python_docs(0, 250), path, vocab_size=2000, model_type=request.param)
+    train_tokenizer(faker_docs(0, 100) + python_docs(0, 150), path, vocab_size=1500, model_type=request.param)
     return path
 
 
