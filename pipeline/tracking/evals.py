@@ -35,6 +35,8 @@ def attach_harness(tracker: Tracker, model: str, local_dir: str, result: dict, p
                                   {"docs": ds["docs"], "output_type": ds["output_type"]}, "evaluation",
                                   {"kiln.eval_task": task}, source_type="lm_eval")
         metrics = {f"{task}.{k}": v for task, row in result["results"].items() for k, v in row.items()}
+        # how many documents each number rests on (--limit differs between runs): compared side by side
+        metrics.update({f"{task}.docs": ds["docs"] for task, ds in result["datasets"].items()})
         run.log_metrics(metrics, step=0, model_id=model_id)
         if model_id:
             run.safe(tracker.client.log_inputs, run.run_id, models=[LoggedModelInput(model_id)])

@@ -39,11 +39,11 @@ def log_hf_form(run: StageRun, model_dir: Path, kiln_info: dict, tags: dict, ali
     from pipeline.tracking.registry import add_version, weights_sha256
 
     t = run.tracker
-    with tempfile.TemporaryDirectory(prefix=".kiln-hf-", dir=model_dir.parent) as tmp:
+    with _scratch(model_dir) as tmp:
         out = Path(tmp) / "hf"
         try:
             export_model_dir(model_dir, out)
-        except (KilnError, ImportError, ValueError, RuntimeError) as err:
+        except (KilnError, ImportError, ValueError, RuntimeError, OSError) as err:
             log.warning("%s: no transformers form registered (%s)", model_dir, str(err).splitlines()[0])
             return None
         name = hf_name(kiln_info["name"])
@@ -59,6 +59,14 @@ def log_hf_form(run: StageRun, model_dir: Path, kiln_info: dict, tags: dict, ali
     if kiln_info.get("version"):
         run.safe(t.client.set_model_version_tag, kiln_info["name"], kiln_info["version"], LINK, lm.model_id)
     return {"model_id": lm.model_id, "name": name, "version": version, "uri": f"models:/{name}/{version}"}
+
+
+def _scratch(model_dir: Path) -> tempfile.TemporaryDirectory:
+    """A temp dir next to the model (same filesystem, room for its size), else the system's."""
+    try:
+        return tempfile.TemporaryDirectory(prefix=".kiln-hf-", dir=model_dir.parent)
+    except OSError:
+        return tempfile.TemporaryDirectory(prefix="kiln-hf-")
 
 
 def hf_ref(tracker: Tracker, ref: ModelRef) -> ModelRef | None:
