@@ -4,7 +4,7 @@ GPT-NeoX and Megatron-LM read these files unchanged, so the layout is fixed:
 
     .idx = b"MMIDIDX\\x00\\x00"  magic (9 bytes)
            <Q  version (1)
-           <B  dtype code (8 = uint16, 4 = int32, ...)
+           <B  dtype code, Megatron's DType enum (8 = uint16, 4 = int32, 7 = float32, ...)
            <Q  sequence count n
            <Q  document count (len of doc_idx = n + 1 here)
            int32[n]  sequence lengths (tokens)
@@ -31,6 +31,7 @@ from data_prep.errors import KilnError
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
+# Megatron-Core's `DType` enum (megatron/core/datasets/indexed_dataset.py): the code is the enum value.
 DTYPE_CODES = {
     1: np.uint8,
     2: np.int8,
@@ -38,11 +39,11 @@ DTYPE_CODES = {
     4: np.int32,
     5: np.int64,
     6: np.float64,
-    7: np.float64,
+    7: np.float32,
     8: np.uint16,
 }
-CODE_OF = {np.dtype(np.uint8): 1, np.dtype(np.int8): 2, np.dtype(np.int16): 3, np.dtype(np.int32): 4,
-           np.dtype(np.int64): 5, np.dtype(np.uint16): 8}
+# Token shards hold integers only; the float codes are readable but never written.
+CODE_OF = {np.dtype(t): code for code, t in DTYPE_CODES.items() if np.issubdtype(t, np.integer)}
 
 
 def dtype_for_vocab(vocab_size: int) -> np.dtype:

@@ -120,12 +120,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pattern", choices=["unstructured", "2:4"])
     p.add_argument("--out", required=True, metavar="DIR")
 
-    p = add("eval", cmd_eval, "Perplexity and bits per byte of a MODEL on prepared shards.",
-            "kiln eval models:/kiln-125m@int8 --data data/prepped --split val --max-tokens 1000000")
-    p.add_argument("model", metavar="MODEL")
-    p.add_argument("--data", required=True, metavar="DIR")
+    p = add("eval", cmd_eval, "Perplexity on prepared shards (--data) and lm-evaluation-harness tasks (--tasks) "
+            "of a MODEL; --compare prints a registered model's results across its aliases.",
+            "kiln eval models:/kiln-125m@int8 --data data/prepped --tasks kiln_pydoc,kiln_stdlib_mc --limit 100\n"
+            "  kiln eval --compare models:/kiln-125m")
+    p.add_argument("model", nargs="?", metavar="MODEL", help="MODEL dir, transformers dir or models:/ URI")
+    p.add_argument("--data", metavar="DIR", help="prep output: perplexity and bits/byte on its --split")
     p.add_argument("--split", default="val", choices=["train", "val"])
     p.add_argument("--max-tokens", type=int)
+    p.add_argument("--tasks", metavar="LIST", help="comma-separated lm-eval tasks (Kiln's offline ones: "
+                   "kiln_pydoc, kiln_stdlib_mc; any task of lm-eval's catalogue where its data can be had)")
+    p.add_argument("--include-path", action="append", default=[], metavar="DIR", help="more lm-eval task YAMLs (repeatable)")
+    p.add_argument("--limit", type=float, metavar="N", help="documents per task (a fraction when below 1)")
+    p.add_argument("--num-fewshot", type=int)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--compare", metavar="models:/NAME", help="print the recorded evals of every alias of NAME")
 
     p = add("generate", cmd_generate, "Generate text from a MODEL (greedy, temperature, top-k, top-p).",
             "kiln generate models:/kiln-125m@champion --prompt 'The tokenizer' --max-new-tokens 64 --top-p 0.9 --seed 0")
@@ -145,9 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alias")
 
     p = add("fetch", cmd_fetch, "Download a registered model into a MODEL dir and verify its checksums.",
-            "kiln fetch models:/kiln-125m@champion --out /tmp/champion")
+            "kiln fetch models:/kiln-125m@champion --out /tmp/champion --format hf")
     p.add_argument("uri", metavar="models:/NAME@ALIAS|models:/NAME/VERSION")
     p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--format", choices=["kiln", "hf"], default="kiln",
+                   help="kiln: the MODEL dir; hf: its transformers form (from_pretrained loads it)")
 
     p = add("lineage", cmd_lineage, "Print the chain model -> parents -> training run -> dataset -> prep run.",
             "kiln lineage models:/kiln-125m@int8 --json")

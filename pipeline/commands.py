@@ -123,8 +123,9 @@ def _post_table(title: str, summary: dict) -> None:
                      or (k == "registered" and v)})
 
 
-def _tracker(args, need_enabled: bool = False):
-    """A Tracker from `--config` (its tracking: section), `--set tracking.*=...` and `--tracking-uri`."""
+def _tracker(args, need_enabled: bool = False, must_exist: bool = False):
+    """A Tracker from `--config` (its tracking: section), `--set tracking.*=...` and `--tracking-uri`;
+    `must_exist`: a read-only command, which errors instead of creating a store."""
     from pipeline.config import TrackingConfig, apply_overrides, build, load_yaml
     from pipeline.tracking import Tracker
 
@@ -134,19 +135,59 @@ def _tracker(args, need_enabled: bool = False):
     data = (load_yaml(args.config).get("tracking") or {}) if args.config else {}
     data, origins = apply_overrides(data, [s[len("tracking."):] for s in args.set])
     cfg = build(TrackingConfig, data, args.config or "<defaults>", origins)
-    return Tracker(cfg, uri=args.tracking_uri)
+    return Tracker(cfg, uri=args.tracking_uri, must_exist=must_exist)
 
 
 def cmd_eval(args) -> dict:
     from pipeline.console import kv_table
-    from pipeline.evaluate import evaluate_model
 
+    if args.compare:
+        if args.model or args.data or args.tasks:
+            raise ConfigError("--compare models:/NAME takes no MODEL, --data or --tasks")
+        return _eval_compare(args)
+    if not args.model or not (args.data or args.tasks):
+        raise ConfigError("kiln eval MODEL --data DIR and/or --tasks LIST (or kiln eval --compare models:/NAME)")
     if args.max_tokens is not None and args.max_tokens < 1:
         raise ConfigError(f"--max-tokens {args.max_tokens}: must be at least 1")
-    result = evaluate_model(args.model, args.data, args.split, args.max_tokens, tracker=_tracker(args))
-    kv_table(f"kiln eval {args.model} on {args.data} ({args.split})",
-             {k: result[k] for k in ("tokens", "perplexity", "bits_per_token", "bits_per_byte", "tokens_per_s")})
+    tracker = _tracker(args, must_exist=str(args.model).startswith("models:/"))
+    result: dict = {"model": args.model}
+    if args.data:
+        from pipeline.evaluate import evaluate_model
+
+        result = evaluate_model(args.model, args.data, args.split, args.max_tokens, tracker=tracker)
+        kv_table(f"kiln eval {args.model} on {args.data} ({args.split})",
+                 {k: result[k] for k in ("tokens", "perplexity", "bits_per_token", "bits_per_byte", "tokens_per_s")})
+    if args.tasks:
+        result["lm_eval"] = _eval_tasks(args, tracker)
     return result
+
+
+def _eval_tasks(args, tracker) -> dict:
+    from pipeline.console import print_table
+    from pipeline.harness.run import run_tasks
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    local = tracker.materialize(args.model)
+    limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
+    result = run_tasks(local, tasks, args.include_path, limit, args.batch_size, num_fewshot=args.num_fewshot)
+    rows = [{"task": task, "metric": k, "value": v, "docs": result["datasets"][task]["docs"]}
+            for task, metrics in result["results"].items() for k, v in metrics.items()]
+    print_table(f"kiln eval {args.model}: lm-eval", rows, ["task", "metric", "value", "docs"])
+    params = {"tasks": ",".join(tasks), "limit": limit, "num_fewshot": args.num_fewshot}
+    result["tracking"] = tracker.attach_harness(str(args.model), str(local), result, params)
+    return result
+
+
+def _eval_compare(args) -> dict:
+    from pipeline.console import print_table
+
+    rows = _tracker(args, must_exist=True).eval_table(args.compare)
+    # one column per alias, one row per measurement: stays readable however many tasks were run
+    aliases = [row["alias"] for row in rows]
+    keys = list(dict.fromkeys(k for row in rows for k in row if k != "alias"))
+    table = [{"measurement": key, **{row["alias"]: row.get(key) for row in rows}} for key in keys]
+    print_table(f"kiln eval --compare {args.compare}", table, ["measurement", *aliases])
+    return {"name": args.compare, "rows": rows}
 
 
 def cmd_generate(args) -> dict:
@@ -155,7 +196,7 @@ def cmd_generate(args) -> dict:
 
     if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0 or args.repetition_penalty <= 0:
         raise ConfigError("--temperature >= 0, --top-k >= 0, 0 < --top-p <= 1 and --repetition-penalty > 0")
-    local = _tracker(args).materialize(args.model)
+    local = _tracker(args, must_exist=str(args.model).startswith("models:/")).materialize(args.model)
 
     def emit(text: str) -> None:
         sys.stdout.write(text)
@@ -181,13 +222,14 @@ def cmd_register(args) -> dict:
 def cmd_fetch(args) -> dict:
     from pipeline.console import log
 
-    result = _tracker(args).fetch(args.uri, args.out)
-    log.info("%s -> %s (checksums verified%s)", args.uri, result["out"], ", cached" if result["cached"] else "")
+    result = _tracker(args, must_exist=True).fetch(args.uri, args.out, args.format)
+    log.info("%s -> %s (%s form, checksums verified%s)", args.uri, result["out"], args.format,
+             ", cached" if result.get("cached") else "")
     return result
 
 
 def cmd_lineage(args) -> dict:
-    tree = _tracker(args).lineage(args.uri)
+    tree = _tracker(args, must_exist=True).lineage(args.uri)
     _print_lineage(tree)
     return tree
 

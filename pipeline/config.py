@@ -14,13 +14,12 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
-from pipeline.credentials import has_credentials
-
 # The errors and the prep schema live in data_prep (the bottom layer); re-exported for the rest of the code.
 from data_prep.config import BoilerplateConfig, DecontaminateConfig, MinHashConfig  # noqa: F401
 from data_prep.config import PrepConfig as _PrepSchema
 from data_prep.config import Strict as _Strict
 from data_prep.errors import MAX_ERROR_CHARS, ConfigError, KilnError, clip, first_line  # noqa: F401
+from pipeline.credentials import has_credentials
 
 MAX_YAML_BYTES = 1 << 20  # a config file or --set value
 MAX_YAML_VALUES = 100_000  # scalars + containers after alias expansion (a "billion laughs" stops here)

@@ -2,7 +2,8 @@
 
 corpus -> kiln prep (Ray, 2 workers) -> kiln train (2 processes, TP=2, DeepSpeed on gloo)
 -> kiln export (HF) -> kiln quantize (int8, gptq4) -> kiln distill (a 2-layer student)
--> registered in MLflow with aliases -> kiln fetch by alias -> eval table -> kiln generate.
+-> registered in MLflow with aliases (and their transformers forms) -> kiln fetch by alias -> eval table
+(perplexity + one lm-evaluation-harness task per alias, `kiln eval --compare`) -> kiln generate.
 
 Each stage is the real `kiln` command in a subprocess (its progress shows as it runs),
 all nested under one MLflow parent run; the eval table is computed here in one process.
@@ -26,6 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"
 NAME = "kiln-demo"
 PROMPTS = ["The tokenizer", "A list is", "Return the"]
+LM_EVAL_TASK = "kiln_stdlib_mc"  # pipeline/harness/tasks: multiple choice over the stdlib's docstrings
 
 
 class Demo:
@@ -121,7 +123,13 @@ def run_demo(out: str | Path = "demo_out", quick: bool = False) -> dict:
         table = demo.step("eval table", compare, fetched, out / "prep", 16 if quick else 64)
         for row in table:
             tracker.attach_eval(f"models:/{NAME}@{row['model']}", {k: row[k] for k in
-                                ("perplexity", "loss", "tokens_per_s") if row.get(k) is not None}, "val")
+                                ("perplexity", "loss", "tokens_per_s") if row.get(k) is not None}, "val", out / "prep")
+        for row in table:  # one lm-evaluation-harness task per model, as served (int8 on torchao, GPTQ codes)
+            res = demo.kiln(f"lm-eval @{row['model']}", "eval", f"models:/{NAME}@{row['model']}", "--tasks", LM_EVAL_TASK,
+                            *(["--limit", "24"] if quick else []), "--set", "tracking.experiment=kiln-demo")
+            row[LM_EVAL_TASK + ".acc"] = res["lm_eval"]["results"][LM_EVAL_TASK]["acc"]
+        demo.kiln("eval --compare", "eval", "--compare", f"models:/{NAME}")
+        demo.kiln("fetch @int8 --format hf", "fetch", f"models:/{NAME}@int8", "--format", "hf", "--out", "fetched-hf/int8")
         samples = []
         for i, prompt in enumerate(PROMPTS[: 1 if quick else 3]):
             gen = demo.kiln(f"generate {i + 1}", "generate", str(out / "fetched/champion"), "--prompt", prompt,
@@ -136,9 +144,12 @@ def run_demo(out: str | Path = "demo_out", quick: bool = False) -> dict:
         "ln_vocab": math.log(prepped["vocab_size"]), "eval": table, "samples": samples,
         "curves_png": str(out / "train" / "curves.png"),
         "mlflow_ui": f"mlflow ui --backend-store-uri sqlite:///{out / 'mlflow.db'} --host 127.0.0.1",
+        # MLflow 3.17's UI picks GenAI vs model-training view from the URL (else the browser's last choice)
+        "mlflow_ui_page": f"/#/experiments/{tracker.experiment_id()}?workflowType=machine_learning",
     }
     for prompt, text in zip(PROMPTS, samples, strict=False):
         console.print(f"[bold]{prompt}[/bold]{text}")
     console.print(f"[bold]done in {wall / 60:.1f} min[/bold]; loss curves: {summary['curves_png']}")
-    console.print(f"look at runs, datasets, models and lineage: [bold]{summary['mlflow_ui']}[/bold] (from {out})")
+    console.print(f"look at runs, datasets, models and lineage: [bold]{summary['mlflow_ui']}[/bold], then open "
+                  f"http://127.0.0.1:5000{summary['mlflow_ui_page']}")
     return summary

@@ -12,9 +12,7 @@ tensor). Only the Hugging Face format builds the whole model in memory. The HF m
 
 from __future__ import annotations
 
-import json
 import math
-import shutil
 from pathlib import Path
 
 import torch
@@ -162,18 +160,18 @@ def to_hf(state: dict[str, torch.Tensor], cfg: ModelConfig):
 
 def export(src: str | Path, out: str | Path, fmt: str = "safetensors") -> dict:
     source, verified = _resolve(src)  # for a run dir this already checksums the chosen checkpoint's weights
+    if fmt == "hf" and (source / CONFIG).is_file() and read_config(source).get("quantization"):
+        from pipeline.hf.model import export_model_dir  # int8 (torchao) / GPTQ layouts transformers reads
+
+        return {"source": str(source), **export_model_dir(source, out)}
     state, cfg, tok, meta = load_source(source, verified)
     out = Path(out)
     if fmt == "safetensors":
         save_model_dir(state, cfg, out, tokenizer=tok, meta=meta, as_float32=True)
     elif fmt == "hf":
-        model = to_hf(state.to_dict(), cfg)  # an explicit export: the one place the whole model is in memory
-        out.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(str(out), safe_serialization=True)
-        if tok:
-            shutil.copyfile(tok, out / TOKENIZER)
-        (out / "kiln_export.json").write_text(json.dumps({"model": cfg.model_dump(mode="json"), **meta}, indent=2,
-                                                         default=str) + "\n")
+        from pipeline.hf.model import save_hf  # weights + tokenizer.json checked against sentencepiece
+
+        save_hf(state.to_dict(), cfg, out, tok, meta)  # an explicit export: the one place the whole model is in memory
     else:
         raise KilnError(f"--format {fmt}: expected safetensors or hf")
     return {"source": str(source), "out": str(out), "format": fmt, "style": cfg.style,

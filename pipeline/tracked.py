@@ -25,6 +25,16 @@ def _register(run, model_dir: Path, stage: str, tracking: TrackingConfig, parent
     return run.log_model(model_dir, stage, parent=parent, register_as=tracking.register_as, alias=tracking.alias)
 
 
+def _log_stage_figures(run, summary: dict, curves: dict[str, list[str]]) -> None:
+    """Each curve (metric -> summary keys in order: before, ..., after) as one metric over steps 0, 1, ...,
+    and every other number of the summary as a metric at step 0: the run page shows what the stage did."""
+    for metric, keys in curves.items():
+        for step, key in enumerate(k for k in keys if summary.get(k) is not None):
+            run.log_metrics({metric: summary[key]}, step=step)
+    used = {k for keys in curves.values() for k in keys}
+    run.log_metrics({k: v for k, v in summary.items() if k not in used}, step=0)
+
+
 def prep(inputs: list[str], out: str, cfg: PrepConfig, uri: str | None = None, **ui) -> dict:
     from data_prep.runner import prep as run_prep
 
@@ -61,6 +71,9 @@ def quantize(model: str, cfg: QuantizeConfig, out: str, uri: str | None = None) 
         if cfg.calib:
             run.log_dataset(cfg.calib, split="train", context="calibration")
         summary = run_quantize(parent, cfg, out)
+        summary["size_mb"], summary["parent_size_mb"] = summary["size_bytes"] / 1e6, summary["parent_size_bytes"] / 1e6
+        _log_stage_figures(run, summary, {"perplexity": ["parent_perplexity", "perplexity"],
+                                          "size_mb": ["parent_size_mb", "size_mb"]})
         summary["registered"] = _register(run, Path(out), "quantized", cfg.tracking, parent=model)
     return summary
 
@@ -73,6 +86,9 @@ def distill(teacher: str, student_config: str, data: str, out: str, cfg: Distill
         parent = _materialize(tracker, teacher)
         run.log_dataset(data, split="train", context="distillation")
         summary = run_distill(parent, student_config, data, out, cfg)
+        if tracker.enabled and run.active and (Path(out) / "metrics.jsonl").exists():
+            tracker.sync(out)  # the distillation curves (loss, kl, ce, lr) the stage wrote to metrics.jsonl
+        _log_stage_figures(run, summary, {"val_loss": ["teacher_val_loss", "val_loss"]})
         if tracker.enabled:
             summary["registered"] = _register(run, Path(summary.get("model", out)), "distilled", cfg.tracking,
                                               parent=teacher)
@@ -86,5 +102,8 @@ def prune(model: str, cfg: PruneConfig, out: str, uri: str | None = None) -> dic
     with tracker.stage_run("prune", params=cfg, run_dir=out) as run:
         parent = _materialize(tracker, model)
         summary = run_prune(parent, cfg, out)
+        for step, loss in enumerate(summary.get("recovery_losses", []), 1):
+            run.log_metrics({"recovery_loss": loss}, step=step)
+        _log_stage_figures(run, summary, {"perplexity": ["parent_perplexity", "pruned_perplexity", "perplexity"]})
         summary["registered"] = _register(run, Path(out), "pruned", cfg.tracking, parent=model)
     return summary

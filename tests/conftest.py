@@ -29,3 +29,11 @@ def _isolated_tracking(tmp_path_factory):
     if "MLFLOW_TRACKING_URI" not in os.environ:
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db"
     yield
+
+
+@pytest.fixture(scope="session")
+def tiny_family(tmp_path_factory):
+    """A random llama MODEL dir with a real tokenizer, its int8 and GPTQ-4 forms (built once per session)."""
+    from tests.factories import tiny_model_family
+
+    return tiny_model_family(tmp_path_factory.mktemp("tiny-family"))

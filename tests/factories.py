@@ -94,3 +94,30 @@ def fake_corpus(
     }
     (directory / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return directory
+
+
+def tiny_model_family(root: Path, vocab_size: int = 1000) -> dict[str, Path]:
+    """A random llama-style MODEL dir with a real sentencepiece tokenizer (Kiln's settings, trained on
+    Python's docs), its int8 and GPTQ-4 quantizations, and the corpus they were calibrated on."""
+    import itertools
+
+    import torch
+
+    from data_prep.demo_corpus import _all_docs
+    from data_prep.tokenizer import train_tokenizer
+    from pipeline.config import ModelConfig, QuantizeConfig
+    from pipeline.model.gpt import GPT
+    from pipeline.model.io import save_model_dir
+    from pipeline.post.quantize import quantize
+
+    root.mkdir(parents=True, exist_ok=True)
+    tok = train_tokenizer([t for _, t in itertools.islice(_all_docs(), 300)], root / "tokenizer.model",
+                          vocab_size=vocab_size)
+    data = fake_corpus(root / "data", vocab_size=vocab_size, tokenizer=tok)
+    torch.manual_seed(0)
+    cfg = ModelConfig(style="llama", n_layer=2, n_head=4, n_embd=64, block_size=64, vocab_size=vocab_size)
+    save_model_dir(GPT(cfg), cfg, root / "plain", tokenizer=tok, meta={"kiln": {"stage": "pretrain"}})
+    quantize(root / "plain", QuantizeConfig(method="int8-weight", eval_windows=0), root / "int8")
+    quantize(root / "plain", QuantizeConfig(method="gptq4", calib=str(data), calib_samples=8, group_size=32,
+                                            eval_windows=0), root / "gptq4")
+    return {"plain": root / "plain", "int8": root / "int8", "gptq4": root / "gptq4", "data": data, "tokenizer": tok}

@@ -64,3 +64,27 @@ def test_reader_rejects_corruption(tmp_path):
 def test_dtype_rule():
     assert dtype_for_vocab(32000) == np.uint16
     assert dtype_for_vocab(65500) == np.int32
+
+
+# Megatron-Core's DType enum as its format description lists it (megatron/core/datasets/indexed_dataset.py),
+# written out here independently of data_prep.indexed.
+MEGATRON_DTYPE_TABLE = {1: "uint8", 2: "int8", 3: "int16", 4: "int32", 5: "int64", 6: "float64", 7: "float32",
+                        8: "uint16"}
+
+
+def test_dtype_codes_match_megatron():
+    from data_prep.indexed import CODE_OF, DTYPE_CODES
+
+    assert {code: np.dtype(t).name for code, t in DTYPE_CODES.items()} == MEGATRON_DTYPE_TABLE
+    assert {np.dtype(t).name: code for t, code in CODE_OF.items()} == {
+        name: code for code, name in MEGATRON_DTYPE_TABLE.items() if "int" in name}
+
+
+@pytest.mark.parametrize("code", sorted(MEGATRON_DTYPE_TABLE))
+def test_reader_reads_every_megatron_code(tmp_path, code):
+    """A shard written by hand with each code reads back with that dtype and those values."""
+    dtype = np.dtype(MEGATRON_DTYPE_TABLE[code])
+    docs = [[1, 2, 3], [4, 5]]
+    ds = IndexedDataset(hand_built(tmp_path, docs, dtype, code))
+    assert ds.dtype == dtype
+    assert [ds[i].tolist() for i in range(2)] == docs

@@ -1,4 +1,5 @@
-"""The MODEL directory every later stage reads: model.safetensors + config.json + tokenizer.model.
+"""The MODEL directory every later stage reads: model.safetensors + config.json + tokenizer.model
+(+ tokenizer.json / tokenizer_config.json, its transformers form, checked against it).
 
 Weights cross machines and people, so they are only ever stored as safetensors
 (never pickles). `SHA256SUMS` lets `kiln fetch` and loaders detect corruption.
@@ -178,6 +179,9 @@ def save_model_dir(
         (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if tokenizer:
             shutil.copyfile(tokenizer, tmp / TOKENIZER)
+            from pipeline.hf.tokenizer import write_hf_tokenizer  # tokenizer.json: what AutoTokenizer loads
+
+            write_hf_tokenizer(tmp / TOKENIZER, tmp, cfg.block_size, strict=False)
         write_sums(tmp, known)
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")

@@ -18,7 +18,6 @@ import torch.distributed as dist
 
 from pipeline.config import RunConfig, validate_world
 
-
 # Under NCCL the watchdog thread, not the training loop, sees a collective time out or a peer vanish; by
 # default it then kills the process (no Python frame, no message of ours). Mode 2 aborts the communicator
 # only: the next wait in the training loop raises, and `train` turns that into its one-line "lost peer"

@@ -94,8 +94,9 @@ def block_linears(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
 
 
 def size_on_disk(path: str | Path) -> int:
-    """Bytes of every file in a MODEL directory (weights, config, tokenizer, checksums)."""
-    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+    """Bytes of a MODEL directory's weights (its .safetensors files): what quantization and pruning change.
+    Config, tokenizer files and checksums are the same small overhead for every form of a model."""
+    return sum(p.stat().st_size for p in Path(path).rglob("*.safetensors") if p.is_file())
 
 
 def nonzero_params(model: torch.nn.Module) -> int:

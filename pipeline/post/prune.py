@@ -75,6 +75,7 @@ def prune(model_ref: str | Path, cfg: PruneConfig, out: str | Path) -> dict:
         losses = train_steps(model, cfg.data, cfg.recovery_steps, lr=cfg.lr, batch_size=cfg.micro_batch_size,
                              seed=cfg.seed, masks=masks)
         summary["recovery_final_loss"] = losses[-1]
+        summary["recovery_losses"] = [float(v) for v in losses]  # the recovery curve (tracking logs it)
         if cfg.eval_windows:
             summary["perplexity"] = evaluate_windows(model, cfg.data, cfg.eval_windows)["perplexity"]
     elif "pruned_perplexity" in summary:

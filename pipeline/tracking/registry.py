@@ -27,6 +27,8 @@ from mlflow.exceptions import MlflowException
 
 from pipeline.config import KilnError
 
+MODEL_VERSIONS_TAG = "mlflow.modelVersions"  # what mlflow.register_model itself sets on a LoggedModel
+
 if TYPE_CHECKING:
     from pipeline.tracking.tracker import Tracker
 
@@ -163,15 +165,28 @@ def add_version(tracker: Tracker, model_id: str, name: str, alias: str | None, r
                                 await_creation_for=0, model_id=model_id)
     if alias:
         c.set_registered_model_alias(name, alias, mv.version)
+    # the UI links a logged model to its versions through this tag (else it offers "Register model")
+    versions = json.loads(lm.tags.get(MODEL_VERSIONS_TAG) or "[]") + [{"name": name, "version": str(mv.version)}]
+    c.set_logged_model_tags(model_id, {MODEL_VERSIONS_TAG: json.dumps(versions)})
     return str(mv.version)
 
 
-def fetch(tracker: Tracker, uri: str, out: str | Path) -> dict:
+def fetch(tracker: Tracker, uri: str, out: str | Path, fmt: str = "kiln") -> dict:
+    """Download a registered MODEL dir and verify it (download_verified); fmt="hf": its transformers form
+    (pipeline/tracking/forms.py)."""
+    if fmt == "hf":
+        from pipeline.tracking.forms import fetch_hf
+
+        return fetch_hf(tracker, uri, out)
+    return download_verified(tracker, resolve(tracker, uri), out)
+
+
+def download_verified(tracker: Tracker, ref: ModelRef, out: str | Path) -> dict:
     """Download a registered MODEL dir (streamed), verify it, then move it into place. A directory
     already at `out` is used only when it verifies and its SHA256SUMS is the registered one."""
     from pipeline.model.io import FETCH_MARKER, SUMS, verify_sums
 
-    ref = resolve(tracker, uri)
+    uri = ref.uri
     out = Path(out)
     if (out / FETCH_MARKER).exists():
         verify_sums(out)

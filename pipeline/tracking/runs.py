@@ -9,7 +9,16 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mlflow.entities import Dataset, DatasetInput, InputTag, LoggedModelInput, Metric, Param, RunTag
+from mlflow.entities import (
+    Dataset,
+    DatasetInput,
+    InputTag,
+    LoggedModelInput,
+    LoggedModelOutput,
+    Metric,
+    Param,
+    RunTag,
+)
 
 from pipeline.config import flatten
 from pipeline.console import log
@@ -118,12 +127,19 @@ class StageRun:
             return
         profile = {"split": split, "tokens": corpus.manifest.get("tokens", {}).get(split),
                    "shards": len(corpus.shards(split))}
-        ds = Dataset(name=prep_dir.name, digest=corpus.digest[:32], source_type="local",
-                     source=json.dumps({"uri": str(prep_dir)}), profile=json.dumps(profile))
-        tags = [InputTag("mlflow.data.context", context), InputTag("kiln.data_digest", corpus.digest),
-                InputTag("kiln.split", split)]
-        self.safe(self.tracker.client.log_inputs, self.run_id, datasets=[DatasetInput(ds, tags)])
+        self.log_input_dataset(prep_dir.name, corpus.digest, {"uri": str(prep_dir)}, profile, context,
+                               {"kiln.data_digest": corpus.digest, "kiln.split": split})
         self.set_tags({"kiln.data_digest": ",".join(dict.fromkeys(self.data_digests))})
+
+    def log_input_dataset(self, name: str, digest: str, source: dict, profile: dict, context: str,
+                          tags: dict | None = None, source_type: str = "local") -> None:
+        """One dataset input of this run (MLflow shows the first 32 characters of the digest)."""
+        if not self.active:
+            return
+        ds = Dataset(name=name, digest=digest[:32], source_type=source_type, source=json.dumps(source),
+                     profile=json.dumps(profile))
+        input_tags = [InputTag("mlflow.data.context", context), *(InputTag(k, str(v)) for k, v in (tags or {}).items())]
+        self.safe(self.tracker.client.log_inputs, self.run_id, datasets=[DatasetInput(ds, input_tags)])
 
     def log_corpus_output(self, prep_dir: str | Path) -> None:
         """For `kiln prep`: mark this run as the producer of the corpus (lineage finds it by digest)."""
@@ -187,9 +203,18 @@ class StageRun:
         if self.safe(t.client.log_model_artifacts, lm.model_id, str(model_dir)) is None and self.broken:
             return None
         self.safe(t.client.finalize_logged_model, lm.model_id, "READY")
+        self.log_output_model(lm.model_id)
         info = {"model_id": lm.model_id, "name": None, "version": None, "uri": f"models:/{lm.model_id}"}
         if register_as and not self.broken:
             version = self.safe(add_version, t, lm.model_id, register_as, alias, self.run_id)
             if version:
                 info.update(name=register_as, version=version, uri=f"models:/{register_as}/{version}")
+                from pipeline.tracking.forms import log_hf_form
+
+                info["hf"] = log_hf_form(self, model_dir, info, all_tags, alias)
         return None if self.broken else info
+
+    def log_output_model(self, model_id: str) -> None:
+        """The run page lists the models it produced (MLflow 3 run outputs)."""
+        if self.active:
+            self.safe(self.tracker.client.log_outputs, self.run_id, [LoggedModelOutput(model_id, 0)])

@@ -18,7 +18,7 @@ from mlflow.exceptions import MlflowException
 
 from pipeline.config import KilnError, TrackingConfig
 from pipeline.credentials import redact
-from pipeline.tracking import lineage, registry, sync
+from pipeline.tracking import evals, lineage, registry, store, sync
 from pipeline.tracking.common import HTTP_DEFAULTS, PARENT_ENV, absolute_sqlite, one_line, resolve_uri
 from pipeline.tracking.registry import ModelRef
 from pipeline.tracking.runs import StageRun
@@ -27,10 +27,12 @@ from pipeline.tracking.runs import StageRun
 class Tracker:
     """Connection to one tracking server/database; a no-op when disabled or not rank 0."""
 
-    def __init__(self, cfg: TrackingConfig | None = None, uri: str | None = None, enabled: bool | None = None):
+    def __init__(self, cfg: TrackingConfig | None = None, uri: str | None = None, enabled: bool | None = None,
+                 must_exist: bool = False):
         self.cfg = cfg or TrackingConfig()
         self.connect_uri = absolute_sqlite(resolve_uri(self.cfg, uri))  # may hold user:password: never shown
         self.uri = redact(self.connect_uri)  # what errors, warnings, --json and run records say
+        self.must_exist = must_exist  # read-only commands: never create a store, say where they looked
         if enabled is None:
             enabled = self.cfg.enabled and os.environ.get("RANK", "0") == "0"
         self.enabled = enabled
@@ -46,20 +48,28 @@ class Tracker:
     @property
     def client(self) -> MlflowClient:
         if self._client is None:
+            if self.must_exist:
+                store.require_existing(self.uri)
             self._client = MlflowClient(tracking_uri=self.connect_uri, registry_uri=self.connect_uri)
         return self._client
 
     def experiment_id(self) -> str:
+        """The configured experiment, created (artifacts next to a sqlite store, opening in the UI's
+        model-training view) when missing."""
         if self._experiment_id is None:
             name = self.cfg.experiment
             exp = self.client.get_experiment_by_name(name)
             if exp is None:
                 try:
-                    self._experiment_id = self.client.create_experiment(name)
+                    self._experiment_id = self.client.create_experiment(
+                        name, artifact_location=store.artifact_root(self.uri), tags=store.EXPERIMENT_TAGS)
                 except MlflowException:  # created by a concurrent process
                     self._experiment_id = self.client.get_experiment_by_name(name).experiment_id
             else:
                 self._experiment_id = exp.experiment_id
+                for key, value in store.EXPERIMENT_TAGS.items():
+                    if key not in exp.tags:
+                        self.client.set_experiment_tag(self._experiment_id, key, value)
         return self._experiment_id
 
     def strict(self, what: str, fn, *args, **kwargs):
@@ -121,8 +131,8 @@ class Tracker:
                  stage: str | None = None, parent: str | None = None) -> dict:
         return registry.register(self, model_dir, name, alias, stage, parent)
 
-    def fetch(self, uri: str, out: str | Path) -> dict:
-        return registry.fetch(self, uri, out)
+    def fetch(self, uri: str, out: str | Path, fmt: str = "kiln") -> dict:
+        return registry.fetch(self, uri, out, fmt)
 
     def materialize(self, model: str | Path) -> Path:
         return registry.materialize(self, model)
@@ -130,6 +140,12 @@ class Tracker:
     def attach_eval(self, model: str | Path, metrics: dict[str, float], split: str,
                     data_dir: str | Path | None = None) -> dict | None:
         return registry.attach_eval(self, model, metrics, split, data_dir)
+
+    def attach_harness(self, model: str, local_dir: str, result: dict, params: dict) -> dict | None:
+        return evals.attach_harness(self, model, local_dir, result, params)
+
+    def eval_table(self, uri: str) -> list[dict]:
+        return evals.eval_table(self, uri)
 
     def lineage(self, uri: str) -> dict:
         return lineage.lineage(self, uri)

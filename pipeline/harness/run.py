@@ -1,0 +1,120 @@
+"""`kiln eval SRC --tasks LIST`: lm-evaluation-harness tasks on a Kiln MODEL or a transformers dir.
+
+Tasks are looked up in Kiln's own task directory (pipeline/harness/tasks: offline, built from
+text that ships with Python), then in `--include-path` dirs, then in lm-eval's catalogue (hub
+datasets: they need the network, or the datasets cache). A Kiln MODEL runs through KilnLM,
+i.e. exactly as Kiln serves it (int8 on torchao, GPTQ from its codes); a transformers dir
+(`kiln fetch --format hf`, `kiln export --format hf`) runs through lm-eval's own `hf` model.
+
+Each task reports its metrics and a dataset record: name, a digest over the documents actually
+scored (lm-eval's per-document hashes, in order) and their count, for MLflow's dataset inputs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from pipeline.config import ConfigError, KilnError
+
+TASKS_DIR = Path(__file__).with_name("tasks")
+
+
+def _import_lm_eval():
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError:
+        raise KilnError("kiln eval --tasks needs lm-evaluation-harness: pip install 'kiln-pretrain[eval]'") from None
+
+
+def task_manager(tasks: list[str], include_path: list[str] | None = None):
+    """Kiln's tasks and --include-path dirs first; lm-eval's own catalogue only when a task is not there
+    (indexing it costs seconds)."""
+    from lm_eval.tasks import TaskManager
+
+    paths = [str(TASKS_DIR), *(str(Path(p).resolve()) for p in include_path or [])]
+    for p in paths[1:]:
+        if not Path(p).is_dir():
+            raise ConfigError(f"--include-path {p}: not a directory")
+    manager = TaskManager(include_path=paths, include_defaults=False)
+    if not all(t in manager.all_tasks for t in tasks):
+        manager = TaskManager(include_path=paths)
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        raise ConfigError(f"--tasks: unknown task(s) {', '.join(unknown)} (not in {TASKS_DIR.name}/, "
+                          f"--include-path or lm-eval's catalogue)")
+    return manager
+
+
+def make_lm(model_dir: Path, batch_size: int, device: str):
+    """KilnLM for a Kiln MODEL dir, lm-eval's HFLM for a transformers dir."""
+    config = json.loads((model_dir / "config.json").read_text()) if (model_dir / "config.json").is_file() else {}
+    if "model_type" in config:
+        from lm_eval.models.huggingface import HFLM
+
+        return HFLM(pretrained=str(model_dir), device=device, batch_size=batch_size, trust_remote_code=False)
+    from pipeline.harness.lm import KilnLM
+    from pipeline.model.io import TOKENIZER, load_model_dir
+
+    if not (model_dir / TOKENIZER).is_file():
+        raise KilnError(f"{model_dir / TOKENIZER}: not found; lm-eval tasks need the model's tokenizer")
+    model, _ = load_model_dir(model_dir, device=device)
+    return KilnLM(model, model_dir / TOKENIZER, batch_size=batch_size, device=device)
+
+
+def flatten(results: dict) -> dict[str, dict[str, float]]:
+    """lm-eval's {task: {"acc,none": v, "acc_stderr,none": s, "alias": ...}} -> {task: {"acc": v, ...}}."""
+    out: dict[str, dict[str, float]] = {}
+    for task, metrics in results.items():
+        row = {}
+        for key, value in metrics.items():
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                continue
+            metric, _, filt = key.partition(",")
+            if metric == "sample_len":  # a count, not a measurement
+                continue
+            row[metric if filt in ("", "none") else f"{metric}.{filt}"] = float(value)
+        out[task] = row
+    return out
+
+
+def datasets(res: dict) -> dict[str, dict]:
+    """Per task: the documents scored, as a dataset record (digest over lm-eval's doc hashes)."""
+    out = {}
+    for task, samples in (res.get("samples") or {}).items():
+        h = hashlib.sha256()
+        for s in samples:
+            h.update(str(s.get("doc_hash") or json.dumps(s.get("doc"), sort_keys=True, default=str)).encode())
+        cfg = (res.get("configs") or {}).get(task, {})
+        source = cfg.get("dataset_path") or "custom"
+        out[task] = {"name": task, "digest": h.hexdigest(), "docs": len(samples), "source": str(source),
+                     "output_type": cfg.get("output_type")}
+    return out
+
+
+def run_tasks(model_dir: str | Path, tasks: list[str], include_path: list[str] | None = None,
+              limit: float | None = None, batch_size: int = 8, device: str | None = None,
+              num_fewshot: int | None = None) -> dict:
+    """{"results": {task: {metric: value}}, "datasets": {task: record}, "n_samples": {...}}."""
+    _import_lm_eval()
+    from lm_eval import simple_evaluate
+
+    if not tasks:
+        raise ConfigError("--tasks: give at least one task name")
+    if limit is not None and limit <= 0:
+        raise ConfigError(f"--limit {limit}: must be positive (a count, or a fraction below 1)")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if not logging.getLogger().isEnabledFor(logging.DEBUG):  # lm-eval narrates every task it builds
+        logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    manager = task_manager(tasks, include_path)
+    lm = make_lm(Path(model_dir), batch_size, device)
+    res = simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit, num_fewshot=num_fewshot,
+                          log_samples=True, bootstrap_iters=0, batch_size=batch_size)
+    if res is None:
+        raise KilnError("lm-eval returned no results")
+    return {"results": flatten(res["results"]), "datasets": datasets(res), "n_samples": res.get("n-samples", {}),
+            "versions": {k: str(v) for k, v in (res.get("versions") or {}).items()}}

@@ -1,0 +1,101 @@
+"""Any MODEL dir as a directory `transformers.AutoModelForCausalLM.from_pretrained` loads.
+
+    plain (trained, distilled, pruned)  -> LlamaForCausalLM / GPT2LMHeadModel safetensors (export.to_hf)
+    int8-weight / int8-dynamic          -> the same model quantized by transformers' torchao integration,
+                                           Kiln's int8 codes copied in bit for bit (hf/quantized.py)
+    gptq4 / rtn4                        -> the standard packed GPTQ layout (qweight/qzeros/scales/g_idx,
+                                           quantization_config quant_method gptq) (hf/quantized.py)
+
+Every form carries tokenizer.json + tokenizer_config.json checked against the model's sentencepiece
+tokenizer (on the built-in sample and, when the model's corpus is on disk, on its documents),
+kiln_export.json (Kiln's config and lineage) and SHA256SUMS (what `kiln fetch --format hf` verifies).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from pipeline.config import KilnError, ModelConfig
+from pipeline.hf.tokenizer import write_hf_tokenizer
+from pipeline.model.io import TOKENIZER, WEIGHTS, load_safetensors, read_config, verify_sums, write_sums
+
+HF_DIR = "hf"  # where a logged model keeps its transformers form, next to the Kiln MODEL dir
+EXPORT_META = "kiln_export.json"
+CORPUS_SAMPLE = 200  # documents of the model's corpus the tokenizer is checked on, when it is on disk
+
+
+def corpus_texts(meta: dict, n: int = CORPUS_SAMPLE) -> list[str]:
+    """Up to `n` validation (else training) documents of the corpus named in the lineage, as text."""
+    import sentencepiece as spm
+
+    from data_prep.indexed import IndexedDataset
+
+    paths = ((meta.get("kiln") or {}).get("train_config") or {}).get("data", {}).get("paths") or []
+    for data_dir in map(Path, paths):
+        manifest = data_dir / "manifest.json"
+        if not manifest.is_file():
+            continue
+        m = json.loads(manifest.read_text())
+        tok = data_dir / m["tokenizer"]["path"]
+        shards = sorted(m.get("shards", []), key=lambda s: s["split"] != "val")
+        if not tok.is_file() or not shards:
+            continue
+        sp = spm.SentencePieceProcessor(model_file=str(tok))
+        texts = []
+        for shard in shards:
+            ds = IndexedDataset(data_dir / shard["path"])
+            for i in range(min(len(ds), n - len(texts))):
+                texts.append(sp.decode([t for t in ds[i].tolist() if t != sp.eos_id()]))
+            if len(texts) >= n:
+                break
+        return texts
+    return []
+
+
+def finish(out: Path, cfg: ModelConfig, tokenizer: Path | None, meta: dict) -> dict:
+    """Tokenizer files (strictly checked), Kiln's metadata and checksums next to saved weights."""
+    checked = None
+    if tokenizer:
+        shutil.copyfile(tokenizer, out / TOKENIZER)
+        checked = write_hf_tokenizer(out / TOKENIZER, out, cfg.block_size, corpus_texts(meta))["checked_texts"]
+    (out / EXPORT_META).write_text(json.dumps({"model": cfg.model_dump(mode="json"), **meta}, indent=2,
+                                              default=str) + "\n")
+    write_sums(out)
+    return {"tokenizer_checked_texts": checked}
+
+
+def save_hf(state: dict[str, torch.Tensor], cfg: ModelConfig, out: str | Path, tokenizer: Path | None,
+            meta: dict) -> dict:
+    """Plain weights -> a transformers model dir."""
+    from pipeline.export import to_hf
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    to_hf(state, cfg).save_pretrained(str(out), safe_serialization=True)
+    return finish(out, cfg, tokenizer, meta)
+
+
+def export_model_dir(model_dir: str | Path, out: str | Path) -> dict:
+    """A MODEL dir of any kind (plain or quantized) -> its transformers form in `out`."""
+    from pipeline.hf import quantized
+
+    model_dir, out = Path(model_dir), Path(out)
+    verify_sums(model_dir)
+    config = read_config(model_dir)
+    cfg = ModelConfig.model_validate(config["model"])
+    tok = model_dir / TOKENIZER if (model_dir / TOKENIZER).is_file() else None
+    meta = {k: v for k, v in config.items() if k not in ("model", "format_version")}
+    method = (config.get("quantization") or {}).get("method")
+    if method is None:
+        info = save_hf(load_safetensors(model_dir / WEIGHTS), cfg, out, tok, meta)
+    elif method.startswith("int8"):
+        info = quantized.save_int8(model_dir, config, out) | finish(out, cfg, tok, meta)
+    elif method in ("gptq4", "rtn4"):
+        info = quantized.save_gptq(model_dir, config, out) | finish(out, cfg, tok, meta)
+    else:
+        raise KilnError(f"{model_dir / 'config.json'}: quantization method {method!r} has no transformers form")
+    return {"out": str(out), "format": "hf", "style": cfg.style, "quantization": method, **info}
