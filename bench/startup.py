@@ -41,10 +41,12 @@ def make_corpus(path: Path, tokens: int, shards: int = 8, vocab: int = 32000, do
                 for _ in range(count // n // doc):
                     w.add(rng.integers(3, vocab, size=doc, dtype=np.uint16))
             entries.append({"path": rel + ".bin", "split": split, **w.result})
-    (path / "tokenizer.model").write_bytes(b"stand-in")
+    stand_in = b"stand-in"  # never loaded before step 1; its sha256 is checked against the manifest
+    (path / "tokenizer.model").write_bytes(stand_in)
     manifest = {"version": 1, "inputs": [], "config": {"bench": True}, "counts": {},
                 "tokens": {s: sum(e["tokens"] for e in entries if e["split"] == s) for s in ("train", "val")},
-                "tokenizer": {"path": "tokenizer.model", "sha256": None, "vocab_size": vocab},
+                "tokenizer": {"path": "tokenizer.model", "sha256": hashlib.sha256(stand_in).hexdigest(),
+                              "vocab_size": vocab},
                 "shards": entries, "digest": hashlib.sha256("".join(e["sha256"] for e in entries).encode()).hexdigest()}
     (path / "manifest.json").write_text(json.dumps(manifest))
     return path

@@ -5,7 +5,7 @@ import struct
 import numpy as np
 import pytest
 
-from data_prep.indexed import IndexedDataset, IndexedWriter, dtype_for_vocab, shard_digest
+from data_prep.indexed import IndexedDataset, IndexedWriter, dtype_for_vocab, shard_digest, shard_fingerprint
 
 
 def hand_built(tmp_path, docs, dtype=np.uint16, code=8):
@@ -32,7 +32,9 @@ def test_writer_matches_hand_built_bytes(tmp_path, dtype, code):
             w.add(d)
     assert (tmp_path / "ours.idx").read_bytes() == (tmp_path / "hand.idx").read_bytes()
     assert (tmp_path / "ours.bin").read_bytes() == (tmp_path / "hand.bin").read_bytes()
-    assert w.result == {"documents": 3, "tokens": 9, "sha256": shard_digest(tmp_path / "ours")}
+    assert w.result == {"documents": 3, "tokens": 9, "sha256": shard_digest(tmp_path / "ours"),
+                        **shard_fingerprint(tmp_path / "ours")}
+    assert w.result["bin_bytes"] == 9 * np.dtype(dtype).itemsize
     ds = IndexedDataset(ref)
     assert len(ds) == 3 and ds.dtype == np.dtype(dtype) and ds.num_tokens == 9
     assert [list(ds[i]) for i in range(3)] == docs
