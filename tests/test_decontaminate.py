@@ -62,6 +62,7 @@ def test_thirteen_shared_words_remove_a_document_whatever_the_case_and_punctuati
     assert [d.removed for d in run(again, quoting, twelve)] == [out[0].removed, None]
 
 
+@pytest.mark.fault
 def test_bad_evaluation_files_are_one_line_errors(tmp_path):
     d = tmp_path / "bad"
     d.mkdir()

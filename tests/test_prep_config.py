@@ -13,6 +13,7 @@ from data_prep.steps import STEPS
 from pipeline.config import ConfigError, load_config
 
 
+@pytest.mark.fault
 @pytest.mark.parametrize("override,message", [
     ("filters=[c4,c5]", "filters.1: 'c5' is not one of langid,gopher_repetition,gopher_quality,c4,fineweb,pii"),
     ("filters={c4: false}", "filters: a list of step names now"),

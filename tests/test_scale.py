@@ -81,6 +81,7 @@ def _read_bytes() -> int:
     return int(dict(line.split(": ") for line in Path("/proc/self/io").read_text().splitlines())["rchar"])
 
 
+@pytest.mark.fault
 def test_start_up_checks_shards_without_reading_them(tmp_path):
     from data_prep.indexed import FINGERPRINT_BLOCK, FINGERPRINT_BLOCKS
 
@@ -93,6 +94,7 @@ def test_start_up_checks_shards_without_reading_them(tmp_path):
     assert _read_bytes() - before < sampled + 100_000  # the sampled blocks and the manifest, not the shards
 
 
+@pytest.mark.fault
 def test_fast_check_refuses_truncated_and_changed_shards_full_check_sees_every_byte(tmp_path):
     from data_prep.indexed import FINGERPRINT_BLOCK, FINGERPRINT_BLOCKS
 
@@ -152,6 +154,7 @@ def test_shipped_configs_validate_on_a_million_tokens(config, world):
     assert t.eval_every > 0 and batches * t.micro_batch_size * layout.dp * cfg.model.block_size >= 1_000_000
 
 
+@pytest.mark.fault
 def test_train_refuses_a_vanishing_validation_in_one_line(tmp_path):
     corpus = fake_corpus(tmp_path / "c")
     res = subprocess.run(kiln_train_cmd(tmp_path / "run", f"data.paths=[{corpus}]", "train.eval_every=5",
@@ -201,6 +204,7 @@ def test_tp_attention_dropout_stream_differs_per_rank_and_replays_under_checkpoi
 # --------------------------------------------------------------------------- lost peer under NCCL
 
 
+@pytest.mark.fault
 @pytest.mark.parametrize("text", [
     "[Rank 3] Watchdog caught collective operation timeout: WorkNCCL(SeqNum=12, OpType=ALLREDUCE) ran for 1800042 ms",
     "NCCL communicator was aborted on rank 5.",

@@ -156,9 +156,8 @@ def test_2_a_manifest_cannot_pull_a_file_into_an_export(tmp_path, capsys):
 # --------------------------------------------------------------------------- 3. decompression bombs
 
 WORDS = "river stone bridge market harbour lantern garden window winter summer baker kettle".split()
-PREP_LIGHT = ["--vocab-size", "300", "--no-dedup", "--set", "filters.langid=false", "--set",
-              "filters.gopher_quality=false", "--set", "filters.gopher_repetition=false", "--set", "filters.c4=false",
-              "--set", "filters.fineweb=false", "--set", "tracking.enabled=false"]
+PREP_LIGHT = ["--vocab-size", "300", "--no-dedup", "--set", "filters=[]", "--set", "boilerplate.enabled=false",
+              "--set", "tracking.enabled=false"]
 
 
 def raw_corpus(directory: Path, n: int = 30) -> Path:
