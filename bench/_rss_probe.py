@@ -19,7 +19,7 @@ import sys  # noqa: E402
 import threading  # noqa: E402
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
-STATE = {"phase": "start", "peak": {}, "seconds": {}, "local_params": None, "first_step_s": None}
+STATE = {"phases": ["start"], "peak": {}, "seconds": {}, "local_params": None, "first_step_s": None}
 
 
 def rss() -> int:
@@ -29,9 +29,10 @@ def rss() -> int:
 
 def sample() -> None:
     while True:
-        value, phase = rss(), STATE["phase"]
-        if value > STATE["peak"].get(phase, 0):
-            STATE["peak"][phase] = value
+        value = rss()
+        for phase in STATE["phases"][1:] or ["start"]:  # a nested phase (build inside init) counts for both
+            if value > STATE["peak"].get(phase, 0):
+                STATE["peak"][phase] = value
         time.sleep(0.002)
 
 
@@ -39,7 +40,7 @@ def phase(name: str, fn):
     """Wrap fn so that, while it runs, samples count towards `name` (and its wall time is added)."""
 
     def wrapped(*args, **kwargs):
-        before, STATE["phase"] = STATE["phase"], name
+        STATE["phases"].append(name)
         STATE["peak"][name] = max(STATE["peak"].get(name, 0), rss())
         t0 = time.perf_counter()
         try:
@@ -47,7 +48,7 @@ def phase(name: str, fn):
         finally:
             STATE["seconds"][name] = STATE["seconds"].get(name, 0.0) + time.perf_counter() - t0
             STATE["peak"][name] = max(STATE["peak"][name], rss())
-            STATE["phase"] = before
+            STATE["phases"].pop()
 
     return wrapped
 
@@ -65,6 +66,11 @@ def install() -> None:
             STATE["local_params"] = sum(getattr(p, "ds_tensor", p).numel() for p in self.engine.module.parameters())
 
     engine.Engine.__init__ = phase("init", engine_init)
+    if hasattr(engine, "build_gpt"):  # the model alone, before DeepSpeed's optimizer state
+        import pipeline.parallel.pipeline_module as pipe
+
+        engine.build_gpt = phase("build", engine.build_gpt)
+        pipe.build_pipeline_module = phase("build", pipe.build_pipeline_module)
     step = phase("step", engine.Engine.train_step)
 
     def train_step(self, *args, **kwargs):

@@ -77,7 +77,7 @@ def report(case: str, width: str, ranks: list[dict], base: list[dict]) -> None:
                 "checkpoint_s_per_gb": round(r["seconds"].get("checkpoint", 0) / (r["checkpoint_bytes"] / 1e9), 2),
                 "checkpoint_gb": round(r["checkpoint_bytes"] / 1e9, 2)}
         worst = 0.0
-        for phase in ("init", "step", "checkpoint", "model_dir"):
+        for phase in ("build", "init", "step", "checkpoint", "model_dir"):
             if phase in r["peak_bytes"]:
                 above = r["peak_bytes"][phase] - b["peak_bytes"].get(phase, b["peak_bytes"]["start"])
                 line[f"{phase}_above_baseline_gib"] = round(above / GIB, 3)
