@@ -54,6 +54,7 @@ def make_corpus(path: Path, tokens: int, shards: int = 8, vocab: int = 32000, do
 
 def first_step(corpus: Path, work: Path, name: str, code: Path) -> list[float]:
     out = work / name
+    subprocess.run(["rm", "-rf", "--", str(out)], check=False)  # a fresh run each time, never a resume
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(code)}
     probe = work / f"{name}.probe"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(ROOT / "bench/_rss_probe.py"),
