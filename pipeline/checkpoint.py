@@ -34,6 +34,7 @@ from pipeline.config import KilnError, first_line
 from pipeline.console import log
 from pipeline.model.io import SUMS, check_sums, read_sums, write_sums
 from pipeline.model.weights import SHARDS_DIR, WEIGHTS, Weights, open_weights
+from pipeline.parallel.topology import raise_first
 from pipeline.provenance import git_commit
 
 STATE = "kiln_state.json"
@@ -183,12 +184,7 @@ def verify(path: str | Path, only=None, collective: bool = False) -> None:
         check_sums(path, _my_share(path, entries, rank, world))
     except (KilnError, OSError, ValueError) as err:
         problem = first_line(err)
-    if world > 1:
-        problems = [None] * world
-        dist.all_gather_object(problems, problem)
-        problem = next((p for p in problems if p), None)
-    if problem:
-        raise KilnError(problem)
+    raise_first(problem, world)
 
 
 def newest_complete(root: str | Path, only=None, collective: bool = False) -> Path | None:

@@ -131,6 +131,13 @@ def test_sample_order_is_a_permutation_without_materializing_it():
 # --------------------------------------------------------------------------- validation cannot vanish
 
 
+def _kiln_train(tmp_path, *sets: str) -> subprocess.CompletedProcess:
+    """`kiln train` on a fake corpus into tmp_path/run, as a user runs it."""
+    corpus = fake_corpus(tmp_path / "c")
+    return subprocess.run(kiln_train_cmd(tmp_path / "run", f"data.paths=[{corpus}]", *sets), env=TRAIN_ENV, cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+
+
 def _stub(val_windows: int, requested: int | None = None):
     return SimpleNamespace(val=[None] * val_windows, val_available=val_windows,
                            val_requested=requested or val_windows)
@@ -156,10 +163,7 @@ def test_shipped_configs_validate_on_a_million_tokens(config, world):
 
 @pytest.mark.fault
 def test_train_refuses_a_vanishing_validation_in_one_line(tmp_path):
-    corpus = fake_corpus(tmp_path / "c")
-    res = subprocess.run(kiln_train_cmd(tmp_path / "run", f"data.paths=[{corpus}]", "train.eval_every=5",
-                                        "data.val_tokens=64"), env=TRAIN_ENV, cwd=ROOT, capture_output=True,
-                         text=True, timeout=300)
+    res = _kiln_train(tmp_path, "train.eval_every=5", "data.val_tokens=64")
     assert res.returncode == 2, res.stderr[-2000:]
     errors = [ln for ln in res.stderr.splitlines() if "error:" in ln]
     assert len(errors) == 1 and "data.val_tokens: validation holds 1 windows" in errors[0]
@@ -225,10 +229,7 @@ def test_nccl_error_handling_raises_instead_of_aborting():
 @pytest.mark.slow
 def test_checkpoint_files_are_hashed_by_their_writers(tmp_path):
     """SHA256SUMS lists every file of a checkpoint, weight slices included, and each digest is right."""
-    corpus = fake_corpus(tmp_path / "c")
-    res = subprocess.run(kiln_train_cmd(tmp_path / "run", f"data.paths=[{corpus}]", "train.steps=2",
-                                        "checkpoint.every=2"), env=TRAIN_ENV, cwd=ROOT, capture_output=True,
-                         text=True, timeout=300)
+    res = _kiln_train(tmp_path, "train.steps=2", "checkpoint.every=2")
     assert res.returncode == 0, res.stderr[-2000:]
     step = tmp_path / "run/checkpoints/step_0000002"
     listed = dict(reversed(line.split("  ", 1)) for line in (step / "SHA256SUMS").read_text().splitlines())

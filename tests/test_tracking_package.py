@@ -31,8 +31,6 @@ def test_cli_and_checkpoint_start_without_mlflow(root):
 def test_checkpoints_and_run_tags_record_the_same_commit(root, tmp_path, monkeypatch):
     """A real checkpoint save and the MLflow system tags both record Kiln's own HEAD, also when the
     process runs elsewhere (the commit is the code's, not the working directory's)."""
-    import torch
-
     monkeypatch.delenv("KILN_GIT_COMMIT", raising=False)
     monkeypatch.chdir(tmp_path)
     head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,

@@ -22,6 +22,7 @@ import torch
 
 from pipeline.config import ConfigError, DataConfig, KilnError
 from pipeline.data.corpus import PreparedCorpus, Windows
+from pipeline.parallel.topology import raise_first
 
 CHUNK = 4096
 _M64 = (1 << 64) - 1
@@ -177,14 +178,7 @@ class TrainData:
                 c.verify_full(rank, world)
         except KilnError as err:
             problem = str(err)
-        if world > 1:
-            import torch.distributed as dist
-
-            found = [None] * world
-            dist.all_gather_object(found, problem)
-            problem = next((p for p in found if p), None)
-        if problem:
-            raise KilnError(problem)
+        raise_first(problem, world)
 
     @property
     def digests(self) -> list[str]:

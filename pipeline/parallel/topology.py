@@ -16,13 +16,24 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from pipeline.config import RunConfig, validate_world
+from pipeline.config import KilnError, RunConfig, validate_world
 
 # Under NCCL the watchdog thread, not the training loop, sees a collective time out or a peer vanish; by
 # default it then kills the process (no Python frame, no message of ours). Mode 2 aborts the communicator
 # only: the next wait in the training loop raises, and `train` turns that into its one-line "lost peer"
 # message naming this rank, as on gloo. (Only the gloo path can be exercised on a CPU machine.)
 NCCL_ENV = {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "2"}
+
+
+def raise_first(problem: str | None, world: int) -> None:
+    """Collective when world > 1: every rank passes what it found wrong (or None) and every rank raises
+    KilnError with the first problem any rank found, so all stop with the same one line."""
+    if world > 1:
+        found: list = [None] * world
+        dist.all_gather_object(found, problem)
+        problem = next((p for p in found if p), None)
+    if problem:
+        raise KilnError(problem)
 
 
 def init_distributed(timeout_s: float = 1800) -> None:
