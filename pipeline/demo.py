@@ -124,7 +124,8 @@ def run_demo(out: str | Path = "demo_out", quick: bool = False) -> dict:
         for row in table:
             tracker.attach_eval(f"models:/{NAME}@{row['model']}", {k: row[k] for k in
                                 ("perplexity", "loss", "tokens_per_s") if row.get(k) is not None}, "val", out / "prep")
-        for row in table:  # one lm-evaluation-harness task per model, as served (int8 on torchao, GPTQ codes)
+        # one lm-evaluation-harness task per model, as served (int8 on torchao, GPTQ codes); quick: int8 only
+        for row in (r for r in table if not quick or r["model"] == "int8"):
             res = demo.kiln(f"lm-eval @{row['model']}", "eval", f"models:/{NAME}@{row['model']}", "--tasks", LM_EVAL_TASK,
                             *(["--limit", "24"] if quick else []), "--set", "tracking.experiment=kiln-demo")
             row[LM_EVAL_TASK + ".acc"] = res["lm_eval"]["results"][LM_EVAL_TASK]["acc"]

@@ -32,7 +32,8 @@ def test_quick_demo_end_to_end(tmp_path):
         assert (out / "fetched" / alias / "SHA256SUMS").exists()
     assert (out / "export-hf" / "config.json").exists()
     assert "made from" in res.stderr and "dataset prep digest" in res.stderr  # the lineage tree reached the corpus
-    assert {row["model"]: 0 <= row["kiln_stdlib_mc.acc"] <= 1 for row in summary["eval"]}  # lm-eval column
+    scored = {row["model"]: row.get("kiln_stdlib_mc.acc") for row in summary["eval"]}  # the quick demo: int8 only
+    assert 0 <= scored.pop("int8") <= 1 and set(scored.values()) == {None}, scored
     assert "kiln eval --compare models:/kiln-demo" in res.stderr
     assert json.loads((out / "fetched-hf/int8/config.json").read_text())["quantization_config"]["quant_method"] == "torchao"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "demo"]  # everything under --out: no ./mlruns

@@ -8,6 +8,7 @@ DeepSpeed wants for ZeRO and checkpoint file names.
 
 from __future__ import annotations
 
+import importlib
 import os
 import socket
 from dataclasses import dataclass
@@ -63,6 +64,12 @@ def init_distributed(timeout_s: float = 1800) -> None:
         if loopback:
             os.environ.update(GLOO_SOCKET_IFNAME=loopback, NCCL_SOCKET_IFNAME=loopback)
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    if backend == "gloo":  # DeepSpeed would JIT-compile a C++ shared-memory op that only its CPU *inference*
+        # all-reduce uses: minutes and a compiler on a fresh machine. (`deepspeed.comm.torch` as an attribute
+        # is the torch package itself, hence importlib.)
+        ds_comm = importlib.import_module("deepspeed.comm.torch")
+        if hasattr(ds_comm, "build_shm_op"):
+            ds_comm.build_shm_op = lambda: None
     deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=timeout)
 
 
