@@ -25,10 +25,10 @@ from pipeline.model.io import CONFIG, TOKENIZER, read_config, save_model_dir, ve
 from pipeline.model.weights import Weights
 
 
-def resolve_source(src: str | Path, only=weights_only, collective: bool = False) -> Path:
+def resolve_source(src: str | Path) -> Path:
     """A MODEL dir, a checkpoint dir, a `checkpoints/latest` pointer, a checkpoints/ dir or a run dir.
-    For a run dir: the newest checkpoint whose weights (`only`) verify, as a resume would choose."""
-    return _resolve(src, only, collective)[0]
+    For a run dir: the newest checkpoint whose weights verify, as a resume would choose."""
+    return _resolve(src)[0]
 
 
 def resolve_verified(src: str | Path, only=weights_only, collective: bool = False) -> Path:
