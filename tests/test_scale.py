@@ -242,3 +242,40 @@ def test_checkpoint_files_are_hashed_by_their_writers(tmp_path):
     assert np.isfinite(json.loads(res.stdout.strip().splitlines()[-1])["loss"])
     # DeepSpeed's CPU shared-memory op (inference all-reduce only) is never JIT-compiled for training
     assert not (tmp_path / "torch_extensions").exists()
+
+
+_MASTER_PROBE = """
+import torch
+from deepspeed.utils import safe_get_full_fp32_param
+from pipeline.config import load_config
+from pipeline.parallel.engine import Engine
+from pipeline.parallel.topology import init_distributed, make_layout
+
+cfg = load_config("train", TINY, ["parallel.zero_stage=1", "train.precision=fp32", "train.weight_decay=0.1",
+                                    "model.vocab_size=256"])
+init_distributed()
+engine = Engine(cfg, make_layout(cfg))
+opt = engine.engine.optimizer
+assert engine.optimizer.defaults["fused"], "AdamW is not fused"
+for own, master in zip(opt.bit16_groups_flat, opt.single_partition_of_fp32_groups, strict=True):
+    assert master.data_ptr() == own.data_ptr(), "the fp32 master is a copy of the fp32 weights"
+params = dict(engine.engine.module.named_parameters())
+before = {n: p.detach().clone() for n, p in params.items()}
+x = torch.randint(0, cfg.model.vocab_size, (cfg.train.micro_batch_size, cfg.model.block_size))
+engine.train_step([(x, x)] * engine.accum)
+for n, p in params.items():
+    assert not torch.equal(p, before[n]), f"{n} did not move"
+    assert torch.equal(safe_get_full_fp32_param(p), p), f"{n}: DeepSpeed's fragment map points at a stale copy"
+print("ok")
+"""
+
+
+@pytest.mark.slow
+def test_fp32_zero1_keeps_no_second_copy_of_the_weights():
+    """At fp32 the optimizer's master partition is the weights' own storage (4 bytes a parameter saved), the
+    step still moves every weight, and DeepSpeed's own fragment view reads the live value."""
+    from tests.factories import ROOT, TINY_TRAIN
+
+    script = f"TINY = {str(TINY_TRAIN)!r}\n" + _MASTER_PROBE
+    res = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=TRAIN_ENV, capture_output=True, text=True)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]

@@ -6,9 +6,11 @@ the boundary). PP > 1: a `PipelineModule` and `engine.train_batch` (1F1B).
 Either way the model is materialized in place, this rank's slice only, already
 on its device and in its training dtype (materialize.py); under ZeRO-3 each
 parameter is partitioned as soon as it exists.
-The optimizer is torch's AdamW in both (works on CPU and GPU, and its state
-restores bit for bit); the learning rate is set by Kiln every step, so the
-schedule is a pure function of the step number.
+The optimizer is torch's fused AdamW in both (one kernel over the whole flat
+partition, no full-size temporaries; CPU and GPU; its state restores bit for
+bit); the learning rate is set by Kiln every step, so the schedule is a pure
+function of the step number. At fp32, ZeRO-1/2's "fp32 master" partition is
+the weights' own partition, not a clone (share_fp32_master).
 
 `save` writes DeepSpeed's state and this rank's slice of the plain weights, and
 returns the sha256 of every file this rank wrote, computed while writing.
@@ -93,6 +95,27 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def share_fp32_master(optimizer) -> bool:
+    """ZeRO-1/2 clones this rank's partition of the flat weights as the optimizer's master copy. When the
+    weights are already fp32 (and not offloaded) the clone is a pure duplicate, 4 bytes a parameter: point
+    the master at the partition itself (DeepSpeed's after-step copy master -> weights becomes a no-op) and
+    relink DeepSpeed's fragment maps to it. Returns whether it did."""
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    if not isinstance(optimizer, DeepSpeedZeroOptimizer) or optimizer.cpu_offload:
+        return False
+    masters = optimizer.single_partition_of_fp32_groups
+    for i, master in enumerate(masters):
+        own = optimizer.parallel_partitioned_bit16_groups[i][dist.get_rank(group=optimizer.real_dp_process_group[i])]
+        if own.dtype != master.dtype or own.device != master.device or own.shape != master.shape:
+            return False
+    for i, master in enumerate(masters):
+        own = optimizer.parallel_partitioned_bit16_groups[i][dist.get_rank(group=optimizer.real_dp_process_group[i])]
+        master.data = own.data
+    optimizer._link_all_hp_params()
+    return True
+
+
 def _grad_norm_and_clip(engine, max_norm: float, layout: Layout) -> float:
     """Global grad norm, each parameter counted once across TP and pipeline replicas; clips in place."""
     params = [p for p in engine.module.parameters() if p.grad is not None]
@@ -133,10 +156,11 @@ class Engine:
                                             mpu=layout.grid, dtype=dtype)
             model = build_gpt(cfg.model, t.seed, layout, cfg, device, dtype, source, zero3)
         self.optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2),
-                                           eps=1e-8)
+                                           eps=1e-8, fused=True)
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=self.optimizer, config=config, mpu=None if self.pipe else layout.grid,
         )
+        share_fp32_master(self.engine.optimizer)
         self.grad_norm: float | None = None
         if not self.pipe and cfg.parallel.zero_stage == 0 and layout.dp == 1:
             self.engine.enable_backward_allreduce = False  # nothing to average: skip flatten/copy/unflatten
