@@ -8,8 +8,9 @@ errors into that line and adds the cross-field rules (parallel layout).
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
@@ -28,9 +29,16 @@ MAX_YAML_VALUES = 100_000  # scalars + containers after alias expansion (a "bill
 
 
 class ModelConfig(_Strict):
+    """The model's shape and init. Every field is a shape field (checked on resume, copied into exports)
+    unless listed in NOT_SHAPE; sizes the layers use (head_dim, kv_heads, mlp_width) are derived here."""
+
+    NOT_SHAPE: ClassVar[frozenset[str]] = frozenset({"dropout", "init_std"})
+    RESOLVED: ClassVar[dict[str, str]] = {"n_kv_heads": "kv_heads", "ffn_hidden": "mlp_width"}  # default derived
+
     style: Literal["llama", "gpt2"] = "llama"
     n_layer: int = Field(12, ge=1)
     n_head: int = Field(12, ge=1)
+    n_kv_heads: int | None = Field(None, ge=1, description="key/value heads (grouped-query attention); default n_head")
     n_embd: int = Field(768, ge=8)
     block_size: int = Field(1024, ge=8)
     vocab_size: int | None = Field(None, ge=8, description="default: taken from the tokenizer")
@@ -45,7 +53,34 @@ class ModelConfig(_Strict):
     def _heads_divide_width(self) -> ModelConfig:
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
+        if self.n_head % self.kv_heads:
+            raise ValueError(f"model.n_kv_heads: {self.kv_heads} does not divide model.n_head {self.n_head}")
         return self
+
+    def resolved(self) -> dict[str, Any]:
+        """Every field with derived defaults filled in (n_kv_heads None -> n_head, ...)."""
+        return {k: getattr(self, self.RESOLVED.get(k, k)) for k in type(self).model_fields}
+
+    def shape(self) -> dict[str, Any]:
+        """The resolved fields that decide the weights and the function (what a resume must keep)."""
+        return {k: v for k, v in self.resolved().items() if k not in self.NOT_SHAPE}
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_head
+
+    @property
+    def mlp_width(self) -> int:
+        """4d for GPT-2; for SwiGLU 8d/3 (same FLOPs as 4d GELU), rounded up to 64; or ffn_hidden."""
+        if self.ffn_hidden:
+            return self.ffn_hidden
+        if self.style == "gpt2":
+            return 4 * self.n_embd
+        return 64 * math.ceil(8 * self.n_embd / 3 / 64)
 
 
 class ParallelConfig(_Strict):
@@ -139,8 +174,9 @@ class RunConfig(_Strict):
     @model_validator(mode="after")
     def _layout_fits_model(self) -> RunConfig:
         p, m = self.parallel, self.model
-        if m.n_head % p.tp:
-            raise ValueError(f"parallel.tp: {p.tp} does not divide model.n_head {m.n_head}")
+        if m.n_head % p.tp or m.kv_heads % p.tp:
+            raise ValueError(f"parallel.tp: {p.tp} does not divide model.n_head {m.n_head} and model.n_kv_heads "
+                             f"{m.kv_heads} (each rank holds whole heads)")
         if p.pp > 1 and m.n_layer % p.pp:
             raise ValueError(f"parallel.pp: {p.pp} does not divide model.n_layer {m.n_layer}")
         if p.pp > 1 and p.zero_stage >= 2:

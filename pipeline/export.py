@@ -5,7 +5,8 @@ recorded (checkpoint.py), so export never needs the layout they were trained wit
 it reassembles one tensor at a time and streams it out (peak memory: the largest
 tensor). Only the Hugging Face format builds the whole model in memory. The HF mapping:
 
-    llama -> LlamaForCausalLM: same rotary layout ("rotate half"), so weights copy 1:1
+    llama -> LlamaForCausalLM: same rotary layout ("rotate half"), so weights copy 1:1;
+             grouped-query attention as num_key_value_heads
     gpt2  -> GPT2LMHeadModel: Conv1D stores (in, out), so every matrix is transposed,
              and q/k/v are fused into c_attn
 """
@@ -20,7 +21,6 @@ import torch
 from pipeline.checkpoint import LATEST, STATE, load_weights, newest_complete, read_state, verify, weights_only
 from pipeline.config import KilnError, ModelConfig
 from pipeline.data.corpus import PreparedCorpus
-from pipeline.model.flops import ffn_hidden
 from pipeline.model.io import CONFIG, TOKENIZER, read_config, save_model_dir, verify_sums
 from pipeline.model.weights import Weights
 
@@ -88,26 +88,40 @@ def load_source(src: str | Path, verified: bool = False) -> tuple[Weights, Model
 # --------------------------------------------------------------------------- Hugging Face
 
 
+# Every ModelConfig field, per style: the transformers config key its resolved value becomes, or None where
+# the format has no such knob. A new ModelConfig field is refused by export
+# until it is placed here (tests/test_export.py holds that).
+HF_KEYS = {
+    "llama": {"style": None, "n_layer": "num_hidden_layers", "n_head": "num_attention_heads",
+              "n_kv_heads": "num_key_value_heads", "n_embd": "hidden_size", "block_size": "max_position_embeddings",
+              "vocab_size": "vocab_size", "tie_embeddings": "tie_word_embeddings", "dropout": None,
+              "ffn_hidden": "intermediate_size", "rope_theta": "rope_theta", "norm_eps": "rms_norm_eps",
+              "init_std": "initializer_range"},
+    "gpt2": {"style": None, "n_layer": "n_layer", "n_head": "n_head", "n_kv_heads": None, "n_embd": "n_embd",
+             "block_size": "n_positions", "vocab_size": "vocab_size", "tie_embeddings": "tie_word_embeddings",
+             "dropout": None, "ffn_hidden": "n_inner", "rope_theta": None, "norm_eps": "layer_norm_epsilon",
+             "init_std": "initializer_range"},
+}
+
+
 def _hf_config(cfg: ModelConfig):
     import inspect
 
     from transformers import GPT2Config, LlamaConfig
 
+    keys = HF_KEYS[cfg.style]
+    unplaced = sorted(set(type(cfg).model_fields) - set(keys))
+    if unplaced:
+        raise KilnError(f"export to transformers does not know model.{unplaced[0]} yet (pipeline/export.py HF_KEYS)")
+    if cfg.kv_heads != cfg.n_head and keys["n_kv_heads"] is None:
+        raise KilnError(f"model.n_kv_heads {cfg.kv_heads}: the {cfg.style} format has no grouped-query attention")
+    kw = {keys[k]: v for k, v in cfg.resolved().items() if keys[k] is not None}
     if cfg.style == "llama":
-        kw = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd, intermediate_size=ffn_hidden(cfg),
-                  num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_head,
-                  max_position_embeddings=cfg.block_size, rms_norm_eps=cfg.norm_eps, hidden_act="silu",
-                  tie_word_embeddings=cfg.tie_embeddings, attention_bias=False, mlp_bias=False,
-                  initializer_range=cfg.init_std)
+        kw.update(hidden_act="silu", attention_bias=False, mlp_bias=False)
         if "rope_parameters" in inspect.signature(LlamaConfig.__init__).parameters:
-            kw["rope_parameters"] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
-        else:
-            kw["rope_theta"] = cfg.rope_theta
+            kw["rope_parameters"] = {"rope_type": "default", "rope_theta": kw.pop("rope_theta")}
         return LlamaConfig(**kw)
-    return GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
-                      n_head=cfg.n_head, n_inner=ffn_hidden(cfg), activation_function="gelu_new",
-                      layer_norm_epsilon=cfg.norm_eps, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                      tie_word_embeddings=cfg.tie_embeddings, initializer_range=cfg.init_std)
+    return GPT2Config(**kw, activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
 
 
 def hf_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:

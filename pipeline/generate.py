@@ -2,9 +2,10 @@
 
 Greedy when temperature is 0; otherwise temperature, then top-k, then top-p
 (nucleus) filtering, with an optional CTRL-style repetition penalty. A seeded
-generator makes sampling reproducible. Plain GPT models decode with a KV cache
-(each step costs one token, not the whole context); other models (e.g. a
-quantized one with its own loader) are re-run on the cropped context each step.
+generator makes sampling reproducible. Plain GPT models decode with the model's
+own KV cache (gpt.py; each step costs one token, not the whole context); other
+models (e.g. a quantized one with its own loader) are re-run on the cropped
+context each step. This file only samples.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import KilnError
-from pipeline.model.gpt import GPT
+from pipeline.model.gpt import GPT, KVCache
 
 # --------------------------------------------------------------------------- logits processing
 
@@ -61,51 +62,7 @@ def next_token(logits: torch.Tensor, temperature: float, top_k: int, top_p: floa
     return int(torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator))
 
 
-# --------------------------------------------------------------------------- KV-cached decoding
-
-
-class KVCache:
-    """Decoding state for a plain `GPT`: keys and values of every layer so far."""
-
-    def __init__(self, model: GPT):
-        self.model = model
-        self.k: list[torch.Tensor | None] = [None] * len(model.blocks)
-        self.v: list[torch.Tensor | None] = [None] * len(model.blocks)
-        self.pos = 0
-
-    def _attend(self, i: int, attn, x: torch.Tensor) -> torch.Tensor:
-        b, t, _ = x.shape
-        q, k, v = (w(x).view(b, t, -1, attn.head_dim).transpose(1, 2) for w in (attn.wq, attn.wk, attn.wv))
-        if attn.rotary is not None:
-            cos = attn.rotary.cos[self.pos:self.pos + t].to(x.dtype)
-            sin = attn.rotary.sin[self.pos:self.pos + t].to(x.dtype)
-            q, k = (_rotate(z, cos, sin) for z in (q, k))
-        if self.k[i] is not None:
-            k, v = torch.cat([self.k[i], k], dim=2), torch.cat([self.v[i], v], dim=2)
-        self.k[i], self.v[i] = k, v
-        # new tokens see all cached ones; among themselves, causally (prefill has an empty cache)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1)
-        return attn.wo(y.transpose(1, 2).reshape(b, t, -1))
-
-    @torch.inference_mode()
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        """Logits of the new tokens `idx` (B, T) given everything fed before."""
-        m = self.model
-        if self.pos + idx.size(1) > m.cfg.block_size:
-            raise ValueError("KV cache is full")
-        x = m.embed.wte(idx)
-        if m.embed.wpe is not None:
-            x = x + m.embed.wpe(torch.arange(self.pos, self.pos + idx.size(1), device=idx.device))
-        for i, block in enumerate(m.blocks):
-            x = x + self._attend(i, block.attn, block.norm1(x))
-            x = x + block.mlp(block.norm2(x))
-        self.pos += idx.size(1)
-        return m.head(x)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+# --------------------------------------------------------------------------- decoding
 
 
 def generate_ids(model: torch.nn.Module, prompt: list[int], max_new_tokens: int, temperature: float = 1.0,
@@ -118,15 +75,15 @@ def generate_ids(model: torch.nn.Module, prompt: list[int], max_new_tokens: int,
     generator = torch.Generator().manual_seed(seed)  # sampling happens on CPU: same draws on any device
     dev = next(model.parameters()).device
     ids = list(prompt)
-    cache = KVCache(model) if use_cache and isinstance(model, GPT) else None
+    cache = KVCache(len(model.blocks)) if use_cache and isinstance(model, GPT) else None
     fed = 0  # tokens of `ids` already in the cache
     model.eval()
     with torch.inference_mode():
         for _ in range(max_new_tokens):
             if cache is not None:
                 if cache.pos + len(ids) - fed > block_size:  # full: restart from the last half window
-                    cache, fed = KVCache(model), len(ids) - block_size // 2
-                logits = cache.forward(torch.tensor([ids[fed:]], device=dev))[0, -1]
+                    cache, fed = KVCache(len(model.blocks)), len(ids) - block_size // 2
+                logits = model(torch.tensor([ids[fed:]], device=dev), cache=cache)[0][0, -1]
                 fed = len(ids)
             else:
                 logits = model(torch.tensor([ids[-block_size:]], device=dev))[0][0, -1]

@@ -12,10 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.checkpoint import read_state, step_dirs
-from pipeline.config import ConfigError, KilnError, RunConfig, validate_world
+from pipeline.config import ConfigError, KilnError, ModelConfig, RunConfig, first_line, validate_world
 from pipeline.data.sampler import open_corpora
-
-SHAPE_KEYS = ("style", "n_layer", "n_head", "n_embd", "block_size", "vocab_size", "tie_embeddings", "ffn_hidden")
 
 
 def check_vocab(cfg: RunConfig, tokenizer_vocab: int) -> None:
@@ -25,9 +23,12 @@ def check_vocab(cfg: RunConfig, tokenizer_vocab: int) -> None:
 
 def check_resume(cfg: RunConfig, checkpoint: Path, state: dict, digests: list[str]) -> None:
     """A checkpoint continues only the run it came from: same model shape, same data."""
-    saved = state.get("config", {}).get("model", {})
-    now = cfg.model.model_dump(mode="json")
-    changed = [k for k in SHAPE_KEYS if k in saved and saved[k] != now[k]]
+    try:  # fields the checkpoint predates take their defaults (a new field at its default changes nothing)
+        saved = ModelConfig.model_validate(state.get("config", {}).get("model", {})).shape()
+    except ValueError as exc:
+        raise KilnError(f"{checkpoint}: its model config does not read as one ({first_line(exc)})") from None
+    now = cfg.model.shape()
+    changed = [k for k in now if saved[k] != now[k]]
     if changed:
         diff = ", ".join(f"model.{k} {saved[k]} -> {now[k]}" for k in changed)
         raise KilnError(f"{checkpoint}: the model shape changed since this checkpoint ({diff}); resuming needs the "

@@ -91,6 +91,8 @@ def test_error_names_the_override_that_caused_it(tmp_path):
         (["train.steps=0"], "train.steps: 0: Input should be greater than or equal to 1"),
         (["train.lr=abc"], "train.lr: 'abc'"),
         (["parallel.tp=5"], "parallel.tp: 5 does not divide model.n_head 12"),
+        (["parallel.tp=4", "model.n_kv_heads=2"], "parallel.tp: 4 does not divide model.n_head 12 and model.n_kv_heads 2"),
+        (["model.n_kv_heads=5"], "model.n_kv_heads: 5 does not divide model.n_head 12"),
         (["parallel.pp=5"], "parallel.pp: 5 does not divide model.n_layer 12"),
         (["parallel.pp=2", "parallel.zero_stage=2"], "parallel.zero_stage: 2 with parallel.pp 2"),
         (["parallel.pp=2", "parallel.zero_stage=3"], "allows ZeRO 0 or 1"),

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pipeline.cli import main
-from pipeline.config import ModelConfig
+from pipeline.config import KilnError, ModelConfig
 from pipeline.export import export, to_hf
 from pipeline.model.io import load_model_dir, save_model_dir
 from pipeline.parallel.materialize import build_gpt
@@ -17,13 +17,16 @@ from pipeline.parallel.materialize import build_gpt
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def _cfg(style: str, tie: bool) -> ModelConfig:
-    return ModelConfig(style=style, n_layer=2, n_head=4, n_embd=64, block_size=32, vocab_size=120, tie_embeddings=tie)
+def _cfg(style: str, tie: bool, kv_heads: int | None = None) -> ModelConfig:
+    return ModelConfig(style=style, n_layer=2, n_head=4, n_embd=64, block_size=32, vocab_size=120, tie_embeddings=tie,
+                       n_kv_heads=kv_heads)
 
 
-@pytest.mark.parametrize("style,tie", [("llama", True), ("llama", False), ("gpt2", True), ("gpt2", False)])
-def test_hf_logits_match(style, tie):
-    cfg = _cfg(style, tie)
+@pytest.mark.parametrize("style,tie,kv_heads", [("llama", True, None), ("llama", False, None), ("llama", False, 2),
+                                                ("gpt2", True, None), ("gpt2", False, None)])
+def test_hf_logits_match(style, tie, kv_heads):
+    """Grouped-query attention (4 query heads on 2 key/value heads) exports as num_key_value_heads."""
+    cfg = _cfg(style, tie, kv_heads)
     model = build_gpt(cfg, seed=3).eval()
     with torch.no_grad():  # perturb norms and biases so a swapped/transposed mapping cannot hide
         for name, p in model.named_parameters():
@@ -36,6 +39,22 @@ def test_hf_logits_match(style, tie):
         ours, _ = model(idx)
         theirs = hf(idx).logits
     torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-4)
+    assert getattr(hf.config, "num_key_value_heads", 4) == (kv_heads or 4)
+
+
+def test_every_model_field_has_a_place_in_each_hf_format():
+    """A new ModelConfig field cannot slip past export: each style's table places every field."""
+    from pipeline.export import HF_KEYS
+
+    for style, keys in HF_KEYS.items():
+        assert set(keys) == set(ModelConfig.model_fields), style
+
+
+def test_gpt2_export_refuses_grouped_query_attention():
+    cfg = _cfg("gpt2", False, kv_heads=2)
+    state = build_gpt(cfg, seed=0).state_dict()
+    with pytest.raises(KilnError, match="n_kv_heads 2: the gpt2 format has no grouped-query attention"):
+        to_hf(state, cfg)
 
 
 def test_kiln_export_cli_hf_and_safetensors(tmp_path, capsys):

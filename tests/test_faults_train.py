@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import ConfigError, DataConfig
+from pipeline.config import ConfigError, DataConfig, KilnError
 from pipeline.data.sampler import TrainData
 from tests.factories import TRAIN_ENV, fake_corpus, kiln_train_cmd
 
@@ -140,3 +140,18 @@ def test_hung_rank_ends_the_job_with_an_error_naming_a_rank(corpus, tmp_path):
         except ProcessLookupError:
             pass
         log.close()
+
+
+def test_resume_shape_check_covers_every_model_field(tmp_path):
+    """The shape compared on resume is derived from ModelConfig: a checkpoint saved before a field existed
+    resumes at its default, and changing the new field (here n_kv_heads) is refused in one line."""
+    from pipeline.config import RunConfig
+    from pipeline.preflight import check_resume
+
+    old = RunConfig(model={"vocab_size": 128}).model_dump(mode="json")
+    old["model"].pop("n_kv_heads")  # as written before grouped-query attention existed
+    state = {"config": old, "data_digests": ["d"]}
+    check_resume(RunConfig(model={"vocab_size": 128}), tmp_path, state, ["d"])
+    check_resume(RunConfig(model={"vocab_size": 128, "n_kv_heads": 12}), tmp_path, state, ["d"])  # = n_head
+    with pytest.raises(KilnError, match=r"model.n_kv_heads 12 -> 4\)"):
+        check_resume(RunConfig(model={"vocab_size": 128, "n_kv_heads": 4}), tmp_path, state, ["d"])

@@ -10,7 +10,6 @@ from test_tracking_support import one_thread, text_corpus, tiny_config, train_ti
 
 from pipeline.cli import main
 from pipeline.generate import (
-    KVCache,
     apply_repetition_penalty,
     generate,
     generate_ids,
@@ -18,7 +17,7 @@ from pipeline.generate import (
     top_k_filter,
     top_p_filter,
 )
-from pipeline.model.gpt import GPT
+from pipeline.model.gpt import GPT, KVCache
 
 NEG = float("-inf")
 
@@ -57,17 +56,19 @@ def test_sampling_respects_filters_and_seed():
     assert seq() == seq()
 
 
-@pytest.mark.parametrize("style", ["llama", "gpt2"])
-def test_kv_cache_gives_the_same_logits_as_recomputing(style):
+@pytest.mark.parametrize("style,kv_heads", [("llama", None), ("llama", 1), ("gpt2", None)])
+def test_kv_cache_gives_the_same_logits_as_recomputing(style, kv_heads):
+    """Prefill 5, a chunk of 3 on top of the cache (causal among themselves), then one token at a time;
+    grouped-query attention (kv_heads=1 for 2 query heads) included."""
     torch.manual_seed(0)
-    model = GPT(tiny_config(50, style=style, block_size=16)).eval()
+    model = GPT(tiny_config(50, style=style, block_size=16).model_copy(update={"n_kv_heads": kv_heads})).eval()
     ids = torch.randint(0, 50, (1, 12))
     full, _ = model(ids)
-    cache = KVCache(model)
-    first = cache.forward(ids[:, :5])
-    steps = [cache.forward(ids[:, t:t + 1]) for t in range(5, 12)]
-    cached = torch.cat([first, *steps], dim=1)
-    torch.testing.assert_close(cached, full, rtol=1e-5, atol=1e-5)
+    cache = KVCache(len(model.blocks))
+    pieces = [model(ids[:, :5], cache=cache)[0], model(ids[:, 5:8], cache=cache)[0]]
+    pieces += [model(ids[:, t:t + 1], cache=cache)[0] for t in range(8, 12)]
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-5, atol=1e-5)
+    assert cache.pos == 12 and cache.layers[0].k.size(1) == (kv_heads or 2)
 
 
 def test_cached_and_uncached_greedy_agree_past_the_window():

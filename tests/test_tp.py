@@ -18,12 +18,14 @@ from pipeline.model.tensor_parallel import padded_vocab
 from pipeline.model.weights import ShardedWeights, write_shard
 from pipeline.parallel.materialize import build_gpt, local_slices
 
-CASES = [("llama", True, 97), ("llama", False, 128), ("gpt2", True, 97), ("gpt2", False, 100)]
+# (style, tied head, vocab, key/value heads): 4 query heads; kv 2 = grouped-query, one kv head per TP rank
+CASES = [("llama", True, 97, None), ("llama", False, 128, None), ("llama", False, 97, 2), ("gpt2", True, 97, None),
+         ("gpt2", False, 100, None)]
 
 
-def _cfg(style: str, tie: bool, vocab: int) -> ModelConfig:
+def _cfg(style: str, tie: bool, vocab: int, kv_heads: int | None = None) -> ModelConfig:
     return ModelConfig(style=style, n_layer=2, n_head=4, n_embd=32, block_size=16, vocab_size=vocab,
-                       tie_embeddings=tie, ffn_hidden=64)
+                       tie_embeddings=tie, ffn_hidden=64, n_kv_heads=kv_heads)
 
 
 def gather_tp(t: torch.Tensor, p, group) -> torch.Tensor:
@@ -43,8 +45,8 @@ def _worker(rank: int, world: int, port: int, errors, shards) -> None:
     group = dist.group.WORLD
     layout = SimpleNamespace(tp=world, pp=1, rank=rank, tp_rank=rank, pp_rank=0, dp_rank=0, tp_group=group)
     try:
-        for style, tie, vocab in CASES:
-            cfg = _cfg(style, tie, vocab)
+        for style, tie, vocab, kv_heads in CASES:
+            cfg = _cfg(style, tie, vocab, kv_heads)
             run = RunConfig(model=cfg)
             full = build_gpt(cfg, seed=7)
             tp = build_gpt(cfg, seed=7, layout=layout, run=run)
@@ -55,7 +57,7 @@ def _worker(rank: int, world: int, port: int, errors, shards) -> None:
             loss.backward()
             tp_logits, tp_loss = tp(idx, targets)
             tp_loss.backward()
-            where = f"{style} tie={tie} vocab={vocab}"
+            where = f"{style} tie={tie} vocab={vocab} kv_heads={kv_heads}"
             assert tp_logits.size(-1) == padded_vocab(vocab, world) // world, where
             torch.testing.assert_close(tp_loss, loss, rtol=1e-5, atol=1e-6, msg=where)
             gathered = [torch.empty_like(tp_logits) for _ in range(world)]
@@ -65,7 +67,7 @@ def _worker(rank: int, world: int, port: int, errors, shards) -> None:
             for name, p in tp.named_parameters():
                 g = gather_tp(p.grad, p, group)
                 torch.testing.assert_close(g, grads[name].grad, rtol=1e-4, atol=1e-6, msg=f"{where} grad {name}")
-            out = f"{shards}/{style}-{tie}-{vocab}"
+            out = f"{shards}/{style}-{tie}-{vocab}-{kv_heads}"
             os.makedirs(out, exist_ok=True)
             write_shard(f"{out}/rank_{rank:05d}.safetensors", local_slices(tp, layout, zero3=False))
             dist.barrier()

@@ -1,4 +1,5 @@
 """Every layout trains the same model: 1 process vs TP=2, PP=2, DP=2 with ZeRO 1/2/3 (+ offload), TP=2 x PP=2.
+The model uses grouped-query attention (4 query heads on 2 key/value heads: one per TP rank).
 
 Real DeepSpeed engines on gloo (torchrun, CPU, fp32). To keep process start-up
 cheap, one torchrun runs several configs in a row (this file is its worker when
@@ -25,7 +26,7 @@ from tests.factories import TRAIN_ENV, fake_corpus, launcher
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs/train/tiny-cpu.yaml"
 VOCAB = 100  # padded to 128 under TP=2: padding must not change the loss
-COMMON = ["train.steps=10", "checkpoint.every=5", "train.log_every=1", "train.eval_every=5", "train.eval_batches=2"]
+COMMON = ["model.n_kv_heads=2", "train.steps=10", "checkpoint.every=5", "train.log_every=1", "train.eval_every=5", "train.eval_batches=2"]
 
 # name -> (processes, overrides); global batch 8 everywhere (4 x grad_accum x dp)
 LAYOUTS = {

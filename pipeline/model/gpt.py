@@ -10,6 +10,12 @@ column-split projection simply yields fewer heads.
 The model can be built on the meta device (no memory, no init) and materialized
 later, shard by shard: `init_plan` says how each parameter starts, and buffers
 are recomputed by `reset_buffers()`.
+
+Attention is grouped-query when model.n_kv_heads < n_head (each key/value head
+serves n_head / n_kv_heads query heads). Decoding passes a `KVCache`: each
+attention layer appends its new keys and values to it and attends over all of
+them, so a generated token costs one position, not the whole context (the
+cache lives with the attention, as in nanochat's engine).
 """
 
 from __future__ import annotations
@@ -21,7 +27,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.config import ModelConfig
-from pipeline.model.flops import ffn_hidden
 
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
@@ -52,39 +57,72 @@ class Rotary(nn.Module):
             self.cos.copy_(emb.cos())
             self.sin.copy_(emb.sin())
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, H, T, D)
+    def forward(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:  # x: (B, H, T, D) at positions start..
         t = x.size(-2)
-        cos, sin = self.cos[:t].to(x.dtype), self.sin[:t].to(x.dtype)
+        cos, sin = self.cos[start:start + t].to(x.dtype), self.sin[start:start + t].to(x.dtype)
         x1, x2 = x.chunk(2, dim=-1)
         return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class KVCache:
+    """Keys and values of every layer for the tokens decoded so far (`pos` of them)."""
+
+    def __init__(self, n_layer: int):
+        self.pos = 0
+        self.layers = [LayerKV(self) for _ in range(n_layer)]
+
+
+class LayerKV:
+    """One layer's slot in a KVCache."""
+
+    def __init__(self, owner: KVCache):
+        self.owner = owner
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+
+    def extend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append the new positions (B, H_kv, t, D); return keys and values of every position so far."""
+        if self.k is not None:
+            k, v = torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)
+        self.k, self.v = k, v
+        return k, v
 
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         bias = cfg.style == "gpt2"
-        self.head_dim = cfg.n_embd // cfg.n_head
+        self.head_dim = cfg.head_dim
+        kv = cfg.kv_heads * cfg.head_dim
         self.wq = nn.Linear(cfg.n_embd, cfg.n_embd, bias=bias)
-        self.wk = nn.Linear(cfg.n_embd, cfg.n_embd, bias=bias)
-        self.wv = nn.Linear(cfg.n_embd, cfg.n_embd, bias=bias)
+        self.wk = nn.Linear(cfg.n_embd, kv, bias=bias)
+        self.wv = nn.Linear(cfg.n_embd, kv, bias=bias)
         self.wo = nn.Linear(cfg.n_embd, cfg.n_embd, bias=bias)
         self.rotary = Rotary(self.head_dim, cfg.block_size, cfg.rope_theta) if cfg.style == "llama" else None
         self.dropout = cfg.dropout
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: LayerKV | None = None) -> torch.Tensor:
         b, t, _ = x.shape
-        # -1: the number of heads on this rank (all of them unless tensor-parallel)
+        # -1: the number of (query or key/value) heads on this rank (all of them unless tensor-parallel)
         q, k, v = (w(x).view(b, t, -1, self.head_dim).transpose(1, 2) for w in (self.wq, self.wk, self.wv))
+        start = cache.owner.pos if cache is not None else 0
         if self.rotary is not None:
-            q, k = self.rotary(q), self.rotary(k)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+            q, k = self.rotary(q, start), self.rotary(k, start)
+        if cache is not None:
+            k, v = cache.extend(k, v)
+        mask = None  # causal among the new tokens; each also sees every cached one
+        if start and t > 1:
+            mask = torch.ones(t, start + t, dtype=torch.bool, device=x.device).tril(diagonal=start)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and t > 1,
+                                           dropout_p=self.dropout if self.training else 0.0,
+                                           enable_gqa=k.size(1) != q.size(1))
         return self.wo(y.transpose(1, 2).reshape(b, t, -1))
 
 
 class SwiGLU(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        hidden = ffn_hidden(cfg)
+        hidden = cfg.mlp_width
         self.w1 = nn.Linear(cfg.n_embd, hidden, bias=False)  # gate
         self.w3 = nn.Linear(cfg.n_embd, hidden, bias=False)  # up
         self.w2 = nn.Linear(hidden, cfg.n_embd, bias=False)  # down
@@ -96,7 +134,7 @@ class SwiGLU(nn.Module):
 class GeluMLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        hidden = ffn_hidden(cfg)
+        hidden = cfg.mlp_width
         self.fc = nn.Linear(cfg.n_embd, hidden)
         self.proj = nn.Linear(hidden, cfg.n_embd)
 
@@ -115,8 +153,8 @@ class Block(nn.Module):
         self.mlp = SwiGLU(cfg) if cfg.style == "llama" else GeluMLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.norm1(x)))
+    def forward(self, x: torch.Tensor, cache: LayerKV | None = None) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.norm1(x), cache))
         return x + self.drop(self.mlp(self.norm2(x)))
 
 
@@ -129,10 +167,10 @@ class Embedding(nn.Module):
         self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.style == "gpt2" else None
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, start: int = 0) -> torch.Tensor:
         x = self.wte(idx)
         if self.wpe is not None:
-            x = x + self.wpe(torch.arange(idx.size(1), device=idx.device))
+            x = x + self.wpe(torch.arange(start, start + idx.size(1), device=idx.device))
         return self.drop(x)
 
 
@@ -206,13 +244,17 @@ class GPT(nn.Module):
                 for name, kind, std in init_plan(self, cfg, skip=("head.lm_head",) if cfg.tie_embeddings else ()):
                     params[name].copy_(initial_value(kind, std, params[name].shape))
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
-        """Return logits (B, T, V), and the mean loss when targets are given."""
-        if idx.size(1) > self.cfg.block_size:
-            raise ValueError(f"sequence length {idx.size(1)} exceeds model.block_size {self.cfg.block_size}")
-        x = self.embed(idx)
-        for block in self.blocks:
-            x = block(x)
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None):
+        """Return logits (B, T, V), and the mean loss when targets are given. With a cache, `idx` are the
+        tokens after the cached ones, and their keys/values join the cache."""
+        start = cache.pos if cache is not None else 0
+        if start + idx.size(1) > self.cfg.block_size:
+            raise ValueError(f"sequence length {start + idx.size(1)} exceeds model.block_size {self.cfg.block_size}")
+        x = self.embed(idx, start)
+        for i, block in enumerate(self.blocks):
+            x = block(x) if cache is None else block(x, cache.layers[i])
+        if cache is not None:
+            cache.pos += idx.size(1)
         logits = self.head(x)
         if targets is None:
             return logits, None

@@ -27,7 +27,6 @@ from pipeline.checkpoint import step_dirs
 from pipeline.config import ConfigError, DistillConfig, KilnError, ModelConfig, build, load_yaml
 from pipeline.console import log, progress
 from pipeline.evaluate import evaluate_windows
-from pipeline.model.flops import ffn_hidden
 from pipeline.model.gpt import GPT
 from pipeline.model.io import WEIGHTS, save_model_dir, sha256_file, unique_state_dict
 from pipeline.post.common import batch_at, cosine_lr, lineage, load_parent, parent_tokenizer, windows
@@ -51,12 +50,14 @@ def student_config(path: str | Path, teacher: ModelConfig) -> ModelConfig:
 def init_from_teacher(student: GPT, teacher: GPT, stride: int) -> list[int] | None:
     """DistilGPT2 recipe: student block i <- teacher block i*stride, embeddings and head copied.
 
-    Needs the same width (style, n_embd, heads, MLP width); otherwise the student keeps its random
+    Needs the same width (every shape field but n_layer and block_size); otherwise the student keeps its random
     init and a warning says so. Returns the teacher layers used, or None."""
+    # everything but depth and context length must match (a new ModelConfig field joins the check by itself)
     s, t = student.cfg, teacher.cfg
-    if (s.style, s.n_embd, s.n_head, ffn_hidden(s), s.tie_embeddings) != (t.style, t.n_embd, t.n_head, ffn_hidden(t), t.tie_embeddings):
-        log.warning("student and teacher differ in width (n_embd %d vs %d, heads %d vs %d, style %s vs %s): "
-                    "student starts from random init", s.n_embd, t.n_embd, s.n_head, t.n_head, s.style, t.style)
+    sw, tw = ({k: v for k, v in c.shape().items() if k not in ("n_layer", "block_size")} for c in (s, t))
+    if sw != tw:
+        diff = ", ".join(f"{k} {sw[k]} vs {tw[k]}" for k in sw if sw[k] != tw[k])
+        log.warning("student and teacher differ in width (%s): student starts from random init", diff)
         return None
     with torch.no_grad():
         student.embed.wte.weight.copy_(teacher.embed.wte.weight)
