@@ -51,7 +51,7 @@ def sources(planted: dict[str, str] | None = None) -> dict[str, str]:
     return files
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def module_file(module: str) -> str | None:
     """The repo-relative file behind a dotted module name of ours, or None (third party, or not a module)."""
     base = ROOT / module.replace(".", "/")
@@ -61,7 +61,7 @@ def module_file(module: str) -> str | None:
     return None
 
 
-@functools.lru_cache(maxsize=None)  # parsed once per source text: the tests below share the work
+@functools.cache  # parsed once per source text: the tests below share the work
 def imports(path: str, text: str) -> tuple[tuple[int, str], ...]:
     """(line, dotted module) for every import in the file, at any depth (functions included), relative
     imports resolved, importlib.import_module("literal") too. `from a import b` gives `a` and `a.b` (b may be

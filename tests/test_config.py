@@ -34,6 +34,9 @@ def test_every_shipped_config_validates():
         load_config("train", path)
     for name, kind in [("int8", "quantize"), ("gptq4", "quantize"), ("distill", "distill"), ("prune", "prune")]:
         load_config(kind, ROOT / "configs" / "post" / f"{name}.yaml")
+    for kind in ("eval", "generate"):
+        paths = sorted((ROOT / "configs" / kind).glob("*.yaml"))
+        assert paths and all(load_config(kind, path) for path in paths)
 
 
 def test_extends_merges_deeply_and_child_wins(tmp_path):
