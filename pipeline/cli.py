@@ -215,10 +215,10 @@ def parse_command(name: str, argv: list[str]) -> argparse.Namespace:
     try:
         with redirect_stderr(said), redirect_stdout(said):
             return build_parser().parse_args([name, *argv])
-    except SystemExit:  # a usage error, or --help
+    except SystemExit as exit_:  # a usage error (argparse's last line says which), or --help
         lines = said.getvalue().strip().splitlines()
-        raise ConfigError(f"the launched `kiln {name}` would not start: "
-                          f"{lines[-1] if lines else 'it asks for --help'}") from None
+        why = lines[-1] if exit_.code and lines else "it asks for --help"
+        raise ConfigError(f"the launched `kiln {name}` would not start: {why}") from None
 
 
 RAY_SECURITY = ("SECURITY: Ray's job API runs any code it is sent and has no authentication; keep a cluster "
