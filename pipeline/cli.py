@@ -12,6 +12,9 @@ import json
 import os
 import sys
 from collections.abc import Callable
+from contextlib import redirect_stderr, redirect_stdout
+from io import StringIO
+from typing import get_args
 
 from pipeline.commands import (
     cmd_demo,
@@ -32,17 +35,20 @@ from pipeline.commands import (
     cmd_train,
     cmd_verify,
 )
-from pipeline.config import ConfigError, KilnError, clip, first_line
+from pipeline.config import ConfigError, EvalConfig, KilnError, clip, first_line
 from pipeline.credentials import redact
 
 # --------------------------------------------------------------------------- parser
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+def _common(p: argparse.ArgumentParser, config: bool = True) -> None:
+    """The options every subcommand has; --config/--set only where it reads a config (else they are refused,
+    not ignored)."""
     g = p.add_argument_group("common options")
-    g.add_argument("--config", metavar="FILE", help="YAML config (may `extends:` others)")
-    g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, value parsed as YAML (repeatable): --set train.lr=3e-4")
+    if config:
+        g.add_argument("--config", metavar="FILE", help="YAML config (may `extends:` others)")
+        g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config key, value parsed as YAML (repeatable): --set train.lr=3e-4")
     g.add_argument("--json", action="store_true", help="print a JSON summary as the last stdout line")
     g.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
     g.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
@@ -56,11 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def add(name: str, func: Callable, summary: str, example: str) -> argparse.ArgumentParser:
+    def add(name: str, func: Callable, summary: str, example: str, config: bool = True) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=summary, description=summary, epilog=f"example:\n  {example}",
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         p.set_defaults(func=func)
-        _common(p)
+        _common(p, config)
         return p
 
     p = add("prep", cmd_prep, "Clean, filter, dedup and tokenize a corpus into Megatron shards (Ray).",
@@ -87,12 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("verify", cmd_verify, "Hash every byte of prepared corpora against their manifests (training checks "
             "only sizes, headers and fingerprints at start-up).",
-            "kiln verify data/prepped data/code --threads 8")
+            "kiln verify data/prepped data/code --threads 8", config=False)
     p.add_argument("data", nargs="+", metavar="DATA", help="`kiln prep` output directories")
     p.add_argument("--threads", type=int, default=4, help="shards hashed at once")
 
     p = add("export", cmd_export, "Consolidate a checkpoint into a MODEL dir (safetensors) or a HF transformers dir.",
-            "kiln export runs/125m/checkpoints/latest --format hf --out exports/125m-hf")
+            "kiln export runs/125m/checkpoints/latest --format hf --out exports/125m-hf", config=False)
     p.add_argument("source", metavar="CKPT|MODEL")
     p.add_argument("--format", choices=["safetensors", "hf"], default="safetensors")
     p.add_argument("--out", required=True, metavar="DIR")
@@ -126,26 +132,26 @@ def build_parser() -> argparse.ArgumentParser:
             "  kiln eval --compare models:/kiln-125m")
     p.add_argument("model", nargs="?", metavar="MODEL", help="MODEL dir, transformers dir or models:/ URI")
     p.add_argument("--data", metavar="DIR", help="prep output: perplexity and bits/byte on its --split")
-    p.add_argument("--split", default="val", choices=["train", "val"])
+    p.add_argument("--split", choices=get_args(EvalConfig.model_fields["split"].annotation))
     p.add_argument("--max-tokens", type=int)
     p.add_argument("--tasks", metavar="LIST", help="comma-separated lm-eval tasks (Kiln's offline ones: "
                    "kiln_pydoc, kiln_stdlib_mc; any task of lm-eval's catalogue where its data can be had)")
-    p.add_argument("--include-path", action="append", default=[], metavar="DIR", help="more lm-eval task YAMLs (repeatable)")
+    p.add_argument("--include-path", action="append", metavar="DIR", help="more lm-eval task YAMLs (repeatable)")
     p.add_argument("--limit", type=float, metavar="N", help="documents per task (a fraction when below 1)")
     p.add_argument("--num-fewshot", type=int)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int)
     p.add_argument("--compare", metavar="models:/NAME", help="print the recorded evals of every alias of NAME")
 
     p = add("generate", cmd_generate, "Generate text from a MODEL (greedy, temperature, top-k, top-p).",
             "kiln generate models:/kiln-125m@champion --prompt 'The tokenizer' --max-new-tokens 64 --top-p 0.9 --seed 0")
     p.add_argument("model", metavar="MODEL")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prompt", help="required, here or as prompt: in --config")
+    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--temperature", type=float, help="0 = greedy")
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--repetition-penalty", type=float)
+    p.add_argument("--seed", type=int)
 
     p = add("register", cmd_register, "Register a MODEL dir in the MLflow model registry, optionally with an alias.",
             "kiln register runs/125m/model --name kiln-125m --alias champion")
@@ -165,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("uri", metavar="models:/NAME@ALIAS")
 
     p = add("plot", cmd_plot, "Plot loss and throughput curves from a run's metrics.jsonl to PNG.",
-            "kiln plot runs/125m --out runs/125m/curves.png")
+            "kiln plot runs/125m --out runs/125m/curves.png", config=False)
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--out", metavar="PNG")
 
@@ -175,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", metavar="RUN_DIR")
 
     p = add("plan", cmd_plan, "Compute-optimal model/tokens for a budget (Chinchilla) and per-GPU memory of a layout.",
-            "kiln plan --gpus 64 --hours 720 --gpu h100 --tp 2 --zero-stage 1 --micro-batch-size 4")
+            "kiln plan --gpus 64 --hours 720 --gpu h100 --tp 2 --zero-stage 1 --micro-batch-size 4", config=False)
     budget = p.add_mutually_exclusive_group(required=True)
     budget.add_argument("--flops", type=float, help="total training FLOPs")
     budget.add_argument("--gpus", type=int, help="GPU count (with --hours)")
@@ -196,10 +202,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_launch(sub)
 
     p = add("demo", cmd_demo, "Run the whole pipeline on a small corpus built from text that ships with Python.",
-            "kiln demo --out demo_out")
+            "kiln demo --out demo_out", config=False)
     p.add_argument("--out", default="demo_out", metavar="DIR", help="working directory (recreated)")
     p.add_argument("--quick", action="store_true", help="a smaller corpus and fewer steps (the end-to-end test)")
     return parser
+
+
+def parse_command(name: str, argv: list[str]) -> argparse.Namespace:
+    """`kiln NAME ARGV` parsed by the parser above, as `kiln NAME` would parse it; ConfigError (one line) where
+    it would refuse. `kiln launch` reads the `kiln train` it launches with this, so a new flag needs no second parser."""
+    said = StringIO()
+    try:
+        with redirect_stderr(said), redirect_stdout(said):
+            return build_parser().parse_args([name, *argv])
+    except SystemExit as exit_:  # a usage error (argparse's last line says which), or --help
+        lines = said.getvalue().strip().splitlines()
+        why = lines[-1] if exit_.code and lines else "it asks for --help"
+        raise ConfigError(f"the launched `kiln {name}` would not start: {why}") from None
 
 
 RAY_SECURITY = ("SECURITY: Ray's job API runs any code it is sent and has no authentication; keep a cluster "
@@ -227,7 +246,7 @@ def _add_launch(sub) -> None:
         p = kinds.add_parser(name, help=summary, description=summary, epilog=f"example:\n  {example}",
                              formatter_class=argparse.RawDescriptionHelpFormatter)
         p.set_defaults(func=cmd_launch)
-        _common(p)
+        _common(p, config=False)  # the launched command takes its own --config
         p.add_argument("--dry-run", action="store_true", help="print what would run (per node) and exit")
         p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="extra environment (repeatable)")
         if name in ("deepspeed", "torchrun"):

@@ -10,6 +10,8 @@ import json
 import os
 import sys
 
+from pydantic import BaseModel
+
 from pipeline.config import ConfigError, KilnError
 
 
@@ -22,9 +24,32 @@ def _locked(out, what: str):
 
 
 def _config(args, kind: str, base: dict | None = None):
+    """The `kind` config: the --config file, then the flags given (`base`: {key: flag value}), then --set.
+    An error about a key a flag of the same name set names that flag."""
     from pipeline.config import load_config
 
-    return load_config(kind, args.config, args.set, base={k: v for k, v in (base or {}).items() if v is not None})
+    base = {k: v for k, v in (base or {}).items() if v is not None}
+    flags = {k: "--" + k.replace("_", "-") for k, v in base.items() if hasattr(args, k) and not isinstance(v, dict)}
+    return load_config(kind, args.config, args.set, base=base, flags=flags)
+
+
+def _flags(args, schema) -> dict:
+    """The flags given that name a key of `schema`, nested as the config is: a flag sets the key its dest
+    names (--max-tokens: max_tokens; add_argument("--steps", dest="train.steps"): train.steps)."""
+    base: dict = {}
+    for dest, value in vars(args).items():
+        *parents, leaf = dest.split(".")
+        fields = schema.model_fields
+        for part in parents:
+            inner = fields[part].annotation if part in fields else None
+            fields = inner.model_fields if isinstance(inner, type) and issubclass(inner, BaseModel) else {}
+        if value is None or leaf not in fields:
+            continue
+        node = base
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return base
 
 
 def cmd_prep(args) -> dict:
@@ -52,8 +77,15 @@ def _prep_flags(args) -> dict:
     }
 
 
+def train_config(args):
+    """`kiln train`'s RunConfig from its parsed flags; `kiln launch` reads a launched `kiln train` with it too."""
+    from pipeline.config import RunConfig
+
+    return _config(args, "train", _flags(args, RunConfig))
+
+
 def cmd_train(args) -> dict:
-    cfg = _config(args, "train", {"out": args.out})
+    cfg = train_config(args)
     from pipeline import tracked
 
     with _locked(cfg.out, "kiln train"):
@@ -123,12 +155,15 @@ def _post_table(title: str, summary: dict) -> None:
                      or (k == "registered" and v)})
 
 
-def _tracker(args, need_enabled: bool = False, must_exist: bool = False):
-    """A Tracker from `--config` (its tracking: section), `--set tracking.*=...` and `--tracking-uri`;
+def _tracker(args, must_exist: bool = False, cfg=None):
+    """A Tracker from `cfg.tracking` (eval, generate) or, for the registry commands, from `--config`'s
+    tracking: section and `--set tracking.*=...`; and `--tracking-uri`.
     `must_exist`: a read-only command, which errors instead of creating a store."""
     from pipeline.config import TrackingConfig, apply_overrides, build, load_yaml
     from pipeline.tracking import Tracker
 
+    if cfg is not None:
+        return Tracker(cfg.tracking, uri=args.tracking_uri, must_exist=must_exist)
     for item in args.set:
         if not item.startswith("tracking."):
             raise ConfigError(f"--set {item}: kiln {args.command} only takes tracking.* keys")
@@ -139,49 +174,50 @@ def _tracker(args, need_enabled: bool = False, must_exist: bool = False):
 
 
 def cmd_eval(args) -> dict:
+    from pipeline.config import EvalConfig
     from pipeline.console import kv_table
 
+    cfg = _config(args, "eval", _flags(args, EvalConfig))
     if args.compare:
-        if args.model or args.data or args.tasks:
-            raise ConfigError("--compare models:/NAME takes no MODEL, --data or --tasks")
-        return _eval_compare(args)
-    if not args.model or not (args.data or args.tasks):
-        raise ConfigError("kiln eval MODEL --data DIR and/or --tasks LIST (or kiln eval --compare models:/NAME)")
-    if args.max_tokens is not None and args.max_tokens < 1:
-        raise ConfigError(f"--max-tokens {args.max_tokens}: must be at least 1")
-    tracker = _tracker(args, must_exist=str(args.model).startswith("models:/"))
+        if args.model or cfg.data or cfg.tasks:
+            raise ConfigError("--compare models:/NAME takes no MODEL, data or tasks (--data, --tasks or the config)")
+        return _eval_compare(args, cfg)
+    if not args.model or not (cfg.data or cfg.tasks):
+        raise ConfigError("kiln eval MODEL --data DIR and/or --tasks LIST (or data:/tasks: in --config; "
+                          "or kiln eval --compare models:/NAME)")
+    tracker = _tracker(args, must_exist=str(args.model).startswith("models:/"), cfg=cfg)
     result: dict = {"model": args.model}
-    if args.data:
+    if cfg.data:
         from pipeline.evaluate import evaluate_model
 
-        result = evaluate_model(args.model, args.data, args.split, args.max_tokens, tracker=tracker)
-        kv_table(f"kiln eval {args.model} on {args.data} ({args.split})",
+        result = evaluate_model(args.model, cfg.data, cfg.split, cfg.max_tokens, tracker=tracker)
+        kv_table(f"kiln eval {args.model} on {cfg.data} ({cfg.split})",
                  {k: result[k] for k in ("tokens", "perplexity", "bits_per_token", "bits_per_byte", "tokens_per_s")})
-    if args.tasks:
-        result["lm_eval"] = _eval_tasks(args, tracker)
+    if cfg.tasks:
+        result["lm_eval"] = _eval_tasks(args.model, cfg, tracker)
     return result
 
 
-def _eval_tasks(args, tracker) -> dict:
+def _eval_tasks(model: str, cfg, tracker) -> dict:
     from pipeline.console import print_table
     from pipeline.harness.run import run_tasks
 
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    local = tracker.materialize(args.model)
-    limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
-    result = run_tasks(local, tasks, args.include_path, limit, args.batch_size, num_fewshot=args.num_fewshot)
+    tasks = cfg.tasks
+    local = tracker.materialize(model)
+    limit = int(cfg.limit) if cfg.limit is not None and cfg.limit >= 1 else cfg.limit
+    result = run_tasks(local, tasks, cfg.include_path, limit, cfg.batch_size, num_fewshot=cfg.num_fewshot)
     rows = [{"task": task, "metric": k, "value": v, "docs": result["datasets"][task]["docs"]}
             for task, metrics in result["results"].items() for k, v in metrics.items()]
-    print_table(f"kiln eval {args.model}: lm-eval", rows, ["task", "metric", "value", "docs"])
-    params = {"tasks": ",".join(tasks), "limit": limit, "num_fewshot": args.num_fewshot}
-    result["tracking"] = tracker.attach_harness(str(args.model), str(local), result, params)
+    print_table(f"kiln eval {model}: lm-eval", rows, ["task", "metric", "value", "docs"])
+    params = {"tasks": ",".join(tasks), "limit": limit, "num_fewshot": cfg.num_fewshot}
+    result["tracking"] = tracker.attach_harness(str(model), str(local), result, params)
     return result
 
 
-def _eval_compare(args) -> dict:
+def _eval_compare(args, cfg) -> dict:
     from pipeline.console import print_table
 
-    rows = _tracker(args, must_exist=True).eval_table(args.compare)
+    rows = _tracker(args, must_exist=True, cfg=cfg).eval_table(args.compare)
     # one column per alias, one row per measurement: stays readable however many tasks were run
     aliases = [row["alias"] for row in rows]
     keys = list(dict.fromkeys(k for row in rows for k in row if k != "alias"))
@@ -191,20 +227,22 @@ def _eval_compare(args) -> dict:
 
 
 def cmd_generate(args) -> dict:
+    from pipeline.config import GenerateConfig
     from pipeline.console import kv_table
     from pipeline.generate import generate
 
-    if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0 or args.repetition_penalty <= 0:
-        raise ConfigError("--temperature >= 0, --top-k >= 0, 0 < --top-p <= 1 and --repetition-penalty > 0")
-    local = _tracker(args, must_exist=str(args.model).startswith("models:/")).materialize(args.model)
+    cfg = _config(args, "generate", _flags(args, GenerateConfig))
+    if cfg.prompt is None:
+        raise ConfigError("no prompt: give --prompt TEXT (or prompt: in --config)")
+    local = _tracker(args, must_exist=str(args.model).startswith("models:/"), cfg=cfg).materialize(args.model)
 
     def emit(text: str) -> None:
         sys.stdout.write(text)
         sys.stdout.flush()
 
-    emit(args.prompt)
-    result = generate(local, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                      args.repetition_penalty, args.seed, on_text=emit)
+    emit(cfg.prompt)
+    result = generate(local, cfg.prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p,
+                      cfg.repetition_penalty, cfg.seed, on_text=emit)
     emit("\n")
     kv_table("kiln generate", {k: result[k] for k in ("new_tokens", "stopped_at_eos", "tokens_per_s", "seed")})
     result["model"] = args.model

@@ -254,12 +254,49 @@ class PruneConfig(_Strict):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
 
+# --------------------------------------------------------------------------- eval / generate
+
+
+class EvalConfig(_Strict):
+    """What `kiln eval MODEL` reads; each flag sets the key of its name (--max-tokens: max_tokens)."""
+
+    data: str | None = Field(None, description="prep output DIR: perplexity and bits/byte on its split")
+    split: Literal["train", "val"] = "val"
+    max_tokens: int | None = Field(None, ge=1, description="tokens scored on data; default: the whole split")
+    tasks: list[str] = Field(default_factory=list, description="lm-evaluation-harness tasks (a list, or a comma-separated string)")
+    include_path: list[str] = Field(default_factory=list, description="more lm-eval task YAML dirs")
+    limit: float | None = Field(None, gt=0, description="documents per task (a fraction when below 1)")
+    num_fewshot: int | None = Field(None, ge=0)
+    batch_size: int = Field(8, ge=1)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @field_validator("tasks", mode="before")
+    @classmethod
+    def _comma_separated(cls, value):
+        return [t.strip() for t in value.split(",") if t.strip()] if isinstance(value, str) else value
+
+
+class GenerateConfig(_Strict):
+    """What `kiln generate MODEL` reads; each flag sets the key of its name (--top-p: top_p)."""
+
+    prompt: str | None = Field(None, description="required, here or as --prompt")
+    max_new_tokens: int = Field(64, ge=1)
+    temperature: float = Field(1.0, ge=0, description="0 = greedy")
+    top_k: int = Field(0, ge=0, description="0 = off")
+    top_p: float = Field(1.0, gt=0, le=1)
+    repetition_penalty: float = Field(1.0, gt=0)
+    seed: int = 0
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+
 SCHEMAS: dict[str, type[BaseModel]] = {
     "train": RunConfig,
     "prep": PrepConfig,
     "quantize": QuantizeConfig,
     "distill": DistillConfig,
     "prune": PruneConfig,
+    "eval": EvalConfig,
+    "generate": GenerateConfig,
 }
 
 
@@ -384,7 +421,8 @@ def format_validation_error(exc: ValidationError, source: str, origins: dict[str
             blamed = msg.split(":", 1)[0]
             lines.append(f"{(origins or {}).get(blamed, source)}: {msg}")
             continue
-        where = (origins or {}).get(key, source)
+        origins = origins or {}  # an unknown section (`--set train.lr=1` on eval) is blamed on the --set under it
+        where = origins.get(key) or next((o for k, o in origins.items() if k.startswith(key + ".")), source)
         lines.append(f"{where}: {key}: {_describe(err)}")
     return "\n".join(lines)
 
@@ -396,20 +434,20 @@ def build(schema: type[BaseModel], data: dict, source: str = "<config>", origins
         raise ConfigError(format_validation_error(exc, source, origins)) from None
 
 
-def load_config(
-    kind: str, path: str | Path | None = None, overrides: list[str] | None = None, base: dict | None = None
-):
+def load_config(kind: str, path: str | Path | None = None, overrides: list[str] | None = None,
+                base: dict | None = None, flags: dict[str, str] | None = None):
     """Load a config of `kind` ("train", "prep", ...) from YAML + `--set` overrides.
 
     `base` holds values from CLI flags; the file wins over flags' defaults only
     where the flag was not given (the CLI passes only flags the user set).
+    `flags` ({key: "--flag"}) names the flag behind a `base` key in errors.
     """
     schema = SCHEMAS[kind]
     data = load_yaml(path) if path else {}
     if base:
         data = _deep_merge(data, base)
     data, origins = apply_overrides(data, overrides or [])
-    return build(schema, data, str(path) if path else "<defaults>", origins)
+    return build(schema, data, str(path) if path else "<defaults>", {**(flags or {}), **origins})
 
 
 def flatten(data: dict | BaseModel, prefix: str = "") -> dict[str, Any]:

@@ -34,6 +34,9 @@ def test_every_shipped_config_validates():
         load_config("train", path)
     for name, kind in [("int8", "quantize"), ("gptq4", "quantize"), ("distill", "distill"), ("prune", "prune")]:
         load_config(kind, ROOT / "configs" / "post" / f"{name}.yaml")
+    for kind in ("eval", "generate"):
+        paths = sorted((ROOT / "configs" / kind).glob("*.yaml"))
+        assert paths and all(load_config(kind, path) for path in paths)
 
 
 def test_extends_merges_deeply_and_child_wins(tmp_path):
@@ -163,3 +166,14 @@ def test_every_key_refuses_a_wrong_type_or_an_unknown_name_in_one_line(kind):
         with pytest.raises(ConfigError, match=f"{key}: unknown key") as err:
             load_config(kind, None, [f"{key}=1"])
         assert "\n" not in str(err.value)
+
+
+def test_eval_and_generate_schemas():
+    cfg = load_config("eval", None, ["tasks=kiln_pydoc, kiln_stdlib_mc", "limit=0.5"])
+    assert cfg.tasks == ["kiln_pydoc", "kiln_stdlib_mc"] and cfg.limit == 0.5 and cfg.batch_size == 8
+    assert load_config("eval", None, ["tasks=[a,b]"]).tasks == ["a", "b"]
+    with pytest.raises(ConfigError, match="split: 'test' is not one of train,val"):
+        load_config("eval", None, ["split=test"])
+    with pytest.raises(ConfigError, match="--top-k: top_k: -1: Input should be greater than or equal to 0"):
+        load_config("generate", None, base={"top_k": -1}, flags={"top_k": "--top-k"})
+    assert load_config("generate", None, ["seed=3"], base={"seed": 2}, flags={"seed": "--seed"}).seed == 3

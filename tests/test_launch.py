@@ -95,6 +95,32 @@ def test_layout_mismatch_is_one_line_before_launch(capsys):
     common.check_train(["python", "train.py"], 3)  # not kiln train: nothing to check
 
 
+def test_the_launcher_reads_kiln_train_with_kiln_trains_own_parser(monkeypatch, tmp_path):
+    """`kiln train`'s flags have one parser (pipeline/cli.py): a flag added there, mapped onto its config key by
+    its dest, reaches the launcher's checks with no edit to pipeline/launcher/."""
+    import argparse
+
+    from pipeline import cli
+
+    cmd = ["kiln", "train", "--conf", str(ROOT / "configs/train/tiny-cpu.yaml"), f"--out={tmp_path / 'run'}"]
+    cfg = common.train_config_of(cmd)  # `--conf`: an abbreviation, as kiln train's argparse allows
+    assert cfg.out == str(tmp_path / "run") and cfg.model.n_layer == 2
+    with pytest.raises(ConfigError, match="the launched `kiln train` would not start: .*unrecognized arguments: --stepz"):
+        common.train_config_of([*cmd, "--stepz", "5"])  # refused here, not after queueing on every node
+    build = cli.build_parser
+
+    def with_a_new_flag():
+        parser = build()
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        sub.choices["train"].add_argument("--steps", type=int, dest="train.steps")
+        return parser
+
+    monkeypatch.setattr(cli, "build_parser", with_a_new_flag)
+    assert common.train_config_of([*cmd, "--steps", "5"]).train.steps == 5
+    with pytest.raises(ConfigError, match="world size 3"):  # and the layout check sees what the new flag set
+        common.check_train([*cmd, "--steps", "5", "--set", "parallel.tp=2"], 3, data=False)
+
+
 @pytest.mark.fault
 def test_data_and_checkpoint_problems_are_refused_before_launch(tmp_path, capsys):
     """On the launching node, before torchrun starts a rank: missing corpus, vocab too small, changed shape."""

@@ -12,15 +12,7 @@ import numpy as np
 
 from data_prep.document import Document
 from data_prep.steps.base import Step
-from data_prep.steps.text import text_hash
-
-
-def sorted_groups(keys: np.ndarray, uids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """uids sorted by (key, uid); for each, the lowest uid with its key; and whether it is that lowest."""
-    order = np.lexsort((uids, keys))
-    k, u = keys[order], uids[order]
-    starts = np.r_[True, k[1:] != k[:-1]]
-    return u, u[np.maximum.accumulate(np.where(starts, np.arange(len(u)), 0))], starts
+from data_prep.steps.text import sorted_groups, text_hash
 
 
 def group_min(keys: np.ndarray, uids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

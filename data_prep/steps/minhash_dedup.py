@@ -25,8 +25,7 @@ import numpy as np
 
 from data_prep.document import Document
 from data_prep.steps.base import Step
-from data_prep.steps.exact_dedup import sorted_groups
-from data_prep.steps.text import mix64, ngram_hashes, text_hash, token_hashes, words
+from data_prep.steps.text import mix64, ngram_hashes, sorted_groups, text_hash, token_hashes, words
 
 _BLOCK = 4096
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)

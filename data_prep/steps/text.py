@@ -1,6 +1,6 @@
 """Text helpers every step shares: what a word, a line, a paragraph and terminal punctuation are,
-and the vectorized 64-bit hashes of tokens and n-grams (one definition, used by the filters, MinHash,
-boilerplate and decontamination alike).
+the vectorized 64-bit hashes of tokens and n-grams, and grouping documents by such a hash (one definition,
+used by the filters, exact and MinHash dedup, boilerplate and decontamination alike).
 """
 
 from __future__ import annotations
@@ -97,3 +97,11 @@ def ngram_hashes(h: np.ndarray, n: int) -> np.ndarray:
         for j in range(n):  # n is small: a loop over offsets, not over n-grams
             out += h[j : j + m] * _NGRAM_MULT[j]
     return mix64(out)
+
+
+def sorted_groups(keys: np.ndarray, uids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """uids sorted by (key, uid); for each, the lowest uid with its key; and whether it is that lowest."""
+    order = np.lexsort((uids, keys))
+    k, u = keys[order], uids[order]
+    starts = np.r_[True, k[1:] != k[:-1]]
+    return u, u[np.maximum.accumulate(np.where(starts, np.arange(len(u)), 0))], starts

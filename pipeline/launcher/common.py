@@ -4,7 +4,6 @@ value that reaches a job script or an env file would start a new shell line)."""
 
 from __future__ import annotations
 
-import argparse
 import os
 import shlex
 import socket
@@ -13,7 +12,9 @@ import time
 import unicodedata
 from pathlib import Path
 
-from pipeline.config import ConfigError, KilnError, load_config, validate_world
+from pipeline.cli import parse_command
+from pipeline.commands import train_config
+from pipeline.config import ConfigError, KilnError, validate_world
 from pipeline.console import log
 
 SCRIPTS = Path(__file__).resolve().parents[2] / "launch"
@@ -72,16 +73,8 @@ def train_config_of(command: list[str]):
             break
     else:
         return None
-    # read the way `kiln train`'s argparse reads them (`--out=DIR`, abbreviations like `--conf`); other options ignored
-    parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--config")
-    parser.add_argument("--set", action="append", default=[])
-    parser.add_argument("--out")
-    for flag in ("--json", "--verbose"):  # so that abbreviations are as ambiguous as in `kiln train`
-        parser.add_argument(flag, action="store_true")
-    parser.add_argument("--tracking-uri")
-    args, _ = parser.parse_known_args(rest)
-    return load_config("train", args.config, args.set, base={"out": args.out} if args.out else None)
+    # parsed by `kiln train`'s own parser and mapped onto the config as `kiln train` maps it
+    return train_config(parse_command("train", rest))
 
 
 def check_train(command: list[str], world_size: int, data: bool | str = True) -> None:

@@ -1,0 +1,179 @@
+"""The import rules docs/ARCHITECTURE.md states, checked on the source: parsed (ast), never imported, so the
+check takes well under a second and sees imports inside functions too.
+
+The layer order has one owner, the table between the `layers` markers in docs/ARCHITECTURE.md: this test
+reads it from there. A module may import its own layer and the layers above it in the table (lower ones),
+never a later (higher) one; importing `a.b.c` also runs `a/__init__.py` and `a/b/__init__.py`, so those
+count too.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DOC = ROOT / "docs" / "ARCHITECTURE.md"
+PACKAGES = ("data_prep", "pipeline")
+
+# Third-party packages only some files may import: {package: (allowed path prefixes, why)}.
+ONLY_IN = {
+    "mlflow": (("pipeline/tracking/",), "the CLI, training and checkpoints start without MLflow"),
+    "ray": (("data_prep/runner.py", "pipeline/launcher/ray_job.py"),
+            "Ray runs prep (runner) and is the job client of `kiln launch ray`; nothing else starts it"),
+}
+# Modules that must not import these (prefixes of the imported module's dotted name).
+NEVER = {
+    "pipeline/model/gpt.py": ("deepspeed", "torch.distributed"),  # the model runs in one process, no engine
+}
+
+
+def layers(doc: str | None = None) -> list[tuple[str, list[str]]]:
+    """[(layer, [path prefixes])] bottom to top, from the table between the markers in ARCHITECTURE.md."""
+    text = doc if doc is not None else DOC.read_text()
+    block = re.search(r"<!-- layers:start -->\n(.*?)<!-- layers:end -->", text, re.S)
+    assert block, f"{DOC}: the layer table's markers are gone"
+    rows = [line.split("|")[1:-1] for line in block.group(1).splitlines() if line.startswith("| ")]
+    table = [(cells[0].strip(" *"), re.findall(r"`([^`]+)`", cells[1])) for cells in rows[1:]]  # after the header
+    assert table and all(paths for _, paths in table), "every layer row names its paths in backticks"
+    return table
+
+
+def sources(planted: dict[str, str] | None = None) -> dict[str, str]:
+    """{repo-relative path: source} of every module; `planted` adds lines to some (the mutant tests)."""
+    files = {p.relative_to(ROOT).as_posix(): p.read_text() for pkg in PACKAGES for p in sorted((ROOT / pkg).rglob("*.py"))}
+    for path, extra in (planted or {}).items():
+        files[path] += extra
+    return files
+
+
+@functools.cache
+def module_file(module: str) -> str | None:
+    """The repo-relative file behind a dotted module name of ours, or None (third party, or not a module)."""
+    base = ROOT / module.replace(".", "/")
+    for path in (base.with_suffix(".py"), base / "__init__.py"):
+        if path.is_file():
+            return path.relative_to(ROOT).as_posix()
+    return None
+
+
+@functools.cache  # parsed once per source text: the tests below share the work
+def imports(path: str, text: str) -> tuple[tuple[int, str], ...]:
+    """(line, dotted module) for every import in the file, at any depth (functions included), relative
+    imports resolved, importlib.import_module("literal") too. `from a import b` gives `a` and `a.b` (b may be
+    a submodule: `from torch import distributed`)."""
+    package = path.split("/")[:-1]
+    found: list[tuple[int, str]] = []
+    for node in ast.walk(ast.parse(text, path)):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(package[: len(package) - node.level + 1] + ([node.module] if node.module else []))
+            found.append((node.lineno, base))
+            found += [(node.lineno, f"{base}.{a.name}") for a in node.names]
+        elif (isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) == "import_module"
+              and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
+            found.append((node.lineno, node.args[0].value))
+    return tuple(found)
+
+
+def layer_of(path: str, table) -> int:
+    """Index of the layer whose longest path prefix matches `path`."""
+    best = max(((len(prefix), i) for i, (_, prefixes) in enumerate(table) for prefix in prefixes
+                if path == prefix or (prefix.endswith("/") and path.startswith(prefix))), default=None)
+    assert best is not None, f"{path}: in no layer of {DOC.name}'s table; add it to one"
+    return best[1]
+
+
+def upward_imports(table, files: dict[str, str]) -> list[str]:
+    problems = []
+    for here, text in files.items():
+        mine = layer_of(here, table)
+        for line, module in imports(here, text):
+            parts = module.split(".")
+            for n in range(1, len(parts) + 1):  # the packages' __init__ run too
+                target = module_file(".".join(parts[:n]))
+                if target and layer_of(target, table) > mine:
+                    problems.append(f"{here}:{line} imports {'.'.join(parts[:n])} ({target}: layer "
+                                    f"{table[layer_of(target, table)][0]}, above {table[mine][0]})")
+    return sorted(set(problems))
+
+
+def test_the_layer_table_covers_every_module():
+    table = layers()
+    assert [name for name, _ in table][0] == "data_prep" and table[-1][0] == "cli"
+    for path in sources():
+        layer_of(path, table)
+
+
+def test_no_layer_imports_a_layer_above_it():
+    assert upward_imports(layers(), sources()) == []
+
+
+def test_heavy_dependencies_stay_where_they_belong():
+    assert dependency_problems(sources()) == []
+
+
+def dependency_problems(files: dict[str, str]) -> list[str]:
+    problems = []
+    for here, text in files.items():
+        for line, module in imports(here, text):
+            top = module.split(".")[0]
+            if top in ONLY_IN and not here.startswith(ONLY_IN[top][0]):
+                problems.append(f"{here}:{line} imports {top}: only {', '.join(ONLY_IN[top][0])} may "
+                                f"({ONLY_IN[top][1]})")
+            for banned in NEVER.get(here, ()):
+                if module == banned or module.startswith(banned + "."):
+                    problems.append(f"{here}:{line} imports {banned}")
+    return sorted(set(problems))
+
+
+def test_prep_steps_share_helpers_through_base_and_text_only():
+    """A step (data_prep/steps/*.py) imports no other step: what two steps share lives in base.py or text.py."""
+    assert step_problems(sources()) == []
+
+
+def step_problems(files: dict[str, str]) -> list[str]:
+    shared = {"data_prep.steps.base", "data_prep.steps.text"}
+    problems = {f"{path}:{line} imports {module}" for path, text in files.items()
+                if re.fullmatch(r"data_prep/steps/\w+\.py", path) and not path.endswith("__init__.py")
+                for line, module in imports(path, text)
+                if module_file(module) and module.startswith("data_prep.steps.") and module not in shared}
+    return sorted(problems)
+
+
+PLANTED = "\n\ndef _planted():\n    import pipeline.train\n"
+
+
+@pytest.mark.parametrize("mutant, expected", [
+    ("pipeline/model/flops.py", "imports pipeline.train"),            # a lower layer reaching up
+    ("data_prep/stages.py", "imports pipeline.train"),                 # data_prep into pipeline
+    ("pipeline/tracking/sync.py", None),                               # tracking may use training's layer
+])
+def test_the_checks_catch_a_planted_upward_import(mutant, expected):
+    """The rule itself, on the sources with one lazy import added inside a function."""
+    files = sources({mutant: PLANTED})
+    problems = upward_imports(layers(), files)
+    if expected is None:
+        assert problems == []
+    else:
+        line = len(files[mutant].splitlines())
+        assert problems and all(p.startswith(f"{mutant}:{line} ") for p in problems), problems
+        assert any(expected in p for p in problems), problems
+
+
+def test_the_dependency_rules_catch_planted_imports():
+    gpt, c4 = "pipeline/model/gpt.py", "data_prep/steps/c4.py"
+    files = sources({gpt: "\n\ndef _planted():\n    from torch import distributed\n    import mlflow\n",
+                     c4: "\n\ndef _planted():\n    from data_prep.steps import fineweb\n"})
+    lines = len(files[gpt].splitlines())
+    assert dependency_problems(files) == [
+        f"{gpt}:{lines - 1} imports torch.distributed",
+        f"{gpt}:{lines} imports mlflow: only pipeline/tracking/ may ({ONLY_IN['mlflow'][1]})"]
+    assert step_problems(files) == [f"{c4}:{len(files[c4].splitlines())} imports data_prep.steps.fineweb"]
