@@ -16,12 +16,22 @@ def tiny(style="llama", tie=True):
 
 @pytest.mark.parametrize("style", ["llama", "gpt2"])
 @pytest.mark.parametrize("tie", [True, False])
-def test_param_count_matches_analytic(style, tie):
-    cfg = tiny(style, tie)
-    model = GPT(cfg)
+@pytest.mark.parametrize("kv_heads", [None, 2])
+def test_param_count_matches_analytic(style, tie, kv_heads):
+    """Counts (derived from the meta-built modules) against the formula written out by hand: d=32, 4 heads
+    of 8, key/value width 8*kv, MLP 128 (gpt2) or 64*ceil(8*32/3/64)=128 (llama), vocab 97, 16 positions."""
+    cfg = tiny(style, tie).model_copy(update={"n_kv_heads": kv_heads})
+    d, kv, f, v = 32, 8 * (kv_heads or 4), 128, 97
+    if style == "llama":  # q, o: d*d; k, v: d*kv; three MLP matrices; two RMSNorm weights
+        layer, final, embedding = 2 * d * d + 2 * d * kv + 3 * d * f + 2 * d, d, v * d
+    else:  # the same with biases, a GELU MLP, two LayerNorms with bias; learned positions
+        layer = 2 * d * d + 2 * d * kv + 2 * d + 2 * kv + 2 * d * f + f + d + 4 * d
+        final, embedding = 2 * d, v * d + 16 * d
+    non_embedding = 2 * layer + final + (0 if tie else v * d)
     counts = param_counts(cfg)
-    assert model.num_params() == counts["total"]
-    assert model.num_params(non_embedding=True) == counts["non_embedding"]
+    assert counts["total"] == embedding + non_embedding == GPT(cfg).num_params()
+    assert counts["non_embedding"] == non_embedding
+    assert counts["flop_params"] == non_embedding + (v * d if tie else 0)
 
 
 @pytest.mark.parametrize("style", ["llama", "gpt2"])
