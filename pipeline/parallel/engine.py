@@ -104,13 +104,12 @@ def share_fp32_master(optimizer) -> bool:
 
     if not isinstance(optimizer, DeepSpeedZeroOptimizer) or optimizer.cpu_offload:
         return False
-    masters = optimizer.single_partition_of_fp32_groups
-    for i, master in enumerate(masters):
-        own = optimizer.parallel_partitioned_bit16_groups[i][dist.get_rank(group=optimizer.real_dp_process_group[i])]
-        if own.dtype != master.dtype or own.device != master.device or own.shape != master.shape:
-            return False
-    for i, master in enumerate(masters):
-        own = optimizer.parallel_partitioned_bit16_groups[i][dist.get_rank(group=optimizer.real_dp_process_group[i])]
+    pairs = [(parts[dist.get_rank(group=group)], master) for parts, group, master in
+             zip(optimizer.parallel_partitioned_bit16_groups, optimizer.real_dp_process_group,
+                 optimizer.single_partition_of_fp32_groups, strict=True)]
+    if any((own.dtype, own.device, own.shape) != (master.dtype, master.device, master.shape) for own, master in pairs):
+        return False
+    for own, master in pairs:
         master.data = own.data
     optimizer._link_all_hp_params()
     return True
