@@ -62,6 +62,18 @@ def test_schema_and_cli_take_their_methods_from_the_registry():
     assert list(method.choices) == [*METHODS, *ALIASES]
 
 
+def test_the_readme_table_of_methods_is_the_registry():
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    table = readme[readme.index("| method | format | bits (default) | calibration |"):].split("\n\n")[0]
+    rows = {}
+    for line in table.splitlines()[2:]:
+        names, fmt, bits, calib = (c.strip() for c in line.strip(" |").split("|"))
+        for name in names.replace("`", "").split(", "):
+            rows[name] = (fmt.strip("`"), bits, calib != "no")
+    assert rows == {name: (m.format, f"{m.bits[0]}–{m.bits[1]} ({m.default_bits})" if m.bits[0] < m.bits[1]
+                           else str(m.default_bits), m.calibrated) for name, m in METHODS.items()}
+
+
 def test_bits_default_from_the_method_and_old_names_mean_their_bits():
     assert QuantizeConfig().bits == METHODS["int8-weight"].default_bits == 8
     assert QuantizeConfig(method="rtn").bits == 4 and QuantizeConfig(method="rtn", bits=3).bits == 3
