@@ -99,7 +99,8 @@ def test_rtn_groups_and_error_bound():
     qw = rtn(W, 4, 32)
     assert qw.scales.shape == (16, 3) and torch.equal(qw.g_idx, (torch.arange(96) // 32).int())
     step = qw.scales.float()[:, qw.g_idx.long()]
-    assert ((W - qw.dequantize()).abs() <= step / 2 + 1e-6).all()
+    # half a step, plus what the fp16 rounding of the scale (relative 2^-11) moves the extreme codes (maxq = 15)
+    assert ((W - qw.dequantize()).abs() <= step / 2 + 15 * step * 2**-11 + 1e-6).all()
 
 
 @pytest.mark.parametrize("style", ["llama", "gpt2"])
