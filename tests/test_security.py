@@ -559,7 +559,7 @@ def test_a_model_config_cannot_name_a_function_to_call(tmp_path, capsys):
     wrote, pick code (tests/test_quant_registry.py loads such old dirs)."""
     evil = model_dir(tmp_path / "m")
     config = json.loads((evil / "config.json").read_text())
-    config["quantization"] = {"loader": "pipeline.launcher.common:run", "method": "rtn4"}  # run(path, config, ...)
+    config["quantization"] = {"loader": "pipeline.launcher.common:run", "method": "rtn"}  # run(path, config, ...)
     (evil / "config.json").write_text(json.dumps(config))
     write_sums(evil)
     assert main(["generate", str(evil), "--prompt", "hi", "--set", "tracking.enabled=false"]) == 1
