@@ -20,7 +20,7 @@ from data_prep.config import PrepConfig as _PrepSchema
 from data_prep.config import Strict as _Strict
 from data_prep.errors import MAX_ERROR_CHARS, ConfigError, KilnError, clip, first_line  # noqa: F401
 from pipeline.credentials import has_credentials
-from pipeline.post.methods import ALIASES, METHODS
+from pipeline.post.methods import ALIASES, METHODS, bits_note
 
 MAX_YAML_BYTES = 1 << 20  # a config file or --set value
 MAX_YAML_VALUES = 100_000  # scalars + containers after alias expansion (a "billion laughs" stops here)
@@ -181,9 +181,7 @@ class PrepConfig(_PrepSchema):
 
 class QuantizeConfig(_Strict):
     method: Literal[tuple(METHODS)] = "int8-weight"  # type: ignore[valid-type]
-    bits: int | None = Field(None, description="default: the method's (" + ", ".join(
-        f"{name} {m.default_bits}" for name, m in METHODS.items()) + "); old names " + ", ".join(
-        f"{old} = {name} with bits {bits}" for old, (name, bits) in ALIASES.items()))
+    bits: int | None = Field(None, description=bits_note())
     group_size: int = Field(128, ge=0, description="0 = per output channel")
     act_order: bool = True
     damp: float = Field(0.01, gt=0, lt=1)

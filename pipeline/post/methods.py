@@ -75,6 +75,13 @@ ALIASES: dict[str, tuple[str, int]] = {"rtn4": ("rtn", 4), "gptq4": ("gptq", 4)}
 LEGACY_LOADERS = {"pipeline.post.formats:load_packed": "packed", "pipeline.post.quantize:load_int8": "torchao-int8"}
 
 
+def bits_note() -> str:
+    """What the config schema says about `bits`."""
+    defaults = ", ".join(f"{name} {m.default_bits}" for name, m in METHODS.items())
+    old = ", ".join(f"{alias} = {name} with bits {bits}" for alias, (name, bits) in ALIASES.items())
+    return f"default: the method's ({defaults}); old names {old}"
+
+
 def format_of(config: dict, where: str | Path) -> Format:
     """The format a quantized MODEL dir's config.json names (config.json is data: only names in FORMATS count)."""
     quant = config.get("quantization") or {}
