@@ -4,7 +4,7 @@
 
 Builds a Markov-chain corpus (tests/test_post_common.py: the best model must be calibrated, so
 weight noise costs measurable loss), trains a 2-layer d=128 teacher, then runs int8-weight,
-int8-dynamic, rtn4, gptq4 (group 128 and per-channel), a distilled 1-layer student vs the same
+int8-dynamic, rtn and gptq at 4 bits (group 128 and per-channel), a distilled 1-layer student vs the same
 student trained from scratch on the same tokens, and 2:4 pruning with recovery. Prints one JSON
 line per figure {"bench", "value", "unit", "reference", "ratio"} and the comparison table.
 """
@@ -53,10 +53,10 @@ def run(seed: int, out: Path, threads: int, table: bool) -> dict:
     for name, cfg in {
         "int8-weight": QuantizeConfig(method="int8-weight", eval_windows=0),
         "int8-dynamic": QuantizeConfig(method="int8-dynamic", eval_windows=0),
-        "rtn4-g128": QuantizeConfig(method="rtn4", group_size=128, eval_windows=0),
-        "gptq4-g128": QuantizeConfig(method="gptq4", group_size=128, calib=str(data), calib_samples=1024, eval_windows=0),
-        "rtn4-perchannel": QuantizeConfig(method="rtn4", group_size=0, eval_windows=0),
-        "gptq4-perchannel": QuantizeConfig(method="gptq4", group_size=0, calib=str(data), calib_samples=1024, eval_windows=0),
+        "rtn4-g128": QuantizeConfig(method="rtn", bits=4, group_size=128, eval_windows=0),
+        "gptq4-g128": QuantizeConfig(method="gptq", bits=4, group_size=128, calib=str(data), calib_samples=1024, eval_windows=0),
+        "rtn4-perchannel": QuantizeConfig(method="rtn", bits=4, group_size=0, eval_windows=0),
+        "gptq4-perchannel": QuantizeConfig(method="gptq", bits=4, group_size=0, calib=str(data), calib_samples=1024, eval_windows=0),
     }.items():
         quantize(teacher, cfg, out / name)
         models[name] = out / name

@@ -35,8 +35,9 @@ from pipeline.commands import (
     cmd_train,
     cmd_verify,
 )
-from pipeline.config import ConfigError, EvalConfig, KilnError, clip, first_line
+from pipeline.config import ConfigError, EvalConfig, KilnError, QuantizeConfig, clip, first_line
 from pipeline.credentials import redact
+from pipeline.quant_methods import ALIASES
 
 # --------------------------------------------------------------------------- parser
 
@@ -103,11 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["safetensors", "hf"], default="safetensors")
     p.add_argument("--out", required=True, metavar="DIR")
 
-    p = add("quantize", cmd_quantize, "Quantize a MODEL: int8 (torchao), round-to-nearest 4-bit, or GPTQ 4-bit.",
-            "kiln quantize runs/125m/model --method gptq4 --group-size 128 --calib data/prepped --out models/125m-gptq4")
+    p = add("quantize", cmd_quantize, "Quantize a MODEL: int8 (torchao), round-to-nearest or GPTQ at 2-8 bits.",
+            "kiln quantize runs/125m/model --method gptq --bits 4 --group-size 128 --calib data/prepped --out models/125m-gptq4")
     p.add_argument("model", metavar="MODEL")
-    p.add_argument("--method", choices=["int8-weight", "int8-dynamic", "rtn4", "gptq4"])
-    p.add_argument("--bits", type=int)
+    p.add_argument("--method", choices=[*get_args(QuantizeConfig.model_fields["method"].annotation), *ALIASES])
+    p.add_argument("--bits", type=int, help=QuantizeConfig.model_fields["bits"].description)
     p.add_argument("--group-size", type=int)
     p.add_argument("--calib", metavar="DIR", help="prep output dir for calibration sequences")
     p.add_argument("--out", required=True, metavar="DIR")

@@ -21,6 +21,7 @@ from data_prep.config import PrepConfig as _PrepSchema
 from data_prep.config import Strict as _Strict
 from data_prep.errors import MAX_ERROR_CHARS, ConfigError, KilnError, clip, first_line  # noqa: F401
 from pipeline.credentials import has_credentials
+from pipeline.quant_methods import ALIASES, METHODS, bits_note
 
 MAX_YAML_BYTES = 1 << 20  # a config file or --set value
 MAX_YAML_VALUES = 100_000  # scalars + containers after alias expansion (a "billion laughs" stops here)
@@ -215,8 +216,8 @@ class PrepConfig(_PrepSchema):
 
 
 class QuantizeConfig(_Strict):
-    method: Literal["int8-weight", "int8-dynamic", "rtn4", "gptq4"] = "int8-weight"
-    bits: int = Field(4, ge=2, le=8)
+    method: Literal[tuple(METHODS)] = "int8-weight"  # type: ignore[valid-type]
+    bits: int | None = Field(None, description=bits_note())
     group_size: int = Field(128, ge=0, description="0 = per output channel")
     act_order: bool = True
     damp: float = Field(0.01, gt=0, lt=1)
@@ -228,6 +229,34 @@ class QuantizeConfig(_Strict):
     eval_windows: int = Field(64, ge=0, description="val windows of --calib scored before/after; 0 skips")
     device: Literal["cpu", "cuda"] = "cpu"
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bits_from_method(cls, data: Any) -> Any:
+        """bits defaults to the method's; the old names gptq4 / rtn4 become method + bits and may not disagree."""
+        method = data.get("method", cls.model_fields["method"].default) if isinstance(data, dict) else None
+        if not isinstance(method, str):
+            return data  # pydantic says what is wrong with it
+        if method in ALIASES:
+            name, bits = ALIASES[method]
+            if data.get("bits") not in (None, bits):
+                raise ValueError(f"bits: {data['bits']} contradicts method {method} ({bits} bits); "
+                                 f"write method: {name}, bits: {data['bits']}")
+            return {**data, "method": name, "bits": bits}
+        if data.get("bits") is None and method in METHODS:
+            return {**data, "bits": METHODS[method].default_bits}
+        return data
+
+    @model_validator(mode="after")
+    def _method_rules(self) -> QuantizeConfig:
+        method = METHODS[self.method]
+        low, high = method.bits
+        if self.bits is None or not low <= self.bits <= high:
+            span = f"{low}" if low == high else f"{low}..{high}"
+            raise ValueError(f"bits: {self.method} takes {span} bits, not {self.bits}")
+        if method.calibrated and not self.calib:
+            raise ValueError(f"calib: {self.method} needs calibration data: pass --calib DIR (a `kiln prep` output)")
+        return self
 
 
 class DistillConfig(_Strict):

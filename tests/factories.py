@@ -118,6 +118,6 @@ def tiny_model_family(root: Path, vocab_size: int = 1000) -> dict[str, Path]:
     cfg = ModelConfig(style="llama", n_layer=2, n_head=4, n_embd=64, block_size=64, vocab_size=vocab_size)
     save_model_dir(GPT(cfg), cfg, root / "plain", tokenizer=tok, meta={"kiln": {"stage": "pretrain"}})
     quantize(root / "plain", QuantizeConfig(method="int8-weight", eval_windows=0), root / "int8")
-    quantize(root / "plain", QuantizeConfig(method="gptq4", calib=str(data), calib_samples=8, group_size=32,
+    quantize(root / "plain", QuantizeConfig(method="gptq", bits=4, calib=str(data), calib_samples=8, group_size=32,
                                             eval_windows=0), root / "gptq4")
     return {"plain": root / "plain", "int8": root / "int8", "gptq4": root / "gptq4", "data": data, "tokenizer": tok}

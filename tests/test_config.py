@@ -32,11 +32,13 @@ def test_every_shipped_config_validates():
             load_config(kind, path)
     for path in (ROOT / "configs" / "model").glob("*.yaml"):
         load_config("train", path)
-    for name, kind in [("int8", "quantize"), ("gptq4", "quantize"), ("distill", "distill"), ("prune", "prune")]:
+    for name, kind in [("int8", "quantize"), ("rtn4", "quantize"), ("distill", "distill"), ("prune", "prune")]:
         load_config(kind, ROOT / "configs" / "post" / f"{name}.yaml")
     for kind in ("eval", "generate"):
         paths = sorted((ROOT / "configs" / kind).glob("*.yaml"))
         assert paths and all(load_config(kind, path) for path in paths)
+    gptq = load_config("quantize", ROOT / "configs/post/gptq4.yaml", ["calib=data/prepped"])  # calib comes with the run
+    assert (gptq.method, gptq.bits) == ("gptq", 4)
 
 
 def test_extends_merges_deeply_and_child_wins(tmp_path):

@@ -65,7 +65,7 @@ def mlflow_ui_shows_the_lineage(out: Path, start_page: str) -> None:
         assert "Not registered" not in text  # the version is linked to its logged model
         assert f"Model versions\nkiln-demo\nv{int8.version}" in text
 
-        gptq = next(r for (name, _), r in runs.items() if name == "quantize" and r.data.params["method"] == "gptq4")
+        gptq = next(r for (name, _), r in runs.items() if name == "quantize" and r.data.params["method"] == "gptq")
         text = page_text(f"{server.uri}/#/experiments/{exp}/runs/{gptq.info.run_id}{ml}")
         assert "Logged models (3)" in text and "kiln-demo-hf" in text  # input, Kiln and transformers outputs
         assert "perplexity" in text and "size_mb" in text and "calibration" in text  # before/after, its dataset

@@ -16,7 +16,8 @@ from pipeline.config import QuantizeConfig
 from pipeline.evaluate import evaluate_windows
 from pipeline.model.io import load_model_dir, read_config, sha256_file
 from pipeline.post.common import size_on_disk
-from pipeline.post.quantize import quantize, quantize_int8, target_layers
+from pipeline.post.int8 import quantize_int8
+from pipeline.post.quantize import quantize, target_layers
 
 
 @pytest.fixture(scope="module")
@@ -86,11 +87,11 @@ def test_gptq4_loses_at_most_half_of_rtn4(setup):
     output layer (in 384); RTN-4 must hurt visibly for the comparison to mean anything."""
     root, data, teacher, base = setup
     rows = {}
-    for method in ("rtn4", "gptq4"):
-        out = root / method
-        summary = quantize(teacher, QuantizeConfig(method=method, group_size=128, calib=str(data), calib_samples=1024,
+    for method in ("rtn", "gptq"):
+        out = root / f"{method}4"
+        summary = quantize(teacher, QuantizeConfig(method=method, bits=4, group_size=128, calib=str(data), calib_samples=1024,
                                                    eval_windows=0), out)
-        rows[method] = (ppl(out, data), summary["size_bytes"])
+        rows[f"{method}4"] = (ppl(out, data), summary["size_bytes"])
     d_rtn, d_gptq = rows["rtn4"][0] - base["perplexity"], rows["gptq4"][0] - base["perplexity"]
     print(f"teacher ppl {base['perplexity']:.4f}  rtn4 +{d_rtn:.4f}  gptq4 +{d_gptq:.4f}")
     # ~0.1% for this converged teacher: small but well above the first-order noise of weight perturbations
@@ -104,7 +105,7 @@ def test_gptq4_loses_at_most_half_of_rtn4(setup):
 def test_other_bit_widths_load_and_order_sensibly(setup, bits):
     root, data, teacher, base = setup
     out = root / f"gptq{bits}"
-    quantize(teacher, QuantizeConfig(method="gptq4", bits=bits, calib=str(data), calib_samples=32, eval_windows=0), out)
+    quantize(teacher, QuantizeConfig(method="gptq", bits=bits, calib=str(data), calib_samples=32, eval_windows=0), out)
     q = read_config(out)["quantization"]
     assert q["bits"] == bits and q["act_order"] is True
     got = ppl(out, data)
@@ -117,14 +118,17 @@ def test_other_bit_widths_load_and_order_sensibly(setup, bits):
 def test_cli_quantize_json_and_errors(setup, capsys):
     root, data, teacher, _ = setup
     out = root / "cli-rtn"
-    assert main(["quantize", str(teacher), "--method", "rtn4", "--group-size", "64", "--calib", str(data),
+    assert main(["quantize", str(teacher), "--method", "rtn", "--bits", "3", "--group-size", "64", "--calib", str(data),
                  "--out", str(out), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert summary["method"] == "rtn4" and summary["perplexity"] > summary["parent_perplexity"]
+    assert summary["method"] == "rtn" and summary["bits"] == 3 and summary["perplexity"] > summary["parent_perplexity"]
     assert read_config(out)["quantization"]["group_size"] == 64
-    assert main(["quantize", str(teacher), "--method", "gptq4", "--out", str(root / "x")]) == 2
-    assert "calib" in capsys.readouterr().err
-    assert main(["quantize", str(out), "--method", "rtn4", "--out", str(root / "y")]) == 1  # already quantized
+    assert main(["quantize", str(teacher), "--method", "gptq", "--out", str(root / "x")]) == 2
+    assert "calib: gptq needs calibration data" in capsys.readouterr().err
+    assert main(["quantize", str(teacher), "--method", "gptq4", "--bits", "3", "--out", str(root / "x")]) == 2
+    assert "bits: 3 contradicts method gptq4 (4 bits); write method: gptq, bits: 3" in capsys.readouterr().err
+    assert not (root / "x").exists()
+    assert main(["quantize", str(out), "--method", "rtn4", "--out", str(root / "y")]) == 1  # already quantized (rtn4: the old name, still taken)
     assert "already quantized" in capsys.readouterr().err
 
 
@@ -133,10 +137,10 @@ def test_report_compares_against_the_teacher(setup):
 
     root, data, teacher, base = setup
     quantize(teacher, QuantizeConfig(method="int8-weight", eval_windows=0), root / "r-int8")
-    quantize(teacher, QuantizeConfig(method="rtn4", eval_windows=0), root / "r-rtn4")
+    quantize(teacher, QuantizeConfig(method="rtn", eval_windows=0), root / "r-rtn4")
     rows = compare({"teacher": teacher, "int8": root / "r-int8", "rtn4": root / "r-rtn4"}, data, max_windows=16)
     by = {r["model"]: r for r in rows}
-    assert by["teacher"]["stage"] == "trained" and by["int8"]["stage"] == "quantized" and by["rtn4"]["method"] == "rtn4"
+    assert by["teacher"]["stage"] == "trained" and by["int8"]["stage"] == "quantized" and by["rtn4"]["method"] == "rtn"
     assert by["rtn4"]["size_mb"] < by["int8"]["size_mb"] < by["teacher"]["size_mb"]
     assert by["int8"]["nonzero"] > 0.9 * by["teacher"]["nonzero"]
     for r in rows:

@@ -303,7 +303,7 @@ def test_5_credentials_in_the_tracking_uri_never_appear(tmp_path, capsys, monkey
     assert "S3cret" not in err and "127.0.0.1" in one_error(err)
 
     out = tmp_path / "q"
-    assert main(["quantize", str(model_dir(tmp_path / "m")), "--method", "rtn4", "--group-size", "0",
+    assert main(["quantize", str(model_dir(tmp_path / "m")), "--method", "rtn", "--group-size", "0",
                  "--out", str(out), "--tracking-uri", uri, "--json"]) == 0
     captured = capsys.readouterr()
     assert "MLflow at" in captured.err and "S3cret" not in captured.err + captured.out
@@ -555,16 +555,17 @@ def test_10_an_out_in_use_is_refused_by_every_writing_stage(tmp_path, capsys, co
 
 
 def test_a_model_config_cannot_name_a_function_to_call(tmp_path, capsys):
-    """config.json's quantization.loader picks the code that loads a quantized model: only Kiln's loaders."""
-    from pipeline.model.io import QUANT_LOADERS
-    from pipeline.post.formats import LOADER
-    from pipeline.post.quantize import INT8_LOADER
-
-    assert QUANT_LOADERS == {LOADER, INT8_LOADER}
+    """config.json names a quantized model's format; only the registry's names, and the loader paths old Kiln
+    wrote, pick code (tests/test_quant_registry.py loads such old dirs)."""
     evil = model_dir(tmp_path / "m")
     config = json.loads((evil / "config.json").read_text())
-    config["quantization"] = {"loader": "pipeline.launcher.common:run", "method": "rtn4"}  # run(path, config, ...)
+    config["quantization"] = {"loader": "pipeline.launcher.common:run", "method": "rtn"}  # run(path, config, ...)
     (evil / "config.json").write_text(json.dumps(config))
     write_sums(evil)
     assert main(["generate", str(evil), "--prompt", "hi", "--set", "tracking.enabled=false"]) == 1
-    assert "quantization.loader 'pipeline.launcher.common:run' is not a Kiln loader" in one_error(capsys.readouterr().err)
+    assert "quantization.loader 'pipeline.launcher.common:run' is not one Kiln wrote" in one_error(capsys.readouterr().err)
+    config["quantization"] = {"format": "pipeline.launcher.common:run", "method": "rtn"}
+    (evil / "config.json").write_text(json.dumps(config))
+    write_sums(evil)
+    assert main(["generate", str(evil), "--prompt", "hi", "--set", "tracking.enabled=false"]) == 1
+    assert "quantization.format 'pipeline.launcher.common:run' is not a Kiln format" in one_error(capsys.readouterr().err)

@@ -1,10 +1,11 @@
 """Any MODEL dir as a directory `transformers.AutoModelForCausalLM.from_pretrained` loads.
 
     plain (trained, distilled, pruned)  -> LlamaForCausalLM / GPT2LMHeadModel safetensors (export.to_hf)
-    int8-weight / int8-dynamic          -> the same model quantized by transformers' torchao integration,
-                                           Kiln's int8 codes copied in bit for bit (hf/quantized.py)
-    gptq4 / rtn4                        -> the standard packed GPTQ layout (qweight/qzeros/scales/g_idx,
-                                           quantization_config quant_method gptq) (hf/quantized.py)
+    format torchao-int8 (int8-weight/-dynamic) -> the same model quantized by transformers' torchao
+                                           integration, Kiln's int8 codes copied in bit for bit
+    format packed (gptq, rtn)           -> the standard packed GPTQ layout (qweight/qzeros/scales/g_idx,
+                                           quantization_config quant_method gptq)
+(each format's writer is named in the quantization registry, pipeline/quant_methods.py; hf/quantized.py)
 
 Every form carries tokenizer.json + tokenizer_config.json checked against the model's sentencepiece
 tokenizer (on the built-in sample and, when the model's corpus is on disk, on its documents),
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import KilnError, ModelConfig
+from pipeline.config import ModelConfig
 from pipeline.hf.tokenizer import write_hf_tokenizer
 from pipeline.model.io import TOKENIZER, WEIGHTS, load_safetensors, read_config, verify_sums, write_sums
 
@@ -81,7 +82,7 @@ def save_hf(state: dict[str, torch.Tensor], cfg: ModelConfig, out: str | Path, t
 
 def export_model_dir(model_dir: str | Path, out: str | Path) -> dict:
     """A MODEL dir of any kind (plain or quantized) -> its transformers form in `out`."""
-    from pipeline.hf import quantized
+    from pipeline.quant_methods import format_of
 
     model_dir, out = Path(model_dir), Path(out)
     verify_sums(model_dir)
@@ -92,10 +93,6 @@ def export_model_dir(model_dir: str | Path, out: str | Path) -> dict:
     method = (config.get("quantization") or {}).get("method")
     if method is None:
         info = save_hf(load_safetensors(model_dir / WEIGHTS), cfg, out, tok, meta)
-    elif method.startswith("int8"):
-        info = quantized.save_int8(model_dir, config, out) | finish(out, cfg, tok, meta)
-    elif method in ("gptq4", "rtn4"):
-        info = quantized.save_gptq(model_dir, config, out) | finish(out, cfg, tok, meta)
     else:
-        raise KilnError(f"{model_dir / 'config.json'}: quantization method {method!r} has no transformers form")
+        info = format_of(config, model_dir / "config.json").to_hf(model_dir, config, out) | finish(out, cfg, tok, meta)
     return {"out": str(out), "format": "hf", "style": cfg.style, "quantization": method, **info}

@@ -65,7 +65,7 @@ def save_int8(model_dir: Path, config: dict, out: Path) -> dict:
     from transformers import AutoModelForCausalLM, TorchAoConfig
 
     from pipeline.export import to_hf
-    from pipeline.post.quantize import torchao_config
+    from pipeline.post.int8 import torchao_config
 
     cfg = ModelConfig.model_validate(config["model"])
     _llama_only(model_dir, cfg, "int8")
@@ -129,7 +129,7 @@ def v1_codes(q: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor, bits: in
 
 def save_gptq(model_dir: Path, config: dict, out: Path) -> dict:
     from pipeline.export import _hf_config, hf_state_dict
-    from pipeline.post.formats import unpack
+    from pipeline.post.packed import unpack
 
     cfg = ModelConfig.model_validate(config["model"])
     _llama_only(model_dir, cfg, "GPTQ")

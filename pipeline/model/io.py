@@ -3,14 +3,13 @@
 
 Weights cross machines and people, so they are only ever stored as safetensors
 (never pickles). `SHA256SUMS` lets `kiln fetch` and loaders detect corruption.
-A config.json `"quantization"` entry marks a quantized model; its loader lives
-with the quantizer (pipeline/post/) and is looked up here by name.
+A config.json `"quantization"` entry marks a quantized model; it names its format, whose loader
+the quantization registry (pipeline/quant_methods.py) holds.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import os
 import pickle
@@ -27,6 +26,7 @@ from data_prep.confine import escapes
 from pipeline.config import KilnError, ModelConfig, first_line
 from pipeline.model.gpt import GPT
 from pipeline.model.weights import WEIGHTS, DictWeights, Weights, save_weights
+from pipeline.quant_methods import load_quantized
 
 CONFIG = "config.json"
 TOKENIZER = "tokenizer.model"
@@ -36,9 +36,7 @@ FETCH_MARKER = ".kiln-fetched.json"  # written by `kiln fetch` next to what it v
 # is the run record a stage whose --out is a MODEL dir (quantize, prune) writes there (pipeline/tracking/common.py).
 UNLISTED_OK = {SUMS, FETCH_MARKER, "mlflow_run.json"}
 FORMAT_VERSION = 1
-# The quantized formats' loaders (pipeline/post/formats.py LOADER, pipeline/post/quantize.py INT8_LOADER),
-# named in config.json "quantization.loader"; tests/test_security.py checks this list against them.
-QUANT_LOADERS = frozenset({"pipeline.post.formats:load_packed", "pipeline.post.quantize:load_int8"})
+# Loads a quantized MODEL dir by the format its config.json names; a layer above this one, imported when needed.
 _SUMS_LINE = re.compile(r"([0-9a-f]{64}) [ *](.+)")  # sha256sum's text and binary forms
 
 
@@ -211,13 +209,8 @@ def load_model_dir(path: str | Path, verify: bool = True, device: str = "cpu") -
     if verify:
         verify_sums(path)
     config = read_config(path)
-    quant = config.get("quantization")
-    if quant:  # e.g. {"loader": "pipeline.post.formats:load_packed", ...}
-        if quant.get("loader") not in QUANT_LOADERS:  # config.json is data: it may not name any function to call
-            raise KilnError(f"{path / CONFIG}: quantization.loader {str(quant.get('loader'))[:100]!r} is not a "
-                            f"Kiln loader ({', '.join(sorted(QUANT_LOADERS))})")
-        module, _, func = quant["loader"].partition(":")
-        model = getattr(importlib.import_module(module), func)(path, config, device)
+    if config.get("quantization"):  # e.g. {"format": "packed", "method": "gptq", "bits": 4, ...}
+        model = load_quantized(path, config, device)
         return model.eval(), config
     cfg = ModelConfig.model_validate(config["model"])
     model = GPT(cfg)

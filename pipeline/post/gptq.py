@@ -1,5 +1,6 @@
 """GPTQ (Frantar et al. 2022, "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained
-Transformers") and its round-to-nearest baseline, written for Kiln's plain GPT.
+Transformers"), written for Kiln's plain GPT; it stores its codes in the packed format (packed.py, which
+also holds the round-to-nearest baseline with the same grouping).
 
 Per Linear layer, GPTQ minimises ||WX - QX||² using the Hessian H = 2XXᵀ of the
 layer's calibration inputs: columns are quantized one at a time and the error of
@@ -13,62 +14,13 @@ already-quantized blocks before it ("sequential" in the paper's code).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
+from pipeline.config import QuantizeConfig
 from pipeline.console import log, progress
-
-
-@dataclass
-class QuantizedWeight:
-    """Integer codes and the parameters that turn them back into weights: w = (q - zero) * scale."""
-
-    q: torch.Tensor  # (out, in) uint8 codes in [0, 2^bits)
-    scales: torch.Tensor  # (out, groups) fp16
-    zeros: torch.Tensor  # (out, groups) uint8
-    g_idx: torch.Tensor  # (in,) int32: group of each input column
-    bits: int
-
-    def dequantize(self, dtype=torch.float32) -> torch.Tensor:
-        g = self.g_idx.long()
-        return ((self.q.float() - self.zeros.float()[:, g]) * self.scales.float()[:, g]).to(dtype)
-
-
-def minmax_params(w: torch.Tensor, maxq: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Asymmetric min-max scale and integer zero point per row of `w` (out, cols).
-
-    The scale is rounded to fp16 here, because that is how it is stored."""
-    xmin, xmax = w.min(dim=1).values, w.max(dim=1).values
-    same = xmax <= xmin
-    xmin, xmax = torch.where(same, xmin - 1e-3, xmin), torch.where(same, xmax + 1e-3, xmax)
-    scale = ((xmax - xmin) / maxq).half().float()
-    zero = torch.clamp(torch.round(-xmin / scale), 0, maxq)
-    return scale, zero
-
-
-def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
-    """Codes of the columns of `w` (out, cols) given per-row scale and zero (out,)."""
-    return torch.clamp(torch.round(w / scale.unsqueeze(1)) + zero.unsqueeze(1), 0, maxq)
-
-
-def rtn(weight: torch.Tensor, bits: int = 4, group_size: int = 128) -> QuantizedWeight:
-    """Round-to-nearest with the same grouping and parameters as GPTQ: the baseline it must beat."""
-    w = weight.detach().float()
-    rows, cols = w.shape
-    gs = group_size if 0 < group_size < cols else cols
-    maxq = 2**bits - 1
-    q = torch.empty_like(w)
-    scales, zeros = [], []
-    for g0 in range(0, cols, gs):
-        scale, zero = minmax_params(w[:, g0:g0 + gs], maxq)
-        q[:, g0:g0 + gs] = quantize_codes(w[:, g0:g0 + gs], scale, zero, maxq)
-        scales.append(scale)
-        zeros.append(zero)
-    g_idx = (torch.arange(cols) // gs).int()
-    return QuantizedWeight(q.to(torch.uint8), torch.stack(scales, 1).half(), torch.stack(zeros, 1).to(torch.uint8),
-                           g_idx, bits)
+from pipeline.post import packed
+from pipeline.post.packed import QuantizedWeight, group_width, minmax_params
 
 
 def gptq(weight: torch.Tensor, hessian: torch.Tensor, bits: int = 4, group_size: int = 128, act_order: bool = True,
@@ -78,7 +30,7 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, bits: int = 4, group_size:
     H = hessian.detach().float().clone().to(W.device)
     rows, cols = W.shape
     maxq = 2**bits - 1
-    gs = group_size if 0 < group_size < cols else cols
+    gs = group_width(group_size, cols)
 
     dead = torch.diag(H) == 0  # inputs that never fire: their weights cannot matter
     H[dead, dead] = 1
@@ -154,10 +106,10 @@ def _run(block: nn.Module, xs: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def quantize_model(model: nn.Module, calib: torch.Tensor | None, method: str = "gptq", bits: int = 4,
-                   group_size: int = 128, act_order: bool = True, damp: float = 0.01, quantize_head: bool = False,
-                   batch_size: int = 8, device: str = "cpu") -> dict[str, QuantizedWeight]:
-    """Quantize every block Linear (and the head if asked) in place with GPTQ or RTN; return their codes.
+def quantize_model(model: nn.Module, calib: torch.Tensor, bits: int = 4, group_size: int = 128, act_order: bool = True,
+                   damp: float = 0.01, quantize_head: bool = False, batch_size: int = 8,
+                   device: str = "cpu") -> dict[str, QuantizedWeight]:
+    """Quantize every block Linear (and the head if asked) in place with GPTQ; return their codes.
 
     GPTQ runs block by block: a block's layers see inputs that went through the already-quantized
     blocks before it, and inside a block each stage (q/k/v, o, MLP in, MLP out) is quantized before
@@ -168,19 +120,8 @@ def quantize_model(model: nn.Module, calib: torch.Tensor | None, method: str = "
 
     def put(name: str, layer: nn.Linear, qw: QuantizedWeight) -> None:
         out[name] = qw
-        layer.weight = nn.Parameter(qw.dequantize(layer.weight.dtype).to(layer.weight.device), requires_grad=False)
+        packed.replace_weight(layer, qw)
 
-    if method == "rtn":
-        for i, block in enumerate(model.blocks):
-            for name, layer in block.named_modules():
-                if isinstance(layer, nn.Linear):
-                    put(f"blocks.{i}.{name}", layer, rtn(layer.weight, bits, group_size))
-        if quantize_head:
-            put("head.lm_head", model.head.lm_head, rtn(model.head.lm_head.weight, bits, group_size))
-        return out
-
-    if calib is None:
-        raise ValueError("GPTQ needs calibration tokens")
     xs = [model.embed(b.to(device)) for b in calib.split(batch_size)]
     with progress("gptq blocks", total=len(model.blocks), unit="block") as advance:
         for i, block in enumerate(model.blocks):
@@ -191,8 +132,7 @@ def quantize_model(model: nn.Module, calib: torch.Tensor | None, method: str = "
                 for n, hook in hooks.items():
                     hook.remove()
                     layer = modules[n]
-                    qw = gptq(layer.weight, hook.H, bits, group_size, act_order, damp)
-                    put(f"blocks.{i}.{n}", layer, qw)
+                    put(f"blocks.{i}.{n}", layer, gptq(layer.weight, hook.H, bits, group_size, act_order, damp))
             xs = _run(block, xs)  # the next block sees this block's quantized outputs
             advance(1)
     if quantize_head:
@@ -201,5 +141,14 @@ def quantize_model(model: nn.Module, calib: torch.Tensor | None, method: str = "
             model.head(x)
         hook.remove()
         put("head.lm_head", model.head.lm_head, gptq(model.head.lm_head.weight, hook.H, bits, group_size, act_order, damp))
-    log.info("quantized %d layers to %d bits (%s, group size %d)", len(out), bits, method, group_size)
+    log.info("quantized %d layers to %d bits (gptq, group size %d)", len(out), bits, group_size)
     return out
+
+
+def quantize(model: nn.Module, cfg: QuantizeConfig, layers: list[str], calib: torch.Tensor) -> tuple[dict, dict]:
+    """Method "gptq": the block Linears (and the head when `layers` has it); returns (tensors, quantization fields)."""
+    qweights = quantize_model(model, calib, cfg.bits, cfg.group_size, cfg.act_order, cfg.damp,
+                              "head.lm_head" in layers, device=cfg.device)
+    if set(qweights) != set(layers):
+        raise ValueError(f"gptq quantized {sorted(set(qweights) ^ set(layers))[:3]} against the layers asked for")
+    return packed.state(model, qweights), {"group_size": cfg.group_size, "act_order": cfg.act_order, "damp": cfg.damp}
