@@ -14,12 +14,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from pipeline.config import KilnError, ModelConfig
 from pipeline.model.gpt import GPT
-from pipeline.model.io import WEIGHTS, save_model_dir
+from pipeline.model.io import WEIGHTS, load_checked, load_safetensors, save_model_dir
 from pipeline.post.gptq import QuantizedWeight
 
 LOADER = "pipeline.post.formats:load_packed"
@@ -70,7 +69,7 @@ def load_packed(path: str | Path, config: dict, device: str = "cpu") -> nn.Modul
     quant = config["quantization"]
     bits = int(quant["bits"])
     model = GPT(ModelConfig.model_validate(config["model"]))
-    state = load_file(str(path / WEIGHTS))
+    state = load_safetensors(path / WEIGHTS)
     modules = dict(model.named_modules())
     for layer in quant["layers"]:
         try:
@@ -84,11 +83,5 @@ def load_packed(path: str | Path, config: dict, device: str = "cpu") -> nn.Modul
         w = QuantizedWeight(q, scales, zeros, g_idx, bits).dequantize()
         # a new Parameter: a quantized head no longer shares the (unquantized) embedding
         target.weight = nn.Parameter(w, requires_grad=False)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    expected_missing = {f"{layer}.weight" for layer in quant["layers"]}
-    if model.cfg.tie_embeddings and "head.lm_head" not in quant["layers"]:
-        expected_missing.add("head.lm_head.weight")
-    if set(missing) - expected_missing or unexpected:
-        raise KilnError(f"{path / WEIGHTS}: tensors do not match config (missing {sorted(set(missing) - expected_missing)[:3]}, "
-                        f"unexpected {sorted(unexpected)[:3]})")
+    load_checked(model, state, path / WEIGHTS, replaced=quant["layers"])
     return model.to(device)
