@@ -146,7 +146,8 @@ def distill(teacher_ref: str | Path, student_yaml: str | Path, data_dir: str | P
     win = windows(data_dir, "train", scfg.block_size)
     rank, world = accelerator.process_index, accelerator.num_processes
     out.mkdir(parents=True, exist_ok=True)
-    t0, tokens, last = time.perf_counter(), 0, {}
+    t0, last = time.perf_counter(), {}
+    tokens = start * tc.micro_batch_size * tc.grad_accum * world * scfg.block_size  # counted from step 0
     student.train()
     with progress("distill", total=tc.steps - start, unit="step", disable=not accelerator.is_main_process) as advance:
         for step in range(start, tc.steps):
