@@ -64,7 +64,7 @@ def run(seed: int, out: Path, threads: int, table: bool) -> dict:
     student_yaml.write_text("model: {style: llama, n_layer: 1, n_head: 4, n_embd: 128}\n")
     train = TrainConfig(micro_batch_size=8, steps=60, lr=2e-3, min_lr=2e-4, warmup_steps=5, precision="fp32",
                         weight_decay=0.0, seed=seed)
-    distill(teacher, student_yaml, data, out / "student", DistillConfig(train=train, checkpoint_every=0, eval_windows=0))
+    distill(teacher, student_yaml, data, out / "student", DistillConfig(train=train, eval_windows=0))
     models["student (kd)"] = out / "student" / "model"
     torch.manual_seed(seed)
     scfg = ModelConfig(style="llama", n_layer=1, n_head=4, n_embd=128, block_size=64, vocab_size=CORPUS["vocab_size"])
@@ -72,7 +72,7 @@ def run(seed: int, out: Path, threads: int, table: bool) -> dict:
     train_steps(scratch, data, 60, lr=2e-3, batch_size=8, seed=seed, min_lr=2e-4, warmup=5)
     save_model_dir(scratch, scfg, out / "scratch")
     models["student (scratch)"] = out / "scratch"
-    prune(teacher, PruneConfig(pattern="2:4", recovery_steps=100, data=str(data), lr=1e-3, eval_windows=0), out / "pruned")
+    prune(teacher, PruneConfig(pattern="2:4", data=str(data), train={"steps": 100, "lr": 1e-3, "min_lr": 1e-4}, eval_windows=0), out / "pruned")
     models["pruned 2:4"] = out / "pruned"
     rows = {r["model"]: r for r in compare(models, data, max_windows=None, threads=threads,
                                            title=f"post-training vs teacher (seed {seed})")}

@@ -151,10 +151,9 @@ def _fresh_peak(device: str = "cpu", dtype=torch.float32, n: int = 1024) -> floa
 
 
 def gpu_bench(steps: int, models: list[str]) -> None:
-    from pipeline.train import GPU_BF16_PEAK
+    from pipeline.plan import gpu_peak_flops
 
-    name = torch.cuda.get_device_name()
-    spec = next((v for k, v in GPU_BF16_PEAK.items() if k in name), None)
+    spec = gpu_peak_flops(torch.cuda.get_device_name())
     measured = _fresh_peak("cuda", torch.bfloat16, 8192)
     emit("gpu_bf16_matmul_peak", measured / 1e12, "TFLOP/s", spec / 1e12 if spec else None)
     for model in models:

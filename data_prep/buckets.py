@@ -19,7 +19,7 @@ import numpy as np
 
 from data_prep.steps.boilerplate import frequent, line_keys, unit_keys
 from data_prep.steps.exact_dedup import group_min
-from data_prep.steps.minhash_dedup import MinHasher, candidate_pairs, sketch_jaccard, unique_pairs
+from data_prep.steps.minhash_dedup import MinHasher, candidate_pairs, keep_first, sketch_jaccard, unique_pairs
 from data_prep.steps.text import text_hash
 
 PART_BITS = 32
@@ -172,3 +172,16 @@ def merge_pairs(results: list[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray
     """The verified pairs of all buckets, each pair once."""
     cat = [np.concatenate([r["near"][i] for r in results]) for i in range(3)] if results else [np.zeros(0)] * 3
     return unique_pairs(cat[0].astype(np.int64), cat[1].astype(np.int64), cat[2])
+
+
+def removals(results: list[dict]) -> tuple[dict[int, tuple[str, int, float | None]], int]:
+    """Every bucket's results -> ({removed uid: (reason, uid of the kept twin, Jaccard or None)}, similar pairs).
+    Exact duplicates first; a near duplicate is removed only for a twin still kept (`keep_first`)."""
+    removed: dict[int, tuple[str, int, float | None]] = {}
+    for r in results:
+        for u, k in zip(*(x.tolist() for x in r["exact"]), strict=True):
+            removed[u] = ("exact_dup", k, None)
+    a, b, j = merge_pairs(results)
+    for u, (k, jac) in keep_first(a, b, j, gone=frozenset(removed)).items():
+        removed[u] = ("near_dup", k, round(jac, 4))
+    return removed, len(a)

@@ -37,7 +37,6 @@ from data_prep.config import PrepConfig
 from data_prep.errors import ConfigError, KilnError, first_line
 from data_prep.eval_texts import read_sources
 from data_prep.steps import EvalIndex, build_steps
-from data_prep.steps.minhash_dedup import keep_first
 from data_prep.tokenizer import check_tokenizer, train_tokenizer
 
 log = __import__("logging").getLogger("kiln.prep")
@@ -296,15 +295,9 @@ def _dedup(ray, cfg: PrepConfig, work: Path, clean: list[dict], progress=None) -
         res = _run_tasks(ray, buckets.dedup_bucket, [(b, parts, str(work), cfg) for b in range(cfg.dedup_buckets)],
                          cfg, "dedup", [f"bucket {b} of {cfg.dedup_buckets}" for b in range(cfg.dedup_buckets)],
                          progress=progress)
-        removed: dict[int, tuple[str, int, float | None]] = {}
-        for r in res:
-            for u, k in zip(*(x.tolist() for x in r["exact"]), strict=True):
-                removed[u] = ("exact_dup", k, None)
-        a, b, j = buckets.merge_pairs(res)
-        for u, (k, jac) in keep_first(a, b, j, gone=frozenset(removed)).items():
-            removed[u] = ("near_dup", k, round(jac, 4))
+        removed, similar = buckets.removals(res)
         saved = {"removed": sorted([u, r, k, jac] for u, (r, k, jac) in removed.items()),
-                 "pairs_checked": sum(r["checked"] for r in res), "pairs_similar": len(a)}
+                 "pairs_checked": sum(r["checked"] for r in res), "pairs_similar": similar}
         stages.write_json(path, saved)
     dropped = np.array(sorted(u for u, *_ in saved["removed"]), np.int64)
     np.save(work / "dropped.npy", dropped)

@@ -148,14 +148,14 @@ def tokenize_partition(part: int, drop: np.ndarray, tokenizer: str, cfg, work: s
     """Encode a partition's surviving documents into train/val shards (EOS after each)."""
     import sentencepiece as spm
 
-    from data_prep.indexed import IndexedWriter
+    from data_prep.indexed import IndexedWriter, dtype_for_vocab
 
     marker = Path(work) / "tok" / f"{part:05d}.json"
     if marker.is_file():
         return json.loads(marker.read_text())
     sp = spm.SentencePieceProcessor(model_file=tokenizer)
     eos = sp.eos_id()
-    dtype = np.uint16 if sp.get_piece_size() < 65500 else np.int32
+    dtype = dtype_for_vocab(sp.get_piece_size())
     val_cut = int(cfg.val_fraction * 2**64)
     boilerplate = boilerplate_step(cfg, work)
     writers = {s: IndexedWriter(Path(out) / "shards" / f"{s}_{part:05d}", dtype) for s in ("train", "val")}

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import io
 import json
 import os
 import random
@@ -32,12 +33,22 @@ import torch.distributed as dist
 
 from pipeline.config import KilnError, first_line
 from pipeline.console import log
-from pipeline.model.io import check_sums, read_sums, write_sums
-from pipeline.model.weights import SHARDS_DIR, WEIGHTS, Weights, open_weights
+from pipeline.model.io import (
+    check_sums,
+    load_checked,
+    load_safetensors,
+    read_sums,
+    sha256_file,
+    unique_state_dict,
+    weights_only_loads,
+    write_sums,
+)
+from pipeline.model.weights import SHARDS_DIR, WEIGHTS, DictWeights, Weights, open_weights, save_weights
 from pipeline.parallel.topology import raise_first
 from pipeline.provenance import git_commit
 
 STATE = "kiln_state.json"
+OPTIMIZER = "optimizer.pt"  # TorchState's optimizer state (tensors and numbers only)
 LATEST = "latest"
 RANK_SUMS = ".sums"  # per-rank digests, merged into SHA256SUMS by rank 0
 _STEP = re.compile(r"step_(\d+)")
@@ -98,8 +109,8 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _write_hashed(path: Path, text: str) -> str:
-    data = text.encode()
+def _write_hashed(path: Path, text: str | bytes) -> str:
+    data = text.encode() if isinstance(text, str) else text
     path.write_bytes(data)
     return hashlib.sha256(data).hexdigest()
 
@@ -229,6 +240,16 @@ def read_state(path: str | Path) -> dict:
         raise KilnError(f"{path}: cannot read checkpoint state ({err})") from None
 
 
+def pretrain_meta(state: dict, tokenizer: str | Path | None, **extra) -> dict:
+    """The `kiln` block of a pretrained MODEL's config.json, from the state of the checkpoint it comes from:
+    what `kiln train` writes at the end and `kiln export` writes from any checkpoint, built here only."""
+    digests = state.get("data_digests")
+    return {"kiln": {"stage": "pretrain", "step": state["step"], "data_digests": digests,
+                     "data_digest": (digests or [None])[0],
+                     "tokenizer_sha256": sha256_file(tokenizer) if tokenizer else None,
+                     "git_commit": state.get("code_commit"), "train_config": state["config"], **extra}}
+
+
 def load_weights(path: str | Path, verified: bool = False) -> Weights:
     """The plain weights of a checkpoint dir (sharded or old) or a MODEL dir, read lazily, tensor by tensor.
     Checks the files it will read against SHA256SUMS unless the caller has (`verified`)."""
@@ -242,3 +263,45 @@ def restore_rng(path: Path) -> None:
     rng = Path(path) / "rng" / f"rank_{_rank():05d}.json"
     if rng.exists():
         set_rng_state(json.loads(rng.read_text()))
+
+
+def trim_metrics(path: Path, step: int) -> None:
+    """On resume drop metrics.jsonl lines logged after the checkpoint (they will be logged again) and a
+    torn last line."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue  # the process died while writing this line
+    path.write_text("".join(ln + "\n" for ln in keep))
+
+
+# --------------------------------------------------------------------------- plain PyTorch (distill, prune recovery)
+
+
+class TorchState:
+    """The `engine` save_checkpoint takes, for one plain module and its optimizer (one process, or data
+    parallel where every rank holds the same state): rank 0 writes the weights (model.safetensors, read
+    like an old-layout checkpoint) and the optimizer state, each hashed as it is written; every rank's
+    RNG is written by save_checkpoint. `load` restores both from a verified checkpoint."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+        self.model, self.optimizer = model, optimizer
+
+    def save(self, directory: Path) -> dict[str, str]:
+        if _rank() != 0:
+            return {}
+        buf = io.BytesIO()
+        torch.save(self.optimizer.state_dict(), buf)
+        return {WEIGHTS: save_weights(DictWeights(unique_state_dict(self.model)), directory / WEIGHTS,
+                                      {"format": "pt"}, dtype=None),
+                OPTIMIZER: _write_hashed(directory / OPTIMIZER, buf.getvalue())}
+
+    def load(self, path: Path) -> None:
+        load_checked(self.model, load_safetensors(path / WEIGHTS), path / WEIGHTS)
+        with weights_only_loads(path / OPTIMIZER, []):
+            self.optimizer.load_state_dict(torch.load(path / OPTIMIZER, weights_only=True))

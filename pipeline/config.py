@@ -140,8 +140,10 @@ class DataConfig(_Strict):
 
 
 class CheckpointConfig(_Strict):
-    every: int = Field(100, ge=1)
-    keep: int = Field(3, ge=1)
+    """OUT/checkpoints of train and distill, OUT.checkpoints of prune's recovery (pipeline/checkpoint.py)."""
+
+    every: int = Field(100, ge=1, description="steps between checkpoints; one is also written at the last step")
+    keep: int = Field(3, ge=1, description="newest checkpoints kept")
 
 
 class TrackingConfig(_Strict):
@@ -265,22 +267,37 @@ class DistillConfig(_Strict):
     hidden_weight: float = Field(0.0, ge=0)
     layer_stride: int = Field(2, ge=1, description="student layer i starts from teacher layer i*stride")
     train: TrainConfig = Field(default_factory=TrainConfig)
-    checkpoint_every: int = Field(100, ge=0, description="steps between checkpoints in OUT/checkpoints; 0 = none")
-    keep: int = Field(2, ge=1, description="checkpoints kept")
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     eval_windows: int = Field(64, ge=0, description="val windows scored at the end; 0 skips")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+
+class RecoveryConfig(TrainConfig):
+    """Pruning's recovery fine-tuning: train's fields, with defaults for a short run (none by default)."""
+
+    steps: int = Field(0, ge=0, description="recovery fine-tuning steps; 0 = none")
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    seed: int = 0
 
 
 class PruneConfig(_Strict):
     sparsity: float = Field(0.5, ge=0, lt=1)
     pattern: Literal["unstructured", "2:4"] = "unstructured"
-    recovery_steps: int = Field(0, ge=0)
     data: str | None = Field(None, description="prep output DIR: recovery fine-tuning and perplexity")
-    lr: float = Field(3e-4, gt=0, description="recovery fine-tuning peak learning rate")
-    micro_batch_size: int = Field(8, ge=1)
-    seed: int = 0
+    train: RecoveryConfig = Field(default_factory=RecoveryConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     eval_windows: int = Field(64, ge=0, description="val windows scored before/after; 0 skips")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @model_validator(mode="after")
+    def _pattern_and_recovery(self) -> PruneConfig:
+        if self.pattern == "2:4" and abs(self.sparsity - 0.5) > 1e-9:
+            raise ValueError(f"sparsity: {self.sparsity} with pattern 2:4, which is exactly 0.5 by definition")
+        if self.train.steps and not self.data:
+            raise ValueError("data: train.steps > 0 (recovery fine-tuning) needs training data: "
+                             "--set data=DIR (a `kiln prep` output)")
+        return self
 
 
 # --------------------------------------------------------------------------- eval / generate

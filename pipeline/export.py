@@ -18,7 +18,16 @@ from pathlib import Path
 
 import torch
 
-from pipeline.checkpoint import LATEST, STATE, load_weights, newest_complete, read_state, verify, weights_only
+from pipeline.checkpoint import (
+    LATEST,
+    STATE,
+    load_weights,
+    newest_complete,
+    pretrain_meta,
+    read_state,
+    verify,
+    weights_only,
+)
 from pipeline.config import KilnError, ModelConfig
 from pipeline.data.corpus import PreparedCorpus
 from pipeline.model.io import CONFIG, TOKENIZER, read_config, save_model_dir, verify_sums
@@ -70,10 +79,7 @@ def load_source(src: str | Path, verified: bool = False) -> tuple[Weights, Model
                 cand = PreparedCorpus(data_dir, verify=False).tokenizer_path
                 tok = cand if cand.exists() else None
                 break
-        meta = {"kiln": {"stage": "pretrain", "step": state["step"], "data_digests": state.get("data_digests"),
-                         "data_digest": (state.get("data_digests") or [None])[0], "git_commit": state.get("code_commit"),
-                         "train_config": run, "exported_from": str(path)}}
-        return load_weights(path, verified), cfg, tok, meta
+        return load_weights(path, verified), cfg, tok, pretrain_meta(state, tok, exported_from=str(path))
     if not verified:
         verify_sums(path)
     config = read_config(path)

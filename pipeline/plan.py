@@ -15,7 +15,8 @@ from pathlib import Path
 from pipeline.config import ConfigError, ModelConfig, load_yaml
 from pipeline.model.flops import param_counts
 
-# Dense bf16 tensor-core peaks from vendor spec sheets (FLOP/s per GPU).
+# Dense bf16 tensor-core peaks from vendor spec sheets (FLOP/s per GPU; V100: fp16, it has no bf16).
+# The one table: `kiln plan` budgets with it and training's MFU divides by it (gpu_peak_flops).
 GPU_PEAK_FLOPS = {
     "h100": 989e12,
     "h200": 989e12,
@@ -28,6 +29,12 @@ GPU_PEAK_FLOPS = {
 DEFAULT_VOCAB = 50304
 GIB = 2**30
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "model"
+
+
+def gpu_peak_flops(device_name: str) -> float | None:
+    """The spec peak of a GPU from its device name (e.g. "NVIDIA H100 80GB HBM3"), or None if unknown."""
+    name = device_name.lower()
+    return next((peak for gpu, peak in GPU_PEAK_FLOPS.items() if gpu in name), None)
 
 
 def budget_flops(gpus: int, hours: float, gpu: str = "h100", mfu: float = 0.4) -> float:

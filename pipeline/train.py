@@ -22,25 +22,25 @@ import torch.distributed as dist
 
 from pipeline.checkpoint import (
     find_checkpoint,
-    git_commit,
     load_weights,
+    pretrain_meta,
     read_state,
     restore_rng,
     save_checkpoint,
+    trim_metrics,
     weights_only,
 )
 from pipeline.config import ConfigError, KilnError, RunConfig, first_line
 from pipeline.console import log, progress
 from pipeline.data.sampler import TrainData, rank_slice
 from pipeline.model.flops import flops_per_token
-from pipeline.model.io import save_model_dir, sha256_file
+from pipeline.model.io import save_model_dir
 from pipeline.model.weights import open_weights
 from pipeline.parallel.engine import Engine, lr_at
 from pipeline.parallel.topology import init_distributed, make_layout
+from pipeline.plan import gpu_peak_flops
 from pipeline.preflight import check_resume, check_vocab
 
-# dense bf16 peaks per GPU (spec sheets), for MFU
-GPU_BF16_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "B200": 2250e12}
 PEAK_CACHE = Path.home() / ".cache" / "kiln" / "peak_flops.json"
 
 
@@ -84,8 +84,7 @@ def peak_flops(cfg: RunConfig, world: int) -> float:
     if cfg.train.peak_flops:
         return cfg.train.peak_flops * (world if torch.cuda.is_available() else 1)
     if torch.cuda.is_available():
-        name = torch.cuda.get_device_name()
-        spec = next((v for k, v in GPU_BF16_PEAK.items() if k in name), None)
+        spec = gpu_peak_flops(torch.cuda.get_device_name())
         if spec and cfg.train.precision != "fp32":
             return spec * world
         return measured_peak_flops(torch.float32 if cfg.train.precision == "fp32" else torch.bfloat16,
@@ -112,20 +111,6 @@ def _broadcast(obj):
 def _layout_key(cfg: RunConfig, world: int) -> dict:
     p = cfg.parallel
     return {"tp": p.tp, "pp": p.pp, "zero_stage": p.zero_stage, "world": world, "precision": cfg.train.precision}
-
-
-def _trim_metrics(path: Path, step: int) -> None:
-    """On resume drop lines logged after the checkpoint (they will be logged again) and a torn last line."""
-    if not path.exists():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line)["step"] <= step:
-                keep.append(line)
-        except (ValueError, KeyError, TypeError):
-            continue  # the process died while writing this line
-    path.write_text("".join(ln + "\n" for ln in keep))
 
 
 def _open_data(cfg: RunConfig, layout) -> TrainData:
@@ -246,7 +231,7 @@ def _train(cfg: RunConfig, on_log, on_checkpoint, on_end) -> dict:
     if resume is not None:
         log.info("resumed from %s (step %d, %d samples consumed)", resume, step, consumed)
     if rank0:  # a fresh start (e.g. every checkpoint was corrupt) must not append to old lines
-        _trim_metrics(metrics_path, step)
+        trim_metrics(metrics_path, step)
 
     global_batch = t.micro_batch_size * engine.accum * layout.dp
     tokens_per_step = global_batch * cfg.model.block_size
@@ -319,10 +304,8 @@ def _train(cfg: RunConfig, on_log, on_checkpoint, on_end) -> dict:
     if rank0:  # streamed tensor by tensor from the last checkpoint's weight slices: nothing is gathered
         weights = open_weights(newest)
         tok = data.tokenizer
-        meta = {"kiln": {"stage": "pretrain", "step": step, "data_digests": data.digests,
-                         "data_digest": data.digests[0], "tokenizer_sha256": sha256_file(tok) if tok else None,
-                         "git_commit": git_commit(), "train_config": cfg.model_dump(mode="json")}}
-        save_model_dir(weights, cfg.model, model_dir, tokenizer=tok, meta=meta, as_float32=True)
+        save_model_dir(weights, cfg.model, model_dir, tokenizer=tok, meta=pretrain_meta(read_state(newest), tok),
+                       as_float32=True)
         log.info("model written to %s", model_dir)
         if on_end:
             on_end(model_dir)

@@ -121,3 +121,21 @@ def tiny_model_family(root: Path, vocab_size: int = 1000) -> dict[str, Path]:
     quantize(root / "plain", QuantizeConfig(method="gptq", bits=4, calib=str(data), calib_samples=8, group_size=32,
                                             eval_windows=0), root / "gptq4")
     return {"plain": root / "plain", "int8": root / "int8", "gptq4": root / "gptq4", "data": data, "tokenizer": tok}
+
+
+def dedup_texts(work: Path, texts: list[str], **minhash) -> list[tuple[str, int, float | None] | None]:
+    """Exact and near-dup removal of `texts` through the prep path (one partition: KeyChunks ->
+    dedup_bucket per bucket -> removals): per text, None or (reason, index of the kept twin, Jaccard)."""
+    from data_prep import buckets
+    from data_prep.config import PrepConfig
+    from data_prep.document import Document
+
+    cfg = PrepConfig(minhash=minhash, boilerplate={"enabled": False})
+    keys = buckets.KeyChunks(Path(work) / "clean" / "00000", 0, cfg, lambda doc_id: 0)
+    keys.dir.mkdir(parents=True, exist_ok=True)
+    for i, text in enumerate(texts):
+        keys.add(Document(f"d{i}", text))
+    keys.close()
+    results = [buckets.dedup_bucket(b, [0], str(work), cfg) for b in range(cfg.dedup_buckets)]
+    removed, _ = buckets.removals(results)
+    return [removed.get(i) for i in range(len(texts))]

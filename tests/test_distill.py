@@ -12,11 +12,13 @@ import torch
 from safetensors.torch import load_file
 from test_post_common import shared_teacher
 
+from pipeline.checkpoint import TorchState
 from pipeline.cli import main
-from pipeline.config import ConfigError, DistillConfig, ModelConfig, TrainConfig
+from pipeline.config import ConfigError, DistillConfig, ModelConfig, RunConfig, TrainConfig
 from pipeline.evaluate import evaluate_windows
 from pipeline.model.gpt import GPT
 from pipeline.model.io import load_model_dir
+from pipeline.parallel.engine import lr_at
 from pipeline.post.distill import distill, distill_loss, init_from_teacher
 from pipeline.post.finetune import train_steps
 
@@ -33,7 +35,7 @@ def setup(tmp_path_factory):
 def cfg(steps: int, **kw) -> DistillConfig:
     train = TrainConfig(micro_batch_size=8, steps=steps, lr=2e-3, min_lr=2e-4, warmup_steps=5, precision="fp32",
                         weight_decay=0.0, seed=7, log_every=5)
-    return DistillConfig(train=train, **{"checkpoint_every": 0, "eval_windows": 64, **kw})
+    return DistillConfig(train=train, **{"eval_windows": 64, **kw})
 
 
 def test_distilled_student_beats_scratch_on_same_tokens(setup):
@@ -56,21 +58,56 @@ def test_distilled_student_beats_scratch_on_same_tokens(setup):
     assert lines[-1]["step"] == steps and {"kl", "ce", "lr", "tokens"} <= set(lines[-1])
 
 
-def test_resume_continues_exactly(setup):
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path / "model" / "model.safetensors"))
+
+
+def metrics(out: Path) -> list[dict]:
+    """metrics.jsonl without the wall-clock field."""
+    return [{k: v for k, v in json.loads(x).items() if k != "elapsed_s"} for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_interrupted_or_corrupt_checkpoints_resume_to_the_same_result(setup, monkeypatch, caplog):
+    """Training's checkpoint protocol: a save interrupted before its rename leaves only a temp dir, the run
+    resumes from the previous checkpoint; a corrupt newest checkpoint is skipped for the one before. Both
+    land on the weights and metrics of the uninterrupted run, on train's LR schedule."""
     root, data, teacher, student = setup
-    c = cfg(10, checkpoint_every=5, hidden_weight=0.5, eval_windows=0)
+    c = cfg(10, checkpoint={"every": 5, "keep": 2}, hidden_weight=0.5, eval_windows=0)
     distill(teacher, student, data, root / "full", c)
-    distill(teacher, student, data, root / "cut", c)
-    # pretend the run died after step 5: drop the later checkpoint and the finished model
+    ref = weights(root / "full")
+    sched = RunConfig(train=c.train)
+    assert [m["lr"] for m in metrics(root / "full")] == [lr_at(4, sched), lr_at(9, sched)]
+
+    real_save = TorchState.save
+
+    def save_then_die(self, directory):  # killed while writing step 10, after its files, before the rename
+        written = real_save(self, directory)
+        if directory.name == ".tmp-step_0000010":
+            raise KeyboardInterrupt
+        return written
+
+    monkeypatch.setattr(TorchState, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        distill(teacher, student, data, root / "cut", c)
+    monkeypatch.undo()
     ckpts = root / "cut" / "checkpoints"
-    shutil.rmtree(ckpts / "step_0000010")
-    (ckpts / "latest").write_text("step_0000005\n")
+    assert sorted(p.name for p in ckpts.iterdir()) == [".tmp-step_0000010", "latest", "step_0000005"]
+    assert distill(teacher, student, data, root / "cut", c)["resumed_from"] == 5
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_0000005", "step_0000010"]
+    got = weights(root / "cut")
+    assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
+    assert metrics(root / "cut") == metrics(root / "full")  # the step-10 line is not doubled
+
+    newest = ckpts / "step_0000010" / "model.safetensors"  # flip one byte of the newest weights
+    data_bytes = bytearray(newest.read_bytes())
+    data_bytes[-1] ^= 0xFF
+    newest.write_bytes(bytes(data_bytes))
     shutil.rmtree(root / "cut" / "model")
-    summary = distill(teacher, student, data, root / "cut", c)
-    assert summary["resumed_from"] == 5
-    a, b = load_file(str(root / "full/model/model.safetensors")), load_file(str(root / "cut/model/model.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_0000005", "step_0000010"]
+    with caplog.at_level("WARNING"):
+        assert distill(teacher, student, data, root / "cut", c)["resumed_from"] == 5
+    assert "step_0000010 is unusable" in caplog.text and "checksum mismatch" in caplog.text
+    got = weights(root / "cut")
+    assert all(torch.equal(got[k], ref[k]) for k in ref)
 
 
 def test_student_config_rules(setup, tmp_path, caplog):
@@ -127,7 +164,7 @@ def test_two_processes_match_one_with_the_same_global_batch(setup, tmp_path):
     root, data, teacher, student = setup
     args = ["distill", "--teacher", str(teacher), "--student-config", str(student), "--data", str(data),
             "--set", "train.steps=3", "--set", "train.precision=fp32", "--set", "eval_windows=0",
-            "--set", "checkpoint_every=0", "--json"]
+            "--json"]
     repo = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": repo}
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",

@@ -7,11 +7,10 @@ import random
 
 import numpy as np
 import pytest
+from factories import dedup_texts
 
 from data_prep import buckets, readers, stages
 from data_prep.config import PrepConfig
-from data_prep.document import Document
-from data_prep.steps import MinHashDedup
 from data_prep.steps.minhash_dedup import MinHasher, candidate_pairs, keep_first, sketch_jaccard
 
 VOCAB = [f"w{i}" for i in range(20000)]
@@ -67,17 +66,17 @@ def test_keep_first_names_a_kept_document_and_never_chains():
     assert keep_first(later[order], earlier[order], jac[order], gone=frozenset({6})) == removed
 
 
-def test_stream_dedup_removes_pairs_above_the_threshold_only():
+def test_stream_dedup_removes_pairs_above_the_threshold_only(tmp_path):
     rng = random.Random(3)
     base = [rng.choice(VOCAB) for _ in range(300)]
     close, far = edited(base, 3, rng), edited(base, 25, rng)  # Jaccard ~0.9 and ~0.45
     texts = [" ".join(w) for w in (base, far, close)]
     assert shingle_jaccard(texts[0], texts[2]) > 0.85 and shingle_jaccard(texts[0], texts[1]) < 0.6
-    out = list(MinHashDedup()(Document(f"d{i}", t) for i, t in enumerate(texts)))
-    assert [d.removed for d in out] == [None, None, "near_dup"] and out[2].detail == "d0"
-    assert out[2].meta["jaccard"] == pytest.approx(shingle_jaccard(texts[0], texts[2]), abs=1e-4)
-    looser = list(MinHashDedup(threshold=0.4)(Document(f"d{i}", t) for i, t in enumerate(texts)))
-    assert [d.removed for d in looser] == [None, "near_dup", "near_dup"]
+    out = dedup_texts(tmp_path, texts)
+    assert out[:2] == [None, None] and out[2][:2] == ("near_dup", 0)
+    assert out[2][2] == pytest.approx(shingle_jaccard(texts[0], texts[2]), abs=1e-4)
+    looser = dedup_texts(tmp_path / "loose", texts, threshold=0.4)
+    assert [r and r[0] for r in looser] == [None, "near_dup", "near_dup"]
 
 
 def test_twins_that_filters_make_diverge_are_still_found(tmp_path):

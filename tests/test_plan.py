@@ -4,7 +4,15 @@ import pytest
 
 from pipeline.config import ConfigError, ModelConfig
 from pipeline.model.flops import flops_per_token, param_counts
-from pipeline.plan import budget_flops, compute_optimal, make_plan, memory_per_gpu, nearest_model
+from pipeline.plan import (
+    GPU_PEAK_FLOPS,
+    budget_flops,
+    compute_optimal,
+    gpu_peak_flops,
+    make_plan,
+    memory_per_gpu,
+    nearest_model,
+)
 
 
 def test_chinchilla_paper_point():
@@ -19,6 +27,16 @@ def test_gopher_budget_gives_smaller_model_than_gopher():
     # Same budget as Gopher (280B params, 300B tokens): Chinchilla says ~4x fewer params.
     opt = compute_optimal(6 * 280e9 * 300e9)
     assert 50e9 < opt["params"] < 80e9
+
+
+def test_one_gpu_peak_table_for_plan_and_training_mfu():
+    """`kiln plan --gpu` and training's MFU (torch.cuda.get_device_name()) read the same table."""
+    assert gpu_peak_flops("NVIDIA H100 80GB HBM3") == GPU_PEAK_FLOPS["h100"] == 989e12
+    assert gpu_peak_flops("NVIDIA A100-SXM4-40GB") == GPU_PEAK_FLOPS["a100"]
+    assert gpu_peak_flops("NVIDIA A10G") == GPU_PEAK_FLOPS["a10g"]
+    assert gpu_peak_flops("NVIDIA H200") == GPU_PEAK_FLOPS["h200"]
+    assert gpu_peak_flops("Some Future Accelerator") is None
+    assert budget_flops(1, 1 / 3600, "a10g", mfu=1.0) == gpu_peak_flops("NVIDIA A10G")
 
 
 def test_budget_from_gpus_hours():

@@ -14,20 +14,21 @@ import torch
 from factories import EOS, fake_corpus
 
 from data_prep.indexed import IndexedWriter
-from pipeline.config import KilnError, ModelConfig
+from pipeline.config import KilnError, ModelConfig, RunConfig
 from pipeline.evaluate import evaluate_windows
 from pipeline.model.gpt import GPT
 from pipeline.model.io import save_model_dir
+from pipeline.parallel.engine import lr_at
 from pipeline.post.common import (
     batch_at,
     calib_tokens,
-    cosine_lr,
     lineage,
     model_path,
     nonzero_params,
     windows,
 )
 from pipeline.post.finetune import train_steps
+from pipeline.schedule import warmup_cosine
 
 TEACHER = dict(style="llama", n_layer=2, n_head=4, n_embd=128, block_size=64)
 TEACHER_STEPS = 800
@@ -111,10 +112,14 @@ def test_calib_tokens_come_from_train_windows(phrases):
     assert torch.equal(calib, calib_tokens(phrases, 5, 16, seed=1))
 
 
-def test_cosine_schedule():
-    assert cosine_lr(0, 100, 1.0, 0.1, 10) == pytest.approx(0.1)
-    assert cosine_lr(9, 100, 1.0, 0.1, 10) == pytest.approx(1.0)
-    assert cosine_lr(100, 100, 1.0, 0.1, 10) == pytest.approx(0.1)
+def test_one_schedule_for_train_distill_and_recovery():
+    """Train's lr_at and the post-training loops call the same warmup+cosine function."""
+    assert warmup_cosine(0, 100, 1.0, 0.1, 10) == pytest.approx(0.1)
+    assert warmup_cosine(9, 100, 1.0, 0.1, 10) == pytest.approx(1.0)
+    assert warmup_cosine(100, 100, 1.0, 0.1, 10) == pytest.approx(0.1)
+    assert warmup_cosine(55, 100, 1.0, 0.1, 10) == pytest.approx(0.55)
+    cfg = RunConfig.model_validate({"train": {"lr": 1.0, "min_lr": 0.1, "warmup_steps": 10, "steps": 100}})
+    assert [lr_at(s, cfg) for s in range(120)] == [warmup_cosine(s, 100, 1.0, 0.1, 10) for s in range(120)]
 
 
 def test_model_refs_and_lineage(tmp_path):
@@ -146,4 +151,5 @@ def test_shipped_post_configs_validate(root):
 
     for path in sorted((root / "configs" / "post").glob("*.yaml")):
         kind = {"distill": "distill", "prune": "prune"}.get(path.stem, "quantize")
-        load_config(kind, path)
+        calib = ["calib=data/prepped"] if path.stem.startswith("gptq") else []  # gptq needs calibration data
+        load_config(kind, path, calib)

@@ -8,11 +8,12 @@ import pytest
 import torch
 from test_post_common import markov_corpus, train_teacher
 
+from pipeline.checkpoint import TorchState, step_dirs, verify
 from pipeline.cli import main
-from pipeline.config import ConfigError, PruneConfig
+from pipeline.config import ConfigError, PruneConfig, build
 from pipeline.model.io import load_model_dir
 from pipeline.post.common import block_linears
-from pipeline.post.prune import prune, two_four_mask, unstructured_mask
+from pipeline.post.prune import prune, recovery_checkpoints, two_four_mask, unstructured_mask
 
 
 @pytest.fixture(scope="module")
@@ -34,10 +35,11 @@ def test_masks_keep_the_largest_weights():
 
 
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
-def test_prune_with_recovery_keeps_mask_and_recovers(setup, pattern):
+def test_prune_with_recovery_keeps_mask_and_recovers(setup, pattern, monkeypatch, caplog):
     root, data, teacher = setup
     out = root / f"pruned-{pattern}"
-    cfg = PruneConfig(sparsity=0.5, pattern=pattern, recovery_steps=30, data=str(data), lr=1e-3, eval_windows=32)
+    cfg = PruneConfig(sparsity=0.5, pattern=pattern, data=str(data), train={"steps": 30, "lr": 1e-3, "min_lr": 1e-4},
+                      eval_windows=32, checkpoint={"every": 20, "keep": 1})
     s = prune(teacher, cfg, out)
     model, config = load_model_dir(out)
     for name, layer in block_linears(model).items():
@@ -51,14 +53,39 @@ def test_prune_with_recovery_keeps_mask_and_recovers(setup, pattern):
     assert s["perplexity"] < s["pruned_perplexity"]  # recovery fine-tuning helped, with the mask kept
     kiln = config["kiln"]
     assert kiln["stage"] == "pruned" and kiln["pattern"] == pattern and kiln["parent_model"] == str(teacher)
+    assert kiln["recovery_steps"] == 30 and len(s["recovery_losses"]) == 30
+    ckpts = recovery_checkpoints(out)  # training's protocol: checksummed, keep-N, `latest`
+    assert ckpts == root / f"pruned-{pattern}.checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_0000030"]
+    verify(ckpts / "step_0000030")
+    if pattern == "unstructured":  # interrupted after step 20: a rerun resumes there and lands on the same model
+        again, quick = root / "again", cfg.model_copy(update={"eval_windows": 0})  # evals do not change training
+        real_save = TorchState.save
+
+        def save_then_die(self, directory):
+            if directory.name == ".tmp-step_0000030":
+                raise KeyboardInterrupt
+            return real_save(self, directory)
+
+        with monkeypatch.context() as m:
+            m.setattr(TorchState, "save", save_then_die)
+            with pytest.raises(KeyboardInterrupt):
+                prune(teacher, quick, again)
+        assert not again.exists() and step_dirs(recovery_checkpoints(again))[0].name == "step_0000020"
+        with caplog.at_level("INFO"):
+            s2 = prune(teacher, quick, again)
+        assert "resuming from" in caplog.text and s2["recovery_losses"] == s["recovery_losses"]
+        a, b = load_model_dir(out)[0].state_dict(), load_model_dir(again)[0].state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_prune_errors_and_cli(setup, capsys):
     root, data, teacher = setup
-    with pytest.raises(ConfigError, match="2:4"):
-        prune(teacher, PruneConfig(sparsity=0.3, pattern="2:4"), root / "x")
-    with pytest.raises(ConfigError, match="recovery_steps"):
-        prune(teacher, PruneConfig(recovery_steps=5), root / "x")
+    with pytest.raises(ConfigError, match=r"^<config>: sparsity: 0.3 with pattern 2:4, which is exactly 0.5"):
+        build(PruneConfig, {"sparsity": 0.3, "pattern": "2:4"})
+    with pytest.raises(ConfigError, match=r"^<config>: data: train.steps > 0 \(recovery fine-tuning\) needs"):
+        build(PruneConfig, {"train": {"steps": 5}})
+    assert build(PruneConfig, {"pattern": "2:4", "train": {"steps": 5}, "data": "d"}).train.steps == 5
     rc = main(["prune", str(teacher), "--sparsity", "0.25", "--out", str(root / "cli"), "--set", f"data={data}",
                "--set", "eval_windows=8", "--json"])
     assert rc == 0

@@ -6,19 +6,18 @@ import random
 
 import numpy as np
 import pytest
+from factories import dedup_texts
 
 from data_prep.config import PrepConfig
 from data_prep.document import Document
 from data_prep.steps import (
     C4,
     EvalIndex,
-    ExactDedup,
     FineWeb,
     GopherQuality,
     GopherRepetition,
     LangId,
     LengthPolicy,
-    MinHashDedup,
     Normalize,
     build_steps,
 )
@@ -151,14 +150,13 @@ def test_fineweb_rules():
     assert reason(FineWeb(short_line_ratio=1.0), "\n".join(f"Item {i}." for i in range(30))) == "fineweb:list_ratio"
 
 
-def test_exact_dedup_keeps_first_and_names_it():
-    out = run(ExactDedup(), "same text", "other", "same text")
-    assert [d.removed for d in out] == [None, None, "exact_dup"] and out[2].detail == "d0"
+def test_exact_dedup_keeps_first_and_names_it(tmp_path):
+    assert dedup_texts(tmp_path, ["same text", "other", "same text"]) == [None, None, ("exact_dup", 0, None)]
     dup, kept = group_min(np.array([9, 3, 9, 9, 3], np.uint64), np.array([50, 7, 40, 60, 2], np.int64))
     assert sorted(zip(dup.tolist(), kept.tolist(), strict=True)) == [(7, 2), (50, 40), (60, 40)]
 
 
-def test_minhash_catches_few_word_edits_only():
+def test_minhash_catches_few_word_edits_only(tmp_path):
     rng = random.Random(1)
     vocab = [f"w{i}" for i in range(5000)]
     base = [rng.choice(vocab) for _ in range(250)]
@@ -166,8 +164,8 @@ def test_minhash_catches_few_word_edits_only():
     for i in (40, 120, 200):
         edited[i] = "changed"
     other = [rng.choice(vocab) for _ in range(250)]
-    out = run(MinHashDedup(), " ".join(base), " ".join(other), " ".join(edited))
-    assert [d.removed for d in out] == [None, None, "near_dup"] and out[2].detail == "d0"
+    out = dedup_texts(tmp_path, [" ".join(base), " ".join(other), " ".join(edited)])
+    assert out[:2] == [None, None] and out[2][:2] == ("near_dup", 0)
     a, b = MinHasher(seed=1), MinHasher(seed=1)
     assert np.array_equal(a.signature(a.shingles(" ".join(base))), b.signature(b.shingles(" ".join(base))))
     assert a.signature(a.shingles("")).shape == (20 * 4,)

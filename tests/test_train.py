@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from pipeline.checkpoint import find_checkpoint, newest_complete, step_dirs
 from pipeline.config import ConfigError, DataConfig, RunConfig, load_config
 from pipeline.data.sampler import BlendedSamples, TrainData, blend_slots, rank_slice
+from pipeline.export import load_source
 from pipeline.model.io import write_sums
 from pipeline.parallel.engine import lr_at
 from tests.factories import TINY_TRAIN, TRAIN_ENV, fake_corpus, kiln_train_cmd
@@ -171,6 +172,8 @@ def test_kill9_and_rerun_equals_uninterrupted_bit_for_bit(tmp_path):
     assert config["model"]["vocab_size"] == 128  # taken from the manifest
     assert (out / "model" / "tokenizer.model").read_bytes() == b"stand-in sentencepiece model"
     assert config["kiln"]["tokenizer_sha256"] == json.loads((corpus / "manifest.json").read_text())["tokenizer"]["sha256"]
+    final = out / "checkpoints" / "step_0000024"  # export builds the same lineage from the same checkpoint
+    assert load_source(final)[3]["kiln"] == {**config["kiln"], "exported_from": str(final)}
     kept = sorted(p.name for p in (out / "checkpoints").glob("step_*"))
     assert kept == ["step_0000018", "step_0000024"]  # checkpoint.keep = 2
 

@@ -14,13 +14,11 @@ from data_prep.steps.base import Filter, Step
 from data_prep.steps.boilerplate import Boilerplate
 from data_prep.steps.c4 import C4
 from data_prep.steps.decontaminate import Decontaminate, EvalIndex
-from data_prep.steps.exact_dedup import ExactDedup
 from data_prep.steps.fineweb import FineWeb
 from data_prep.steps.gopher_quality import GopherQuality
 from data_prep.steps.gopher_repetition import GopherRepetition
 from data_prep.steps.langid import LangId
 from data_prep.steps.length import LengthPolicy
-from data_prep.steps.minhash_dedup import MinHashDedup
 from data_prep.steps.normalize import Normalize
 from data_prep.steps.pii import PII
 
@@ -63,5 +61,5 @@ def build_steps(cfg, eval_index: EvalIndex | None = None) -> list[Step]:
 
 
 __all__ = ["Step", "Filter", "STEPS", "DEFAULT_FILTERS", "Normalize", "LengthPolicy", "LangId", "GopherQuality",
-           "GopherRepetition", "C4", "FineWeb", "PII", "Decontaminate", "EvalIndex", "Boilerplate", "ExactDedup",
-           "MinHashDedup", "build_steps"]
+           "GopherRepetition", "C4", "FineWeb", "PII", "Decontaminate", "EvalIndex", "Boilerplate",
+           "build_steps"]

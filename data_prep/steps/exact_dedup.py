@@ -1,18 +1,14 @@
 """Exact duplicates: a 64-bit hash of the normalized text; the earliest document of each group stays.
 
 `group_min` works on hash/uid arrays so the runner can apply it bucket by
-bucket across partitions; `ExactDedup` does the same within one stream.
+bucket across partitions (data_prep/buckets.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
-
 import numpy as np
 
-from data_prep.document import Document
-from data_prep.steps.base import Step
-from data_prep.steps.text import sorted_groups, text_hash
+from data_prep.steps.text import sorted_groups
 
 
 def group_min(keys: np.ndarray, uids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -23,17 +19,3 @@ def group_min(keys: np.ndarray, uids: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return u[~starts], head[~starts]
 
 
-
-class ExactDedup(Step):
-    name = "exact_dup"
-
-    def __call__(self, docs: Iterable[Document]) -> Iterator[Document]:
-        first: dict[int, str] = {}
-        for doc in docs:
-            if doc.removed is None:
-                h = doc.meta["hash"] = text_hash(doc.text)
-                if h in first:
-                    doc.remove("exact_dup", first[h])
-                else:
-                    first[h] = doc.id
-            yield doc

@@ -19,12 +19,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
-
 import numpy as np
 
-from data_prep.document import Document
-from data_prep.steps.base import Step
 from data_prep.steps.text import mix64, ngram_hashes, sorted_groups, text_hash, token_hashes, words
 
 _BLOCK = 4096
@@ -126,30 +122,3 @@ def keep_first(later: np.ndarray, earlier: np.ndarray, jaccard: np.ndarray,
         decided = u
     return removed
 
-
-class MinHashDedup(Step):
-    """Near-dup removal within one stream (the runner does the same across partitions)."""
-
-    name = "near_dup"
-
-    def __init__(self, ngram: int = 5, bands: int = 20, rows: int = 4, seed: int = 1, threshold: float = 0.8,
-                 sketch: int = 1024):
-        super().__init__()
-        self.hasher, self.threshold = MinHasher(ngram, bands, rows, seed, sketch), threshold
-
-    def __call__(self, docs: Iterable[Document]) -> Iterator[Document]:
-        docs = list(docs)
-        live = [i for i, d in enumerate(docs) if d.removed is None]
-        shingles = [self.hasher.shingles(docs[i].text) for i in live]
-        keys = np.array([self.hasher.band_keys(self.hasher.signature(s)) for s in shingles], np.uint64)
-        sketches = [self.hasher.sketch(s) for s in shingles]
-        if live:
-            uids = np.repeat(np.arange(len(live), dtype=np.int64), self.hasher.bands)
-            a, b = candidate_pairs(keys.reshape(-1), uids)
-            j = np.array([sketch_jaccard(sketches[x], sketches[y], self.hasher.sketch_size)
-                          for x, y in zip(a.tolist(), b.tolist(), strict=True)])
-            ok = j >= self.threshold if len(j) else np.zeros(0, bool)
-            for u, (v, jac) in keep_first(a[ok], b[ok], j[ok]).items():
-                docs[live[u]].remove("near_dup", docs[live[v]].id)
-                docs[live[u]].meta["jaccard"] = round(jac, 4)
-        yield from docs

@@ -214,10 +214,16 @@ def load_model_dir(path: str | Path, verify: bool = True, device: str = "cpu") -
         return model.eval(), config
     cfg = ModelConfig.model_validate(config["model"])
     model = GPT(cfg)
-    state = load_safetensors(path / WEIGHTS, device=device)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = {"head.lm_head.weight"} if cfg.tie_embeddings else set()
-    if set(missing) - tied or unexpected:
-        raise KilnError(f"{path / WEIGHTS}: weights do not match config (missing {sorted(set(missing) - tied)[:3]}, "
-                        f"unexpected {sorted(unexpected)[:3]})")
+    load_checked(model, load_safetensors(path / WEIGHTS, device=device), path / WEIGHTS)
     return model.to(device).eval(), config
+
+
+def load_checked(model: GPT, state: dict[str, torch.Tensor], where: str | Path, replaced=()) -> None:
+    """Load `state` into `model`, refusing (one line naming `where`) a tensor the model lacks or a weight
+    it does not get: the tied head may be absent (it is the embedding), and so may the weights of the
+    `replaced` layers, which the caller has set itself (a quantized format's dequantized Linears)."""
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    allowed = {f"{layer}.weight" for layer in replaced} | ({"head.lm_head.weight"} if model.cfg.tie_embeddings else set())
+    if set(missing) - allowed or unexpected:
+        raise KilnError(f"{where}: weights do not match config (missing {sorted(set(missing) - allowed)[:3]}, "
+                        f"unexpected {sorted(unexpected)[:3]})")

@@ -19,7 +19,6 @@ returns the sha256 of every file this rank wrote, computed while writing.
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from pipeline.model.io import weights_only_loads
 from pipeline.model.weights import SHARDS_DIR, Weights, write_shard
 from pipeline.parallel.materialize import build_gpt, local_slices
 from pipeline.parallel.topology import Layout
+from pipeline.schedule import warmup_cosine
 
 BUCKET_ELEMENTS = 50_000_000
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -76,13 +76,8 @@ def ds_config(cfg: RunConfig, dp: int) -> dict:
 
 
 def lr_at(step: int, cfg: RunConfig) -> float:
-    """Linear warmup to train.lr, then cosine decay to train.min_lr at train.steps."""
     t = cfg.train
-    if step < t.warmup_steps:
-        return t.lr * (step + 1) / t.warmup_steps
-    span = max(1, t.steps - t.warmup_steps)
-    progress = min(1.0, (step - t.warmup_steps) / span)
-    return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1 + math.cos(math.pi * progress))
+    return warmup_cosine(step, t.steps, t.lr, t.min_lr, t.warmup_steps)
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

@@ -7,7 +7,6 @@ a new one whose config.json says where it came from (`kiln` lineage meta), so
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,7 @@ import torch
 
 from pipeline.config import KilnError
 from pipeline.data.corpus import PreparedCorpus, Windows
-from pipeline.model.io import TOKENIZER, WEIGHTS, load_model_dir, read_config, sha256_file
+from pipeline.model.io import TOKENIZER, WEIGHTS, load_model_dir, sha256_file
 
 
 def model_path(ref: str | Path) -> Path:
@@ -45,10 +44,6 @@ def parent_tokenizer(parent: Path) -> Path | None:
     return tok if tok.exists() else None
 
 
-def parent_config(parent: Path) -> dict:
-    return read_config(parent)
-
-
 # --------------------------------------------------------------------------- data
 
 
@@ -75,13 +70,6 @@ def calib_tokens(data_dir: str | Path, n: int, seq_len: int, seed: int = 0) -> t
     rng = np.random.default_rng(seed)
     idx = rng.permutation(len(win))[:n] if n <= len(win) else rng.integers(0, len(win), size=n)
     return stack(win, idx)[0]
-
-
-def cosine_lr(step: int, steps: int, lr: float, min_lr: float, warmup: int) -> float:
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    frac = (step - warmup) / max(1, steps - warmup)
-    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * min(1.0, frac)))
 
 
 def block_linears(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:

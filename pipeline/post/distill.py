@@ -7,29 +7,34 @@ k-th teacher layer.) The same code runs in one CPU process (tests) or many with 
 or torchrun: every step's global batch depends only on (seed, step), each rank takes its slice, so
 resuming from OUT/checkpoints continues exactly where the run stopped.
 
-Output layout, like training: OUT/model (the MODEL dir), OUT/checkpoints/step_NNNNNNN, OUT/metrics.jsonl.
+Output layout, like training: OUT/model (the MODEL dir), OUT/checkpoints/step_NNNNNNN (training's kill-safe,
+checksummed protocol: pipeline/checkpoint.py), OUT/metrics.jsonl.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 
-from pipeline.checkpoint import step_dirs
+from pipeline.checkpoint import (
+    TorchState,
+    find_checkpoint,
+    read_state,
+    restore_rng,
+    save_checkpoint,
+    trim_metrics,
+)
 from pipeline.config import ConfigError, DistillConfig, KilnError, ModelConfig, build, load_yaml
 from pipeline.console import log, progress
 from pipeline.evaluate import evaluate_windows
 from pipeline.model.gpt import GPT
-from pipeline.model.io import WEIGHTS, save_model_dir, sha256_file, unique_state_dict
-from pipeline.post.common import batch_at, cosine_lr, lineage, load_parent, parent_tokenizer, windows
+from pipeline.model.io import WEIGHTS, save_model_dir, sha256_file
+from pipeline.post.common import batch_at, lineage, load_parent, parent_tokenizer, windows
+from pipeline.schedule import warmup_cosine
 
 
 def student_config(path: str | Path, teacher: ModelConfig) -> ModelConfig:
@@ -97,39 +102,6 @@ def distill_loss(s_logits, t_logits, targets, alpha: float, temperature: float, 
     return loss, parts
 
 
-# --------------------------------------------------------------------------- checkpoints
-
-
-def latest_checkpoint(ckpt_dir: Path) -> Path | None:
-    pointer = ckpt_dir / "latest"
-    if not pointer.exists():
-        return None
-    path = ckpt_dir / pointer.read_text().strip()
-    if not (path / "state.json").exists():
-        raise KilnError(f"{pointer}: points at {path.name}, which is incomplete")
-    return path
-
-
-def save_checkpoint(ckpt_dir: Path, step: int, student: GPT, optimizer, state: dict, keep: int) -> Path:
-    """Write step_NNNNNNN via a temp dir + rename, then move the `latest` pointer; prune old ones."""
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    name = f"step_{step:07d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=ckpt_dir))
-    save_file(unique_state_dict(student), str(tmp / WEIGHTS))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")  # tensors and numbers only: loaded with weights_only
-    (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=2))
-    final = ckpt_dir / name
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    pointer = ckpt_dir / ".latest.tmp"
-    pointer.write_text(name + "\n")
-    os.replace(pointer, ckpt_dir / "latest")
-    for old in step_dirs(ckpt_dir)[keep:]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
 # --------------------------------------------------------------------------- the loop
 
 
@@ -157,27 +129,30 @@ def distill(teacher_ref: str | Path, student_yaml: str | Path, data_dir: str | P
     identity = {"teacher_sha256": sha256_file(parent / WEIGHTS), "student": scfg.model_dump(mode="json"),
                 "seed": tc.seed, "data": str(data_dir)}
     ckpt_dir, start = out / "checkpoints", 0
-    resume = latest_checkpoint(ckpt_dir)
+    metrics = out / "metrics.jsonl"
+    resume = find_checkpoint(ckpt_dir, collective=True)  # newest whose checksums verify; a broken one is skipped
     if resume is not None:
-        state = json.loads((resume / "state.json").read_text())
+        state = read_state(resume)
         if any(state.get(k) != v for k, v in identity.items() if k != "data"):
             raise KilnError(f"{resume}: checkpoint is from a different teacher/student/seed; use another --out")
-        student.load_state_dict(load_file(str(resume / WEIGHTS)), strict=False)
-        optimizer.load_state_dict(torch.load(resume / "optimizer.pt", weights_only=True))
+        TorchState(student, optimizer).load(resume)
+        restore_rng(resume)
         start = state["step"]
         log.info("resuming from %s (step %d)", resume, start)
+    if accelerator.is_main_process:  # lines logged after the checkpoint are logged again; a fresh start has none
+        trim_metrics(metrics, start)
     student, optimizer = accelerator.prepare(student, optimizer)
     s_hidden, t_hidden = FinalHidden(accelerator.unwrap_model(student)), FinalHidden(teacher)
 
     win = windows(data_dir, "train", scfg.block_size)
     rank, world = accelerator.process_index, accelerator.num_processes
-    metrics = out / "metrics.jsonl"
     out.mkdir(parents=True, exist_ok=True)
-    t0, tokens, last = time.perf_counter(), 0, {}
+    t0, last = time.perf_counter(), {}
+    tokens = start * tc.micro_batch_size * tc.grad_accum * world * scfg.block_size  # counted from step 0
     student.train()
     with progress("distill", total=tc.steps - start, unit="step", disable=not accelerator.is_main_process) as advance:
         for step in range(start, tc.steps):
-            lr = cosine_lr(step, tc.steps, tc.lr, tc.min_lr, tc.warmup_steps)
+            lr = warmup_cosine(step, tc.steps, tc.lr, tc.min_lr, tc.warmup_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             x, y = batch_at(win, step, tc.micro_batch_size * tc.grad_accum, tc.seed, rank, world)
@@ -201,10 +176,9 @@ def distill(teacher_ref: str | Path, student_yaml: str | Path, data_dir: str | P
                 with metrics.open("a") as f:
                     f.write(json.dumps(last) + "\n")
             done = step + 1
-            if cfg.checkpoint_every and (done % cfg.checkpoint_every == 0 or done == tc.steps):
-                accelerator.wait_for_everyone()
-                if accelerator.is_main_process:
-                    save_checkpoint(ckpt_dir, done, accelerator.unwrap_model(student), optimizer, identity, cfg.keep)
+            if done % cfg.checkpoint.every == 0 or done == tc.steps:  # collective: every rank writes its RNG
+                save_checkpoint(TorchState(accelerator.unwrap_model(student), optimizer), ckpt_dir, done, identity,
+                                cfg.checkpoint.keep)
             advance(1)
     accelerator.wait_for_everyone()
     final = accelerator.unwrap_model(student).eval()

@@ -10,12 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from pipeline.config import ConfigError, KilnError, ModelConfig, QuantizeConfig
 from pipeline.model.gpt import GPT
-from pipeline.model.io import WEIGHTS
+from pipeline.model.io import WEIGHTS, load_checked, load_safetensors
 
 
 def torchao_config(method: str):
@@ -67,7 +66,7 @@ def load(path: str | Path, config: dict, device: str = "cpu") -> nn.Module:
     quant = config["quantization"]
     layers = quant["layers"]
     model = GPT(ModelConfig.model_validate(config["model"]))
-    state = load_file(str(path / WEIGHTS))
+    state = load_safetensors(path / WEIGHTS)
     modules = dict(model.named_modules())
     codes = {}
     for layer in layers:
@@ -78,11 +77,7 @@ def load(path: str | Path, config: dict, device: str = "cpu") -> nn.Module:
         zp = state.pop(f"{layer}.zero_point", None)
         codes[layer] = (q, s, zp)
         modules[layer].weight = nn.Parameter(q.float() * s.float(), requires_grad=False)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    allowed = {f"{layer}.weight" for layer in layers} | ({"head.lm_head.weight"} if model.cfg.tie_embeddings else set())
-    if set(missing) - allowed or unexpected:
-        raise KilnError(f"{path / WEIGHTS}: tensors do not match config (missing {sorted(set(missing) - allowed)[:3]}, "
-                        f"unexpected {sorted(unexpected)[:3]})")
+    load_checked(model, state, path / WEIGHTS, replaced=layers)
     model = quantize_int8(model.to(device), quant["method"], layers)
     for layer, (q, s, zp) in codes.items():
         w = modules[layer].weight

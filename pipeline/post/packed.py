@@ -17,12 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from pipeline.config import KilnError, ModelConfig, QuantizeConfig
 from pipeline.model.gpt import GPT
-from pipeline.model.io import WEIGHTS
+from pipeline.model.io import WEIGHTS, load_checked, load_safetensors
 
 
 @dataclass
@@ -139,7 +138,7 @@ def load(path: str | Path, config: dict, device: str = "cpu") -> nn.Module:
     quant = config["quantization"]
     bits = int(quant["bits"])
     model = GPT(ModelConfig.model_validate(config["model"]))
-    tensors = load_file(str(path / WEIGHTS))
+    tensors = load_safetensors(path / WEIGHTS)
     modules = dict(model.named_modules())
     for layer in quant["layers"]:
         try:
@@ -150,11 +149,5 @@ def load(path: str | Path, config: dict, device: str = "cpu") -> nn.Module:
         if not isinstance(target, nn.Linear):
             raise KilnError(f"{path / 'config.json'}: quantization.layers names {layer}, not a Linear of this model")
         replace_weight(target, QuantizedWeight(unpack(qweight, bits, g_idx.numel()), scales, zeros, g_idx, bits))
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
-    expected_missing = {f"{layer}.weight" for layer in quant["layers"]}
-    if model.cfg.tie_embeddings and "head.lm_head" not in quant["layers"]:
-        expected_missing.add("head.lm_head.weight")
-    if set(missing) - expected_missing or unexpected:
-        raise KilnError(f"{path / WEIGHTS}: tensors do not match config (missing {sorted(set(missing) - expected_missing)[:3]}, "
-                        f"unexpected {sorted(unexpected)[:3]})")
+    load_checked(model, tensors, path / WEIGHTS, replaced=quant["layers"])
     return model.to(device)

@@ -5,6 +5,7 @@ Unstructured: each layer keeps its (1 - sparsity) largest |w|. 2:4: in every run
 sparse tensor cores accelerate; exactly 50%). Embeddings, norms and the head are
 left dense: they are few parameters and prune badly. The output is a dense MODEL
 dir whose zeros are real zeros (no sparse storage format: size on disk is unchanged).
+Recovery fine-tuning (`train.steps`) checkpoints to OUT.checkpoints with training's protocol.
 """
 
 from __future__ import annotations
@@ -13,10 +14,10 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import ConfigError, KilnError, PruneConfig
+from pipeline.config import KilnError, PruneConfig
 from pipeline.console import log
 from pipeline.evaluate import evaluate_windows
-from pipeline.model.io import save_model_dir
+from pipeline.model.io import WEIGHTS, save_model_dir, sha256_file
 from pipeline.post.common import block_linears, lineage, load_parent, nonzero_params, parent_tokenizer
 from pipeline.post.finetune import train_steps
 
@@ -54,12 +55,16 @@ def apply_masks(model: torch.nn.Module, masks: dict[str, torch.Tensor]) -> None:
         params[name].mul_(mask)
 
 
+def recovery_checkpoints(out: str | Path) -> Path:
+    """Where the recovery fine-tuning checkpoints go: beside the MODEL dir OUT, as OUT.checkpoints/step_N
+    (OUT itself is written whole at the end). Rerunning the command resumes from there."""
+    out = Path(out)
+    return out.with_name(out.name + ".checkpoints")
+
+
 def prune(model_ref: str | Path, cfg: PruneConfig, out: str | Path) -> dict:
     """Prune a MODEL dir into `out`; returns parameters (total/nonzero), achieved sparsity and perplexities."""
-    if cfg.pattern == "2:4" and abs(cfg.sparsity - 0.5) > 1e-9:
-        raise ConfigError(f"sparsity: {cfg.sparsity} with pattern 2:4, which is exactly 0.5 by definition")
-    if cfg.recovery_steps and not cfg.data:
-        raise ConfigError("data: recovery_steps > 0 needs training data: --set data=DIR (a `kiln prep` output)")
+    t = cfg.train  # the recovery fine-tuning (train.steps: 0 = none)
     model, parent_cfg, parent = load_parent(model_ref)
     if parent_cfg.get("quantization"):
         raise KilnError(f"{parent}: quantized models cannot be pruned; prune the original, then quantize")
@@ -71,9 +76,14 @@ def prune(model_ref: str | Path, cfg: PruneConfig, out: str | Path) -> dict:
     apply_masks(model, masks)
     if cfg.data and cfg.eval_windows:
         summary["pruned_perplexity"] = evaluate_windows(model, cfg.data, cfg.eval_windows)["perplexity"]
-    if cfg.recovery_steps:
-        losses = train_steps(model, cfg.data, cfg.recovery_steps, lr=cfg.lr, batch_size=cfg.micro_batch_size,
-                             seed=cfg.seed, masks=masks)
+    if t.steps:
+        identity = {"parent_sha256": sha256_file(parent / WEIGHTS), "sparsity": cfg.sparsity, "pattern": cfg.pattern,
+                    "train": t.model_dump(mode="json"), "data": str(cfg.data)}
+        losses = train_steps(model, cfg.data, t.steps, lr=t.lr, batch_size=t.micro_batch_size * t.grad_accum,
+                             seed=t.seed, min_lr=t.min_lr, warmup=t.warmup_steps, weight_decay=t.weight_decay,
+                             grad_clip=t.grad_clip, masks=masks, betas=(t.beta1, t.beta2),
+                             checkpoints=recovery_checkpoints(out), every=cfg.checkpoint.every,
+                             keep=cfg.checkpoint.keep, identity=identity)
         summary["recovery_final_loss"] = losses[-1]
         summary["recovery_losses"] = [float(v) for v in losses]  # the recovery curve (tracking logs it)
         if cfg.eval_windows:
@@ -84,7 +94,7 @@ def prune(model_ref: str | Path, cfg: PruneConfig, out: str | Path) -> dict:
     summary.update(nonzero=nonzero_params(model), pruned_params=pruned,
                    block_sparsity=pruned / sum(m.numel() for m in masks.values()))
     meta = lineage(parent, "pruned", f"magnitude-{cfg.pattern}", sparsity=cfg.sparsity, pattern=cfg.pattern,
-                   recovery_steps=cfg.recovery_steps, block_sparsity=round(summary["block_sparsity"], 6))
+                   recovery_steps=t.steps, block_sparsity=round(summary["block_sparsity"], 6))
     save_model_dir(model, model.cfg, out, parent_tokenizer(parent), meta)
     log.info("pruned %s: %d of %d block weights zero (%.1f%%)", parent, pruned,
              sum(m.numel() for m in masks.values()), 100 * summary["block_sparsity"])
