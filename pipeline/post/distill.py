@@ -147,16 +147,17 @@ def distill(teacher_ref: str | Path, student_yaml: str | Path, data_dir: str | P
     rank, world = accelerator.process_index, accelerator.num_processes
     out.mkdir(parents=True, exist_ok=True)
     t0, last = time.perf_counter(), {}
-    tokens = start * tc.micro_batch_size * tc.grad_accum * world * scfg.block_size  # counted from step 0
+    accum = tc.grad_accum or 1
+    tokens = start * tc.micro_batch_size * accum * world * scfg.block_size  # counted from step 0
     student.train()
     with progress("distill", total=tc.steps - start, unit="step", disable=not accelerator.is_main_process) as advance:
         for step in range(start, tc.steps):
             lr = warmup_cosine(step, tc.steps, tc.lr, tc.min_lr, tc.warmup_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            x, y = batch_at(win, step, tc.micro_batch_size * tc.grad_accum, tc.seed, rank, world)
+            x, y = batch_at(win, step, tc.micro_batch_size * accum, tc.seed, rank, world)
             optimizer.zero_grad(set_to_none=True)
-            for xm, ym in zip(x.chunk(tc.grad_accum), y.chunk(tc.grad_accum), strict=True):
+            for xm, ym in zip(x.chunk(accum), y.chunk(accum), strict=True):
                 xm, ym = xm.to(device), ym.to(device)
                 with torch.no_grad():
                     t_logits, _ = teacher(xm)
@@ -164,7 +165,7 @@ def distill(teacher_ref: str | Path, student_yaml: str | Path, data_dir: str | P
                     s_logits, _ = student(xm)
                 loss, parts = distill_loss(s_logits, t_logits, ym, cfg.alpha, cfg.temperature, s_hidden.value,
                                            t_hidden.value, cfg.hidden_weight)
-                accelerator.backward(loss / tc.grad_accum)
+                accelerator.backward(loss / accum)
             if tc.grad_clip:
                 accelerator.clip_grad_norm_(student.parameters(), tc.grad_clip)
             optimizer.step()

@@ -79,7 +79,7 @@ def prune(model_ref: str | Path, cfg: PruneConfig, out: str | Path) -> dict:
     if t.steps:
         identity = {"parent_sha256": sha256_file(parent / WEIGHTS), "sparsity": cfg.sparsity, "pattern": cfg.pattern,
                     "train": t.model_dump(mode="json"), "data": str(cfg.data)}
-        losses = train_steps(model, cfg.data, t.steps, lr=t.lr, batch_size=t.micro_batch_size * t.grad_accum,
+        losses = train_steps(model, cfg.data, t.steps, lr=t.lr, batch_size=t.micro_batch_size * (t.grad_accum or 1),
                              seed=t.seed, min_lr=t.min_lr, warmup=t.warmup_steps, weight_decay=t.weight_decay,
                              grad_clip=t.grad_clip, masks=masks, betas=(t.beta1, t.beta2),
                              checkpoints=recovery_checkpoints(out), every=cfg.checkpoint.every,
