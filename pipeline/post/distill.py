@@ -30,6 +30,7 @@ from pipeline.checkpoint import (
 )
 from pipeline.config import ConfigError, DistillConfig, KilnError, ModelConfig, build, load_yaml
 from pipeline.console import log, progress
+from pipeline.device import autocast
 from pipeline.evaluate import evaluate_windows
 from pipeline.model.flops import ffn_hidden
 from pipeline.model.gpt import GPT
@@ -83,6 +84,12 @@ class FinalHidden:
 
     def _hook(self, module, inputs, output) -> None:
         self.value = output
+
+
+def teacher_logits(teacher: GPT, x: torch.Tensor) -> torch.Tensor:
+    """The teacher's logits, in bf16 autocast on a GPU (its weights stay fp32), fp32 on the CPU."""
+    with torch.no_grad(), autocast(x.device):
+        return teacher(x)[0]
 
 
 def distill_loss(s_logits, t_logits, targets, alpha: float, temperature: float, s_hidden=None, t_hidden=None,
@@ -159,8 +166,7 @@ def distill(teacher_ref: str | Path, student_yaml: str | Path, data_dir: str | P
             optimizer.zero_grad(set_to_none=True)
             for xm, ym in zip(x.chunk(accum), y.chunk(accum), strict=True):
                 xm, ym = xm.to(device), ym.to(device)
-                with torch.no_grad():
-                    t_logits, _ = teacher(xm)
+                t_logits = teacher_logits(teacher, xm)
                 with accelerator.autocast():
                     s_logits, _ = student(xm)
                 loss, parts = distill_loss(s_logits, t_logits, ym, cfg.alpha, cfg.temperature, s_hidden.value,
@@ -190,7 +196,7 @@ def distill(teacher_ref: str | Path, student_yaml: str | Path, data_dir: str | P
                        steps=tc.steps, seed=tc.seed, data=str(data_dir))
         save_model_dir(final, scfg, out / "model", parent_tokenizer(parent), meta)
         if cfg.eval_windows:
-            summary["val_loss"] = evaluate_windows(final.cpu(), data_dir, cfg.eval_windows)["loss"]
-            summary["teacher_val_loss"] = evaluate_windows(teacher.cpu(), data_dir, cfg.eval_windows)["loss"]
+            summary["val_loss"] = evaluate_windows(final, data_dir, cfg.eval_windows)["loss"]  # on the device
+            summary["teacher_val_loss"] = evaluate_windows(teacher, data_dir, cfg.eval_windows)["loss"]
         summary.update({k: last[k] for k in ("loss", "kl", "ce") if k in last})
     return summary
