@@ -165,12 +165,16 @@ class Engine:
             g["lr"] = lr
 
     def to_device(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Host batches onto the device; on a GPU through pinned memory and without waiting for the copy, so
-        the next step's batches travel while this step computes."""
-        if self.device.type != "cuda":
-            return [(x.to(self.device), y.to(self.device)) for x, y in batches]
-        return [(x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True))
-                for x, y in batches]
+        """Host batches onto the device (those already there stay); on a GPU through pinned memory and without
+        waiting for the copy, so the next step's batches travel while this step computes."""
+        def move(t: torch.Tensor) -> torch.Tensor:
+            if t.device == self.device:
+                return t
+            if self.device.type == "cuda":
+                return t.pin_memory().to(self.device, non_blocking=True)
+            return t.to(self.device)
+
+        return [(move(x), move(y)) for x, y in batches]
 
     def train_step(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One optimizer step over this rank's micro-batches (on the device: `to_device`). Returns this rank's
@@ -178,6 +182,7 @@ class Engine:
         waits for the GPU, so the loop does that once per log step (`read`)."""
         self.engine.train()
         self.grad_norm = None
+        batches = self.to_device(batches)  # a no-op for the loop's batches, already moved (prefetched)
         if self.pipe:  # the pipe engine's loss is already averaged over DP
             loss = self.engine.train_batch(data_iter=iter(batches)).detach().float()
         else:
