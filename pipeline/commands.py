@@ -385,17 +385,14 @@ def cmd_plan(args) -> dict:
     from pipeline.console import kv_table
     from pipeline.plan import make_plan
 
-    layout = {
-        "tp": args.tp,
-        "pp": args.pp,
-        "zero_stage": args.zero_stage,
-        "precision": args.precision,
-        "micro_batch_size": args.micro_batch_size,
-        "seq_len": args.seq_len,
-        "activation_checkpointing": args.activation_checkpointing,
-    }
-    if args.dp:
-        layout["dp"] = args.dp
+    given = {"tp": args.tp, "pp": args.pp, "dp": args.dp, "zero_stage": args.zero_stage, "precision": args.precision,
+             "micro_batch_size": args.micro_batch_size, "seq_len": args.seq_len,
+             "activation_checkpointing": args.activation_checkpointing}
+    layout = None  # none given: make_plan recommends one
+    if any(v is not None for v in given.values()):
+        layout = {"tp": 1, "pp": 1, "zero_stage": 1, "precision": "bf16", "micro_batch_size": 1,
+                  "activation_checkpointing": False}
+        layout.update({k: v for k, v in given.items() if v is not None})
     plan = make_plan(
         flops=args.flops, gpus=args.gpus, hours=args.hours, gpu=args.gpu, mfu=args.mfu,
         tokens_per_param=args.tokens_per_param, model=args.model, layout=layout,
@@ -406,7 +403,8 @@ def cmd_plan(args) -> dict:
         "compute-optimal tokens": f"{plan['optimal_tokens'] / 1e9:,.0f} B",
         "nearest shipped config": f"configs/model/{plan['model_config']}.yaml ({plan['model_params'] / 1e9:.2f} B params)",
         "tokens that config gets from the budget": f"{plan['tokens_for_model'] / 1e9:,.0f} B",
-        "layout": ", ".join(f"{k}={v}" for k, v in plan["layout"].items() if v is not None),
+        "recommended layout" if plan["layout_recommended"] else "layout":
+            ", ".join(f"{k}={v}" for k, v in plan["layout"].items() if v is not None),
     }
     if "tokens_per_s_needed" in plan:
         shown["cluster tokens/s needed"] = f"{plan['tokens_per_s_needed']:,.0f}"

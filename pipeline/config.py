@@ -89,13 +89,16 @@ class ParallelConfig(_Strict):
     pp: int = Field(1, ge=1)
     zero_stage: Literal[0, 1, 2, 3] = 1
     offload: Literal["none", "cpu"] = "none"
-    micro_batches: int | None = Field(None, ge=1, description="pipeline micro-batches; default grad_accum")
+    micro_batches: int | None = Field(None, ge=1, description="pipeline micro-batches per step; default train.grad_accum")
     partition: Literal["parameters", "uniform"] = "parameters"
 
 
 class TrainConfig(_Strict):
     micro_batch_size: int = Field(8, ge=1)
-    grad_accum: int = Field(1, ge=1)
+    grad_accum: int | None = Field(None, ge=1, description="micro-batches each rank sums per step; default 1, "
+                                   "or derived from global_batch_tokens")
+    global_batch_tokens: int | None = Field(None, ge=1, description="tokens per optimizer step over all ranks, the same "
+                                            "at any world size: grad_accum = this / (micro_batch_size x block_size x dp)")
     steps: int = Field(1000, ge=1)
     lr: float = Field(3e-4, gt=0)
     min_lr: float = Field(3e-5, ge=0)
@@ -192,6 +195,10 @@ class RunConfig(_Strict):
                              "optimizer trains but cannot resume its own checkpoint; use parallel.zero_stage: 1")
         if p.offload == "cpu" and p.zero_stage == 0:
             raise ValueError("parallel.offload: cpu needs parallel.zero_stage >= 1")
+        if p.zero_stage == 0 and self.train.precision == "bf16":
+            raise ValueError("parallel.zero_stage: 0 with bf16 would sum and reduce gradients in bf16 (DeepSpeed has "
+                             "no fp32 accumulation at stage 0); use parallel.zero_stage: 1 (fp32 master weights and "
+                             "gradients, also on one GPU)")
         return self
 
 
@@ -202,7 +209,28 @@ def validate_world(cfg: RunConfig, world_size: int) -> int:
         raise ConfigError(
             f"world size {world_size} is not divisible by parallel.tp x parallel.pp = {mp}"
         )
-    return world_size // mp
+    dp = world_size // mp
+    grad_accum(cfg, dp)
+    return dp
+
+
+def grad_accum(cfg: RunConfig, dp: int) -> int:
+    """Micro-batches each rank sums per optimizer step (the pipeline's micro-batches under PP). With
+    train.global_batch_tokens it is derived, so the global batch stays the same at any world size."""
+    t, p = cfg.train, cfg.parallel
+    key, given = ("parallel.micro_batches", p.micro_batches) if p.pp > 1 and p.micro_batches else \
+        ("train.grad_accum", t.grad_accum)
+    if t.global_batch_tokens is None:
+        return given or 1
+    per = t.micro_batch_size * cfg.model.block_size * dp
+    derived, rest = divmod(t.global_batch_tokens, per)
+    if rest or not derived:
+        raise ConfigError(f"train.global_batch_tokens: {t.global_batch_tokens:,} is not a multiple of micro_batch_size "
+                          f"{t.micro_batch_size} x block_size {cfg.model.block_size} x dp {dp} = {per:,} tokens")
+    if given is not None and given != derived:
+        raise ConfigError(f"{key}: {given} disagrees with train.global_batch_tokens {t.global_batch_tokens:,} / "
+                          f"({t.micro_batch_size} x {cfg.model.block_size} x dp {dp}) = {derived}; set only one")
+    return derived
 
 
 # --------------------------------------------------------------------------- prep

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from pipeline.config import KilnError
 from pipeline.console import progress
 from pipeline.data.corpus import PreparedCorpus, TokenStream
+from pipeline.device import autocast, default_device
 
 
 def sliding_windows(n_tokens: int, block_size: int, stride: int) -> list[tuple[int, int, int]]:
@@ -70,7 +71,8 @@ def score_stream(model: torch.nn.Module, stream: TokenStream, block_size: int, m
     device = device or next(model.parameters()).device
     wins = sliding_windows(n, block_size, stride)
     model.eval()
-    model(next(_batches(stream, wins, batch_size))[0].to(device))
+    with autocast(device):
+        model(next(_batches(stream, wins, batch_size))[0].to(device))
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()  # the warm-up's kernels must not be timed with the first batch
     nll, count, forward_s = 0.0, 0, 0.0
@@ -78,7 +80,8 @@ def score_stream(model: torch.nn.Module, stream: TokenStream, block_size: int, m
         for x, y in _batches(stream, wins, batch_size):
             x, y = x.to(device), y.to(device)
             t0 = time.perf_counter()
-            logits, _ = model(x)
+            with autocast(device):
+                logits, _ = model(x)
             loss = float(F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100,
                                          reduction="sum"))
             forward_s += time.perf_counter() - t0
@@ -154,7 +157,7 @@ def evaluate_model(model: str | Path, data_dir: str | Path, split: str = "val", 
     """`kiln eval`: MODEL dir or models:/ URI (fetched into the cache first); logs when tracking is on."""
     from pipeline.model.io import load_model_dir
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or default_device()
     local = tracker.materialize(model) if tracker is not None else Path(model)
     net, config = load_model_dir(local, device=device)
     block = int(config.get("model", {}).get("block_size") or net.cfg.block_size)

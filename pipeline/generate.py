@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import KilnError
+from pipeline.device import autocast, default_device
 from pipeline.model.gpt import GPT, KVCache
 
 # --------------------------------------------------------------------------- logits processing
@@ -83,10 +84,12 @@ def generate_ids(model: torch.nn.Module, prompt: list[int], max_new_tokens: int,
             if cache is not None:
                 if cache.pos + len(ids) - fed > block_size:  # full: restart from the last half window
                     cache, fed = KVCache(len(model.blocks)), len(ids) - block_size // 2
-                logits = model(torch.tensor([ids[fed:]], device=dev), cache=cache)[0][0, -1]
+                with autocast(dev):
+                    logits = model(torch.tensor([ids[fed:]], device=dev), cache=cache)[0][0, -1]
                 fed = len(ids)
             else:
-                logits = model(torch.tensor([ids[-block_size:]], device=dev))[0][0, -1]
+                with autocast(dev):
+                    logits = model(torch.tensor([ids[-block_size:]], device=dev))[0][0, -1]
             logits = logits.float().cpu()
             logits = apply_repetition_penalty(logits, torch.tensor(sorted(set(ids))), repetition_penalty)
             token = next_token(logits, temperature, top_k, top_p, generator)
@@ -130,7 +133,7 @@ def generate(model_dir: str | Path, prompt: str, max_new_tokens: int = 64, tempe
     model_dir = Path(model_dir)
     if not (model_dir / TOKENIZER).is_file():
         raise KilnError(f"{model_dir / TOKENIZER}: not found; generation needs the model's tokenizer")
-    model, config = load_model_dir(model_dir, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, config = load_model_dir(model_dir, device=device or default_device())
     sp = spm.SentencePieceProcessor(model_file=str(model_dir / TOKENIZER))
     prompt_ids = sp.encode(prompt)
     eos = sp.eos_id() if sp.eos_id() >= 0 else None

@@ -26,6 +26,12 @@ GPU_PEAK_FLOPS = {
     "a10g": 125e12,
     "v100": 125e12,
 }
+# Memory per GPU (GiB) of the common SXM/PCIe parts, for `kiln plan`'s recommended layout.
+GPU_MEMORY_GIB = {"h100": 80, "h200": 141, "b200": 180, "a100": 80, "l40s": 48, "a10g": 24, "v100": 32}
+# The share of a GPU's memory the estimate below may fill: the rest is the allocator's fragmentation, NCCL and
+# ZeRO's communication buckets, cuBLAS/compile workspaces, and the estimate's own error. At 0.75, 1.3b with a
+# micro-batch of 8 fits one 80 GB GPU (estimate 56 GiB), as nanoGPT's 1.3b measurement on one H100 shows.
+MEMORY_BUDGET = 0.75
 DEFAULT_VOCAB = 50304
 GIB = 2**30
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "model"
@@ -88,7 +94,9 @@ def memory_per_gpu(
     vocab = cfg.vocab_size or DEFAULT_VOCAB
     psi = param_counts(cfg, vocab)["total"] / (tp * pp)
     mixed = precision in ("bf16", "fp16")
-    w_bytes, g_bytes, o_bytes = (2, 2, 12) if mixed else (4, 4, 8)
+    # bf16: the bf16 gradients plus their fp32 sum over micro-batches (engine.ds_config's grad_accum_dtype)
+    g_bytes = {"bf16": 2 + 4, "fp16": 2}.get(precision, 4)
+    w_bytes, o_bytes = (2, 12) if mixed else (4, 8)
     weights, grads, optim = psi * w_bytes, psi * g_bytes, psi * o_bytes
     if zero_stage >= 1:
         optim /= dp
@@ -122,6 +130,25 @@ def memory_per_gpu(
     }
 
 
+def recommend_layout(cfg: ModelConfig, gpus: int, gpu: str = "h100", precision: str = "bf16") -> dict:
+    """The layout an expert starts from: ZeRO-1 data parallelism with a micro-batch of 16, 8 or 4. Recomputing
+    activations costs a third more compute, a TP=2..8 group inside an NVLink node much less: so every tensor-parallel
+    size is tried without activation checkpointing before any with it. Fits = under MEMORY_BUDGET of the GPU."""
+    if gpu not in GPU_MEMORY_GIB:
+        raise ConfigError(f"--gpu {gpu}: unknown GPU; known: {', '.join(sorted(GPU_MEMORY_GIB))}")
+    budget = MEMORY_BUDGET * GPU_MEMORY_GIB[gpu] * GIB
+    sizes = [t for t in (1, 2, 4, 8) if cfg.n_head % t == 0 and gpus % t == 0]
+    for ckpt in (False, True):
+        for tp in sizes:
+            for mbs in (16, 8, 4) if not ckpt else (8, 4, 2, 1):
+                layout = {"tp": tp, "pp": 1, "dp": gpus // tp, "zero_stage": 1, "precision": precision,
+                          "micro_batch_size": mbs, "activation_checkpointing": ckpt}
+                if memory_per_gpu(cfg, **layout)["total"] <= budget:
+                    return layout
+    raise ConfigError(f"no ZeRO-1 layout with tp <= 8 fits {cfg.n_layer} layers x {cfg.n_embd} on {gpus} x {gpu}; "
+                      "use pipeline parallelism or ZeRO-3 (give --tp/--pp/--zero-stage to check one)")
+
+
 def make_plan(
     *,
     flops: float | None = None,
@@ -148,7 +175,10 @@ def make_plan(
         data.setdefault("vocab_size", DEFAULT_VOCAB)
         name, cfg = path.stem, ModelConfig.model_validate(data)
         n = param_counts(cfg)["total"]
-    layout = dict(layout or {})
+    recommended = layout is None
+    if recommended:
+        layout = recommend_layout(cfg, gpus or 1, gpu)
+    layout = dict(layout)
     layout.setdefault("dp", max(1, (gpus or 1) // (layout.get("tp", 1) * layout.get("pp", 1))))
     mem = memory_per_gpu(cfg, **layout)
     plan = {
@@ -160,6 +190,7 @@ def make_plan(
         "model_params": n,
         "tokens_for_model": flops / (6.0 * n),
         "layout": layout,
+        "layout_recommended": recommended,
         "memory_gib": {k: v / GIB for k, v in mem.items()},
     }
     if gpus and hours:

@@ -259,25 +259,34 @@ def _train(cfg: RunConfig, on_log, on_checkpoint, on_end) -> dict:
         if rank0 and on_checkpoint:
             on_checkpoint(newest)
 
+    def host_batches(at_consumed: int) -> list:
+        return [data.train.batch(s, c) for s, c in
+                rank_slice(at_consumed, global_batch, layout.dp, layout.dp_rank, t.micro_batch_size)]
+
     # ---------------------------------------------------------------- loop
+    # The host never waits for the device inside a step: the loss and grad norm stay on the device and are read
+    # (one sync) on log/eval steps only, and the next step's batches are copied while this step computes.
     t_start = time.perf_counter()
     t_last, tokens_last = t_start, 0
     last: dict = {}
+    batches = engine.to_device(host_batches(consumed)) if step < t.steps else []
     with progress("train", total=t.steps, unit="step", disable=not rank0) as advance:
         advance(step)
         while step < t.steps:
             lr = lr_at(step, cfg)
             engine.set_lr(lr)
-            batches = [data.train.batch(s, c) for s, c in
-                       rank_slice(consumed, global_batch, layout.dp, layout.dp_rank, t.micro_batch_size)]
-            loss, grad_norm = engine.train_step(batches)
-            t_done = time.perf_counter()  # tokens/s counts training only, not validation or saving
+            loss_t, norm_t = engine.train_step(batches)
             step += 1
             consumed += global_batch
             tokens_last += tokens_per_step
+            if step < t.steps:
+                batches = engine.to_device(host_batches(consumed))  # queued behind this step's work
             advance(1)
-            val_loss = evaluate() if t.eval_every and (step % t.eval_every == 0 or step == t.steps) else None
-            if step % t.log_every == 0 or step == t.steps or val_loss is not None:
+            evaluating = t.eval_every and (step % t.eval_every == 0 or step == t.steps)
+            if step % t.log_every == 0 or step == t.steps or evaluating:
+                loss, grad_norm = engine.read(loss_t, norm_t)  # the step's one host sync
+                t_done = time.perf_counter()  # tokens/s counts training only, not validation or saving
+                val_loss = evaluate() if evaluating else None
                 now = time.perf_counter()
                 tps = tokens_last / max(t_done - t_last, 1e-9)
                 last = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,

@@ -84,11 +84,15 @@ def test_slurm_render_2x8(tmp_path):
 
 @pytest.mark.fault
 def test_layout_mismatch_is_one_line_before_launch(capsys):
-    code = main(["launch", "slurm", "--nodes", "2", "--gpus-per-node", "3", "--dry-run", "--",
-                 "kiln", "train", "--config", str(ROOT / "configs/train/6.7b-pp.yaml")])
+    code = main(["launch", "slurm", "--nodes", "1", "--gpus-per-node", "3", "--dry-run", "--",
+                 "kiln", "train", "--config", str(ROOT / "configs/train/6.7b-4x8.yaml")])
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["kiln launch slurm: error: world size 6 is not divisible by parallel.tp x parallel.pp = 8"]
+    assert err == ["kiln launch slurm: error: world size 3 is not divisible by parallel.tp x parallel.pp = 2"]
+    code = main(["launch", "slurm", "--nodes", "2", "--gpus-per-node", "3", "--dry-run", "--",  # dp 3
+                 "kiln", "train", "--config", str(ROOT / "configs/train/6.7b-4x8.yaml")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "train.global_batch_tokens: 2,097,152 is not a multiple" in err[0], err
     with pytest.raises(ConfigError, match="world size 3"):
         common.check_train(["kiln", "train", "--set", "parallel.tp=2"], 3, data=False)
     common.check_train(["kiln", "train", "--set=parallel.tp=2"], 4, data=False)

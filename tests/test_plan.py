@@ -1,8 +1,10 @@
 """`kiln plan`: Chinchilla sizing against the paper, parameter counts, memory accounting."""
 
+import json
+
 import pytest
 
-from pipeline.config import ConfigError, ModelConfig
+from pipeline.config import ConfigError, ModelConfig, load_config, validate_world
 from pipeline.model.flops import flops_per_token, param_counts
 from pipeline.plan import (
     GPU_PEAK_FLOPS,
@@ -12,7 +14,10 @@ from pipeline.plan import (
     make_plan,
     memory_per_gpu,
     nearest_model,
+    recommend_layout,
+    shipped_models,
 )
+from tests.factories import ROOT
 
 
 def test_chinchilla_paper_point():
@@ -68,9 +73,10 @@ def test_memory_zero_stages_shrink_per_gpu_state():
     m1 = memory_per_gpu(cfg, dp=8, zero_stage=1)
     m2 = memory_per_gpu(cfg, dp=8, zero_stage=2)
     m3 = memory_per_gpu(cfg, dp=8, zero_stage=3)
-    assert m0["weights"] + m0["grads"] + m0["optimizer"] == pytest.approx(16 * psi)
+    # bf16 weights (2) + bf16 gradients and their fp32 sum (2 + 4) + fp32 master weights and Adam moments (12)
+    assert m0["weights"] + m0["grads"] + m0["optimizer"] == pytest.approx(20 * psi)
     assert m1["optimizer"] == pytest.approx(12 * psi / 8)
-    assert m2["grads"] == pytest.approx(2 * psi / 8)
+    assert m2["grads"] == pytest.approx(6 * psi / 8)
     assert m3["weights"] == pytest.approx(2 * psi / 8)
     assert m0["total"] > m1["total"] > m2["total"] > m3["total"]
     ckpt = memory_per_gpu(cfg, activation_checkpointing=True, micro_batch_size=4)
@@ -88,3 +94,31 @@ def test_make_plan_for_a_cluster():
     assert plan["model_config"] == "6.7b"
     with pytest.raises(ConfigError, match="--flops, or --gpus and --hours"):
         make_plan(gpus=8)
+
+
+@pytest.mark.parametrize("config,gpus", [("125m-1node", 8), ("1.3b-2x8", 16), ("6.7b-4x8", 32)])
+def test_kiln_plan_recommends_the_layout_the_shipped_config_uses(config, gpus, capsys):
+    """The shipped GPU configs are what `kiln plan` recommends for their model and GPU count (H100, 80 GB)."""
+    from pipeline.cli import main
+
+    cfg = load_config("train", ROOT / "configs/train" / f"{config}.yaml", [])
+    shipped = {"tp": cfg.parallel.tp, "pp": cfg.parallel.pp, "dp": validate_world(cfg, gpus),
+               "zero_stage": cfg.parallel.zero_stage, "precision": cfg.train.precision,
+               "micro_batch_size": cfg.train.micro_batch_size,
+               "activation_checkpointing": cfg.train.activation_checkpointing}
+    name = config.split("-")[0]
+    assert recommend_layout(shipped_models()[name], gpus, "h100") == shipped
+    assert main(["plan", "--gpus", str(gpus), "--hours", "100", "--model", name, "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["layout_recommended"] and plan["layout"] == shipped
+    # the 1.3b: pure data parallel without recomputation, micro-batch 8, also on a single GPU
+    if name == "1.3b":
+        assert recommend_layout(shipped_models()[name], 1)["micro_batch_size"] == 8
+
+
+def test_a_layout_given_on_the_command_line_is_checked_not_replaced(capsys):
+    from pipeline.cli import main
+
+    assert main(["plan", "--gpus", "16", "--hours", "100", "--model", "1.3b", "--tp", "2", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert not plan["layout_recommended"] and plan["layout"]["tp"] == 2 and plan["layout"]["dp"] == 8

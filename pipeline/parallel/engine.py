@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from pipeline.config import KilnError, RunConfig
+from pipeline.config import KilnError, RunConfig, grad_accum
 from pipeline.model.io import weights_only_loads
 from pipeline.model.weights import SHARDS_DIR, Weights, write_shard
 from pipeline.parallel.materialize import build_gpt, local_slices
@@ -46,20 +46,22 @@ def deepspeed_state_types() -> list[type]:
     return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
 
 
-def ds_config(cfg: RunConfig, dp: int) -> dict:
+def ds_config(cfg: RunConfig, dp: int, gpu: bool = False) -> dict:
+    """DeepSpeed's config for this run. `gpu`: overlap ZeRO's gradient reduction with backward (on CPU/gloo
+    there is no second stream to overlap on)."""
     t, p = cfg.train, cfg.parallel
-    accum = (p.micro_batches or t.grad_accum) if p.pp > 1 else t.grad_accum
+    accum = grad_accum(cfg, dp)
     # Buckets bounded like Megatron's DDP (40M elements): DeepSpeed's default 5e8 is 2 GB of fp32 per rank
     # in ZeRO-1/2's reduce buffer (allocated whole under PP), more than a small rank's whole share.
     # Stage 1 keeps whole gradients anyway: a contiguous copy of them (ZeRO-2's layout) would only add 4 bytes a
     # parameter to the step's peak.
     zero: dict = {"stage": p.zero_stage, "reduce_bucket_size": BUCKET_ELEMENTS, "allgather_bucket_size": BUCKET_ELEMENTS,
-                  "contiguous_gradients": p.zero_stage >= 2}
+                  "contiguous_gradients": p.zero_stage >= 2, "overlap_comm": gpu and p.zero_stage >= 1}
     if p.offload == "cpu":
         zero["offload_optimizer"] = {"device": "cpu"}
         if p.zero_stage == 3:
             zero["offload_param"] = {"device": "cpu"}
-    return {
+    config = {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": accum,
         "train_batch_size": t.micro_batch_size * accum * dp,
@@ -73,6 +75,13 @@ def ds_config(cfg: RunConfig, dp: int) -> dict:
         "wall_clock_breakdown": False,
         "dump_state": False,
     }
+    if t.precision == "bf16":
+        # bf16 weights, fp32 master weights, and gradients summed over micro-batches and reduced over DP in fp32
+        # (as Megatron does): stage 1 -> DeepSpeed's BF16_Optimizer, 2/3 -> ZeRO's fp32 accumulation buffers.
+        # Stage 0 has no such path in DeepSpeed; RunConfig refuses bf16 there.
+        config["data_types"] = {"grad_accum_dtype": "fp32"}
+        config["communication_data_type"] = "fp32"
+    return config
 
 
 def lr_at(step: int, cfg: RunConfig) -> float:
@@ -110,8 +119,9 @@ def share_fp32_master(optimizer) -> bool:
     return True
 
 
-def _grad_norm_and_clip(engine, max_norm: float, layout: Layout) -> float:
-    """Global grad norm, each parameter counted once across TP and pipeline replicas; clips in place."""
+def _grad_norm_and_clip(engine, max_norm: float, layout: Layout) -> torch.Tensor:
+    """Global grad norm, each parameter counted once across TP and pipeline replicas; clips in place.
+    Returns the norm as a tensor on the device: reading it waits for the GPU (the loop does so on log steps)."""
     params = [p for p in engine.module.parameters() if p.grad is not None]
     counted = [p.grad for p in params
                if getattr(p, "model_parallel", True) and not getattr(p, "ds_pipe_replicated", False)]
@@ -121,7 +131,7 @@ def _grad_norm_and_clip(engine, max_norm: float, layout: Layout) -> float:
         dist.all_reduce(sq, group=layout.grid.get_model_parallel_group())
         norm = sq.sqrt()
     torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
-    return norm.item()
+    return norm
 
 
 class Engine:
@@ -138,7 +148,7 @@ class Engine:
         device = torch.device(get_accelerator().current_device_name())
         dtype = DTYPES[cfg.train.precision]
         t = cfg.train
-        config = ds_config(cfg, layout.dp)
+        config = ds_config(cfg, layout.dp, gpu=device.type == "cuda")
         if self.pipe:
             from pipeline.parallel.pipeline_module import build_pipeline_module
 
@@ -155,7 +165,7 @@ class Engine:
             model=model, optimizer=self.optimizer, config=config, mpu=None if self.pipe else layout.grid,
         )
         share_fp32_master(self.engine.optimizer)
-        self.grad_norm: float | None = None
+        self.grad_norm: torch.Tensor | float | None = None
         if not self.pipe and cfg.parallel.zero_stage == 0 and layout.dp == 1:
             self.engine.enable_backward_allreduce = False  # nothing to average: skip flatten/copy/unflatten
         if self._kiln_clips:
@@ -177,12 +187,26 @@ class Engine:
         for g in self.optimizer.param_groups:
             g["lr"] = lr
 
-    def train_step(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, float | None]:
-        """One optimizer step over this rank's micro-batches; returns (mean loss over the global batch, grad norm)."""
+    def to_device(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Host batches onto the device (those already there stay); on a GPU through pinned memory and without
+        waiting for the copy, so the next step's batches travel while this step computes."""
+        def move(t: torch.Tensor) -> torch.Tensor:
+            if t.device == self.device:
+                return t
+            if self.device.type == "cuda":
+                return t.pin_memory().to(self.device, non_blocking=True)
+            return t.to(self.device)
+
+        return [(move(x), move(y)) for x, y in batches]
+
+    def train_step(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One optimizer step over this rank's micro-batches (on the device: `to_device`). Returns this rank's
+        mean loss and the global grad norm (None if unknown) as device tensors, never read here: reading them
+        waits for the GPU, so the loop does that once per log step (`read`)."""
         self.engine.train()
         self.grad_norm = None
-        batches = [(x.to(self.device), y.to(self.device)) for x, y in batches]
-        if self.pipe:
+        batches = self.to_device(batches)  # a no-op for the loop's batches, already moved (prefetched)
+        if self.pipe:  # the pipe engine's loss is already averaged over DP
             loss = self.engine.train_batch(data_iter=iter(batches)).detach().float()
         else:
             total = torch.zeros((), dtype=torch.float32, device=self.device)
@@ -192,18 +216,22 @@ class Engine:
                 self.engine.step()
                 total += loss.detach().float()
             loss = total / len(batches)
-        if self.layout.dp > 1 and not self.pipe:  # the pipe engine already averages over DP
+        if not self._kiln_clips:
+            self.grad_norm = self.engine.get_global_grad_norm()
+        return loss, self.grad_norm
+
+    def read(self, loss: torch.Tensor, grad_norm) -> tuple[float, float | None]:
+        """Collective (DP) and a host sync: the global batch's mean loss and the grad norm as numbers."""
+        if self.layout.dp > 1 and not self.pipe:
+            loss = loss.clone()
             dist.all_reduce(loss, group=self.layout.dp_group)
             loss /= self.layout.dp
-        if not self._kiln_clips:
-            norm = self.engine.get_global_grad_norm()
-            self.grad_norm = float(norm) if norm is not None else None
-        return loss.item(), self.grad_norm
+        return loss.item(), None if grad_norm is None else float(grad_norm)
 
     @torch.no_grad()
     def evaluate(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
         """Mean loss over this rank's validation batches, averaged over DP ranks."""
-        batches = [(x.to(self.device), y.to(self.device)) for x, y in batches]
+        batches = self.to_device(batches)
         if self.pipe:
             loss = self.engine.eval_batch(iter(batches), num_micro_batches=len(batches)).detach().float()
         else:

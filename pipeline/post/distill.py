@@ -30,6 +30,7 @@ from pipeline.checkpoint import (
 )
 from pipeline.config import ConfigError, DistillConfig, KilnError, ModelConfig, build, load_yaml
 from pipeline.console import log, progress
+from pipeline.device import autocast
 from pipeline.evaluate import evaluate_windows
 from pipeline.model.gpt import GPT
 from pipeline.model.io import WEIGHTS, save_model_dir, sha256_file
@@ -84,6 +85,12 @@ class FinalHidden:
 
     def _hook(self, module, inputs, output) -> None:
         self.value = output
+
+
+def teacher_logits(teacher: GPT, x: torch.Tensor) -> torch.Tensor:
+    """The teacher's logits, in bf16 autocast on a GPU (its weights stay fp32), fp32 on the CPU."""
+    with torch.no_grad(), autocast(x.device):
+        return teacher(x)[0]
 
 
 def distill_loss(s_logits, t_logits, targets, alpha: float, temperature: float, s_hidden=None, t_hidden=None,
@@ -148,24 +155,24 @@ def distill(teacher_ref: str | Path, student_yaml: str | Path, data_dir: str | P
     rank, world = accelerator.process_index, accelerator.num_processes
     out.mkdir(parents=True, exist_ok=True)
     t0, last = time.perf_counter(), {}
-    tokens = start * tc.micro_batch_size * tc.grad_accum * world * scfg.block_size  # counted from step 0
+    accum = tc.grad_accum or 1
+    tokens = start * tc.micro_batch_size * accum * world * scfg.block_size  # counted from step 0
     student.train()
     with progress("distill", total=tc.steps - start, unit="step", disable=not accelerator.is_main_process) as advance:
         for step in range(start, tc.steps):
             lr = warmup_cosine(step, tc.steps, tc.lr, tc.min_lr, tc.warmup_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            x, y = batch_at(win, step, tc.micro_batch_size * tc.grad_accum, tc.seed, rank, world)
+            x, y = batch_at(win, step, tc.micro_batch_size * accum, tc.seed, rank, world)
             optimizer.zero_grad(set_to_none=True)
-            for xm, ym in zip(x.chunk(tc.grad_accum), y.chunk(tc.grad_accum), strict=True):
+            for xm, ym in zip(x.chunk(accum), y.chunk(accum), strict=True):
                 xm, ym = xm.to(device), ym.to(device)
-                with torch.no_grad():
-                    t_logits, _ = teacher(xm)
+                t_logits = teacher_logits(teacher, xm)
                 with accelerator.autocast():
                     s_logits, _ = student(xm)
                 loss, parts = distill_loss(s_logits, t_logits, ym, cfg.alpha, cfg.temperature, s_hidden.value,
                                            t_hidden.value, cfg.hidden_weight)
-                accelerator.backward(loss / tc.grad_accum)
+                accelerator.backward(loss / accum)
             if tc.grad_clip:
                 accelerator.clip_grad_norm_(student.parameters(), tc.grad_clip)
             optimizer.step()
@@ -190,7 +197,7 @@ def distill(teacher_ref: str | Path, student_yaml: str | Path, data_dir: str | P
                        steps=tc.steps, seed=tc.seed, data=str(data_dir))
         save_model_dir(final, scfg, out / "model", parent_tokenizer(parent), meta)
         if cfg.eval_windows:
-            summary["val_loss"] = evaluate_windows(final.cpu(), data_dir, cfg.eval_windows)["loss"]
-            summary["teacher_val_loss"] = evaluate_windows(teacher.cpu(), data_dir, cfg.eval_windows)["loss"]
+            summary["val_loss"] = evaluate_windows(final, data_dir, cfg.eval_windows)["loss"]  # on the device
+            summary["teacher_val_loss"] = evaluate_windows(teacher, data_dir, cfg.eval_windows)["loss"]
         summary.update({k: last[k] for k in ("loss", "kl", "ce") if k in last})
     return summary

@@ -16,6 +16,7 @@ import torch
 from pipeline.checkpoint import TorchState, find_checkpoint, read_state, restore_rng, save_checkpoint
 from pipeline.config import KilnError
 from pipeline.console import log, progress
+from pipeline.device import autocast
 from pipeline.post.common import batch_at, windows
 from pipeline.schedule import warmup_cosine
 
@@ -44,12 +45,14 @@ def train_steps(model: torch.nn.Module, data_dir: str | Path, steps: int, lr: fl
         start, losses = saved["step"], list(saved["losses"])
         log.info("resuming from %s (step %d)", resume, start)
     model.train()
+    device = next(model.parameters()).device  # bf16 autocast there if it is a GPU
     with progress("train", total=steps - start, unit="step") as advance:
         for step in range(start, steps):
             for group in opt.param_groups:
                 group["lr"] = warmup_cosine(step, steps, lr, min_lr, warmup)
             x, y = batch_at(win, step, batch_size, seed)
-            _, loss = model(x, y)
+            with autocast(device):
+                _, loss = model(x.to(device), y.to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if masks:

@@ -16,6 +16,7 @@ import torch
 
 from pipeline.config import KilnError, PruneConfig
 from pipeline.console import log
+from pipeline.device import default_device
 from pipeline.evaluate import evaluate_windows
 from pipeline.model.io import WEIGHTS, save_model_dir, sha256_file
 from pipeline.post.common import block_linears, lineage, load_parent, nonzero_params, parent_tokenizer
@@ -65,7 +66,7 @@ def recovery_checkpoints(out: str | Path) -> Path:
 def prune(model_ref: str | Path, cfg: PruneConfig, out: str | Path) -> dict:
     """Prune a MODEL dir into `out`; returns parameters (total/nonzero), achieved sparsity and perplexities."""
     t = cfg.train  # the recovery fine-tuning (train.steps: 0 = none)
-    model, parent_cfg, parent = load_parent(model_ref)
+    model, parent_cfg, parent = load_parent(model_ref, device=default_device())  # bf16 autocast on a GPU
     if parent_cfg.get("quantization"):
         raise KilnError(f"{parent}: quantized models cannot be pruned; prune the original, then quantize")
     summary = {"out": str(out), "parent": str(parent), "pattern": cfg.pattern, "sparsity": cfg.sparsity,
@@ -79,7 +80,7 @@ def prune(model_ref: str | Path, cfg: PruneConfig, out: str | Path) -> dict:
     if t.steps:
         identity = {"parent_sha256": sha256_file(parent / WEIGHTS), "sparsity": cfg.sparsity, "pattern": cfg.pattern,
                     "train": t.model_dump(mode="json"), "data": str(cfg.data)}
-        losses = train_steps(model, cfg.data, t.steps, lr=t.lr, batch_size=t.micro_batch_size * t.grad_accum,
+        losses = train_steps(model, cfg.data, t.steps, lr=t.lr, batch_size=t.micro_batch_size * (t.grad_accum or 1),
                              seed=t.seed, min_lr=t.min_lr, warmup=t.warmup_steps, weight_decay=t.weight_decay,
                              grad_clip=t.grad_clip, masks=masks, betas=(t.beta1, t.beta2),
                              checkpoints=recovery_checkpoints(out), every=cfg.checkpoint.every,
@@ -95,7 +96,7 @@ def prune(model_ref: str | Path, cfg: PruneConfig, out: str | Path) -> dict:
                    block_sparsity=pruned / sum(m.numel() for m in masks.values()))
     meta = lineage(parent, "pruned", f"magnitude-{cfg.pattern}", sparsity=cfg.sparsity, pattern=cfg.pattern,
                    recovery_steps=t.steps, block_sparsity=round(summary["block_sparsity"], 6))
-    save_model_dir(model, model.cfg, out, parent_tokenizer(parent), meta)
+    save_model_dir(model.cpu(), model.cfg, out, parent_tokenizer(parent), meta)
     log.info("pruned %s: %d of %d block weights zero (%.1f%%)", parent, pruned,
              sum(m.numel() for m in masks.values()), 100 * summary["block_sparsity"])
     return summary

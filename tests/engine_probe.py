@@ -1,0 +1,111 @@
+"""Run by tests/test_engine_precision.py in a fresh process (DeepSpeed needs a process group; PP needs two ranks).
+Prints one JSON line per probe.
+
+    python tests/engine_probe.py accum STAGE...   # bf16 ZeRO stages: optimizer, grad dtype after 2 micro-batches
+    python tests/engine_probe.py pipe             # (torchrun, 2 ranks) the same for PP=2 after one step
+    python tests/engine_probe.py syncs OUT CORPUS # train 6 steps (log every 3): where Kiln reads device values
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from pipeline.config import load_config  # noqa: E402
+from pipeline.parallel.engine import Engine  # noqa: E402
+from pipeline.parallel.topology import init_distributed, make_layout  # noqa: E402
+
+TINY = ROOT / "configs/train/tiny-cpu.yaml"
+VOCAB = 64
+
+
+def batch(cfg, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, VOCAB, (cfg.train.micro_batch_size, cfg.model.block_size + 1), generator=g)
+    return x[:, :-1], x[:, 1:]
+
+
+def accum(stages: list[int]) -> None:
+    from deepspeed.utils import safe_get_full_grad
+
+    init_distributed()
+    for stage in stages:
+        cfg = load_config("train", TINY, [f"parallel.zero_stage={stage}", "train.precision=bf16", "train.grad_accum=4",
+                                          f"model.vocab_size={VOCAB}"])
+        engine = Engine(cfg, make_layout(cfg))
+        ds = engine.engine
+        for seed in range(2):  # 2 of 4 micro-batches: the sum lives in DeepSpeed's accumulation buffers
+            x, y = batch(cfg, seed)
+            ds.backward(ds(x, y)[1])
+            ds.step()
+        grads = [safe_get_full_grad(p) for p in ds.module.parameters()]
+        print(json.dumps({"stage": stage, "optimizer": type(ds.optimizer).__name__,
+                          "param_dtype": str(next(ds.module.parameters()).dtype),
+                          "grad_dtypes": sorted({str(g.dtype) for g in grads if g is not None}),
+                          "grads": sum(g is not None for g in grads), "params": len(grads),
+                          "nonzero": all(bool(g.abs().sum() > 0) for g in grads if g is not None)}), flush=True)
+        engine.close()
+
+
+def pipe() -> None:
+    import torch.distributed as dist
+
+    init_distributed()
+    cfg = load_config("train", TINY, ["parallel.pp=2", "parallel.zero_stage=1", "train.precision=bf16",
+                                      "train.grad_accum=2", f"model.vocab_size={VOCAB}"])
+    engine = Engine(cfg, make_layout(cfg))
+    loss, _ = engine.train_step([batch(cfg, s) for s in range(2)])
+    opt = engine.engine.optimizer
+    flat = getattr(opt, "fp32_groups_gradients_flat", [])
+    if dist.get_rank() == 0:
+        print(json.dumps({"optimizer": type(opt).__name__, "grad_dtypes": sorted({str(g.dtype) for g in flat}),
+                          "loss": float(loss)}), flush=True)
+    engine.close()
+
+
+def syncs(out: str, corpus: str) -> None:
+    """Count the device-to-host reads (Tensor.item / float(tensor)) made by Kiln's training code, per step."""
+    import pipeline.parallel.engine as engine_mod
+    from pipeline.train import train
+
+    events: list = []
+    ours = (str(ROOT / "pipeline" / "train.py"), str(ROOT / "pipeline" / "parallel" / "engine.py"))
+
+    def counting(name):
+        real = getattr(torch.Tensor, name)
+
+        def wrapper(self, *a, **k):
+            if sys._getframe(1).f_code.co_filename in ours:
+                events.append("sync")
+            return real(self, *a, **k)
+        return wrapper
+
+    torch.Tensor.item, torch.Tensor.__float__ = counting("item"), counting("__float__")
+    step = engine_mod.Engine.train_step
+
+    def marking(self, batches):
+        events.append("step")
+        return step(self, batches)
+
+    engine_mod.Engine.train_step = marking
+    cfg = load_config("train", TINY, [f"data.paths=[{corpus}]", f"out={out}", "train.steps=6", "train.log_every=3",
+                                      "checkpoint.every=100", "tracking.enabled=false"])
+    train(cfg)
+    per_step: list[int] = []
+    for e in events:
+        if e == "step":
+            per_step.append(0)
+        elif per_step:
+            per_step[-1] += 1
+    print(json.dumps({"syncs_after_step": per_step}), flush=True)
+
+
+if __name__ == "__main__":
+    mode, args = sys.argv[1], sys.argv[2:]
+    {"accum": lambda: accum([int(a) for a in args]), "pipe": pipe, "syncs": lambda: syncs(*args)}[mode]()
