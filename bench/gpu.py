@@ -86,7 +86,7 @@ def measure_peak(dry: bool) -> None:
 
     if dry:
         info = {"device": "cpu (dry run)", "torch": torch.__version__}
-        emit("gpu_matmul_peak", time_matmul_peak(torch.float32, 256, "cpu") / 1e12, "TFLOP/s", note="dry run: CPU fp32")
+        emit("gpu_matmul_peak", time_matmul_peak(torch.float32, 1024, "cpu", repeats=3) / 1e12, "TFLOP/s", note="dry run: CPU fp32")
     else:
         p = torch.cuda.get_device_properties(0)
         info = {"device": p.name, "memory_gib": round(p.total_memory / 2**30, 1), "sms": p.multi_processor_count,
@@ -209,11 +209,13 @@ def run_part(part: str, argv: list[str], deadline: float, records: list, extra: 
     """Run one part in a child process until its share of the time left; collect its JSON lines."""
     left = deadline - time.time()
     if left < 20:
-        error(f"gpu_{part}", f"skipped: {left:.0f} s of the time budget left")
-        records.append({"bench": f"gpu_{part}", "error": "skipped: time budget"})
+        msg = f"skipped: {left:.0f} s of the time budget left"
+        error(f"gpu_{part}", msg)
+        records.append({"bench": f"gpu_{part}", "error": msg})
         return
     limit = left * SHARES[part] if part != "peak" else min(left * SHARES[part], 90)
-    proc = subprocess.Popen([sys.executable, "-m", "bench.gpu", "--child", part, *argv], cwd=ROOT,
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(gpu_wheels.SITE), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.Popen([sys.executable, "-m", "bench.gpu", "--child", part, *argv], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, text=True, start_new_session=True)
 
     def read() -> None:

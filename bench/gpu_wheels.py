@@ -5,7 +5,8 @@ safetensors) and no network. Kiln's training path also imports DeepSpeed, pydant
 `build` puts one wheel of each (the versions pinned in constraints.txt) in .gpu-wheels/:
 DeepSpeed as `pip wheel --no-deps` (a py3-none-any build), the rest downloaded as cp312
 manylinux x86_64 (or pure Python) wheels. `install` (on the GPU machine) installs from that
-folder only the ones not already there, offline. `check` (the dry run, on CPU) confirms the
+folder, offline, only the ones not already there, into .gpu-site/ (no system or PEP 668 issue;
+the benchmark's processes get it on PYTHONPATH). `check` (the dry run, on CPU) confirms the
 folder holds a wheel of every one and that pip, offline, would install them on the target.
 
     python -m bench.gpu_wheels [DIR]   # build
@@ -22,6 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 WHEELS = ROOT / ".gpu-wheels"
+SITE = ROOT / ".gpu-site"  # where `install` puts them: the image's own site-packages stay as they are
 PYTHON, PLATFORMS = "3.12", ("manylinux2014_x86_64", "manylinux_2_17_x86_64", "manylinux_2_28_x86_64")
 # What `pipeline.train` imports beyond the image (deepspeed and its requirements, Kiln's config and console).
 # The dry run checks this list covers every distribution the measured code loaded (bench/gpu.py).
@@ -117,8 +119,11 @@ def check(dest: Path = WHEELS) -> list[str]:
     return []
 
 
-def install(dest: Path = WHEELS) -> list[str]:
-    """Install from `dest`, offline, each needed distribution this Python lacks; returns their names."""
+def install(dest: Path = WHEELS, site: Path = SITE) -> list[str]:
+    """Install from `dest`, offline, into `site` each needed distribution this Python (with `site` on
+    its path) lacks; returns their requirements."""
+    if str(site) not in sys.path:
+        sys.path.insert(0, str(site))
     missing = []
     for req in requirements():
         try:
@@ -128,8 +133,8 @@ def install(dest: Path = WHEELS) -> list[str]:
     if missing:
         if not dest.is_dir():
             raise RuntimeError(f"{dest}: no wheel folder; missing {', '.join(missing)} (run `make gpu-wheels`)")
-        subprocess.run([sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", "--find-links",
-                        str(dest), *missing], check=True)
+        subprocess.run([sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", "--upgrade",
+                        "--target", str(site), "--find-links", str(dest), *missing], check=True)
     return missing
 
 

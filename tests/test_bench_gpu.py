@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -15,13 +16,13 @@ from bench import gpu_wheels
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def fake_wheels(dest: Path, tag: str = "py3-none-any", odd: dict[str, str] | None = None) -> Path:
-    """A minimal wheel (metadata only) for every requirement; `odd` gives some another tag."""
+def fake_wheels(dest: Path, odd: dict[str, str] | None = None, reqs: list[str] | None = None) -> Path:
+    """A minimal wheel (metadata only) for every requirement; `odd` gives some another tag than py3-none-any."""
     dest.mkdir(parents=True, exist_ok=True)
-    for req in gpu_wheels.requirements():
+    for req in reqs or gpu_wheels.requirements():
         name, version = req.split("==")
         stem = f"{name.replace('-', '_')}-{version}"
-        w_tag = (odd or {}).get(name, tag)
+        w_tag = (odd or {}).get(name, "py3-none-any")
         with zipfile.ZipFile(dest / f"{stem}-{w_tag}.whl", "w") as z:
             info = f"{stem}.dist-info"
             z.writestr(f"{info}/METADATA", f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
@@ -51,10 +52,20 @@ def test_check_refuses_a_wheel_for_another_python(tmp_path):
     assert len(problems) == 1 and "would not install" in problems[0], problems
 
 
+def test_install_puts_only_what_is_missing_into_the_site_folder(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    reqs = ["kiln-absent-dep==1.0", gpu_wheels.requirements()[0]]  # deepspeed is installed here
+    monkeypatch.setattr(gpu_wheels, "requirements", lambda: reqs)
+    folder, site = fake_wheels(tmp_path / "w", reqs=reqs), tmp_path / "site"
+    assert gpu_wheels.install(folder, site) == ["kiln-absent-dep==1.0"]
+    assert (site / "kiln_absent_dep-1.0.dist-info").is_dir()
+    assert gpu_wheels.install(folder, site) == []  # found in the site folder now: nothing to do
+
+
 @pytest.mark.slow
 def test_bench_gpu_dry_run_end_to_end(tmp_path):
     out = tmp_path / "gpu.json"
-    proc = subprocess.run([sys.executable, "-m", "bench", "gpu", "--dry-run", "--steps", "2", "--out", str(out),
+    proc = subprocess.run([sys.executable, "-m", "bench", "gpu", "--dry-run", "--steps", "1", "--out", str(out),
                            "--wheels", str(fake_wheels(tmp_path / "w"))],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
@@ -70,3 +81,12 @@ def test_bench_gpu_dry_run_end_to_end(tmp_path):
         assert figures[f"gpu_tiny_{name}_mfu_vs_measured_peak"]["value"] > 0
     assert figures["gpu_tiny_kiln_train_tokens_per_s"]["ratio"] > 0
     assert figures["gpu_tiny_kiln_train_vs_nanogpt"]["ratio"] > 0
+
+
+def test_a_part_without_time_left_is_reported_not_run(capsys):
+    from bench import gpu
+
+    records: list = []
+    gpu.run_part("1.3b", [], time.time() + 5, records, {})
+    assert len(records) == 1 and records[0]["error"].startswith("skipped: ") and records[0]["bench"] == "gpu_1.3b"
+    assert json.loads(capsys.readouterr().out) == records[0]  # the same line printed
