@@ -144,7 +144,8 @@ def measure_model(part: str, dry: bool, steps: int, peak_tflops: float) -> None:
              note="reference: Kiln's GPT compiled in a plain loop; bar ratio >= 1.04" if ref else None)
         if spec:
             emit(f"{prefix}_{n}_mfu_vs_spec", fpt * speed[n] / spec, "fraction")
-        emit(f"{prefix}_{n}_mfu_vs_measured_peak", fpt * speed[n] / (peak_tflops * 1e12), "fraction")
+        if peak_tflops > 0:  # 0: the peak measurement failed (its error line says why)
+            emit(f"{prefix}_{n}_mfu_vs_measured_peak", fpt * speed[n] / (peak_tflops * 1e12), "fraction")
         if not dry:
             emit(f"{prefix}_{n}_peak_memory", (built[n][1] + transient) / 2**30, "GiB",
                  note="resident after warm-up (weights, optimizer, grads) + largest step transient")
