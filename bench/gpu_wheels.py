@@ -19,6 +19,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -133,8 +134,16 @@ def install(dest: Path = WHEELS, site: Path = SITE) -> list[str]:
     if missing:
         if not dest.is_dir():
             raise RuntimeError(f"{dest}: no wheel folder; missing {', '.join(missing)} (run `make gpu-wheels`)")
-        subprocess.run([sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", "--upgrade",
-                        "--target", str(site), "--find-links", str(dest), *missing], check=True)
+        proc = subprocess.run([sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", "--upgrade",
+                               "--target", str(site), "--find-links", str(dest), *missing])
+        if proc.returncode:  # no pip on the image, or pip refused: a wheel is a zip laid out for site-packages
+            print(f"pip exited {proc.returncode}; unpacking the wheels into {site} instead", file=sys.stderr)
+            for req in missing:
+                wheel = wheel_for(dest, req)
+                if wheel is None:
+                    raise RuntimeError(f"{dest}: no wheel for {req} (run `make gpu-wheels`)")
+                with zipfile.ZipFile(wheel) as z:
+                    z.extractall(site)
     return missing
 
 

@@ -62,6 +62,16 @@ def test_install_puts_only_what_is_missing_into_the_site_folder(tmp_path, monkey
     assert gpu_wheels.install(folder, site) == []  # found in the site folder now: nothing to do
 
 
+def test_install_unpacks_the_wheels_when_pip_fails(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    reqs = ["kiln-absent-dep==1.0"]
+    monkeypatch.setattr(gpu_wheels, "requirements", lambda: reqs)
+    monkeypatch.setattr(gpu_wheels.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 1))
+    folder, site = fake_wheels(tmp_path / "w", reqs=reqs), tmp_path / "site"
+    assert gpu_wheels.install(folder, site) == reqs
+    assert (site / "kiln_absent_dep-1.0.dist-info" / "METADATA").is_file()
+
+
 @pytest.mark.slow
 def test_bench_gpu_dry_run_end_to_end(tmp_path):
     out = tmp_path / "gpu.json"
