@@ -97,6 +97,32 @@ def measure_peak(dry: bool) -> None:
     print(json.dumps({"machine": info}), flush=True)
 
 
+def free_memory(dry: bool) -> None:
+    gc.collect()
+    if not dry:
+        import torch
+
+        torch.cuda.empty_cache()
+
+
+class Guarded:
+    """A contender that, once a step fails (out of memory...), prints the error, lets go of its model and
+    does nothing from then on, so the others' turns and figures go on."""
+
+    def __init__(self, name: str, fn, dry: bool):
+        self.name, self.fn, self.dry, self.failed = name, fn, dry, False
+
+    def __call__(self) -> None:
+        if self.failed:
+            return
+        try:
+            self.fn()
+        except Exception as e:  # noqa: BLE001
+            self.failed, self.fn = True, None
+            error(self.name, e)
+            free_memory(self.dry)
+
+
 def measure_model(part: str, dry: bool, steps: int, peak_tflops: float) -> None:
     """Build and warm (compile) each contender, then time them in turns; one JSON line per figure."""
     import torch
@@ -129,16 +155,17 @@ def measure_model(part: str, dry: bool, steps: int, peak_tflops: float) -> None:
                 built[name] = (fn, used() - before)
                 emit(f"{prefix}_{name}_build_and_compile_s", time.perf_counter() - t0, "s")
             except Exception as e:  # noqa: BLE001 - one contender's failure must not lose the others
+                fn = None
                 error(f"{prefix}_{name}", e)
-                gc.collect()
-                if not dry:
-                    torch.cuda.empty_cache()
-        if not built:
-            return
+                free_memory(dry)
         names = list(built)
-        timings = interleaved([built[n][0] for n in names], steps, sync, None if dry else cuda_transient)
-    speed = {n: tokens / wall for n, (wall, _, _) in zip(names, timings, strict=True)}
-    for n, (_, _, transient) in zip(names, timings, strict=True):
+        guarded = [Guarded(f"{prefix}_{n}", built[n][0], dry) for n in names]
+        resident, built, fn = {n: r for n, (_, r) in built.items()}, None, None  # the Guarded hold the only refs
+        timings = interleaved(guarded, steps, sync, None if dry else cuda_transient) if guarded else []
+    speed = {n: tokens / wall for n, g, (wall, *_) in zip(names, guarded, timings, strict=True) if not g.failed}
+    for n, (_, _, transient, _) in zip(names, timings, strict=True):
+        if n not in speed:
+            continue
         ref = speed.get("kiln_gpt_compiled") if n == "kiln_train" else None
         emit(f"{prefix}_{n}_tokens_per_s", speed[n], "tokens/s", ref,
              note="reference: Kiln's GPT compiled in a plain loop; bar ratio >= 1.04" if ref else None)
@@ -147,7 +174,7 @@ def measure_model(part: str, dry: bool, steps: int, peak_tflops: float) -> None:
         if peak_tflops > 0:  # 0: the peak measurement failed (its error line says why)
             emit(f"{prefix}_{n}_mfu_vs_measured_peak", fpt * speed[n] / (peak_tflops * 1e12), "fraction")
         if not dry:
-            emit(f"{prefix}_{n}_peak_memory", (built[n][1] + transient) / 2**30, "GiB",
+            emit(f"{prefix}_{n}_peak_memory", (resident[n] + transient) / 2**30, "GiB",
                  note="resident after warm-up (weights, optimizer, grads) + largest step transient")
     if "kiln_train" in speed and "nanogpt_compiled" in speed:
         from bench.train_throughput import differences

@@ -100,3 +100,21 @@ def test_a_part_without_time_left_is_reported_not_run(capsys):
     gpu.run_part("1.3b", [], time.time() + 5, records, {})
     assert len(records) == 1 and records[0]["error"].startswith("skipped: ") and records[0]["bench"] == "gpu_1.3b"
     assert json.loads(capsys.readouterr().out) == records[0]  # the same line printed
+
+
+def test_a_contender_that_fails_mid_run_stops_and_says_why(capsys):
+    from bench import gpu
+
+    calls = []
+
+    def step():
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    g = gpu.Guarded("gpu_1.3b_nanogpt_compiled", step, dry=True)
+    for _ in range(4):
+        g()
+    assert g.failed and len(calls) == 2  # not called again after the failure
+    line = json.loads(capsys.readouterr().out)
+    assert line == {"bench": "gpu_1.3b_nanogpt_compiled", "error": "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB"}
