@@ -121,14 +121,18 @@ def check(dest: Path = WHEELS) -> list[str]:
 
 
 def install(dest: Path = WHEELS, site: Path = SITE) -> list[str]:
-    """Install from `dest`, offline, into `site` each needed distribution this Python (with `site` on
-    its path) lacks; returns their requirements."""
+    """Install from `dest`, offline, into `site` (ahead of site-packages on the measuring processes' path)
+    each needed distribution this Python lacks or has only in an older version; returns their requirements."""
     if str(site) not in sys.path:
         sys.path.insert(0, str(site))
+    from packaging.version import Version  # pip and transformers both need it: always on the image
+
     missing = []
     for req in requirements():
+        name, version = req.split("==")
         try:
-            md.version(req.split("==")[0])
+            if Version(md.version(name)) < Version(version):  # an older one may lack what Kiln's pins rely on
+                missing.append(req)
         except md.PackageNotFoundError:
             missing.append(req)
     if missing:

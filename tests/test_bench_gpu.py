@@ -54,10 +54,11 @@ def test_check_refuses_a_wheel_for_another_python(tmp_path):
 
 def test_install_puts_only_what_is_missing_into_the_site_folder(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "path", list(sys.path))
-    reqs = ["kiln-absent-dep==1.0", gpu_wheels.requirements()[0]]  # deepspeed is installed here
+    # absent; deepspeed as pinned; pytest newer than a pin of 1.0; pluggy older than a pin of 99.0
+    reqs = ["kiln-absent-dep==1.0", gpu_wheels.requirements()[0], "pytest==1.0", "pluggy==99.0"]
     monkeypatch.setattr(gpu_wheels, "requirements", lambda: reqs)
     folder, site = fake_wheels(tmp_path / "w", reqs=reqs), tmp_path / "site"
-    assert gpu_wheels.install(folder, site) == ["kiln-absent-dep==1.0"]
+    assert gpu_wheels.install(folder, site) == ["kiln-absent-dep==1.0", "pluggy==99.0"]
     assert (site / "kiln_absent_dep-1.0.dist-info").is_dir()
     assert gpu_wheels.install(folder, site) == []  # found in the site folder now: nothing to do
 
