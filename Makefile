@@ -8,7 +8,7 @@ STAMP := $(VENV)/.kiln-installed
 # list (everything it imports is already there).
 GPTQ_LOADER := gptqmodel optimum pypcre tokenicer logbar device-smi defuser
 
-.PHONY: setup demo test bench lint clean
+.PHONY: setup demo test bench bench-gpu gpu-wheels lint clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -27,6 +27,16 @@ test: setup
 
 bench: setup
 	$(BIN)/python -m bench $(BENCH)
+
+# The GPU benchmark's two halves: wheels for what a bare CUDA image lacks, built on a machine with network
+# (into .gpu-wheels/), then on the GPU machine one command that installs them offline and measures.
+gpu-wheels: setup
+	$(BIN)/python -m bench.gpu_wheels .gpu-wheels
+
+# bench-gpu uses the machine's own Python (torch comes with the image); on CPU: make bench-gpu GPU_PY=.venv/bin/python BENCH=--dry-run
+GPU_PY ?= python3
+bench-gpu:
+	$(GPU_PY) -m bench gpu $(BENCH)
 
 lint: setup
 	$(BIN)/ruff check pipeline data_prep tests bench

@@ -4,6 +4,7 @@ Each benchmark prints lines {"bench", "value", "unit", "reference", "ratio"} whe
 reference was measured in the same run; this runner adds the machine description.
     python -m bench                 # all
     python -m bench train prep      # those whose file name contains a word
+    python -m bench gpu [--dry-run] # the one-command GPU benchmark (bench/gpu.py; not part of "all")
 """
 
 from __future__ import annotations
@@ -41,7 +42,11 @@ def machine() -> dict:
 
 
 def main(words: list[str]) -> int:
-    scripts = sorted(p for p in HERE.glob("*.py") if not p.name.startswith("_"))
+    if words[:1] == ["gpu"]:
+        from bench import gpu
+
+        return gpu.main(words[1:])
+    scripts = sorted(p for p in HERE.glob("*.py") if not p.name.startswith(("_", "gpu")))
     if words:
         scripts = [p for p in scripts if any(w in p.stem for w in words)]
     results_dir = HERE / "results"

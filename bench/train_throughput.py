@@ -1,20 +1,21 @@
-"""Training throughput: `kiln train`'s step vs a minimal plain-PyTorch loop, and MFU vs the matmul peak.
+"""Training throughput on CPU: `kiln train`'s step vs nanoGPT's own model and loop, and MFU.
 
-CPU (default): configs/train/cpu-bench.yaml (GPT-2 style 6L/6H/384d, ctx 256, vocab 8192,
-batch 8, fp32, 1 process). Kiln's step (sampler -> batch, lr, DeepSpeed engine step) and
-the plain loop's step alternate, so load from a shared machine hits both sides alike.
-GPU (--gpu, or automatically when CUDA is present): 350m and 1.3b (bf16, ZeRO-1) vs a
-plain compiled bf16 loop, MFU against the GPU's bf16 spec and measured peak.
+configs/train/cpu-bench.yaml (GPT-2 style 6L/6H/384d, ctx 256, vocab 8192, batch 8, fp32,
+1 process). Kiln's step (sampler -> batch, lr, DeepSpeed engine step) and nanoGPT's (its
+`GPT` from bench/anchors/nanogpt, its `configure_optimizers` AdamW, its train.py step: forward,
+backward, clip, step, zero_grad) alternate on the same batches, so load from a shared machine
+hits both alike. The bar: Kiln tokens/s >= nanoGPT's (ratio >= 1.0). The GPU counterpart is
+bench/gpu.py (`python -m bench gpu`).
 
     PYTHONPATH=. DS_ACCELERATOR=cpu python bench/train_throughput.py --steps 12
 
-Prints JSON lines {"bench", "value", "unit", "reference", "ratio"}.
+Prints JSON lines {"bench", "value", "unit", "reference", "ratio"} (+ "note" where one helps).
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
+import contextlib
 import json
 import os
 import statistics
@@ -34,11 +35,14 @@ from pipeline.model.gpt import GPT  # noqa: E402
 from pipeline.train import time_matmul_peak  # noqa: E402
 
 
-def emit(bench: str, value: float, unit: str, reference: float | None = None) -> None:
+def emit(bench: str, value: float, unit: str, reference: float | None = None, **extra) -> dict:
+    """Print (and return) one figure as a JSON line; `extra` adds fields (a note, the memory...)."""
     ratio = value / reference if reference else None
-    print(json.dumps({"bench": bench, "value": round(value, 4), "unit": unit,
-                      "reference": round(reference, 4) if reference else None,
-                      "ratio": round(ratio, 4) if ratio else None}), flush=True)
+    record = {"bench": bench, "value": round(value, 4), "unit": unit,
+              "reference": round(reference, 4) if reference else None,
+              "ratio": round(ratio, 4) if ratio else None, **extra}
+    print(json.dumps(record), flush=True)
+    return record
 
 
 def fake_data(cfg, work: Path):
@@ -53,28 +57,77 @@ def fake_data(cfg, work: Path):
     return TrainData(cfg.data, cfg.model.block_size, cfg.train.seed)
 
 
-class PlainLoop:
-    """The simplest correct loop: AdamW, grad clipping, same batches; one call = one step."""
+def nanogpt_model(m):
+    """nanoGPT's own GPT (bench/anchors/nanogpt) at Kiln's model shape; bias as in Kiln's style."""
+    from bench.anchors.nanogpt.model import GPT as NanoGPT
+    from bench.anchors.nanogpt.model import GPTConfig
 
-    def __init__(self, cfg, data, device: str, bf16: bool, compile_: bool):
-        torch.manual_seed(0)
-        self.model = GPT(cfg.model).to(device)
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.train.lr, betas=(0.9, 0.95), weight_decay=0.1,
-                                     fused=device == "cuda")
-        self.fwd = torch.compile(self.model) if compile_ else self.model
+    conf = GPTConfig(block_size=m.block_size, vocab_size=m.vocab_size, n_layer=m.n_layer, n_head=m.n_head,
+                     n_embd=m.n_embd, dropout=m.dropout, bias=m.style == "gpt2")
+    with contextlib.redirect_stdout(sys.stderr):  # it prints its parameter count
+        return NanoGPT(conf)
+
+
+def differences(m) -> list[str]:
+    """What still differs between Kiln's GPT at config `m` and nanoGPT's at the same shape."""
+    out = ["attention input: q, k, v as three Linear (Kiln) vs one fused c_attn (nanoGPT); same weights, FLOPs"]
+    if m.style == "gpt2":
+        out.append("MLP GELU: tanh approximation (Kiln) vs exact erf (nanoGPT's nn.GELU())")
+    else:
+        out.append("Kiln llama style (RMSNorm, rotary positions, SwiGLU, no biases) vs nanoGPT GPT-2 style "
+                   "(LayerNorm, learned positions, GELU; built bias=False)")
+    if not m.tie_embeddings or m.n_kv_heads not in (None, m.n_head):
+        out.append("Kiln config unties the head or uses grouped-query attention; nanoGPT ties, full heads")
+    return out
+
+
+class Loop:
+    """A plain loop as nanoGPT's train.py runs it; one call = one step on the next batch: forward
+    (bf16 autocast when asked), backward, clip the grad norm, AdamW step, zero_grad(set_to_none)."""
+
+    def __init__(self, model, optimizer, cfg, data, device: str, bf16: bool, compile_: bool | str):
+        self.model, self.opt = model, optimizer
+        backend = compile_ if isinstance(compile_, str) else "inductor"
+        self.fwd = torch.compile(model, backend=backend) if compile_ else model
         self.device, self.bf16, self.data, self.i = device, bf16, data, 0
-        self.batch = cfg.train.micro_batch_size
+        self.batch, self.clip = cfg.train.micro_batch_size, cfg.train.grad_clip
 
     def __call__(self) -> None:
         x, y = self.data.train.batch(self.i * self.batch, self.batch)
         self.i += 1
-        x, y = x.to(self.device), y.to(self.device)
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         with torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.bf16):
             _, loss = self.fwd(x, y)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
+
+
+def nanogpt_loop(cfg, data, device: str = "cpu", bf16: bool = False, compile_: bool | str = False) -> Loop:
+    """nanoGPT's model with its own `configure_optimizers` (AdamW, fused on CUDA), seeded like Kiln."""
+    torch.manual_seed(cfg.train.seed)
+    model = nanogpt_model(cfg.model).to(device)
+    t = cfg.train
+    with contextlib.redirect_stdout(sys.stderr):
+        opt = model.configure_optimizers(t.weight_decay, t.lr, (t.beta1, t.beta2), device)
+    return Loop(model, opt, cfg, data, device, bf16, compile_)
+
+
+def kiln_gpt_loop(cfg, data, device: str = "cpu", bf16: bool = False, compile_: bool | str = False) -> Loop:
+    """Kiln's own GPT in the same plain loop (torch AdamW over Kiln's decay groups): same model as `train`."""
+    from pipeline.parallel.engine import param_groups
+
+    torch.manual_seed(cfg.train.seed)
+    model = GPT(cfg.model).to(device)
+    t = cfg.train
+    opt = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2),
+                            fused=device == "cuda")
+    return Loop(model, opt, cfg, data, device, bf16, compile_)
+
+
+def n_params(model) -> int:
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
 class KilnStep:
@@ -101,94 +154,60 @@ class KilnStep:
         self.step += 1
 
 
-def interleaved(a, b, steps: int, sync) -> tuple[tuple[float, float], tuple[float, float]]:
-    """Median (wall s, process CPU s) per step of a and b, alternating a-b, b-a, ... so load
-    changes and which-one-runs-second effects hit both alike. CPU seconds are the steadier
-    figure on a shared machine: time spent descheduled does not count."""
-    times: dict = {a: [], b: []}
+def interleaved(fns: list, steps: int, sync, transient=None) -> list[tuple[float, float, int, float]]:
+    """Per fn: median wall s and process CPU s per step, its largest transient memory (bytes, from
+    `transient`, a context manager yielding a callable read after the step; 0 without one), and its
+    fastest step's wall s (the least disturbed by other jobs). The fns take
+    turns, the order reversed every round (a-b, b-a, ...), so load changes and which-one-runs-second
+    effects hit all alike; 2 warm-up rounds are dropped. CPU seconds are the steadier figure on a
+    shared machine: time spent descheduled does not count."""
+    times: list[list] = [[] for _ in fns]
     for i in range(steps + 2):
-        for fn in ((a, b) if i % 2 == 0 else (b, a)):
-            t0, c0 = time.perf_counter(), time.process_time()
-            fn()
-            sync()
+        for k in (range(len(fns)) if i % 2 == 0 else reversed(range(len(fns)))):
+            with transient() if transient else contextlib.nullcontext(lambda: 0) as extra:
+                t0, c0 = time.perf_counter(), time.process_time()
+                fns[k]()
+                sync()
+                wall, cpu = time.perf_counter() - t0, time.process_time() - c0
             if i >= 2:  # warm-up
-                times[fn].append((time.perf_counter() - t0, time.process_time() - c0))
-    med = {fn: (statistics.median(t for t, _ in v), statistics.median(c for _, c in v)) for fn, v in times.items()}
-    return med[a], med[b]
-
-
-def timed(fn, steps: int, sync) -> float:
-    """Median seconds per step after 3 warm-up steps (compilation happens there)."""
-    times = []
-    for i in range(steps + 3):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        if i >= 3:
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+                times[k].append((wall, cpu, extra()))
+    return [(statistics.median(w for w, _, _ in v), statistics.median(c for _, c, _ in v), max(m for _, _, m in v),
+             min(w for w, _, _ in v)) for v in times]
 
 
 def cpu_bench(steps: int) -> None:
     cfg = load_config("train", ROOT / "configs/train/cpu-bench.yaml")
     fpt, tokens = flops_per_token(cfg.model), cfg.train.micro_batch_size * cfg.model.block_size
-    peak = _fresh_peak()  # measured in this run, not the cached value train() uses
-    emit("cpu_fp32_matmul_peak", peak / 1e9, "GFLOP/s")
+    before = _fresh_peak()  # measured in this run, not the cached value train() uses
     with tempfile.TemporaryDirectory() as tmp:
         data = fake_data(cfg, Path(tmp))
-        (w_plain, c_plain), (w_kiln, c_kiln) = interleaved(PlainLoop(cfg, data, "cpu", False, False),
-                                                           KilnStep(cfg, data), steps, lambda: None)
-    plain, kiln = tokens / w_plain, tokens / w_kiln
-    emit("cpu_plain_pytorch_tokens_per_s", plain, "tokens/s")
-    emit("cpu_kiln_train_tokens_per_s", kiln, "tokens/s", plain)
-    emit("cpu_kiln_train_tokens_per_cpu_s", tokens / c_kiln, "tokens/CPU-s", tokens / c_plain)
+        nano, kiln_step = nanogpt_loop(cfg, data), KilnStep(cfg, data)
+        params = f"parameters: Kiln {n_params(kiln_step.engine.engine.module):,}, nanoGPT {n_params(nano.model):,}"
+        (w_nano, c_nano, _, b_nano), (w_kiln, c_kiln, _, b_kiln) = interleaved([nano, kiln_step], steps, lambda: None)
+    ref, kiln = tokens / w_nano, tokens / w_kiln
+    peak = max(before, _fresh_peak())  # best of before and after: load from other jobs drifts during the run
+    emit("cpu_fp32_matmul_peak", peak / 1e9, "GFLOP/s", note="best of one measurement before and one after")
+    emit("cpu_nanogpt_tokens_per_s", ref, "tokens/s", note="nanoGPT's GPT + configure_optimizers, its train.py step")
+    emit("cpu_kiln_train_tokens_per_s", kiln, "tokens/s", ref,
+         note="bar: ratio >= 1.0; " + params + "; differences: " + "; ".join(differences(cfg.model)))
+    emit("cpu_kiln_train_tokens_per_cpu_s", tokens / c_kiln, "tokens/CPU-s", tokens / c_nano)
+    emit("cpu_kiln_train_tokens_per_s_fastest_step", tokens / b_kiln, "tokens/s", tokens / b_nano,
+         note="each side's fastest step: the figure least disturbed by other jobs on a shared machine")
     emit("cpu_kiln_train_mfu_vs_measured_peak", fpt * kiln / peak, "fraction")
-    emit("cpu_plain_pytorch_mfu_vs_measured_peak", fpt * plain / peak, "fraction")
+    emit("cpu_nanogpt_mfu_vs_measured_peak", fpt * ref / peak, "fraction")
+    emit("cpu_load_average_1min", os.getloadavg()[0], "runnable tasks", note="other jobs on the machine during the run")
 
 
 def _fresh_peak(device: str = "cpu", dtype=torch.float32, n: int = 1024) -> float:
     return time_matmul_peak(dtype, n, device, repeats=8)
 
 
-def gpu_bench(steps: int, models: list[str]) -> None:
-    from pipeline.plan import gpu_peak_flops
-
-    spec = gpu_peak_flops(torch.cuda.get_device_name())
-    measured = _fresh_peak("cuda", torch.bfloat16, 8192)
-    emit("gpu_bf16_matmul_peak", measured / 1e12, "TFLOP/s", spec / 1e12 if spec else None)
-    for model in models:
-        cfg = load_config("train", ROOT / "configs/model" / f"{model}.yaml",
-                          ["model.vocab_size=50304", "train.micro_batch_size=8", "train.precision=bf16",
-                           "parallel.zero_stage=1", "tracking.enabled=false", "train.warmup_steps=0",
-                           "train.compile=true"])
-        fpt, tokens = flops_per_token(cfg.model), cfg.train.micro_batch_size * cfg.model.block_size
-        # one after the other: a GPU is not shared, and two 1.3b models with Adam do not fit side by side
-        with tempfile.TemporaryDirectory() as tmp:
-            data = fake_data(cfg, Path(tmp))
-            t_plain = timed(PlainLoop(cfg, data, "cuda", True, True), steps, torch.cuda.synchronize)
-            torch.cuda.empty_cache()
-            t_kiln = timed(KilnStep(cfg, data), steps, torch.cuda.synchronize)
-        plain, kiln = tokens / t_plain, tokens / t_kiln
-        emit(f"gpu_{model}_plain_compiled_tokens_per_s", plain, "tokens/s")
-        emit(f"gpu_{model}_kiln_train_tokens_per_s", kiln, "tokens/s", plain)
-        if spec:
-            emit(f"gpu_{model}_kiln_train_mfu_vs_spec", fpt * kiln / spec, "fraction")
-        emit(f"gpu_{model}_kiln_train_mfu_vs_measured_peak", fpt * kiln / measured, "fraction")
-        gc.collect()
-        torch.cuda.empty_cache()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--gpu", action="store_true", help="GPU bench (default when CUDA is present)")
-    parser.add_argument("--models", default="350m,1.3b")
     args = parser.parse_args()
-    if args.gpu or torch.cuda.is_available():
-        gpu_bench(args.steps, args.models.split(","))
-    else:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        cpu_bench(args.steps)
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    cpu_bench(args.steps)
 
 
 if __name__ == "__main__":
