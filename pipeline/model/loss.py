@@ -65,7 +65,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if needs_grad:
                 g = logits.mul_(scale[s:s + chunk].unsqueeze(-1)).to(h.dtype)
                 grad_h[s:s + chunk] = g @ weight
-                grad_w += g.t() @ hc
+                if g.dtype == grad_w.dtype:
+                    grad_w.addmm_(g.t(), hc)  # no weight-sized temporary
+                else:
+                    grad_w += g.t() @ hc
         ctx.group = group
         if needs_grad:
             ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
@@ -73,11 +76,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        grad_h, grad_w = ctx.saved_tensors
-        grad_h = grad_h * grad.to(grad_h.dtype)
+        grad_h, grad_w = ctx.saved_tensors  # made for this one backward: scaled in place
+        grad_h.mul_(grad.to(grad_h.dtype))
         if ctx.group is not None:  # each rank holds its vocabulary slice's share of d loss / d h
             dist.all_reduce(grad_h, group=ctx.group)
-        return grad_h, grad_w * grad.to(grad_w.dtype), None, None, None, None, None, None
+        return grad_h, grad_w.mul_(grad.to(grad_w.dtype)), None, None, None, None, None, None
 
 
 class ChunkedCrossEntropy:
