@@ -113,7 +113,7 @@ class TrainConfig(_Strict):
     eval_batches: int | None = Field(None, ge=1, description="cap on validation micro-batches (all ranks together); default: all of data.val_tokens")
     peak_flops: float | None = Field(None, gt=0, description="per-device peak for MFU; default: measured/known")
     init_from: str | None = Field(None, description="start from these weights: a checkpoint dir or a MODEL dir")
-    compile: bool | Literal["auto"] = Field("auto", description="torch.compile the whole model with its loss (each "
+    compile: Literal["auto", True, False] = Field("auto", description="torch.compile the whole model with its loss (each "
                                             "pipeline stage's layer under PP); auto: on when CUDA is available")
     loss_chunk: int = Field(4096, ge=0, description="tokens per chunk of the output layer + cross-entropy (the full "
                             "B x T x V logits are never built); 0: logits first, then the loss")

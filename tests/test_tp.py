@@ -16,7 +16,6 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from pipeline.config import ModelConfig, RunConfig, TrainConfig

@@ -51,8 +51,11 @@ def parallelize(module: nn.Module, layout, run: RunConfig) -> nn.Module:
 
 
 def compiling(run: RunConfig) -> bool:
-    """train.compile, where `auto` means: on a GPU (CPU runs and tests stay quick to start)."""
-    return torch.cuda.is_available() if run.train.compile == "auto" else run.train.compile
+    """train.compile, where `auto` means: on a GPU (CPU runs and tests stay quick to start), except under
+    ZeRO-3, whose parameter gathering in module hooks a whole-model graph would have to trace."""
+    if run.train.compile == "auto":
+        return torch.cuda.is_available() and run.parallel.zero_stage < 3
+    return run.train.compile
 
 
 def chunked_loss(layout, run: RunConfig) -> ChunkedCrossEntropy | None:
