@@ -69,7 +69,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     grad_w.addmm_(g.t(), hc)  # no weight-sized temporary
                 else:
                     grad_w += g.t() @ hc
-            del logits  # before the next chunk's are made: one chunk's logits at a time
+            logits = g = None  # freed before the next chunk's are made: one chunk's logits at a time
         ctx.group = group
         if needs_grad:
             ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
