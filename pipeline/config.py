@@ -109,14 +109,24 @@ class TrainConfig(_Strict):
     grad_clip: float = Field(1.0, ge=0)
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"
     seed: int = 1234
-    activation_checkpointing: bool = False
+    activation_checkpointing: Literal["none", "selective", "full"] = Field(
+        "none", description="recompute in backward: `selective` the cheap element-wise ops (norms, rotary, "
+        "activations; matmul and attention outputs kept), `full` whole blocks; true/false mean full/none")
     log_every: int = Field(10, ge=1)
     eval_every: int = Field(0, ge=0, description="0 disables periodic validation")
     eval_batches: int | None = Field(None, ge=1, description="cap on validation micro-batches (all ranks together); default: all of data.val_tokens")
     peak_flops: float | None = Field(None, gt=0, description="per-device peak for MFU; default: measured/known")
     init_from: str | None = Field(None, description="start from these weights: a checkpoint dir or a MODEL dir")
-    compile: bool = Field(False, description="torch.compile each transformer block (GPU throughput)")
+    compile: Literal["auto", True, False] = Field("auto", description="torch.compile the whole model with its loss (each "
+                                            "pipeline stage's layer under PP); auto: on when CUDA is available")
+    loss_chunk: int = Field(4096, ge=0, description="tokens per chunk of the output layer + cross-entropy (the full "
+                            "B x T x V logits are never built); 0: logits first, then the loss")
     collective_timeout_s: float = Field(1800, gt=0, description="a collective waiting longer (a hung or dead rank) ends the job")
+
+    @field_validator("activation_checkpointing", mode="before")
+    @classmethod
+    def _checkpointing_bool(cls, value):
+        return {True: "full", False: "none"}.get(value, value) if isinstance(value, bool) else value
 
     @model_validator(mode="after")
     def _lr_order(self) -> TrainConfig:

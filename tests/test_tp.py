@@ -1,19 +1,24 @@
-"""Tensor parallelism: TP=2 (2 gloo processes) computes what TP=1 computes with the same weights, each rank
-materializes only its slices (from the seed, no full model), and the slices written per rank reassemble
-into exactly the 1-process weights."""
+"""Tensor parallelism: TP=2 (2 gloo processes) computes what TP=1 computes with the same weights (the chunked
+loss from hidden states and the logits-based vocab-parallel loss alike), each rank materializes only its slices
+(from the seed, no full model), the slices written per rank reassemble into exactly the 1-process weights, and
+a layer costs Megatron's collectives: 2 all-reduces forward and 2 backward (no more with selective
+checkpointing, which keeps collective outputs; full checkpointing re-runs the attention's forward all-reduce,
+and stops recomputing before the MLP's, whose output backward does not need)."""
 
 from __future__ import annotations
 
 import os
 import socket
+from collections import Counter
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from pipeline.config import ModelConfig, RunConfig
+from pipeline.config import ModelConfig, RunConfig, TrainConfig
 from pipeline.model.tensor_parallel import padded_vocab
 from pipeline.model.weights import ShardedWeights, write_shard
 from pipeline.parallel.materialize import build_gpt, local_slices
@@ -47,7 +52,7 @@ def _worker(rank: int, world: int, port: int, errors, shards) -> None:
     try:
         for style, tie, vocab, kv_heads in CASES:
             cfg = _cfg(style, tie, vocab, kv_heads)
-            run = RunConfig(model=cfg)
+            run = RunConfig(model=cfg, train=TrainConfig(loss_chunk=20))  # 48 tokens: chunks of 20, 20, 8
             full = build_gpt(cfg, seed=7)
             tp = build_gpt(cfg, seed=7, layout=layout, run=run)
             idx = torch.randint(0, vocab, (3, 16), generator=torch.Generator().manual_seed(1))
@@ -55,18 +60,21 @@ def _worker(rank: int, world: int, port: int, errors, shards) -> None:
             targets[0, :4] = -100  # ignored positions
             logits, loss = full(idx, targets)
             loss.backward()
-            tp_logits, tp_loss = tp(idx, targets)
-            tp_loss.backward()
+            tp_logits, _ = tp(idx)
             where = f"{style} tie={tie} vocab={vocab} kv_heads={kv_heads}"
             assert tp_logits.size(-1) == padded_vocab(vocab, world) // world, where
-            torch.testing.assert_close(tp_loss, loss, rtol=1e-5, atol=1e-6, msg=where)
             gathered = [torch.empty_like(tp_logits) for _ in range(world)]
             dist.all_gather(gathered, tp_logits.detach().contiguous())
             torch.testing.assert_close(torch.cat(gathered, -1)[..., :vocab], logits, rtol=1e-5, atol=1e-5)
             grads = dict(full.named_parameters())
-            for name, p in tp.named_parameters():
-                g = gather_tp(p.grad, p, group)
-                torch.testing.assert_close(g, grads[name].grad, rtol=1e-4, atol=1e-6, msg=f"{where} grad {name}")
+            for how in ("chunked", "logits"):  # the loss from hidden states (PP = 1), and from logits (PP)
+                tp.zero_grad()
+                tp_loss = tp(idx, targets)[1] if how == "chunked" else tp.loss_fn(tp(idx)[0], targets)
+                tp_loss.backward()
+                torch.testing.assert_close(tp_loss, loss, rtol=1e-5, atol=1e-6, msg=f"{where} {how}")
+                for name, p in tp.named_parameters():
+                    g = gather_tp(p.grad, p, group)
+                    torch.testing.assert_close(g, grads[name].grad, rtol=1e-4, atol=1e-6, msg=f"{where} {how} {name}")
             out = f"{shards}/{style}-{tie}-{vocab}-{kv_heads}"
             os.makedirs(out, exist_ok=True)
             write_shard(f"{out}/rank_{rank:05d}.safetensors", local_slices(tp, layout, zero3=False))
@@ -76,10 +84,55 @@ def _worker(rank: int, world: int, port: int, errors, shards) -> None:
                 ref = {k: v for k, v in full.state_dict().items() if not (tie and k == "head.lm_head.weight")}
                 assert sorted(state.names()) == sorted(ref), where
                 assert all(torch.equal(state.get(k), ref[k]) for k in ref), where
+        _check_collective_counts(layout, world)
     except Exception as err:  # report to the parent; a raise here would only print
         errors.put(f"rank {rank}: {type(err).__name__}: {err}")
     finally:
         dist.destroy_process_group()
+
+
+class _Collectives(TorchDispatchMode):
+    """Counts collectives as the dispatcher runs them: one that selective checkpointing serves from its cache
+    (no communication) is not counted, one it re-runs is."""
+
+    def __init__(self):
+        super().__init__()
+        self.phase, self.counts = "forward", {"forward": Counter(), "backward": Counter()}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace in ("c10d", "_c10d_functional"):
+            self.counts[self.phase][func._opname] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_collectives(model, idx, targets) -> dict[str, Counter]:
+    """Collectives of one micro-batch by phase (forward, backward) and op."""
+    with _Collectives() as mode:
+        _, loss = model(idx, targets)
+        mode.phase = "backward"
+        loss.backward()
+    return mode.counts
+
+
+def _check_collective_counts(layout, world: int) -> None:
+    """Per layer per micro-batch: 2 all-reduces forward (attention and MLP outputs) and 2 backward (their shared
+    inputs: one for q/k/v, one for gate/up). Besides the layers: the embedding's forward all-reduce, the loss's two
+    (max, then the stacked target logit and sum of exponentials) and, in backward, the head input's one."""
+    layers = 3
+    cfg = ModelConfig(n_layer=layers, n_head=4, n_embd=32, block_size=16, vocab_size=100, ffn_hidden=64)
+    idx = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(3))
+    grads = {}
+    for mode, recompute in (("none", 0), ("selective", 0), ("full", 1)):
+        run = RunConfig(model=cfg, train=TrainConfig(activation_checkpointing=mode))
+        model = build_gpt(cfg, seed=7, layout=layout, run=run)
+        counts = count_collectives(model, idx, idx)
+        expected = {"forward": Counter({"allreduce_": 2 * layers + 1 + 2}),
+                    "backward": Counter({"allreduce_": (2 + recompute) * layers + 1})}
+        assert counts == expected, f"checkpointing {mode}: {counts} != {expected}"
+        grads[mode] = [p.grad for p in model.parameters()]
+    for mode in ("selective", "full"):  # recomputing changes no gradient (a collective re-run on saved data would)
+        for a, b in zip(grads["none"], grads[mode], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=f"checkpointing {mode}")
 
 
 def _port() -> int:

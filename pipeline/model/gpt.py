@@ -100,9 +100,11 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.n_embd, cfg.n_embd, bias=bias)
         self.rotary = Rotary(self.head_dim, cfg.block_size, cfg.rope_theta) if cfg.style == "llama" else None
         self.dropout = cfg.dropout
+        self.tp_input = nn.Identity()  # tensor parallelism: the one input-gradient all-reduce for q, k and v
 
     def forward(self, x: torch.Tensor, cache: LayerKV | None = None) -> torch.Tensor:
         b, t, _ = x.shape
+        x = self.tp_input(x)
         # -1: the number of (query or key/value) heads on this rank (all of them unless tensor-parallel)
         q, k, v = (w(x).view(b, t, -1, self.head_dim).transpose(1, 2) for w in (self.wq, self.wk, self.wv))
         start = cache.owner.pos if cache is not None else 0
@@ -126,8 +128,10 @@ class SwiGLU(nn.Module):
         self.w1 = nn.Linear(cfg.n_embd, hidden, bias=False)  # gate
         self.w3 = nn.Linear(cfg.n_embd, hidden, bias=False)  # up
         self.w2 = nn.Linear(hidden, cfg.n_embd, bias=False)  # down
+        self.tp_input = nn.Identity()  # tensor parallelism: one input-gradient all-reduce for gate and up
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.tp_input(x)
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
@@ -137,9 +141,10 @@ class GeluMLP(nn.Module):
         hidden = cfg.mlp_width
         self.fc = nn.Linear(cfg.n_embd, hidden)
         self.proj = nn.Linear(hidden, cfg.n_embd)
+        self.tp_input = nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(F.gelu(self.fc(x), approximate="tanh"))
+        return self.proj(F.gelu(self.fc(self.tp_input(x)), approximate="tanh"))
 
 
 class Block(nn.Module):
@@ -238,6 +243,9 @@ class GPT(nn.Module):
         if cfg.tie_embeddings:
             self.head.lm_head.weight = self.embed.wte.weight
         self.loss_fn = cross_entropy  # tensor parallelism swaps in a vocab-parallel version
+        # training (parallelize.py) sets a ChunkedCrossEntropy: the loss comes from the final hidden states
+        # a chunk of tokens at a time, and the full logits are never built
+        self.hidden_loss = None
         if not self.embed.wte.weight.is_meta:  # built for use right away (not to be materialized by parts)
             params = dict(self.named_parameters())
             with torch.no_grad():
@@ -245,8 +253,9 @@ class GPT(nn.Module):
                     params[name].copy_(initial_value(kind, std, params[name].shape))
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None):
-        """Return logits (B, T, V), and the mean loss when targets are given. With a cache, `idx` are the
-        tokens after the cached ones, and their keys/values join the cache."""
+        """Return logits (B, T, V), and the mean loss when targets are given (then logits are None if the
+        loss is chunked: `hidden_loss`). With a cache, `idx` are the tokens after the cached ones, and
+        their keys/values join the cache."""
         start = cache.pos if cache is not None else 0
         if start + idx.size(1) > self.cfg.block_size:
             raise ValueError(f"sequence length {start + idx.size(1)} exceeds model.block_size {self.cfg.block_size}")
@@ -255,6 +264,8 @@ class GPT(nn.Module):
             x = block(x) if cache is None else block(x, cache.layers[i])
         if cache is not None:
             cache.pos += idx.size(1)
+        if targets is not None and self.hidden_loss is not None:
+            return None, self.hidden_loss(self.head.norm(x), self.head.lm_head.weight, targets)
         logits = self.head(x)
         if targets is None:
             return logits, None

@@ -3,11 +3,12 @@
 The plain model (gpt.py) knows nothing about ranks. `parallelize_tp(module, group)`
 walks it and swaps layers for sharded versions built from the full weights:
 
-    attention wq/wk/wv, MLP w1/w3/fc  -> ColumnParallelLinear (output features split)
+    attention wq/wk/wv, MLP w1/w3/fc  -> ColumnParallelLinear (output features split), fed by the
+                                         sub-block's one CopyToTP (`tp_input`)
     attention wo, MLP w2/proj         -> RowParallelLinear    (input features split, all-reduce)
     token embedding wte               -> VocabParallelEmbedding (vocab rows split)
     lm_head                           -> ColumnParallelLinear over the (padded) vocab
-    loss                              -> vocab_parallel_cross_entropy (no full-vocab gather)
+    loss                              -> VocabParallelCrossEntropy (no full-vocab gather)
 
 Each collective is a pair of autograd functions (identity forward / all-reduce
 backward and the reverse), as in Megatron-LM. Parameter names are unchanged, and
@@ -27,6 +28,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+from pipeline.model.loss import ChunkedCrossEntropy, mask_padding_, softmax_grad_
 
 PAD_MULTIPLE = 64
 
@@ -116,20 +119,34 @@ def _split(full: torch.Tensor, dim: int, rank: int, size: int, padded: int | Non
     return p
 
 
-class ColumnParallelLinear(nn.Module):
-    """y_local = x W_local^T + b_local; W split along its output features."""
+class CopyToTP(nn.Module):
+    """The shared input of a sub-block's column-parallel layers (q/k/v, gate/up): autograd sums their
+    input gradients first, so one all-reduce serves them all (Megatron's count)."""
 
-    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, group):
+    def __init__(self, group):
         super().__init__()
-        self.group, self.weight, self.bias = group, weight, bias
-
-    @classmethod
-    def from_full(cls, full: nn.Linear, group, rank: int, size: int, pad_to: int | None = None) -> ColumnParallelLinear:
-        bias = _split(full.bias, 0, rank, size) if full.bias is not None else None
-        return cls(_split(full.weight, 0, rank, size, pad_to), bias, group)
+        self.group = group
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(copy_to_tp(x, self.group), self.weight, self.bias)
+        return copy_to_tp(x, self.group)
+
+
+class ColumnParallelLinear(nn.Module):
+    """y_local = x W_local^T + b_local; W split along its output features. `copy_input`: this layer
+    all-reduces its own input gradient (False where a CopyToTP in front of the sub-block does it)."""
+
+    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, group, copy_input: bool = True):
+        super().__init__()
+        self.group, self.weight, self.bias, self.copy_input = group, weight, bias, copy_input
+
+    @classmethod
+    def from_full(cls, full: nn.Linear, group, rank: int, size: int, pad_to: int | None = None,
+                  copy_input: bool = True) -> ColumnParallelLinear:
+        bias = _split(full.bias, 0, rank, size) if full.bias is not None else None
+        return cls(_split(full.weight, 0, rank, size, pad_to), bias, group, copy_input)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(copy_to_tp(x, self.group) if self.copy_input else x, self.weight, self.bias)
 
 
 class RowParallelLinear(nn.Module):
@@ -167,32 +184,20 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class _VocabParallelCE(torch.autograd.Function):
-    """Per-token cross-entropy over logits split along the vocabulary (Megatron's algorithm)."""
+    """Per-token cross-entropy over logits split along the vocabulary. One fp32 copy of the logits is made
+    and becomes its own gradient in place (loss.softmax_grad_): no other full-size copy."""
 
     @staticmethod
-    def forward(ctx, logits, targets, start, group):  # logits (N, V_local) fp32, targets (N,)
-        logits_max = logits.max(dim=-1).values
-        dist.all_reduce(logits_max, op=dist.ReduceOp.MAX, group=group)
-        shifted = logits - logits_max.unsqueeze(-1)
-        local_t = targets - start
-        inside = (local_t >= 0) & (local_t < logits.size(-1))
-        local_t = local_t.masked_fill(~inside, 0)
-        picked = shifted.gather(-1, local_t.unsqueeze(-1)).squeeze(-1).masked_fill(~inside, 0.0)
-        dist.all_reduce(picked, group=group)
-        exp = shifted.exp()
-        sum_exp = exp.sum(dim=-1)
-        dist.all_reduce(sum_exp, group=group)
-        softmax = exp.div_(sum_exp.unsqueeze(-1))
-        ctx.save_for_backward(softmax, local_t, inside)
-        return sum_exp.log() - picked
+    def forward(ctx, logits, targets, start, vocab, group):  # logits (N, V_local), targets (N,)
+        work = logits.float() if logits.dtype != torch.float32 else logits.clone()
+        losses = softmax_grad_(mask_padding_(work, start, vocab), targets, start, group)
+        ctx.save_for_backward(work)
+        return losses
 
     @staticmethod
     def backward(ctx, grad):
-        softmax, local_t, inside = ctx.saved_tensors
-        g = softmax.clone()
-        rows = torch.arange(g.size(0), device=g.device)
-        g[rows, local_t] -= inside.to(g.dtype)
-        return g * grad.unsqueeze(-1), None, None, None
+        (g,) = ctx.saved_tensors
+        return g.mul_(grad.unsqueeze(-1)), None, None, None, None
 
 
 class VocabParallelCrossEntropy:
@@ -204,13 +209,15 @@ class VocabParallelCrossEntropy:
         self.start = rank * self.local
 
     def __call__(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        logits = logits.float().reshape(-1, logits.size(-1))
-        ids = torch.arange(self.start, self.start + self.local, device=logits.device)
-        logits = logits.masked_fill(ids >= self.vocab, float("-inf"))  # padding never wins
         targets = targets.reshape(-1)
         valid = targets != -100
-        losses = _VocabParallelCE.apply(logits, targets.masked_fill(~valid, 0), self.start, self.group)
+        losses = _VocabParallelCE.apply(logits.reshape(-1, logits.size(-1)), targets.masked_fill(~valid, 0),
+                                        self.start, self.vocab, self.group)
         return (losses * valid).sum() / valid.sum().clamp(min=1)
+
+    def chunked(self, chunk: int) -> ChunkedCrossEntropy:
+        """The same loss taken from the hidden states, `chunk` tokens at a time (no full logits)."""
+        return ChunkedCrossEntropy(chunk, self.vocab, self.start, self.group)
 
 
 # --------------------------------------------------------------------------- applying it
@@ -239,9 +246,10 @@ def parallelize_tp(module: nn.Module, group, vocab_size: int, tied: bool) -> nn.
     padded = padded_vocab(vocab_size, size)
     for parent in list(module.modules()):
         if isinstance(parent, (Attention, SwiGLU, GeluMLP)):
+            parent.tp_input = CopyToTP(group)
             for name, child in list(parent.named_children()):
                 if name in COLUMN:
-                    setattr(parent, name, ColumnParallelLinear.from_full(child, group, rank, size))
+                    setattr(parent, name, ColumnParallelLinear.from_full(child, group, rank, size, copy_input=False))
                 elif name in ROW:
                     setattr(parent, name, RowParallelLinear(child, group, rank, size))
         elif isinstance(parent, Embedding):

@@ -1,22 +1,34 @@
 """Parallelism applied to a plain model, in one place (after torchtitan's `parallelize_llama`).
 
-    parallelize(module, layout, run):  tensor parallelism -> activation checkpointing -> compile
+    parallelize(module, layout, run):  tensor parallelism -> activation checkpointing -> loss -> compile
 
 `module` is the whole GPT (PP = 1) or one pipeline stage's layer (pipeline_module.py); either way it
 may still be on the meta device (materialize.py fills it afterwards). The model never learns about
-ranks: TP swaps its layers for sharded ones (tensor_parallel.py), checkpointing and compile wrap its
-blocks' forward, and with dropout under TP the attention draws its masks from a TP-rank stream.
+ranks: TP swaps its layers for sharded ones (tensor_parallel.py), checkpointing wraps its blocks'
+forward, the whole GPT takes its loss from the hidden states in chunks (loss.py), and torch.compile
+takes the module whole: the GPT with its loss, or one stage's layer. With dropout under TP the
+attention draws its masks from a TP-rank stream.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from pipeline.config import RunConfig
 from pipeline.model.gpt import GPT, Attention, Block, cross_entropy
+from pipeline.model.loss import ChunkedCrossEntropy
 from pipeline.model.tensor_parallel import VocabParallelCrossEntropy, padded_vocab, parallelize_tp
+
+_aten = torch.ops.aten
+# selective checkpointing keeps what is costly to redo (matmuls, attention, collectives) and recomputes the rest
+KEEP = {_aten.mm.default, _aten.addmm.default, _aten.bmm.default,
+        _aten._scaled_dot_product_flash_attention.default, _aten._scaled_dot_product_efficient_attention.default,
+        _aten._scaled_dot_product_cudnn_attention.default, _aten._scaled_dot_product_flash_attention_for_cpu.default,
+        torch.ops.c10d.allreduce_.default}
 
 
 def parallelize(module: nn.Module, layout, run: RunConfig) -> nn.Module:
@@ -27,16 +39,33 @@ def parallelize(module: nn.Module, layout, run: RunConfig) -> nn.Module:
         if m.dropout > 0:
             for attn in (x for x in module.modules() if isinstance(x, Attention)):
                 _tp_dropout_stream(attn, layout.tp_rank)
-    blocks = [x for x in module.modules() if isinstance(x, Block)]
-    if t.activation_checkpointing:
-        for block in blocks:
-            checkpointed(block)
-    if t.compile:  # per block: graph breaks at TP collectives stay local, PP stages compile alike
-        for block in blocks:
-            block.compile()
+    if t.activation_checkpointing != "none":
+        for block in (x for x in module.modules() if isinstance(x, Block)):
+            checkpointed(block, selective=t.activation_checkpointing == "selective")
     if isinstance(module, GPT):
         module.loss_fn = loss_fn(layout, run)
+        module.hidden_loss = chunked_loss(layout, run)
+    if compiling(run):
+        module.compile()
     return module
+
+
+def compiling(run: RunConfig) -> bool:
+    """train.compile, where `auto` means: on a GPU (CPU runs and tests stay quick to start), except under
+    ZeRO-3, whose parameter gathering in module hooks a whole-model graph would have to trace."""
+    if run.train.compile == "auto":
+        return torch.cuda.is_available() and run.parallel.zero_stage < 3
+    return run.train.compile
+
+
+def chunked_loss(layout, run: RunConfig) -> ChunkedCrossEntropy | None:
+    """The loss straight from the hidden states, train.loss_chunk tokens at a time (None: off)."""
+    chunk = run.train.loss_chunk
+    if not chunk:
+        return None
+    if layout.tp == 1:
+        return ChunkedCrossEntropy(chunk)
+    return loss_fn(layout, run).chunked(chunk)
 
 
 def loss_fn(layout, run: RunConfig):
@@ -47,12 +76,18 @@ def loss_fn(layout, run: RunConfig):
     return VocabParallelCrossEntropy(layout.tp_group, layout.tp_rank, vocab, padded_vocab(vocab, layout.tp), layout.tp)
 
 
-def checkpointed(block: nn.Module) -> None:
-    """Recompute the block in backward instead of keeping its activations (only while grads are on)."""
+def _keep_costly(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in KEEP else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def checkpointed(block: nn.Module, selective: bool = False) -> None:
+    """Recompute the block in backward instead of keeping its activations (only while grads are on):
+    all of it, or (selective) only its cheap ops, whose outputs are the bulk of the memory."""
     plain = block.forward
+    options = {"context_fn": functools.partial(create_selective_checkpoint_contexts, _keep_costly)} if selective else {}
 
     def forward(x: torch.Tensor) -> torch.Tensor:
-        return checkpoint(plain, x, use_reentrant=False) if torch.is_grad_enabled() else plain(x)
+        return checkpoint(plain, x, use_reentrant=False, **options) if torch.is_grad_enabled() else plain(x)
 
     block.forward = forward
 
