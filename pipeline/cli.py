@@ -35,7 +35,7 @@ from pipeline.commands import (
     cmd_train,
     cmd_verify,
 )
-from pipeline.config import ConfigError, EvalConfig, KilnError, QuantizeConfig, clip, first_line
+from pipeline.config import ConfigError, EvalConfig, KilnError, QuantizeConfig, TrainConfig, clip, first_line
 from pipeline.credentials import redact
 from pipeline.quant_methods import ALIASES
 
@@ -199,7 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     layout.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="default bf16")
     layout.add_argument("--micro-batch-size", type=int, help="default 1")
     layout.add_argument("--seq-len", type=int)
-    layout.add_argument("--activation-checkpointing", action="store_true", default=None)
+    layout.add_argument("--activation-checkpointing", nargs="?", const="full", default=None,
+                        choices=get_args(TrainConfig.model_fields["activation_checkpointing"].annotation),
+                        help="alone: full")
 
     _add_launch(sub)
 

@@ -391,7 +391,7 @@ def cmd_plan(args) -> dict:
     layout = None  # none given: make_plan recommends one
     if any(v is not None for v in given.values()):
         layout = {"tp": 1, "pp": 1, "zero_stage": 1, "precision": "bf16", "micro_batch_size": 1,
-                  "activation_checkpointing": False}
+                  "activation_checkpointing": "none"}
         layout.update({k: v for k, v in given.items() if v is not None})
     plan = make_plan(
         flops=args.flops, gpus=args.gpus, hours=args.hours, gpu=args.gpu, mfu=args.mfu,

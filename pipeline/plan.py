@@ -86,11 +86,15 @@ def memory_per_gpu(
     precision: str = "bf16",
     micro_batch_size: int = 1,
     seq_len: int | None = None,
-    activation_checkpointing: bool = False,
+    activation_checkpointing: str | bool = "none",
     offload: str = "none",
     micro_batches: int | None = None,
+    loss_chunk: int = 4096,
 ) -> dict[str, float]:
-    """Bytes per GPU, broken down; the first pipeline stage (the fullest one) is reported."""
+    """Bytes per GPU, broken down; the first pipeline stage (the fullest one) is reported.
+    `activation_checkpointing`: none / selective / full (true = full). Selective is counted like none, an upper
+    bound: it drops only element-wise outputs and keeps what the estimate's 34·s·b·h is mostly made of."""
+    full_recompute = activation_checkpointing in (True, "full")
     vocab = cfg.vocab_size or DEFAULT_VOCAB
     psi = param_counts(cfg, vocab)["total"] / (tp * pp)
     mixed = precision in ("bf16", "fp16")
@@ -111,14 +115,17 @@ def memory_per_gpu(
     act_scale = 1 if mixed else 2
     layers_here = cfg.n_layer // pp
     in_flight = min(pp, micro_batches or pp)  # 1F1B: stage 0 holds pp micro-batches
-    if activation_checkpointing:
+    if full_recompute:
         per_layer = 2 * s * b * h * act_scale
         recompute = 34 * s * b * h * act_scale / tp
     else:
         per_layer = 34 * s * b * h * act_scale / tp
         recompute = 0.0
     activations = per_layer * layers_here * in_flight + recompute
-    logits = 4.0 * s * b * vocab / tp * 2  # fp32 logits and their gradient
+    # fp32 logits and their gradient: the chunked loss (train.loss_chunk) holds one chunk's; under PP the last stage's
+    # loss takes the full logits
+    tokens = s * b if pp > 1 or not loss_chunk else min(loss_chunk, s * b)
+    logits = 4.0 * tokens * vocab / tp * 2
     total = weights + grads + optim + activations + logits
     return {
         "weights": weights,
@@ -138,9 +145,9 @@ def recommend_layout(cfg: ModelConfig, gpus: int, gpu: str = "h100", precision: 
         raise ConfigError(f"--gpu {gpu}: unknown GPU; known: {', '.join(sorted(GPU_MEMORY_GIB))}")
     budget = MEMORY_BUDGET * GPU_MEMORY_GIB[gpu] * GIB
     sizes = [t for t in (1, 2, 4, 8) if cfg.n_head % t == 0 and gpus % t == 0]
-    for ckpt in (False, True):
+    for ckpt in ("none", "full"):
         for tp in sizes:
-            for mbs in (16, 8, 4) if not ckpt else (8, 4, 2, 1):
+            for mbs in (16, 8, 4) if ckpt == "none" else (8, 4, 2, 1):
                 layout = {"tp": tp, "pp": 1, "dp": gpus // tp, "zero_stage": 1, "precision": precision,
                           "micro_batch_size": mbs, "activation_checkpointing": ckpt}
                 if memory_per_gpu(cfg, **layout)["total"] <= budget:

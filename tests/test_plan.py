@@ -84,6 +84,14 @@ def test_memory_zero_stages_shrink_per_gpu_state():
     assert ckpt["activations"] < full["activations"] / 5
     tp2 = memory_per_gpu(cfg, tp=2, micro_batch_size=4)
     assert tp2["weights"] == pytest.approx(full["weights"] / 2)
+    # the config's levels: selective is bounded by none (counted alike), "full" is true
+    assert memory_per_gpu(cfg, activation_checkpointing="selective", micro_batch_size=4) == full
+    assert memory_per_gpu(cfg, activation_checkpointing="full", micro_batch_size=4) == ckpt
+    # the chunked loss holds one chunk of fp32 logits and their gradient; pipeline parallelism's loss all of them
+    s, v = cfg.block_size, cfg.vocab_size
+    assert full["logits"] == pytest.approx(8.0 * min(4096, 4 * s) * v)
+    assert memory_per_gpu(cfg, micro_batch_size=4, loss_chunk=0)["logits"] == pytest.approx(8.0 * 4 * s * v)
+    assert memory_per_gpu(cfg, micro_batch_size=4, pp=2)["logits"] == pytest.approx(8.0 * 4 * s * v)
 
 
 def test_make_plan_for_a_cluster():
