@@ -6,9 +6,9 @@ the boundary). PP > 1: a `PipelineModule` and `engine.train_batch` (1F1B).
 Either way the model is materialized in place, this rank's slice only, already
 on its device and in its training dtype (materialize.py); under ZeRO-3 each
 parameter is partitioned as soon as it exists.
-The optimizer is torch's fused AdamW in both (one kernel over the whole flat
-partition, no full-size temporaries; CPU and GPU; its state restores bit for
-bit); the learning rate is set by Kiln every step, so the schedule is a pure
+The optimizer is torch's fused AdamW (one kernel over the whole flat partition,
+no full-size temporaries; its state restores bit for bit), except on CPU at
+ZeRO stage 0, where torch's per-tensor loop is faster; the learning rate is set by Kiln every step, so the schedule is a pure
 function of the step number. At fp32, ZeRO-1/2's "fp32 master" partition is
 the weights' own partition, not a clone (share_fp32_master).
 
@@ -159,8 +159,12 @@ class Engine:
                 zero3 = deepspeed.zero.Init(data_parallel_group=layout.dp_group, config_dict_or_path=config,
                                             mpu=layout.grid, dtype=dtype)
             model = build_gpt(cfg.model, t.seed, layout, cfg, device, dtype, source, zero3)
+        # Fused AdamW (one kernel, no temporaries) wherever ZeRO hands the optimizer one flat partition, and on GPUs.
+        # On CPU at stage 0 it sees each weight as its own tensor: torch's per-tensor loop is faster there (its
+        # temporaries are one tensor's size), as torch itself chooses on CPU.
+        fused = device.type != "cpu" or cfg.parallel.zero_stage >= 1
         self.optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2),
-                                           eps=1e-8, fused=True)
+                                           eps=1e-8, fused=fused, foreach=False if not fused else None)
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=self.optimizer, config=config, mpu=None if self.pipe else layout.grid,
         )
