@@ -32,7 +32,7 @@ KEEP = {_aten.mm.default, _aten.addmm.default, _aten.bmm.default,
 
 
 def parallelize(module: nn.Module, layout, run: RunConfig) -> nn.Module:
-    """Apply, in place and in this order: TP (tp > 1), activation checkpointing, torch.compile."""
+    """Apply, in place and in this order: TP (tp > 1), activation checkpointing, the loss, torch.compile."""
     m, t = run.model, run.train
     if layout.tp > 1:
         parallelize_tp(module, layout.tp_group, m.vocab_size, m.tie_embeddings)
