@@ -202,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     layout.add_argument("--activation-checkpointing", nargs="?", const="full", default=None,
                         choices=get_args(TrainConfig.model_fields["activation_checkpointing"].annotation),
                         help="alone: full")
+    layout.add_argument("--sequence-parallel", action="store_true", help="with --tp > 1: norms and residuals split "
+                        "over the sequence (parallel.sequence_parallel)")
 
     _add_launch(sub)
 

@@ -387,7 +387,8 @@ def cmd_plan(args) -> dict:
 
     given = {"tp": args.tp, "pp": args.pp, "dp": args.dp, "zero_stage": args.zero_stage, "precision": args.precision,
              "micro_batch_size": args.micro_batch_size, "seq_len": args.seq_len,
-             "activation_checkpointing": args.activation_checkpointing}
+             "activation_checkpointing": args.activation_checkpointing,
+             "sequence_parallel": args.sequence_parallel or None}
     layout = None  # none given: make_plan recommends one
     if any(v is not None for v in given.values()):
         layout = {"tp": 1, "pp": 1, "zero_stage": 1, "precision": "bf16", "micro_batch_size": 1,

@@ -91,6 +91,9 @@ class ParallelConfig(_Strict):
     offload: Literal["none", "cpu"] = "none"
     micro_batches: int | None = Field(None, ge=1, description="pipeline micro-batches per step; default train.grad_accum")
     partition: Literal["parameters", "uniform"] = "parameters"
+    sequence_parallel: bool = Field(False, description="with tp > 1: norms and residuals hold 1/tp of the sequence "
+                                    "(Megatron's sequence parallelism: all-gather / reduce-scatter in place of the TP "
+                                    "all-reduces); cuts activation memory at tp >= 4")
 
 
 class TrainConfig(_Strict):
@@ -193,6 +196,9 @@ class RunConfig(_Strict):
         if m.n_head % p.tp or m.kv_heads % p.tp:
             raise ValueError(f"parallel.tp: {p.tp} does not divide model.n_head {m.n_head} and model.n_kv_heads "
                              f"{m.kv_heads} (each rank holds whole heads)")
+        if p.sequence_parallel and (p.tp == 1 or m.block_size % p.tp or m.dropout):
+            raise ValueError(f"parallel.sequence_parallel needs parallel.tp > 1 dividing model.block_size "
+                             f"{m.block_size} and model.dropout 0 (tp {p.tp}, dropout {m.dropout})")
         if p.pp > 1 and m.n_layer % p.pp:
             raise ValueError(f"parallel.pp: {p.pp} does not divide model.n_layer {m.n_layer}")
         if p.pp > 1 and p.zero_stage >= 2:

@@ -86,15 +86,19 @@ def memory_per_gpu(
     precision: str = "bf16",
     micro_batch_size: int = 1,
     seq_len: int | None = None,
-    activation_checkpointing: str | bool = "none",
+    activation_checkpointing: str = "none",
+    sequence_parallel: bool = False,
     offload: str = "none",
     micro_batches: int | None = None,
     loss_chunk: int = 4096,
 ) -> dict[str, float]:
     """Bytes per GPU, broken down; the first pipeline stage (the fullest one) is reported.
-    `activation_checkpointing`: none / selective / full (true = full). Selective is counted like none, an upper
-    bound: it drops only element-wise outputs and keeps what the estimate's 34·s·b·h is mostly made of."""
-    full_recompute = activation_checkpointing in (True, "full")
+    `activation_checkpointing`: none / selective / full. Selective is counted like none, an upper bound: it
+    drops only element-wise outputs and keeps what the estimate's 34·s·b·h is mostly made of.
+    Activations per layer (Korthikanti et al. 2022, 16-bit, flash attention): s·b·h·(10 + 24/tp) under
+    tensor parallelism, where norms, residuals and dropout stay whole on every rank; 34·s·b·h/tp with
+    `sequence_parallel`, which splits those over the sequence too."""
+    full_recompute = activation_checkpointing == "full"
     vocab = cfg.vocab_size or DEFAULT_VOCAB
     psi = param_counts(cfg, vocab)["total"] / (tp * pp)
     mixed = precision in ("bf16", "fp16")
@@ -115,12 +119,11 @@ def memory_per_gpu(
     act_scale = 1 if mixed else 2
     layers_here = cfg.n_layer // pp
     in_flight = min(pp, micro_batches or pp)  # 1F1B: stage 0 holds pp micro-batches
-    if full_recompute:
-        per_layer = 2 * s * b * h * act_scale
-        recompute = 34 * s * b * h * act_scale / tp
+    one_layer = s * b * h * act_scale * (34 / tp if sequence_parallel else 10 + 24 / tp)
+    if full_recompute:  # each layer keeps its input; one layer's activations exist at a time, in backward
+        per_layer, recompute = 2 * s * b * h * act_scale / (tp if sequence_parallel else 1), one_layer
     else:
-        per_layer = 34 * s * b * h * act_scale / tp
-        recompute = 0.0
+        per_layer, recompute = one_layer, 0.0
     activations = per_layer * layers_here * in_flight + recompute
     # fp32 logits and their gradient: the chunked loss (train.loss_chunk) holds one chunk's; under PP the last stage's
     # loss takes the full logits
@@ -140,7 +143,8 @@ def memory_per_gpu(
 def recommend_layout(cfg: ModelConfig, gpus: int, gpu: str = "h100", precision: str = "bf16") -> dict:
     """The layout an expert starts from: ZeRO-1 data parallelism with a micro-batch of 16, 8 or 4. Recomputing
     activations costs a third more compute, a TP=2..8 group inside an NVLink node much less: so every tensor-parallel
-    size is tried without activation checkpointing before any with it. Fits = under MEMORY_BUDGET of the GPU."""
+    size is tried without activation checkpointing before any with it; from TP=4 on, with sequence parallelism (the
+    activations TP leaves whole on every rank would otherwise dominate). Fits = under MEMORY_BUDGET of the GPU."""
     if gpu not in GPU_MEMORY_GIB:
         raise ConfigError(f"--gpu {gpu}: unknown GPU; known: {', '.join(sorted(GPU_MEMORY_GIB))}")
     budget = MEMORY_BUDGET * GPU_MEMORY_GIB[gpu] * GIB
@@ -149,7 +153,7 @@ def recommend_layout(cfg: ModelConfig, gpus: int, gpu: str = "h100", precision: 
         for tp in sizes:
             for mbs in (16, 8, 4) if ckpt == "none" else (8, 4, 2, 1):
                 layout = {"tp": tp, "pp": 1, "dp": gpus // tp, "zero_stage": 1, "precision": precision,
-                          "micro_batch_size": mbs, "activation_checkpointing": ckpt}
+                          "micro_batch_size": mbs, "activation_checkpointing": ckpt, "sequence_parallel": tp >= 4}
                 if memory_per_gpu(cfg, **layout)["total"] <= budget:
                     return layout
     raise ConfigError(f"no ZeRO-1 layout with tp <= 8 fits {cfg.n_layer} layers x {cfg.n_embd} on {gpus} x {gpu}; "

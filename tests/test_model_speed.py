@@ -114,13 +114,14 @@ def test_whole_model_with_chunked_loss_compiles_without_graph_breaks():
 
 def test_tp_block_compiles_without_graph_breaks():
     """A block with its layers swapped for tensor-parallel ones, collectives included (a TP group of this one
-    process: the same code path as TP=2)."""
+    process: the same code path as TP=2), with and without sequence parallelism."""
     from pipeline.model.gpt import Block
     from pipeline.model.tensor_parallel import parallelize_tp
 
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
-        block = parallelize_tp(Block(tiny()), dist.group.WORLD, 97, tied=True)
-        assert _graph_breaks(block, torch.randn(2, 16, 32)) == 0
+        for sp in (False, True):
+            block = parallelize_tp(Block(tiny()), dist.group.WORLD, 97, tied=True, sequence_parallel=sp)
+            assert _graph_breaks(block, torch.randn(2, 16, 32)) == 0, f"sequence_parallel={sp}"
     finally:
         dist.destroy_process_group()

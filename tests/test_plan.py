@@ -79,14 +79,20 @@ def test_memory_zero_stages_shrink_per_gpu_state():
     assert m2["grads"] == pytest.approx(6 * psi / 8)
     assert m3["weights"] == pytest.approx(2 * psi / 8)
     assert m0["total"] > m1["total"] > m2["total"] > m3["total"]
-    ckpt = memory_per_gpu(cfg, activation_checkpointing=True, micro_batch_size=4)
-    full = memory_per_gpu(cfg, activation_checkpointing=False, micro_batch_size=4)
+    ckpt = memory_per_gpu(cfg, activation_checkpointing="full", micro_batch_size=4)
+    full = memory_per_gpu(cfg, activation_checkpointing="none", micro_batch_size=4)
     assert ckpt["activations"] < full["activations"] / 5
     tp2 = memory_per_gpu(cfg, tp=2, micro_batch_size=4)
     assert tp2["weights"] == pytest.approx(full["weights"] / 2)
     # the config's levels: selective is bounded by none (counted alike), "full" is true
     assert memory_per_gpu(cfg, activation_checkpointing="selective", micro_batch_size=4) == full
-    assert memory_per_gpu(cfg, activation_checkpointing="full", micro_batch_size=4) == ckpt
+    # Korthikanti et al.: s·b·h·(10 + 24/tp) bytes a layer under TP, 34·s·b·h/tp with sequence parallelism
+    sbh = cfg.block_size * 4 * cfg.n_embd
+    assert full["activations"] == pytest.approx(34 * sbh * cfg.n_layer)
+    tp4 = memory_per_gpu(cfg, tp=4, micro_batch_size=4)
+    assert tp4["activations"] == pytest.approx((10 + 24 / 4) * sbh * cfg.n_layer)
+    sp4 = memory_per_gpu(cfg, tp=4, micro_batch_size=4, sequence_parallel=True)
+    assert sp4["activations"] == pytest.approx(34 / 4 * sbh * cfg.n_layer)
     # the chunked loss holds one chunk of fp32 logits and their gradient; pipeline parallelism's loss all of them
     s, v = cfg.block_size, cfg.vocab_size
     assert full["logits"] == pytest.approx(8.0 * min(4096, 4 * s) * v)
@@ -113,7 +119,8 @@ def test_kiln_plan_recommends_the_layout_the_shipped_config_uses(config, gpus, c
     shipped = {"tp": cfg.parallel.tp, "pp": cfg.parallel.pp, "dp": validate_world(cfg, gpus),
                "zero_stage": cfg.parallel.zero_stage, "precision": cfg.train.precision,
                "micro_batch_size": cfg.train.micro_batch_size,
-               "activation_checkpointing": cfg.train.activation_checkpointing}
+               "activation_checkpointing": cfg.train.activation_checkpointing,
+               "sequence_parallel": cfg.parallel.sequence_parallel}
     name = config.split("-")[0]
     assert recommend_layout(shipped_models()[name], gpus, "h100") == shipped
     assert main(["plan", "--gpus", str(gpus), "--hours", "100", "--model", name, "--json"]) == 0
@@ -130,3 +137,24 @@ def test_a_layout_given_on_the_command_line_is_checked_not_replaced(capsys):
     assert main(["plan", "--gpus", "16", "--hours", "100", "--model", "1.3b", "--tp", "2", "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
     assert not plan["layout_recommended"] and plan["layout"]["tp"] == 2 and plan["layout"]["dp"] == 8
+
+
+def test_tensor_parallel_from_four_comes_with_sequence_parallelism(capsys):
+    """A 13B-class model on one 8-GPU node needs TP=4; at that size the activations TP leaves whole on every rank
+    (norms, residuals: 10·s·b·h a layer) are worth splitting, so the recommendation turns sequence parallelism on,
+    and `--sequence-parallel` checks a given layout with it."""
+    from pipeline.cli import main
+
+    cfg = ModelConfig(n_layer=40, n_head=40, n_embd=5120, block_size=2048, vocab_size=50304)
+    layout = recommend_layout(cfg, 8)
+    assert layout["tp"] == 4 and layout["sequence_parallel"] and layout["activation_checkpointing"] == "none"
+    plain = {**layout, "sequence_parallel": False}
+    assert memory_per_gpu(cfg, **layout)["activations"] < memory_per_gpu(cfg, **plain)["activations"] * 0.6
+    assert recommend_layout(cfg.model_copy(update={"n_layer": 8}), 8)["sequence_parallel"] is False  # tp 1
+    args = ["plan", "--gpus", "8", "--hours", "10", "--model", "1.3b", "--tp", "4", "--json"]
+    assert main(args) == 0
+    without = json.loads(capsys.readouterr().out)
+    assert main([*args, "--sequence-parallel"]) == 0
+    with_sp = json.loads(capsys.readouterr().out)
+    assert with_sp["layout"]["sequence_parallel"] and not without["layout"].get("sequence_parallel")
+    assert with_sp["memory_gib"]["activations"] < without["memory_gib"]["activations"]

@@ -7,6 +7,7 @@ and stops recomputing before the MLP's, whose output backward does not need)."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import socket
 from collections import Counter
@@ -18,7 +19,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from pipeline.config import ModelConfig, RunConfig, TrainConfig
+from pipeline.config import ModelConfig, ParallelConfig, RunConfig, TrainConfig
 from pipeline.model.tensor_parallel import padded_vocab
 from pipeline.model.weights import ShardedWeights, write_shard
 from pipeline.parallel.materialize import build_gpt, local_slices
@@ -50,9 +51,10 @@ def _worker(rank: int, world: int, port: int, errors, shards) -> None:
     group = dist.group.WORLD
     layout = SimpleNamespace(tp=world, pp=1, rank=rank, tp_rank=rank, pp_rank=0, dp_rank=0, tp_group=group)
     try:
-        for style, tie, vocab, kv_heads in CASES:
+        for (style, tie, vocab, kv_heads), sp in itertools.product(CASES, (False, True)):
             cfg = _cfg(style, tie, vocab, kv_heads)
-            run = RunConfig(model=cfg, train=TrainConfig(loss_chunk=20))  # 48 tokens: chunks of 20, 20, 8
+            run = RunConfig(model=cfg, parallel=ParallelConfig(tp=world, sequence_parallel=sp),
+                            train=TrainConfig(loss_chunk=20))  # 48 tokens: chunks of 20, 20, 8
             full = build_gpt(cfg, seed=7)
             tp = build_gpt(cfg, seed=7, layout=layout, run=run)
             idx = torch.randint(0, vocab, (3, 16), generator=torch.Generator().manual_seed(1))
@@ -61,7 +63,7 @@ def _worker(rank: int, world: int, port: int, errors, shards) -> None:
             logits, loss = full(idx, targets)
             loss.backward()
             tp_logits, _ = tp(idx)
-            where = f"{style} tie={tie} vocab={vocab} kv_heads={kv_heads}"
+            where = f"{style} tie={tie} vocab={vocab} kv_heads={kv_heads} sequence_parallel={sp}"
             assert tp_logits.size(-1) == padded_vocab(vocab, world) // world, where
             gathered = [torch.empty_like(tp_logits) for _ in range(world)]
             dist.all_gather(gathered, tp_logits.detach().contiguous())
@@ -75,7 +77,7 @@ def _worker(rank: int, world: int, port: int, errors, shards) -> None:
                 for name, p in tp.named_parameters():
                     g = gather_tp(p.grad, p, group)
                     torch.testing.assert_close(g, grads[name].grad, rtol=1e-4, atol=1e-6, msg=f"{where} {how} {name}")
-            out = f"{shards}/{style}-{tie}-{vocab}-{kv_heads}"
+            out = f"{shards}/{style}-{tie}-{vocab}-{kv_heads}-{sp}"
             os.makedirs(out, exist_ok=True)
             write_shard(f"{out}/rank_{rank:05d}.safetensors", local_slices(tp, layout, zero3=False))
             dist.barrier()
@@ -91,6 +93,9 @@ def _worker(rank: int, world: int, port: int, errors, shards) -> None:
         dist.destroy_process_group()
 
 
+NOT_COMMUNICATION = ("wait_tensor", "_wrap_tensor_autograd")  # functional collectives' bookkeeping ops
+
+
 class _Collectives(TorchDispatchMode):
     """Counts collectives as the dispatcher runs them: one that selective checkpointing serves from its cache
     (no communication) is not counted, one it re-runs is."""
@@ -100,7 +105,7 @@ class _Collectives(TorchDispatchMode):
         self.phase, self.counts = "forward", {"forward": Counter(), "backward": Counter()}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.namespace in ("c10d", "_c10d_functional"):
+        if func.namespace in ("c10d", "_c10d_functional") and func._opname not in NOT_COMMUNICATION:
             self.counts[self.phase][func._opname] += 1
         return func(*args, **(kwargs or {}))
 
@@ -117,22 +122,39 @@ def count_collectives(model, idx, targets) -> dict[str, Counter]:
 def _check_collective_counts(layout, world: int) -> None:
     """Per layer per micro-batch: 2 all-reduces forward (attention and MLP outputs) and 2 backward (their shared
     inputs: one for q/k/v, one for gate/up). Besides the layers: the embedding's forward all-reduce, the loss's two
-    (max, then the stacked target logit and sum of exponentials) and, in backward, the head input's one."""
+    (max, then the stacked target logit and sum of exponentials) and, in backward, the head input's one.
+
+    Sequence parallel: each all-reduce becomes an all-gather (inputs) or reduce-scatter (outputs) forward, the
+    reverse backward, plus one all-reduce per norm for its weight's gradient; selective checkpointing re-gathers
+    the inputs in backward instead of keeping them whole (Megatron's count); the head gathers the sequence and
+    the embedding's output is split (backward all-gather)."""
     layers = 3
     cfg = ModelConfig(n_layer=layers, n_head=4, n_embd=32, block_size=16, vocab_size=100, ffn_hidden=64)
     idx = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(3))
+    ar, ag, rs = "allreduce_", "all_gather_into_tensor", "reduce_scatter_tensor"
+    expected = {  # (sequence_parallel, checkpointing) -> forward, backward
+        (False, "none"): ({ar: 2 * layers + 1 + 2}, {ar: 2 * layers + 1}),
+        (False, "selective"): ({ar: 2 * layers + 1 + 2}, {ar: 2 * layers + 1}),
+        (False, "full"): ({ar: 2 * layers + 1 + 2}, {ar: 3 * layers + 1}),
+        (True, "none"): ({ag: 2 * layers + 1, rs: 2 * layers, ar: 1 + 2},
+                         {rs: 2 * layers + 1, ag: 2 * layers + 1, ar: 2 * layers + 1}),
+        (True, "selective"): ({ag: 2 * layers + 1, rs: 2 * layers, ar: 1 + 2},
+                              {rs: 2 * layers + 1, ag: 4 * layers + 1, ar: 2 * layers + 1}),
+        (True, "full"): ({ag: 2 * layers + 1, rs: 2 * layers, ar: 1 + 2},
+                         {rs: 3 * layers + 1, ag: 4 * layers + 1, ar: 2 * layers + 1}),
+    }
     grads = {}
-    for mode, recompute in (("none", 0), ("selective", 0), ("full", 1)):
-        run = RunConfig(model=cfg, train=TrainConfig(activation_checkpointing=mode))
+    for (sp, mode), (forward, backward) in expected.items():
+        run = RunConfig(model=cfg, parallel=ParallelConfig(tp=world, sequence_parallel=sp),
+                        train=TrainConfig(activation_checkpointing=mode))
         model = build_gpt(cfg, seed=7, layout=layout, run=run)
         counts = count_collectives(model, idx, idx)
-        expected = {"forward": Counter({"allreduce_": 2 * layers + 1 + 2}),
-                    "backward": Counter({"allreduce_": (2 + recompute) * layers + 1})}
-        assert counts == expected, f"checkpointing {mode}: {counts} != {expected}"
-        grads[mode] = [p.grad for p in model.parameters()]
-    for mode in ("selective", "full"):  # recomputing changes no gradient (a collective re-run on saved data would)
-        for a, b in zip(grads["none"], grads[mode], strict=True):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=f"checkpointing {mode}")
+        want = {"forward": Counter(forward), "backward": Counter(backward)}
+        assert counts == want, f"sequence_parallel={sp} checkpointing {mode}: {counts} != {want}"
+        grads[sp, mode] = [p.grad for p in model.parameters()]
+    for key, g in grads.items():  # recomputing changes no gradient (a collective re-run on saved data would)
+        for a, b in zip(grads[False, "none"], g, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=f"sequence_parallel, checkpointing: {key}")
 
 
 def _port() -> int:

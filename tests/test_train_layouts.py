@@ -1,4 +1,5 @@
-"""Every layout trains the same model: 1 process vs TP=2, PP=2, DP=2 with ZeRO 1/2/3 (+ offload), TP=2 x PP=2.
+"""Every layout trains the same model: 1 process vs TP=2, PP=2, DP=2 with ZeRO 1/2/3 (+ offload), TP=2 x PP=2
+(sequence parallel: stages pass each other 1/tp of the sequence).
 The model uses grouped-query attention (4 query heads on 2 key/value heads: one per TP rank).
 
 Real DeepSpeed engines on gloo (torchrun, CPU, fp32). To keep process start-up
@@ -40,7 +41,7 @@ LAYOUTS = {
     "dp2_zero2": (2, ["parallel.zero_stage=2"]),
     "dp2_zero3": (2, ["parallel.zero_stage=3"]),
     "dp2_zero2_offload": (2, ["parallel.zero_stage=2", "parallel.offload=cpu"]),
-    "tp2_pp2": (4, ["parallel.tp=2", "parallel.pp=2", "train.grad_accum=2"]),
+    "tp2_pp2": (4, ["parallel.tp=2", "parallel.pp=2", "train.grad_accum=2", "parallel.sequence_parallel=true"]),
     "tp2_dp2_zero1": (4, ["parallel.tp=2", "parallel.zero_stage=1"]),
 }
 

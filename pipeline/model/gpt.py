@@ -103,8 +103,8 @@ class Attention(nn.Module):
         self.tp_input = nn.Identity()  # tensor parallelism: the one input-gradient all-reduce for q, k and v
 
     def forward(self, x: torch.Tensor, cache: LayerKV | None = None) -> torch.Tensor:
+        x = self.tp_input(x)  # (under sequence parallelism: the whole sequence gathered from 1/tp of it)
         b, t, _ = x.shape
-        x = self.tp_input(x)
         # -1: the number of (query or key/value) heads on this rank (all of them unless tensor-parallel)
         q, k, v = (w(x).view(b, t, -1, self.head_dim).transpose(1, 2) for w in (self.wq, self.wk, self.wv))
         start = cache.owner.pos if cache is not None else 0
@@ -171,12 +171,13 @@ class Embedding(nn.Module):
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.style == "gpt2" else None
         self.drop = nn.Dropout(cfg.dropout)
+        self.tp_output = nn.Identity()  # sequence parallelism: this rank's 1/tp of the sequence
 
     def forward(self, idx: torch.Tensor, start: int = 0) -> torch.Tensor:
         x = self.wte(idx)
         if self.wpe is not None:
             x = x + self.wpe(torch.arange(start, start + idx.size(1), device=idx.device))
-        return self.drop(x)
+        return self.tp_output(self.drop(x))
 
 
 class Head(nn.Module):
@@ -185,10 +186,15 @@ class Head(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.norm = make_norm(cfg)
+        self.tp_input = nn.Identity()  # tensor parallelism: the input of the vocabulary-split lm_head
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
 
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """The final hidden states, what lm_head projects (training takes the loss from them)."""
+        return self.tp_input(self.norm(x))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.norm(x))
+        return self.lm_head(self.hidden(x))
 
 
 RESIDUAL = ("attn.wo", "mlp.w2", "mlp.proj")  # GPT-2/GPT-3: std / sqrt(2 * n_layer)
@@ -265,7 +271,7 @@ class GPT(nn.Module):
         if cache is not None:
             cache.pos += idx.size(1)
         if targets is not None and self.hidden_loss is not None:
-            return None, self.hidden_loss(self.head.norm(x), self.head.lm_head.weight, targets)
+            return None, self.hidden_loss(self.head.hidden(x), self.head.lm_head.weight, targets)
         logits = self.head(x)
         if targets is None:
             return logits, None

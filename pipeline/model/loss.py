@@ -70,7 +70,6 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 else:
                     grad_w += g.t() @ hc
             logits = g = None  # freed before the next chunk's are made: one chunk's logits at a time
-        ctx.group = group
         if needs_grad:
             ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
         return loss
@@ -78,10 +77,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         grad_h, grad_w = ctx.saved_tensors  # made for this one backward: scaled in place
-        grad_h.mul_(grad.to(grad_h.dtype))
-        if ctx.group is not None:  # each rank holds its vocabulary slice's share of d loss / d h
-            dist.all_reduce(grad_h, group=ctx.group)
-        return grad_h, grad_w.mul_(grad.to(grad_w.dtype)), None, None, None, None, None, None
+        # under TP grad_h is this vocabulary slice's share of d loss / d h: the head's tp_input sums the shares
+        return grad_h.mul_(grad.to(grad_h.dtype)), grad_w.mul_(grad.to(grad_w.dtype)), None, None, None, None, None, None
 
 
 class ChunkedCrossEntropy:

@@ -7,16 +7,22 @@ walks it and swaps layers for sharded versions built from the full weights:
                                          sub-block's one CopyToTP (`tp_input`)
     attention wo, MLP w2/proj         -> RowParallelLinear    (input features split, all-reduce)
     token embedding wte               -> VocabParallelEmbedding (vocab rows split)
-    lm_head                           -> ColumnParallelLinear over the (padded) vocab
+    lm_head                           -> ColumnParallelLinear over the (padded) vocab, fed by the head's CopyToTP
     loss                              -> VocabParallelCrossEntropy (no full-vocab gather)
 
-Each collective is a pair of autograd functions (identity forward / all-reduce
-backward and the reverse), as in Megatron-LM. Parameter names are unchanged, and
+The collectives are pairs of autograd functions (collectives.py), as in Megatron-LM. Parameter names are unchanged, and
 every sharded parameter carries `tp_shard` (which slice of the full tensor it is):
 `take_shard` cuts a full tensor to it, `TPShard.place` says where a shard lies in
 the full tensor. Layers may be swapped on the meta device (nothing allocated) and
 filled later. The vocabulary is padded to a multiple of 64*tp; padded logits are
 masked out of the loss and stripped on consolidation.
+
+Sequence parallelism (`sequence_parallel=True`, Megatron's): between the TP regions (norms, residual
+adds) each rank holds 1/tp of the sequence, (B, T/tp, d). A sub-block's input is all-gathered
+(GatherFromSP; backward reduce-scatter) and its output reduce-scattered (backward all-gather): the same
+bytes as the two all-reduces, with norm activations 1/tp the size. The embedding's output is split,
+the head's input gathered. A norm then sees only this rank's tokens, so the gradients of its weights
+(and of row-parallel biases) are summed over the group (SequenceParallelNorm).
 """
 
 from __future__ import annotations
@@ -29,49 +35,16 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.model.collectives import (
+    copy_to_tp,
+    gather_from_sp,
+    reduce_from_tp,
+    reduce_scatter_to_sp,
+    scatter_to_sp,
+)
 from pipeline.model.loss import ChunkedCrossEntropy, mask_padding_, softmax_grad_
 
 PAD_MULTIPLE = 64
-
-
-# --------------------------------------------------------------------------- collectives
-
-
-class _CopyToTP(torch.autograd.Function):
-    """Forward identity, backward all-reduce: the input of a column-parallel layer."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return x
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.contiguous()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad, None
-
-
-class _ReduceFromTP(torch.autograd.Function):
-    """Forward all-reduce, backward identity: the output of a row-parallel layer."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        x = x.contiguous()
-        dist.all_reduce(x, group=group)
-        return x
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None
-
-
-def copy_to_tp(x: torch.Tensor, group) -> torch.Tensor:
-    return _CopyToTP.apply(x, group)
-
-
-def reduce_from_tp(x: torch.Tensor, group) -> torch.Tensor:
-    return _ReduceFromTP.apply(x, group)
 
 
 # --------------------------------------------------------------------------- layers
@@ -131,36 +104,83 @@ class CopyToTP(nn.Module):
         return copy_to_tp(x, self.group)
 
 
-class ColumnParallelLinear(nn.Module):
-    """y_local = x W_local^T + b_local; W split along its output features. `copy_input`: this layer
-    all-reduces its own input gradient (False where a CopyToTP in front of the sub-block does it)."""
+class GatherFromSP(nn.Module):
+    """The shared input of a sub-block's column-parallel layers under sequence parallelism: the whole
+    sequence gathered once for q/k/v (gate/up); its backward reduce-scatters their summed gradient."""
 
-    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, group, copy_input: bool = True):
+    def __init__(self, group):
         super().__init__()
-        self.group, self.weight, self.bias, self.copy_input = group, weight, bias, copy_input
-
-    @classmethod
-    def from_full(cls, full: nn.Linear, group, rank: int, size: int, pad_to: int | None = None,
-                  copy_input: bool = True) -> ColumnParallelLinear:
-        bias = _split(full.bias, 0, rank, size) if full.bias is not None else None
-        return cls(_split(full.weight, 0, rank, size, pad_to), bias, group, copy_input)
+        self.group = group
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(copy_to_tp(x, self.group) if self.copy_input else x, self.weight, self.bias)
+        return gather_from_sp(x, self.group)
+
+
+class ScatterToSP(nn.Module):
+    """This rank's 1/tp of the sequence (the embedding's output under sequence parallelism)."""
+
+    def __init__(self, group):
+        super().__init__()
+        self.group = group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return scatter_to_sp(x, self.group)
+
+
+class ColumnParallelLinear(nn.Module):
+    """y_local = x W_local^T + b_local; W split along its output features. Its input comes through the
+    sub-block's (or head's) CopyToTP or GatherFromSP, which owns the input-gradient collective."""
+
+    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None):
+        super().__init__()
+        self.weight, self.bias = weight, bias
+
+    @classmethod
+    def from_full(cls, full: nn.Linear, group, rank: int, size: int, pad_to: int | None = None) -> ColumnParallelLinear:
+        bias = _split(full.bias, 0, rank, size) if full.bias is not None else None
+        return cls(_split(full.weight, 0, rank, size, pad_to), bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
 
 
 class RowParallelLinear(nn.Module):
-    """y = all_reduce(x_local W_local^T) + b; W split along its input features, bias replicated."""
+    """y = all_reduce(x_local W_local^T) + b; W split along its input features, bias replicated.
+    Sequence parallel: reduce-scatter instead, and the bias (added to this rank's tokens only) has its
+    gradient summed over the group."""
 
-    def __init__(self, full: nn.Linear, group, rank: int, size: int):
+    def __init__(self, full: nn.Linear, group, rank: int, size: int, sequence_parallel: bool = False):
         super().__init__()
-        self.group = group
+        self.group, self.sequence_parallel = group, sequence_parallel
         self.weight = _split(full.weight, 1, rank, size)
         self.bias = nn.Parameter(full.bias.detach().clone()) if full.bias is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = reduce_from_tp(F.linear(x, self.weight), self.group)
-        return y + self.bias if self.bias is not None else y
+        y = F.linear(x, self.weight)
+        if not self.sequence_parallel:
+            y = reduce_from_tp(y, self.group)
+            return y + self.bias if self.bias is not None else y
+        y = reduce_scatter_to_sp(y, self.group)
+        return y + copy_to_tp(self.bias, self.group) if self.bias is not None else y
+
+
+class SequenceParallelNorm(nn.Module):
+    """LayerNorm / RMSNorm over this rank's tokens (sequence parallelism). Its weight and bias meet only
+    1/tp of the sequence, so their gradients are summed over the group (copy_to_tp on the parameters)."""
+
+    def __init__(self, norm: nn.LayerNorm | nn.RMSNorm, group):
+        super().__init__()
+        self.group, self.shape, self.eps = group, tuple(norm.normalized_shape), norm.eps
+        self.layer_norm = isinstance(norm, nn.LayerNorm)
+        self.weight = norm.weight
+        self.bias = getattr(norm, "bias", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = copy_to_tp(self.weight, self.group)
+        if not self.layer_norm:
+            return F.rms_norm(x, self.shape, w, self.eps)
+        b = copy_to_tp(self.bias, self.group) if self.bias is not None else None
+        return F.layer_norm(x, self.shape, w, b, self.eps)
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -232,7 +252,7 @@ COLUMN = ("wq", "wk", "wv", "w1", "w3", "fc")
 ROW = ("wo", "w2", "proj")
 
 
-def parallelize_tp(module: nn.Module, group, vocab_size: int, tied: bool) -> nn.Module:
+def parallelize_tp(module: nn.Module, group, vocab_size: int, tied: bool, sequence_parallel: bool = False) -> nn.Module:
     """Swap every plain layer under `module` for its tensor-parallel version, in place.
 
     `module` may be the whole GPT or one pipeline stage's layer (Embedding, Block, Head), on the meta
@@ -244,22 +264,30 @@ def parallelize_tp(module: nn.Module, group, vocab_size: int, tied: bool) -> nn.
 
     rank, size = dist.get_rank(group), dist.get_world_size(group)
     padded = padded_vocab(vocab_size, size)
+    tp_input = GatherFromSP if sequence_parallel else CopyToTP
     for parent in list(module.modules()):
         if isinstance(parent, (Attention, SwiGLU, GeluMLP)):
-            parent.tp_input = CopyToTP(group)
+            parent.tp_input = tp_input(group)
             for name, child in list(parent.named_children()):
                 if name in COLUMN:
-                    setattr(parent, name, ColumnParallelLinear.from_full(child, group, rank, size, copy_input=False))
+                    setattr(parent, name, ColumnParallelLinear.from_full(child, group, rank, size))
                 elif name in ROW:
-                    setattr(parent, name, RowParallelLinear(child, group, rank, size))
+                    setattr(parent, name, RowParallelLinear(child, group, rank, size, sequence_parallel))
         elif isinstance(parent, Embedding):
             parent.wte = VocabParallelEmbedding(parent.wte, group, rank, size, padded)
-        elif isinstance(parent, Head) and not (tied and isinstance(module, GPT)):
-            parent.lm_head = ColumnParallelLinear.from_full(parent.lm_head, group, rank, size, padded)
+            if sequence_parallel:
+                parent.tp_output = ScatterToSP(group)
+        elif isinstance(parent, Head):
+            parent.tp_input = tp_input(group)
+            if parent.lm_head is not None and not (tied and isinstance(module, GPT)):
+                parent.lm_head = ColumnParallelLinear.from_full(parent.lm_head, group, rank, size, padded)
+        if sequence_parallel:
+            for name, child in list(parent.named_children()):
+                if isinstance(child, (nn.LayerNorm, nn.RMSNorm)):
+                    setattr(parent, name, SequenceParallelNorm(child, group))
     if isinstance(module, GPT) and tied:
-        module.head.lm_head = ColumnParallelLinear(module.embed.wte.weight, None, group)
+        module.head.lm_head = ColumnParallelLinear(module.embed.wte.weight, None)
     for p in module.parameters():
         if not getattr(p, "tensor_model_parallel", False):
             p.model_parallel = rank == 0
     return module
-

@@ -81,6 +81,10 @@ def ds_config(cfg: RunConfig, dp: int, gpu: bool = False) -> dict:
         # Stage 0 has no such path in DeepSpeed; RunConfig refuses bf16 there.
         config["data_types"] = {"grad_accum_dtype": "fp32"}
         config["communication_data_type"] = "fp32"
+    if p.sequence_parallel and p.pp > 1:
+        # DeepSpeed's pipe sends each TP rank 1/tp of an activation it assumes all TP ranks share, and gathers it
+        # on arrival; sequence-parallel activations differ per TP rank (each its own 1/tp already): send them whole
+        config["pipeline"] = {"pipe_partitioned": False, "grad_partitioned": False}
     return config
 
 

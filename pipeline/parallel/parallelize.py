@@ -23,19 +23,22 @@ from pipeline.model.gpt import GPT, Attention, Block, cross_entropy
 from pipeline.model.loss import ChunkedCrossEntropy
 from pipeline.model.tensor_parallel import VocabParallelCrossEntropy, padded_vocab, parallelize_tp
 
-_aten = torch.ops.aten
-# selective checkpointing keeps what is costly to redo (matmuls, attention, collectives) and recomputes the rest
+_aten, _c10d, _functional = torch.ops.aten, torch.ops.c10d, torch.ops._c10d_functional
+# selective checkpointing keeps what is costly to redo (matmuls, attention, reducing collectives) and recomputes
+# the rest; a sequence-parallel all-gather is redone in backward (Megatron's choice: its output is tp times
+# the size of its input), eager or compiled
 KEEP = {_aten.mm.default, _aten.addmm.default, _aten.bmm.default,
         _aten._scaled_dot_product_flash_attention.default, _aten._scaled_dot_product_efficient_attention.default,
         _aten._scaled_dot_product_cudnn_attention.default, _aten._scaled_dot_product_flash_attention_for_cpu.default,
-        torch.ops.c10d.allreduce_.default}
+        _c10d.allreduce_.default,
+        _functional.all_reduce.default, _functional.reduce_scatter_tensor.default}
 
 
 def parallelize(module: nn.Module, layout, run: RunConfig) -> nn.Module:
     """Apply, in place and in this order: TP (tp > 1), activation checkpointing, the loss, torch.compile."""
     m, t = run.model, run.train
     if layout.tp > 1:
-        parallelize_tp(module, layout.tp_group, m.vocab_size, m.tie_embeddings)
+        parallelize_tp(module, layout.tp_group, m.vocab_size, m.tie_embeddings, run.parallel.sequence_parallel)
         if m.dropout > 0:
             for attn in (x for x in module.modules() if isinstance(x, Attention)):
                 _tp_dropout_stream(attn, layout.tp_rank)

@@ -11,15 +11,12 @@ on the meta device, so it costs neither memory nor time.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from pipeline.config import RunConfig
-from pipeline.model.gpt import Block, Embedding, Head, make_norm
-from pipeline.model.tensor_parallel import copy_to_tp
+from pipeline.model.gpt import Block, Embedding, Head
 from pipeline.parallel.materialize import mark_part, materialize
 from pipeline.parallel.parallelize import loss_fn, parallelize
 
@@ -54,22 +51,20 @@ class HeadPipe(Head):
         _stage_layer(self, ctx["run"].model.n_layer + 1, "head.", ctx)
 
 
-class FinalNormPipe(nn.Module):
-    """The Head's norm alone, when lm_head is the tied embedding table."""
+class FinalNormPipe(Head):
+    """The Head's norm alone (and its TP input), when lm_head is the tied embedding table."""
 
     def __init__(self, ctx: dict):
-        super().__init__()
         with torch.device("meta"):
-            self.norm = make_norm(ctx["run"].model)
+            super().__init__(ctx["run"].model)
+        self.lm_head = None
         _stage_layer(self, ctx["run"].model.n_layer + 1, "head.", ctx)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(x)
+        return self.hidden(x)
 
 
-def tied_logits(group, embed: Embedding, x: torch.Tensor) -> torch.Tensor:
-    if group is not None:
-        x = copy_to_tp(x, group)
+def tied_logits(embed: Embedding, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x, embed.wte.weight)
 
 
@@ -94,13 +89,12 @@ def build_pipeline_module(run: RunConfig, layout, device, dtype, source=None):
 
     m = run.model
     ctx = {"run": run, "layout": layout, "device": device, "dtype": dtype, "source": source}
-    tp_group = layout.tp_group if layout.tp > 1 else None
     layers = [TiedLayerSpec("embed", EmbeddingPipe, ctx, tied_weight_attr="wte.weight")
               if m.tie_embeddings else LayerSpec(EmbeddingPipe, ctx)]
     layers += [LayerSpec(BlockPipe, i, ctx) for i in range(m.n_layer)]
     if m.tie_embeddings:
         layers += [LayerSpec(FinalNormPipe, ctx),
-                   TiedLayerSpec("embed", EmbeddingPipe, ctx, forward_fn=functools.partial(tied_logits, tp_group),
+                   TiedLayerSpec("embed", EmbeddingPipe, ctx, forward_fn=tied_logits,
                                  tied_weight_attr="wte.weight")]
     else:
         layers += [LayerSpec(HeadPipe, ctx)]
