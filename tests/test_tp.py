@@ -87,6 +87,7 @@ def _worker(rank: int, world: int, port: int, errors, shards) -> None:
                 assert sorted(state.names()) == sorted(ref), where
                 assert all(torch.equal(state.get(k), ref[k]) for k in ref), where
         _check_collective_counts(layout, world)
+        _check_sequence_parallel_keeps_shards(layout, world)
     except Exception as err:  # report to the parent; a raise here would only print
         errors.put(f"rank {rank}: {type(err).__name__}: {err}")
     finally:
@@ -155,6 +156,29 @@ def _check_collective_counts(layout, world: int) -> None:
     for key, g in grads.items():  # recomputing changes no gradient (a collective re-run on saved data would)
         for a, b in zip(grads[False, "none"], g, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=f"sequence_parallel, checkpointing: {key}")
+
+
+def _check_sequence_parallel_keeps_shards(layout, world: int) -> None:
+    """What a layer saves for backward (bench/activation_memory.py's count, distinct storages): without sequence
+    parallelism the whole sequence's activations between the TP regions (layer input, norm outputs, residual sum)
+    are kept on every rank; with it, only the two gathered sub-block inputs are that size, the rest is 1/tp."""
+    from bench.activation_memory import saved_bytes, saved_storages
+
+    # MLP width = n_embd: a rank's MLP activations (B, T, d/tp) are not mistaken for whole ones
+    cfg = ModelConfig(n_layer=2, n_head=4, n_embd=32, block_size=16, vocab_size=100, ffn_hidden=32)
+    idx = torch.randint(0, 100, (1, 16), generator=torch.Generator().manual_seed(3))  # B = 1: slices are views
+    whole = idx.numel() * cfg.n_embd * 4  # fp32 bytes of one (B, T, d) activation
+    kept = {}
+    for sp in (False, True):
+        run = RunConfig(model=cfg, parallel=ParallelConfig(tp=world, sequence_parallel=sp))
+        model = build_gpt(cfg, seed=7, layout=layout, run=run)
+        sizes = saved_storages(model, idx, model.blocks[0])
+        kept[sp] = sum(sizes)
+        if sp:
+            assert sorted(n for n in sizes if n >= whole) == [whole, whole], sizes
+        else:
+            assert sum(n >= whole for n in sizes) >= 5, sizes
+    assert kept[True] < kept[False] and kept[True] == saved_bytes(model, idx, model.blocks[0]), kept
 
 
 def _port() -> int:

@@ -55,12 +55,16 @@ def reduce_from_tp(x: torch.Tensor, group) -> torch.Tensor:
     return _ReduceFromTP.apply(x, group)
 
 
+_all_gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor  # the newer name
+_reduce_scatter = getattr(funcol, "reduce_scatter_single", None) or funcol.reduce_scatter_tensor
+
+
 def _gather_seq(x: torch.Tensor, group) -> torch.Tensor:  # (B, T/tp, d) -> (B, T, d)
-    return funcol.wait_tensor(funcol.all_gather_tensor(x.contiguous(), 1, group))
+    return funcol.wait_tensor(_all_gather(x.contiguous(), 1, group))
 
 
 def _reduce_scatter_seq(x: torch.Tensor, group) -> torch.Tensor:  # (B, T, d) summed over ranks -> (B, T/tp, d)
-    return funcol.wait_tensor(funcol.reduce_scatter_tensor(x.contiguous(), "sum", 1, group))
+    return funcol.wait_tensor(_reduce_scatter(x.contiguous(), "sum", 1, group))
 
 
 def _split_seq(x: torch.Tensor, group) -> torch.Tensor:  # (B, T, d) -> this rank's (B, T/tp, d)
@@ -68,7 +72,7 @@ def _split_seq(x: torch.Tensor, group) -> torch.Tensor:  # (B, T, d) -> this ran
     if x.size(1) % size:
         raise ValueError(f"sequence parallelism: sequence length {x.size(1)} is not a multiple of tp {size}")
     step = x.size(1) // size
-    return x[:, rank * step:(rank + 1) * step].contiguous()
+    return x[:, rank * step:(rank + 1) * step].clone()  # its own storage: a view would keep all of x alive
 
 
 class _GatherFromSP(torch.autograd.Function):
