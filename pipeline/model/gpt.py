@@ -197,7 +197,13 @@ class Head(nn.Module):
         return self.lm_head(self.hidden(x))
 
 
-RESIDUAL = ("attn.wo", "mlp.w2", "mlp.proj")  # GPT-2/GPT-3: std / sqrt(2 * n_layer)
+# A block's linear layers by role, in the order they run (llama and gpt2 MLP names): each sub-block reads its
+# input through IN_PROJ, all fed by one `tp_input` (tensor parallelism splits them by output features; GPTQ
+# quantizes them from that shared input), and writes its output through OUT_PROJ (split by input features).
+IN_PROJ = {"attn": ("wq", "wk", "wv"), "mlp": ("w1", "w3", "fc")}
+OUT_PROJ = {"attn": ("wo",), "mlp": ("w2", "proj")}
+LINEAR_STAGES = [tuple(f"{sub}.{n}" for n in names[sub]) for sub in IN_PROJ for names in (IN_PROJ, OUT_PROJ)]
+RESIDUAL = tuple(f"{sub}.{n}" for sub, names in OUT_PROJ.items() for n in names)  # GPT-3: std / sqrt(2 n_layer)
 
 
 def init_plan(module: nn.Module, cfg: ModelConfig, skip: tuple[str, ...] = ()) -> list[tuple[str, str, float]]:

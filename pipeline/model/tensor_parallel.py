@@ -42,6 +42,7 @@ from pipeline.model.collectives import (
     reduce_scatter_to_sp,
     scatter_to_sp,
 )
+from pipeline.model.gpt import GPT, IN_PROJ, OUT_PROJ, Attention, Embedding, GeluMLP, Head, SwiGLU
 from pipeline.model.loss import ChunkedCrossEntropy, mask_padding_, softmax_grad_
 
 PAD_MULTIPLE = 64
@@ -248,8 +249,8 @@ def padded_vocab(vocab: int, tp: int) -> int:
     return math.ceil(vocab / step) * step
 
 
-COLUMN = ("wq", "wk", "wv", "w1", "w3", "fc")
-ROW = ("wo", "w2", "proj")
+COLUMN = {n for names in IN_PROJ.values() for n in names}  # split by output features
+ROW = {n for names in OUT_PROJ.values() for n in names}  # split by input features
 
 
 def parallelize_tp(module: nn.Module, group, vocab_size: int, tied: bool, sequence_parallel: bool = False) -> nn.Module:
@@ -260,8 +261,6 @@ def parallelize_tp(module: nn.Module, group, vocab_size: int, tied: bool, sequen
     (norms, row biases) are marked `model_parallel` on TP rank 0 only, so the gradient norm counts
     each of them once.
     """
-    from pipeline.model.gpt import GPT, Attention, Embedding, GeluMLP, Head, SwiGLU
-
     rank, size = dist.get_rank(group), dist.get_world_size(group)
     padded = padded_vocab(vocab_size, size)
     tp_input = GatherFromSP if sequence_parallel else CopyToTP

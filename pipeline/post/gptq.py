@@ -19,6 +19,7 @@ from torch import nn
 
 from pipeline.config import QuantizeConfig
 from pipeline.console import log, progress
+from pipeline.model.gpt import LINEAR_STAGES
 from pipeline.post import packed
 from pipeline.post.packed import QuantizedWeight, group_width, minmax_params
 
@@ -93,8 +94,7 @@ class HessianHook:
 def block_stages(block: nn.Module) -> list[list[str]]:
     """Linear layers of a block in the order their inputs become final: q/k/v, then o, then the MLP."""
     names = [n for n, m in block.named_modules() if isinstance(m, nn.Linear)]
-    stages = [["attn.wq", "attn.wk", "attn.wv"], ["attn.wo"], ["mlp.w1", "mlp.w3"], ["mlp.fc"], ["mlp.w2"], ["mlp.proj"]]
-    ordered = [[n for n in s if n in names] for s in stages]
+    ordered = [[n for n in s if n in names] for s in LINEAR_STAGES]
     ordered = [s for s in ordered if s]
     rest = [n for n in names if not any(n in s for s in ordered)]
     return ordered + ([rest] if rest else [])
