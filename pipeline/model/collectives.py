@@ -1,4 +1,4 @@
-"""The collectives of tensor and sequence parallelism, each a pair of autograd functions (Megatron-LM's):
+"""The collectives of tensor and sequence parallelism, each a collective and its adjoint in backward (Megatron-LM's):
 
     copy_to_tp           forward identity,                 backward all-reduce     (a column-parallel input)
     reduce_from_tp       forward all-reduce,               backward identity       (a row-parallel output)
@@ -8,7 +8,7 @@
 
 Sequence-parallel activations are (B, T, d) split along T. Their all-gather and reduce-scatter are torch's
 functional collectives (they return new tensors, which selective checkpointing can keep, and are what
-torch.compile traces).
+torch.compile traces). `Collective` makes any of them a layer (a sub-block's `tp_input`).
 """
 
 from __future__ import annotations
@@ -16,43 +16,17 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
+from torch import nn
 
 
-class _CopyToTP(torch.autograd.Function):
-    """Forward identity, backward all-reduce: the input of a column-parallel layer."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return x
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.contiguous()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad, None
+def _identity(x: torch.Tensor, group) -> torch.Tensor:
+    return x
 
 
-class _ReduceFromTP(torch.autograd.Function):
-    """Forward all-reduce, backward identity: the output of a row-parallel layer."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        x = x.contiguous()
-        dist.all_reduce(x, group=group)
-        return x
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None
-
-
-def copy_to_tp(x: torch.Tensor, group) -> torch.Tensor:
-    return _CopyToTP.apply(x, group)
-
-
-def reduce_from_tp(x: torch.Tensor, group) -> torch.Tensor:
-    return _ReduceFromTP.apply(x, group)
+def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
+    x = x.contiguous()
+    dist.all_reduce(x, group=group)
+    return x
 
 
 _all_gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor  # the newer name
@@ -75,52 +49,49 @@ def _split_seq(x: torch.Tensor, group) -> torch.Tensor:  # (B, T, d) -> this ran
     return x[:, rank * step:(rank + 1) * step].clone()  # its own storage: a view would keep all of x alive
 
 
-class _GatherFromSP(torch.autograd.Function):
-    """Forward all-gather of the sequence, backward reduce-scatter: the input of a column-parallel region."""
+class _Pair(torch.autograd.Function):
+    """y = forward(x, group); the gradient of x = backward(dy, group)."""
 
     @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _gather_seq(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _reduce_scatter_seq(grad, ctx.group), None
-
-
-class _ReduceScatterToSP(torch.autograd.Function):
-    """Forward reduce-scatter of the sequence, backward all-gather: the output of a row-parallel layer."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _reduce_scatter_seq(x, group)
+    def forward(ctx, x, group, forward, backward):
+        ctx.group, ctx.backward = group, backward
+        return forward(x, group)
 
     @staticmethod
     def backward(ctx, grad):
-        return _gather_seq(grad, ctx.group), None
+        return ctx.backward(grad, ctx.group), None, None, None
 
 
-class _ScatterToSP(torch.autograd.Function):
-    """Forward keep this rank's slice of the sequence, backward all-gather: after the embedding."""
+def copy_to_tp(x: torch.Tensor, group) -> torch.Tensor:
+    return _Pair.apply(x, group, _identity, _all_reduce)
 
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _split_seq(x, group)
 
-    @staticmethod
-    def backward(ctx, grad):
-        return _gather_seq(grad, ctx.group), None
+def reduce_from_tp(x: torch.Tensor, group) -> torch.Tensor:
+    return _Pair.apply(x, group, _all_reduce, _identity)
 
 
 def gather_from_sp(x: torch.Tensor, group) -> torch.Tensor:
-    return _GatherFromSP.apply(x, group)
+    return _Pair.apply(x, group, _gather_seq, _reduce_scatter_seq)
 
 
 def reduce_scatter_to_sp(x: torch.Tensor, group) -> torch.Tensor:
-    return _ReduceScatterToSP.apply(x, group)
+    return _Pair.apply(x, group, _reduce_scatter_seq, _gather_seq)
 
 
 def scatter_to_sp(x: torch.Tensor, group) -> torch.Tensor:
-    return _ScatterToSP.apply(x, group)
+    return _Pair.apply(x, group, _split_seq, _gather_seq)
+
+
+class Collective(nn.Module):
+    """One of the above as a layer: `Collective(copy_to_tp, group)` is the shared input of a sub-block's
+    column-parallel layers, whose input gradients autograd sums first, so one all-reduce serves them all."""
+
+    def __init__(self, fn, group):
+        super().__init__()
+        self.fn, self.group = fn, group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x, self.group)
+
+    def extra_repr(self) -> str:
+        return self.fn.__name__

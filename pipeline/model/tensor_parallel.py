@@ -4,22 +4,22 @@ The plain model (gpt.py) knows nothing about ranks. `parallelize_tp(module, grou
 walks it and swaps layers for sharded versions built from the full weights:
 
     attention wq/wk/wv, MLP w1/w3/fc  -> ColumnParallelLinear (output features split), fed by the
-                                         sub-block's one CopyToTP (`tp_input`)
+                                         sub-block's one copy_to_tp (`tp_input`)
     attention wo, MLP w2/proj         -> RowParallelLinear    (input features split, all-reduce)
     token embedding wte               -> VocabParallelEmbedding (vocab rows split)
-    lm_head                           -> ColumnParallelLinear over the (padded) vocab, fed by the head's CopyToTP
+    lm_head                           -> ColumnParallelLinear over the (padded) vocab, fed by the head's copy_to_tp
     loss                              -> VocabParallelCrossEntropy (no full-vocab gather)
 
-The collectives are pairs of autograd functions (collectives.py), as in Megatron-LM. Parameter names are unchanged, and
-every sharded parameter carries `tp_shard` (which slice of the full tensor it is):
-`take_shard` cuts a full tensor to it, `TPShard.place` says where a shard lies in
-the full tensor. Layers may be swapped on the meta device (nothing allocated) and
-filled later. The vocabulary is padded to a multiple of 64*tp; padded logits are
-masked out of the loss and stripped on consolidation.
+The collectives are pairs of autograd functions (collectives.py), as in Megatron-LM. Parameter
+names are unchanged, and every sharded parameter carries `tp_shard` (which slice of the full tensor
+it is): `take_shard` cuts a full tensor to it, `TPShard.start`/`stop` say where a shard lies in the full
+tensor. Layers may be swapped on the meta device (nothing allocated) and filled later. The
+vocabulary is padded to a multiple of 64*tp; padded logits are masked out of the loss and stripped
+on consolidation.
 
 Sequence parallelism (`sequence_parallel=True`, Megatron's): between the TP regions (norms, residual
 adds) each rank holds 1/tp of the sequence, (B, T/tp, d). A sub-block's input is all-gathered
-(GatherFromSP; backward reduce-scatter) and its output reduce-scattered (backward all-gather): the same
+(gather_from_sp; backward reduce-scatter) and its output reduce-scattered (backward all-gather): the same
 bytes as the two all-reduces, with norm activations 1/tp the size. The embedding's output is split,
 the head's input gathered. A norm then sees only this rank's tokens, so the gradients of its weights
 (and of row-parallel biases) are summed over the group (SequenceParallelNorm).
@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.model.collectives import (
+    Collective,
     copy_to_tp,
     gather_from_sp,
     reduce_from_tp,
@@ -93,44 +94,9 @@ def _split(full: torch.Tensor, dim: int, rank: int, size: int, padded: int | Non
     return p
 
 
-class CopyToTP(nn.Module):
-    """The shared input of a sub-block's column-parallel layers (q/k/v, gate/up): autograd sums their
-    input gradients first, so one all-reduce serves them all (Megatron's count)."""
-
-    def __init__(self, group):
-        super().__init__()
-        self.group = group
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return copy_to_tp(x, self.group)
-
-
-class GatherFromSP(nn.Module):
-    """The shared input of a sub-block's column-parallel layers under sequence parallelism: the whole
-    sequence gathered once for q/k/v (gate/up); its backward reduce-scatters their summed gradient."""
-
-    def __init__(self, group):
-        super().__init__()
-        self.group = group
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return gather_from_sp(x, self.group)
-
-
-class ScatterToSP(nn.Module):
-    """This rank's 1/tp of the sequence (the embedding's output under sequence parallelism)."""
-
-    def __init__(self, group):
-        super().__init__()
-        self.group = group
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return scatter_to_sp(x, self.group)
-
-
 class ColumnParallelLinear(nn.Module):
     """y_local = x W_local^T + b_local; W split along its output features. Its input comes through the
-    sub-block's (or head's) CopyToTP or GatherFromSP, which owns the input-gradient collective."""
+    sub-block's (or head's) copy_to_tp or gather_from_sp (`tp_input`), which owns the input-gradient collective."""
 
     def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None):
         super().__init__()
@@ -263,10 +229,10 @@ def parallelize_tp(module: nn.Module, group, vocab_size: int, tied: bool, sequen
     """
     rank, size = dist.get_rank(group), dist.get_world_size(group)
     padded = padded_vocab(vocab_size, size)
-    tp_input = GatherFromSP if sequence_parallel else CopyToTP
+    tp_input = gather_from_sp if sequence_parallel else copy_to_tp
     for parent in list(module.modules()):
         if isinstance(parent, (Attention, SwiGLU, GeluMLP)):
-            parent.tp_input = tp_input(group)
+            parent.tp_input = Collective(tp_input, group)
             for name, child in list(parent.named_children()):
                 if name in COLUMN:
                     setattr(parent, name, ColumnParallelLinear.from_full(child, group, rank, size))
@@ -275,9 +241,9 @@ def parallelize_tp(module: nn.Module, group, vocab_size: int, tied: bool, sequen
         elif isinstance(parent, Embedding):
             parent.wte = VocabParallelEmbedding(parent.wte, group, rank, size, padded)
             if sequence_parallel:
-                parent.tp_output = ScatterToSP(group)
+                parent.tp_output = Collective(scatter_to_sp, group)
         elif isinstance(parent, Head):
-            parent.tp_input = tp_input(group)
+            parent.tp_input = Collective(tp_input, group)
             if parent.lm_head is not None and not (tied and isinstance(module, GPT)):
                 parent.lm_head = ColumnParallelLinear.from_full(parent.lm_head, group, rank, size, padded)
         if sequence_parallel:
