@@ -4,7 +4,7 @@ Per rank and phase (init, step, checkpoint, model_dir) it reports the peak RSS a
 tiny width (the fixed cost of Python, torch and DeepSpeed), next to the rank's 16-byte share
 (fp32 weights + gradients + Adam m and v = 16 bytes per parameter the rank holds), plus init seconds and
 checkpoint seconds per GB written. Cases:
-    tp2pp2   TP=2 x PP=2, ZeRO-1, fp32          (the layout of configs/train/6.7b-pp.yaml, shrunk to 2 layers)
+    tp2pp2   TP=2 x PP=2, ZeRO-1, fp32          (the 6.7b layout before configs/train/6.7b-4x8.yaml dropped PP; 2 layers)
     zero3    DP=4, ZeRO-3, fp32                 (init should hold ~1/4 of the model per rank)
 
     python bench/scale_rehearsal.py [--width 1.3b|6.7b] [--case tp2pp2 zero3] [--keep DIR]
