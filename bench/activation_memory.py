@@ -2,14 +2,15 @@
 
 What a layer keeps for backward is measured, not estimated: every tensor autograd saves while block 0 runs
 forward (saved_tensors_hooks), counted once per storage, parameters left out. Each TP size runs as its own
-group of gloo processes (CPU, fp32); each variant builds the model Kiln trains (build_gpt + parallelize, no
-activation checkpointing: what checkpointing keeps lives in its own cache, out of these hooks' sight) and
+group of gloo processes (CPU, fp32); each variant builds the model Kiln trains (build_gpt + parallelize) and
 runs one forward of a micro-batch:
 
-    tp=1                                   <- the reference of every line
+    tp=1                                   <- the reference of every line (same checkpointing)
     tp=N            no sequence parallelism: norms, residuals, the layer's input whole on every rank
     tp=N sp         parallel.sequence_parallel: those split over the sequence too (the two gathered
                     sub-block inputs stay whole; selective checkpointing gathers them again in backward)
+each with activation checkpointing none (what autograd saves) and selective (the block's input, which the
+checkpoint keeps, plus what the selective policy caches: the hooks above do not see inside a checkpoint).
 
     PYTHONPATH=. python bench/activation_memory.py [--tp 2 4 --dim 512 --heads 8 --seq 1024 --batch 1]
 
@@ -65,8 +66,51 @@ def saved_storages(model, idx: torch.Tensor, block: torch.nn.Module) -> list[int
     return list(seen.values())
 
 
-def variants(tp: int) -> tuple[bool, ...]:
-    return (False, True) if tp > 1 else (False,)
+def cached_storages(model, idx: torch.Tensor, block: torch.nn.Module) -> list[int]:
+    """Selective checkpointing: the block's input (the checkpoint keeps it) and each distinct storage the
+    selective policy caches while `block` runs forward. The model must be built after `watch_policy()`."""
+    seen: dict[int, int] = {}
+
+    def enter(module, args):
+        storage = args[0].untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+        _WATCH.append(seen)
+
+    first = block.register_forward_pre_hook(enter)
+    last = block.register_forward_hook(lambda m, a, o: _WATCH.clear())
+    try:
+        model(idx, idx)
+    finally:
+        first.remove()
+        last.remove()
+    return list(seen.values())
+
+
+_WATCH: list[dict] = []
+
+
+def watch_policy() -> None:
+    """Wrap parallelize's selective-checkpointing policy so `cached_storages` sees what it keeps."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    import pipeline.parallel.parallelize as parallelize
+
+    policy = parallelize._keep_costly
+
+    def watched(width, ctx, op, *args, **kwargs):
+        decision = policy(width, ctx, op, *args, **kwargs)
+        if _WATCH and not ctx.is_recompute and decision == CheckpointPolicy.MUST_SAVE:
+            outputs = ctx.op_output if isinstance(ctx.op_output, (tuple, list)) else [ctx.op_output]
+            for t in outputs:
+                if isinstance(t, torch.Tensor):
+                    _WATCH[0][t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return decision
+
+    parallelize._keep_costly = watched
+
+
+def variants(tp: int) -> list[tuple[bool, str]]:
+    return [(sp, ckpt) for sp in ((False, True) if tp > 1 else (False,)) for ckpt in ("none", "selective")]
 
 
 def _worker(rank: int, tp: int, port: int, args, out) -> None:
@@ -81,12 +125,15 @@ def _worker(rank: int, tp: int, port: int, args, out) -> None:
     layout = SimpleNamespace(tp=tp, pp=1, rank=rank, tp_rank=rank, pp_rank=0, dp_rank=0, tp_group=dist.group.WORLD)
     cfg = ModelConfig(n_layer=2, n_head=args.heads, n_embd=args.dim, block_size=args.seq, vocab_size=1024)
     idx = torch.randint(0, 1024, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
-    for sp in variants(tp):
-        run = RunConfig(model=cfg, parallel=ParallelConfig(tp=tp, sequence_parallel=sp), train=TrainConfig(compile=False))
+    watch_policy()
+    for sp, ckpt in variants(tp):
+        run = RunConfig(model=cfg, parallel=ParallelConfig(tp=tp, sequence_parallel=sp),
+                        train=TrainConfig(compile=False, activation_checkpointing=ckpt))
         model = build_gpt(cfg, seed=1, layout=layout, run=run)
-        value = saved_bytes(model, idx, model.blocks[0])
+        kept = cached_storages if ckpt == "selective" else saved_storages
+        value = sum(kept(model, idx, model.blocks[0]))
         if rank == 0:
-            out.put((tp, sp, value))
+            out.put((tp, sp, ckpt, value))
     dist.destroy_process_group()
 
 
@@ -111,15 +158,16 @@ def main() -> int:
     for tp in [1, *args.tp]:
         mp.start_processes(_worker, args=(tp, _port(), args, out), nprocs=tp, start_method="spawn", join=True)
         for _ in variants(tp):
-            tp_, sp, value = out.get()
-            results[tp_, sp] = value
+            tp_, sp, ckpt, value = out.get()
+            results[tp_, sp, ckpt] = value
     sbh = args.seq * args.batch * args.dim
-    for (tp, sp), value in sorted(results.items()):
-        ref = results[1, False]
-        print(json.dumps({"bench": f"activation_memory/tp{tp}{'_sp' if sp else ''}", "value": round(value / MIB, 2),
-                          "unit": "MiB per layer per rank", "reference": round(ref / MIB, 2),
-                          "ratio": round(value / ref, 3), "bytes_per_sbh": round(value / sbh, 2),
-                          "without_sp": round(results[tp, False] / MIB, 2), "shape": vars(args)}), flush=True)
+    for (tp, sp, ckpt), value in sorted(results.items()):
+        ref = results[1, False, ckpt]
+        print(json.dumps({"bench": f"activation_memory/tp{tp}{'_sp' if sp else ''}_{ckpt}",
+                          "value": round(value / MIB, 2), "unit": "MiB per layer per rank",
+                          "reference": round(ref / MIB, 2), "ratio": round(value / ref, 3),
+                          "bytes_per_sbh": round(value / sbh, 2),
+                          "without_sp": round(results[tp, False, ckpt] / MIB, 2), "shape": vars(args)}), flush=True)
     return 0
 
 

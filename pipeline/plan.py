@@ -93,13 +93,14 @@ def memory_per_gpu(
     loss_chunk: int = 4096,
 ) -> dict[str, float]:
     """Bytes per GPU, broken down; the first pipeline stage (the fullest one) is reported.
-    `activation_checkpointing`: none / selective / full. Selective is counted like none, an upper bound: it
-    drops only element-wise outputs and keeps what the estimate's 34·s·b·h is mostly made of.
+    `activation_checkpointing`: none / selective / full. Selective is counted like none, an upper bound (it
+    keeps what costs compute to redo, and drops element-wise outputs).
     Activations per layer (Korthikanti et al. 2022, 16-bit, flash attention): s·b·h·(10 + 24/tp) under
-    tensor parallelism, where norms, residuals and dropout stay whole on every rank; 34·s·b·h/tp with
-    `sequence_parallel`, which splits those over the sequence too, when the two gathered sub-block inputs
-    are gathered again in backward (selective checkpointing); without checkpointing they are kept whole
-    (2·s·b·h each)."""
+    tensor parallelism, where norms, residuals and dropout stay whole on every rank; with
+    `sequence_parallel`, which splits those over the sequence too, 34/tp plus the two gathered sub-block
+    inputs autograd keeps whole for backward (2·s·b·h each; tp of them would be 34/tp): 34/tp + 4(1 - 1/tp)."""
+    if sequence_parallel and tp == 1:
+        raise ConfigError("sequence parallelism needs tensor parallelism: give --tp > 1")
     full_recompute = activation_checkpointing == "full"
     vocab = cfg.vocab_size or DEFAULT_VOCAB
     psi = param_counts(cfg, vocab)["total"] / (tp * pp)
@@ -121,11 +122,8 @@ def memory_per_gpu(
     act_scale = 1 if mixed else 2
     layers_here = cfg.n_layer // pp
     in_flight = min(pp, micro_batches or pp)  # 1F1B: stage 0 holds pp micro-batches
-    if sequence_parallel:
-        kept_whole = 4 * (1 - 1 / tp) if activation_checkpointing == "none" else 0
-        one_layer = s * b * h * act_scale * (34 / tp + kept_whole)
-    else:
-        one_layer = s * b * h * act_scale * (10 + 24 / tp)
+    per_sbh = 34 / tp + 4 * (1 - 1 / tp) if sequence_parallel else 10 + 24 / tp
+    one_layer = s * b * h * act_scale * per_sbh
     if full_recompute:  # each layer keeps its input; one layer's activations exist at a time, in backward
         per_layer, recompute = 2 * s * b * h * act_scale / (tp if sequence_parallel else 1), one_layer
     else:
@@ -150,18 +148,14 @@ def recommend_layout(cfg: ModelConfig, gpus: int, gpu: str = "h100", precision: 
     """The layout an expert starts from: ZeRO-1 data parallelism with a micro-batch of 16, 8 or 4. Recomputing
     activations costs a third more compute, a TP=2..8 group inside an NVLink node much less: so every tensor-parallel
     size is tried without activation checkpointing before any with it; from TP=4 on, with sequence parallelism (the
-    activations TP leaves whole on every rank would otherwise dominate), and then with selective checkpointing (which
-    lets sequence parallelism gather the sub-block inputs again in backward) before full recomputation. Fits = under
-    MEMORY_BUDGET of the GPU."""
+    activations TP leaves whole on every rank would otherwise dominate). Fits = under MEMORY_BUDGET of the GPU."""
     if gpu not in GPU_MEMORY_GIB:
         raise ConfigError(f"--gpu {gpu}: unknown GPU; known: {', '.join(sorted(GPU_MEMORY_GIB))}")
     budget = MEMORY_BUDGET * GPU_MEMORY_GIB[gpu] * GIB
     sizes = [t for t in (1, 2, 4, 8) if cfg.n_head % t == 0 and gpus % t == 0]
-    for ckpt in ("none", "selective", "full"):
+    for ckpt in ("none", "full"):
         for tp in sizes:
-            if ckpt == "selective" and tp < 4:
-                continue  # it counts as "none" without sequence parallelism (an upper bound), tried already
-            for mbs in (16, 8, 4) if ckpt != "full" else (8, 4, 2, 1):
+            for mbs in (16, 8, 4) if ckpt == "none" else (8, 4, 2, 1):
                 layout = {"tp": tp, "pp": 1, "dp": gpus // tp, "zero_stage": 1, "precision": precision,
                           "micro_batch_size": mbs, "activation_checkpointing": ckpt, "sequence_parallel": tp >= 4}
                 if memory_per_gpu(cfg, **layout)["total"] <= budget:

@@ -91,11 +91,11 @@ def test_memory_zero_stages_shrink_per_gpu_state():
     assert full["activations"] == pytest.approx(34 * sbh * cfg.n_layer)
     tp4 = memory_per_gpu(cfg, tp=4, micro_batch_size=4)
     assert tp4["activations"] == pytest.approx((10 + 24 / 4) * sbh * cfg.n_layer)
-    sp4 = memory_per_gpu(cfg, tp=4, micro_batch_size=4, sequence_parallel=True, activation_checkpointing="selective")
-    assert sp4["activations"] == pytest.approx(34 / 4 * sbh * cfg.n_layer)
-    # without checkpointing the two gathered sub-block inputs (2·s·b·h each) stay whole for backward
-    sp4_kept = memory_per_gpu(cfg, tp=4, micro_batch_size=4, sequence_parallel=True)
-    assert sp4_kept["activations"] == pytest.approx((34 / 4 + 4 * 3 / 4) * sbh * cfg.n_layer)
+    # sequence parallelism: 34/tp, except the two gathered sub-block inputs (2·s·b·h each) autograd keeps whole
+    sp4 = memory_per_gpu(cfg, tp=4, micro_batch_size=4, sequence_parallel=True)
+    assert sp4["activations"] == pytest.approx((34 / 4 + 4 * 3 / 4) * sbh * cfg.n_layer)
+    with pytest.raises(ConfigError, match="needs tensor parallelism"):
+        memory_per_gpu(cfg, sequence_parallel=True)
     # the chunked loss holds one chunk of fp32 logits and their gradient; pipeline parallelism's loss all of them
     s, v = cfg.block_size, cfg.vocab_size
     assert full["logits"] == pytest.approx(8.0 * min(4096, 4 * s) * v)
@@ -151,7 +151,7 @@ def test_tensor_parallel_from_four_comes_with_sequence_parallelism(capsys):
     cfg = ModelConfig(n_layer=40, n_head=40, n_embd=5120, block_size=2048, vocab_size=50304)
     layout = recommend_layout(cfg, 16)
     assert layout["tp"] == 4 and layout["sequence_parallel"] and layout["activation_checkpointing"] == "none"
-    # on 8 GPUs ZeRO-1 shards the optimizer only 8 ways: the tp=4 layout needs selective checkpointing, tp=8 does not
+    # on 8 GPUs ZeRO-1 shards the optimizer only 2 ways at tp=4: tp=8 then fits without recomputation
     assert recommend_layout(cfg, 8)["tp"] == 8
     plain = {**layout, "sequence_parallel": False}
     assert memory_per_gpu(cfg, **layout)["activations"] < memory_per_gpu(cfg, **plain)["activations"] * 0.75

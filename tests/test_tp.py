@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from pipeline.config import ModelConfig, ParallelConfig, RunConfig, TrainConfig
@@ -88,6 +89,7 @@ def _worker(rank: int, world: int, port: int, errors, shards) -> None:
                 assert all(torch.equal(state.get(k), ref[k]) for k in ref), where
         _check_collective_counts(layout, world)
         _check_sequence_parallel_keeps_shards(layout, world)
+        _check_tied_head_stage_boundary(layout, world)
     except Exception as err:  # report to the parent; a raise here would only print
         errors.put(f"rank {rank}: {type(err).__name__}: {err}")
     finally:
@@ -97,9 +99,12 @@ def _worker(rank: int, world: int, port: int, errors, shards) -> None:
 NOT_COMMUNICATION = ("wait_tensor", "_wrap_tensor_autograd")  # functional collectives' bookkeeping ops
 
 
+MATMULS = ("mm", "addmm")
+
+
 class _Collectives(TorchDispatchMode):
-    """Counts collectives as the dispatcher runs them: one that selective checkpointing serves from its cache
-    (no communication) is not counted, one it re-runs is."""
+    """Counts collectives (and matmuls) as the dispatcher runs them: one that selective checkpointing serves
+    from its cache (no communication) is not counted, one it re-runs is."""
 
     def __init__(self):
         super().__init__()
@@ -108,11 +113,13 @@ class _Collectives(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func.namespace in ("c10d", "_c10d_functional") and func._opname not in NOT_COMMUNICATION:
             self.counts[self.phase][func._opname] += 1
+        elif func.namespace == "aten" and func._opname in MATMULS:
+            self.counts[self.phase]["matmul"] += 1
         return func(*args, **(kwargs or {}))
 
 
 def count_collectives(model, idx, targets) -> dict[str, Counter]:
-    """Collectives of one micro-batch by phase (forward, backward) and op."""
+    """Collectives of one micro-batch by phase (forward, backward) and op; matmuls under "matmul"."""
     with _Collectives() as mode:
         _, loss = model(idx, targets)
         mode.phase = "backward"
@@ -144,15 +151,20 @@ def _check_collective_counts(layout, world: int) -> None:
         (True, "full"): ({ag: 2 * layers + 1, rs: 2 * layers, ar: 1 + 2},
                          {rs: 3 * layers + 1, ag: 4 * layers + 1, ar: 2 * layers + 1}),
     }
-    grads = {}
+    grads, matmuls = {}, {}
     for (sp, mode), (forward, backward) in expected.items():
         run = RunConfig(model=cfg, parallel=ParallelConfig(tp=world, sequence_parallel=sp),
                         train=TrainConfig(activation_checkpointing=mode))
         model = build_gpt(cfg, seed=7, layout=layout, run=run)
         counts = count_collectives(model, idx, idx)
+        matmuls[sp, mode] = counts["backward"].pop("matmul"), counts["forward"].pop("matmul")
         want = {"forward": Counter(forward), "backward": Counter(backward)}
         assert counts == want, f"sequence_parallel={sp} checkpointing {mode}: {counts} != {want}"
         grads[sp, mode] = [p.grad for p in model.parameters()]
+    # selective recomputes no matmul; under sequence parallelism it keeps no row-parallel matmul output (whole
+    # sequence), so backward redoes the attention's output projection (the MLP's is never needed again)
+    assert matmuls[False, "selective"] == matmuls[False, "none"], matmuls
+    assert matmuls[True, "selective"][0] == matmuls[True, "none"][0] + layers, matmuls
     for key, g in grads.items():  # recomputing changes no gradient (a collective re-run on saved data would)
         for a, b in zip(grads[False, "none"], g, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=f"sequence_parallel, checkpointing: {key}")
@@ -161,8 +173,9 @@ def _check_collective_counts(layout, world: int) -> None:
 def _check_sequence_parallel_keeps_shards(layout, world: int) -> None:
     """What a layer saves for backward (bench/activation_memory.py's count, distinct storages): without sequence
     parallelism the whole sequence's activations between the TP regions (layer input, norm outputs, residual sum)
-    are kept on every rank; with it, only the two gathered sub-block inputs are that size, the rest is 1/tp."""
-    from bench.activation_memory import saved_bytes, saved_storages
+    are kept on every rank; with it, only the two gathered sub-block inputs are that size, the rest is 1/tp; with
+    selective checkpointing, nothing is."""
+    from bench.activation_memory import cached_storages, saved_bytes, saved_storages, watch_policy
 
     # MLP width = n_embd: a rank's MLP activations (B, T, d/tp) are not mistaken for whole ones
     cfg = ModelConfig(n_layer=2, n_head=4, n_embd=32, block_size=16, vocab_size=100, ffn_hidden=32)
@@ -179,6 +192,42 @@ def _check_sequence_parallel_keeps_shards(layout, world: int) -> None:
         else:
             assert sum(n >= whole for n in sizes) >= 5, sizes
     assert kept[True] < kept[False] and kept[True] == saved_bytes(model, idx, model.blocks[0]), kept
+    # selective checkpointing keeps no whole-sequence activation at all: the gathered inputs are gathered again
+    # in backward, and of a row-parallel matmul only the reduce-scatter's 1/tp is kept
+    watch_policy()
+    run = RunConfig(model=cfg, parallel=ParallelConfig(tp=world, sequence_parallel=True),
+                    train=TrainConfig(activation_checkpointing="selective"))
+    model = build_gpt(cfg, seed=7, layout=layout, run=run)
+    sizes = cached_storages(model, idx, model.blocks[0])
+    assert max(sizes) < whole and sum(sizes) < 0.75 * kept[True], (sizes, kept)
+
+
+def _check_tied_head_stage_boundary(layout, world: int) -> None:
+    """Pipeline parallelism with a tied head: the final norm and the tied embedding may be on different stages.
+    Without sequence parallelism DeepSpeed sends each TP rank 1/tp of what crosses a stage boundary and gathers
+    the pieces, so the norm's output and the gradient sent back for it must be the same on every TP rank, and
+    equal to one process's."""
+    from pipeline.model.tensor_parallel import tp_input
+    from pipeline.parallel.parallelize import loss_fn
+    from pipeline.parallel.pipeline_module import EmbeddingPipe, FinalNormPipe, tied_logits
+
+    cfg = ModelConfig(n_layer=2, n_head=4, n_embd=32, block_size=16, vocab_size=100, ffn_hidden=64)
+    run = RunConfig(model=cfg, parallel=ParallelConfig(tp=world, pp=2), train=TrainConfig(seed=7))
+    ctx = {"run": run, "layout": layout, "device": "cpu", "dtype": torch.float32}
+    norm, embed = FinalNormPipe(ctx), EmbeddingPipe(ctx)
+    x = torch.randn(2, 16, 32, generator=torch.Generator().manual_seed(4))
+    targets = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(5))
+    sent = norm(x).detach().requires_grad_()  # what crosses the boundary
+    loss_fn(layout, run)(tied_logits(tp_input(layout.tp_group, False), embed, sent), targets).backward()
+    full = build_gpt(cfg, seed=7)
+    ref = full.head.norm(x).detach().requires_grad_()
+    cross_entropy_of = full.loss_fn(F.linear(ref, full.embed.wte.weight), targets)
+    cross_entropy_of.backward()
+    for name, t in (("activation", sent.detach()), ("gradient", sent.grad)):
+        parts = [torch.empty_like(t) for _ in range(world)]
+        dist.all_gather(parts, t.contiguous())
+        assert all(torch.equal(parts[0], p) for p in parts), f"the {name} sent across the stage differs per TP rank"
+    torch.testing.assert_close(sent.grad, ref.grad, rtol=1e-5, atol=1e-7)
 
 
 def _port() -> int:

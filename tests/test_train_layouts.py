@@ -1,5 +1,5 @@
 """Every layout trains the same model: 1 process vs TP=2, PP=2, DP=2 with ZeRO 1/2/3 (+ offload), TP=2 x PP=2
-(sequence parallel: stages pass each other 1/tp of the sequence).
+(also with sequence parallelism: stages pass each other 1/tp of the sequence), TP=2 x DP=2.
 The model uses grouped-query attention (4 query heads on 2 key/value heads: one per TP rank).
 
 Real DeepSpeed engines on gloo (torchrun, CPU, fp32). To keep process start-up
@@ -41,7 +41,8 @@ LAYOUTS = {
     "dp2_zero2": (2, ["parallel.zero_stage=2"]),
     "dp2_zero3": (2, ["parallel.zero_stage=3"]),
     "dp2_zero2_offload": (2, ["parallel.zero_stage=2", "parallel.offload=cpu"]),
-    "tp2_pp2": (4, ["parallel.tp=2", "parallel.pp=2", "train.grad_accum=2", "parallel.sequence_parallel=true"]),
+    "tp2_pp2": (4, ["parallel.tp=2", "parallel.pp=2", "train.grad_accum=2"]),
+    "tp2_pp2_sp": (4, ["parallel.tp=2", "parallel.pp=2", "train.grad_accum=2", "parallel.sequence_parallel=true"]),
     "tp2_dp2_zero1": (4, ["parallel.tp=2", "parallel.zero_stage=1"]),
 }
 
@@ -87,7 +88,7 @@ def runs(tmp_path_factory) -> Path:
     def spec(name: str, *extra: str) -> list[str]:
         return [f"data.paths=[{corpus}]", f"out={base / name}", *COMMON, *LAYOUTS[name][1], *extra]
 
-    run_many(4, [spec("tp2_pp2"), spec("tp2_dp2_zero1")])
+    run_many(4, [spec("tp2_pp2"), spec("tp2_pp2_sp"), spec("tp2_dp2_zero1")])
     # the documented CLI path, and a multi-rank resume: ZeRO-3 partitions restored from step 5
     summary = run_cli(2, spec("tp2"))
     assert summary["layout"] == "world 2 = dp 1 x pp 1 x tp 2" and summary["steps"] == 10

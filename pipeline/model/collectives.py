@@ -1,6 +1,7 @@
 """The collectives of tensor and sequence parallelism, each a collective and its adjoint in backward (Megatron-LM's):
 
     copy_to_tp           forward identity,                 backward all-reduce     (a column-parallel input)
+    sum_grad_over_tp     the same, the sum in fp32                                 (norm weights under SP)
     reduce_from_tp       forward all-reduce,               backward identity       (a row-parallel output)
     gather_from_sp       forward all-gather of the seq.,   backward reduce-scatter (sequence parallel input)
     reduce_scatter_to_sp forward reduce-scatter,           backward all-gather     (sequence parallel output)
@@ -27,6 +28,10 @@ def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
     x = x.contiguous()
     dist.all_reduce(x, group=group)
     return x
+
+
+def _all_reduce_fp32(x: torch.Tensor, group) -> torch.Tensor:
+    return _all_reduce(x.float(), group).to(x.dtype)  # rounded once, not at every step of the ring
 
 
 _all_gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor  # the newer name
@@ -68,6 +73,11 @@ def copy_to_tp(x: torch.Tensor, group) -> torch.Tensor:
 
 def reduce_from_tp(x: torch.Tensor, group) -> torch.Tensor:
     return _Pair.apply(x, group, _all_reduce, _identity)
+
+
+def sum_grad_over_tp(p: torch.Tensor, group) -> torch.Tensor:
+    """A replicated parameter used on 1/tp of the tokens: its gradient summed over the group, in fp32."""
+    return _Pair.apply(p, group, _identity, _all_reduce_fp32)
 
 
 def gather_from_sp(x: torch.Tensor, group) -> torch.Tensor:

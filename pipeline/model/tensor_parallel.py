@@ -42,6 +42,7 @@ from pipeline.model.collectives import (
     reduce_from_tp,
     reduce_scatter_to_sp,
     scatter_to_sp,
+    sum_grad_over_tp,
 )
 from pipeline.model.gpt import GPT, IN_PROJ, OUT_PROJ, Attention, Embedding, GeluMLP, Head, SwiGLU
 from pipeline.model.loss import ChunkedCrossEntropy, mask_padding_, softmax_grad_
@@ -128,12 +129,12 @@ class RowParallelLinear(nn.Module):
             y = reduce_from_tp(y, self.group)
             return y + self.bias if self.bias is not None else y
         y = reduce_scatter_to_sp(y, self.group)
-        return y + copy_to_tp(self.bias, self.group) if self.bias is not None else y
+        return y + sum_grad_over_tp(self.bias, self.group) if self.bias is not None else y
 
 
 class SequenceParallelNorm(nn.Module):
     """LayerNorm / RMSNorm over this rank's tokens (sequence parallelism). Its weight and bias meet only
-    1/tp of the sequence, so their gradients are summed over the group (copy_to_tp on the parameters)."""
+    1/tp of the sequence, so their gradients are summed over the group (sum_grad_over_tp on the parameters)."""
 
     def __init__(self, norm: nn.LayerNorm | nn.RMSNorm, group):
         super().__init__()
@@ -143,10 +144,10 @@ class SequenceParallelNorm(nn.Module):
         self.bias = getattr(norm, "bias", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = copy_to_tp(self.weight, self.group)
+        w = sum_grad_over_tp(self.weight, self.group)
         if not self.layer_norm:
             return F.rms_norm(x, self.shape, w, self.eps)
-        b = copy_to_tp(self.bias, self.group) if self.bias is not None else None
+        b = sum_grad_over_tp(self.bias, self.group) if self.bias is not None else None
         return F.layer_norm(x, self.shape, w, b, self.eps)
 
 
@@ -219,6 +220,12 @@ COLUMN = {n for names in IN_PROJ.values() for n in names}  # split by output fea
 ROW = {n for names in OUT_PROJ.values() for n in names}  # split by input features
 
 
+def tp_input(group, sequence_parallel: bool) -> Collective:
+    """The shared input of column-parallel layers (a sub-block's q/k/v or gate/up, the head): the full
+    sequence gathered under sequence parallelism, else an identity whose backward all-reduces."""
+    return Collective(gather_from_sp if sequence_parallel else copy_to_tp, group)
+
+
 def parallelize_tp(module: nn.Module, group, vocab_size: int, tied: bool, sequence_parallel: bool = False) -> nn.Module:
     """Swap every plain layer under `module` for its tensor-parallel version, in place.
 
@@ -229,10 +236,9 @@ def parallelize_tp(module: nn.Module, group, vocab_size: int, tied: bool, sequen
     """
     rank, size = dist.get_rank(group), dist.get_world_size(group)
     padded = padded_vocab(vocab_size, size)
-    tp_input = gather_from_sp if sequence_parallel else copy_to_tp
     for parent in list(module.modules()):
         if isinstance(parent, (Attention, SwiGLU, GeluMLP)):
-            parent.tp_input = Collective(tp_input, group)
+            parent.tp_input = tp_input(group, sequence_parallel)
             for name, child in list(parent.named_children()):
                 if name in COLUMN:
                     setattr(parent, name, ColumnParallelLinear.from_full(child, group, rank, size))
@@ -243,8 +249,8 @@ def parallelize_tp(module: nn.Module, group, vocab_size: int, tied: bool, sequen
             if sequence_parallel:
                 parent.tp_output = Collective(scatter_to_sp, group)
         elif isinstance(parent, Head):
-            parent.tp_input = Collective(tp_input, group)
-            if parent.lm_head is not None and not (tied and isinstance(module, GPT)):
+            parent.tp_input = tp_input(group, sequence_parallel)
+            if not (tied and isinstance(module, GPT)):
                 parent.lm_head = ColumnParallelLinear.from_full(parent.lm_head, group, rank, size, padded)
         if sequence_parallel:
             for name, child in list(parent.named_children()):

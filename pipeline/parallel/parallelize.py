@@ -44,7 +44,8 @@ def parallelize(module: nn.Module, layout, run: RunConfig) -> nn.Module:
                 _tp_dropout_stream(attn, layout.tp_rank)
     if t.activation_checkpointing != "none":
         for block in (x for x in module.modules() if isinstance(x, Block)):
-            checkpointed(block, selective=t.activation_checkpointing == "selective")
+            checkpointed(block, selective=t.activation_checkpointing == "selective",
+                         width=m.n_embd if layout.tp > 1 and run.parallel.sequence_parallel else None)
     if isinstance(module, GPT):
         module.loss_fn = loss_fn(layout, run)
         module.hidden_loss = chunked_loss(layout, run)
@@ -79,15 +80,23 @@ def loss_fn(layout, run: RunConfig):
     return VocabParallelCrossEntropy(layout.tp_group, layout.tp_rank, vocab, padded_vocab(vocab, layout.tp), layout.tp)
 
 
-def _keep_costly(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+def _keep_costly(width: int | None, ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    """Keep what KEEP names, recompute the rest. `width` (sequence parallelism: the model width): a matmul
+    contracting over less than it is row-parallel (over a TP shard), its output whole-sequence and full-width,
+    and the block needs only the reduce-scatter's 1/tp of it, which is kept; so it is not kept (backward redoes
+    the attention's output projection, the one before the last activation it needs)."""
+    if width and op in (_aten.mm.default, _aten.addmm.default) and args[-2].shape[-1] != width:
+        return CheckpointPolicy.PREFER_RECOMPUTE
     return CheckpointPolicy.MUST_SAVE if op in KEEP else CheckpointPolicy.PREFER_RECOMPUTE
 
 
-def checkpointed(block: nn.Module, selective: bool = False) -> None:
+def checkpointed(block: nn.Module, selective: bool = False, width: int | None = None) -> None:
     """Recompute the block in backward instead of keeping its activations (only while grads are on):
-    all of it, or (selective) only its cheap ops, whose outputs are the bulk of the memory."""
+    all of it, or (selective) only its cheap ops, whose outputs are the bulk of the memory. `width`: see
+    `_keep_costly` (sequence parallelism)."""
     plain = block.forward
-    options = {"context_fn": functools.partial(create_selective_checkpoint_contexts, _keep_costly)} if selective else {}
+    policy = functools.partial(_keep_costly, width)
+    options = {"context_fn": functools.partial(create_selective_checkpoint_contexts, policy)} if selective else {}
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         return checkpoint(plain, x, use_reentrant=False, **options) if torch.is_grad_enabled() else plain(x)

@@ -11,12 +11,15 @@ on the meta device, so it costs neither memory nor time.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from pipeline.config import RunConfig
-from pipeline.model.gpt import Block, Embedding, Head
+from pipeline.model.gpt import Block, Embedding, Head, make_norm
+from pipeline.model.tensor_parallel import tp_input
 from pipeline.parallel.materialize import mark_part, materialize
 from pipeline.parallel.parallelize import loss_fn, parallelize
 
@@ -51,21 +54,25 @@ class HeadPipe(Head):
         _stage_layer(self, ctx["run"].model.n_layer + 1, "head.", ctx)
 
 
-class FinalNormPipe(Head):
-    """The Head's norm alone (and its TP input), when lm_head is the tied embedding table."""
+class FinalNormPipe(nn.Module):
+    """The Head's norm alone, when lm_head is the tied embedding table (`tied_logits` takes its output)."""
 
     def __init__(self, ctx: dict):
+        super().__init__()
         with torch.device("meta"):
-            super().__init__(ctx["run"].model)
-        self.lm_head = None
+            self.norm = make_norm(ctx["run"].model)
         _stage_layer(self, ctx["run"].model.n_layer + 1, "head.", ctx)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.hidden(x)
+        return self.norm(x)
 
 
-def tied_logits(embed: Embedding, x: torch.Tensor) -> torch.Tensor:
-    return F.linear(x, embed.wte.weight)
+def tied_logits(head_input: nn.Module, embed: Embedding, x: torch.Tensor) -> torch.Tensor:
+    """The tied head: the final norm's output through the head's TP input (`tensor_parallel.tp_input`), then
+    the embedding table. The TP input stays on this side of the stage boundary: what a stage sends (forward)
+    and receives back (backward) must be the same on every TP rank, as DeepSpeed sends each rank 1/tp of it
+    and gathers the pieces (without sequence parallelism)."""
+    return F.linear(head_input(x), embed.wte.weight)
 
 
 def _pipeline_module_class():
@@ -89,12 +96,13 @@ def build_pipeline_module(run: RunConfig, layout, device, dtype, source=None):
 
     m = run.model
     ctx = {"run": run, "layout": layout, "device": device, "dtype": dtype, "source": source}
+    head_input = tp_input(layout.tp_group, run.parallel.sequence_parallel) if layout.tp > 1 else nn.Identity()
     layers = [TiedLayerSpec("embed", EmbeddingPipe, ctx, tied_weight_attr="wte.weight")
               if m.tie_embeddings else LayerSpec(EmbeddingPipe, ctx)]
     layers += [LayerSpec(BlockPipe, i, ctx) for i in range(m.n_layer)]
     if m.tie_embeddings:
         layers += [LayerSpec(FinalNormPipe, ctx),
-                   TiedLayerSpec("embed", EmbeddingPipe, ctx, forward_fn=tied_logits,
+                   TiedLayerSpec("embed", EmbeddingPipe, ctx, forward_fn=functools.partial(tied_logits, head_input),
                                  tied_weight_attr="wte.weight")]
     else:
         layers += [LayerSpec(HeadPipe, ctx)]
