@@ -92,6 +92,7 @@ def run_demo(out: str | Path = "demo_out", quick: bool = False) -> dict:
     started = time.time()
     train_steps = 40 if quick else 300
     distill_steps = 20 if quick else 120
+    windows = 16 if quick else 64  # val windows each eval scores (the eval table, GPTQ and distill before/after)
     tracker = Tracker(TrackingConfig(experiment="kiln-demo"))
     with tracker.pipeline_run("demo", params={"quick": quick, "train_steps": train_steps}):
         demo.env["KILN_PARENT_RUN_ID"] = os.environ.get("KILN_PARENT_RUN_ID", "")
@@ -111,16 +112,17 @@ def run_demo(out: str | Path = "demo_out", quick: bool = False) -> dict:
                   *reg, "--set", "tracking.alias=int8")
         demo.kiln("quantize gptq4", "quantize", champion, "--config", str(CONFIGS / "post/gptq4.yaml"),
                   "--group-size", "64", "--calib", "prep", "--out", "gptq4", *reg, "--set", "tracking.alias=gptq4",
-                  "--set", f"calib_samples={16 if quick else 32}")
+                  "--set", f"calib_samples={16 if quick else 32}", "--set", f"eval_windows={windows}")
         demo.kiln("distill", "distill", "--teacher", champion, "--student-config",
                   str(CONFIGS / "model/demo-student.yaml"), "--data", "prep", "--out", "student",
                   "--config", str(CONFIGS / "post/distill.yaml"), "--set", f"train.steps={distill_steps}",
+                  "--set", f"eval_windows={windows}",
                   *reg, "--set", "tracking.alias=student")
         fetched = {}
         for alias in ("champion", "int8", "gptq4", "student"):
             demo.kiln(f"fetch @{alias}", "fetch", f"models:/{NAME}@{alias}", "--out", f"fetched/{alias}")
             fetched[alias] = out / "fetched" / alias
-        table = demo.step("eval table", compare, fetched, out / "prep", 16 if quick else 64)
+        table = demo.step("eval table", compare, fetched, out / "prep", windows)
         for row in table:
             tracker.attach_eval(f"models:/{NAME}@{row['model']}", {k: row[k] for k in
                                 ("perplexity", "loss", "tokens_per_s") if row.get(k) is not None}, "val", out / "prep")

@@ -4,6 +4,7 @@ Prints one JSON line per probe.
     python tests/engine_probe.py accum STAGE...   # bf16 ZeRO stages: optimizer, grad dtype after 2 micro-batches
     python tests/engine_probe.py pipe             # (torchrun, 2 ranks) the same for PP=2 after one step
     python tests/engine_probe.py syncs OUT CORPUS # train 6 steps (log every 3): where Kiln reads device values
+    python tests/engine_probe.py accum 1 2 3 + syncs OUT CORPUS   # several in one process (one start-up)
 """
 
 from __future__ import annotations
@@ -107,5 +108,14 @@ def syncs(out: str, corpus: str) -> None:
 
 
 if __name__ == "__main__":
-    mode, args = sys.argv[1], sys.argv[2:]
-    {"accum": lambda: accum([int(a) for a in args]), "pipe": pipe, "syncs": lambda: syncs(*args)}[mode]()
+    import gc
+
+    # the imports' objects never become garbage: DeepSpeed's forced memory reports (a full gc.collect each)
+    # then skip them
+    gc.freeze()
+    probes = {"accum": lambda *stages: accum([int(s) for s in stages]), "pipe": pipe, "syncs": syncs}
+    argv = sys.argv[1:]
+    while argv:  # several probes in one process: `accum 1 2 + syncs OUT CORPUS`
+        cut = argv.index("+") if "+" in argv else len(argv)
+        (mode, *args), argv = argv[:cut], argv[cut + 1:]
+        probes[mode](*args)

@@ -69,6 +69,19 @@ def test_config_error_exits_2_with_one_line(capsys):
     assert err == ["kiln train: error: --set parallel.zero_stage=4: parallel.zero_stage: 4 is not one of 0,1,2,3"]
 
 
+def test_only_a_process_of_its_own_freezes_its_objects_at_the_end(monkeypatch, capsys):
+    """`kiln ...` ends its process: gc.freeze() spares teardown a full collection. Called in-process (tests,
+    benchmarks) main() leaves the caller's garbage collector alone."""
+    import pipeline.cli
+
+    frozen = []
+    monkeypatch.setattr(pipeline.cli.gc, "freeze", lambda: frozen.append(1))
+    argv = ["train", "--set", "parallel.zero_stage=4"]
+    assert main(argv) == 2 and frozen == []
+    monkeypatch.setattr(sys, "argv", ["kiln", *argv])
+    assert main() == 2 and frozen == [1]  # after the command, errors included
+
+
 def test_plan_json_is_last_stdout_line():
     res = run_kiln("plan", "--gpus", "64", "--hours", "720", "--gpu", "h100", "--json")
     assert res.returncode == 0, res.stderr

@@ -103,6 +103,16 @@ def _children_with_rank(parent: int, rank: int, deadline: float) -> int:
     raise AssertionError(f"no rank {rank} worker under pid {parent}")
 
 
+def _signalled_or_gone(pid: int, sig: signal.Signals) -> bool:
+    """Whether `sig` was sent to process `pid` and waits there (a stopped process acts on it when continued),
+    or the process is dead already (on a very slow box torchrun's SIGKILL can come first)."""
+    try:
+        status = dict(ln.split(":", 1) for ln in Path(f"/proc/{pid}/status").read_text().splitlines())
+    except FileNotFoundError:
+        return True
+    return status["State"].split()[0] in ("Z", "X") or bool(int(status["ShdPnd"], 16) >> (sig - 1) & 1)
+
+
 @pytest.mark.slow
 def test_hung_rank_ends_the_job_with_an_error_naming_a_rank(corpus, tmp_path):
     """SIGSTOP rank 1 after the first logged step: rank 0's next collective times out (gloo) and the job ends."""
@@ -129,7 +139,13 @@ def test_hung_rank_ends_the_job_with_an_error_naming_a_rank(corpus, tmp_path):
         assert line.startswith("kiln train: error: rank 0 of 2: a collective got no answer in time"), line
         assert f"train.collective_timeout_s={timeout_s}" in line
         assert waited >= timeout_s * 0.8, waited
-        # torchrun notices rank 0's exit and takes the job down (the stopped rank is killed), exit non-zero
+        # torchrun notices rank 0's exit and takes the job down: it sends the stopped rank SIGTERM (pending
+        # until the rank runs again), would SIGKILL it after a fixed 30 s; continued, it dies now. Exit non-zero
+        errored = time.time()
+        while not _signalled_or_gone(rank1, signal.SIGTERM):
+            assert proc.poll() is None and time.time() - errored < 120, "torchrun never signalled the hung rank"
+            time.sleep(0.1)
+        os.kill(rank1, signal.SIGCONT)
         assert proc.wait(timeout=120) != 0
     finally:
         if proc.poll() is None:
