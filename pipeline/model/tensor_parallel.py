@@ -104,7 +104,7 @@ class ColumnParallelLinear(nn.Module):
         self.weight, self.bias = weight, bias
 
     @classmethod
-    def from_full(cls, full: nn.Linear, group, rank: int, size: int, pad_to: int | None = None) -> ColumnParallelLinear:
+    def from_full(cls, full: nn.Linear, rank: int, size: int, pad_to: int | None = None) -> ColumnParallelLinear:
         bias = _split(full.bias, 0, rank, size) if full.bias is not None else None
         return cls(_split(full.weight, 0, rank, size, pad_to), bias)
 
@@ -241,7 +241,7 @@ def parallelize_tp(module: nn.Module, group, vocab_size: int, tied: bool, sequen
             parent.tp_input = tp_input(group, sequence_parallel)
             for name, child in list(parent.named_children()):
                 if name in COLUMN:
-                    setattr(parent, name, ColumnParallelLinear.from_full(child, group, rank, size))
+                    setattr(parent, name, ColumnParallelLinear.from_full(child, rank, size))
                 elif name in ROW:
                     setattr(parent, name, RowParallelLinear(child, group, rank, size, sequence_parallel))
         elif isinstance(parent, Embedding):
@@ -251,7 +251,7 @@ def parallelize_tp(module: nn.Module, group, vocab_size: int, tied: bool, sequen
         elif isinstance(parent, Head):
             parent.tp_input = tp_input(group, sequence_parallel)
             if not (tied and isinstance(module, GPT)):
-                parent.lm_head = ColumnParallelLinear.from_full(parent.lm_head, group, rank, size, padded)
+                parent.lm_head = ColumnParallelLinear.from_full(parent.lm_head, rank, size, padded)
         if sequence_parallel:
             for name, child in list(parent.named_children()):
                 if isinstance(child, (nn.LayerNorm, nn.RMSNorm)):

@@ -8,9 +8,10 @@ on its device and in its training dtype (materialize.py); under ZeRO-3 each
 parameter is partitioned as soon as it exists.
 The optimizer is torch's fused AdamW (one kernel over the whole flat partition,
 no full-size temporaries; its state restores bit for bit), except on CPU at
-ZeRO stage 0, where torch's per-tensor loop is faster; the learning rate is set by Kiln every step, so the schedule is a pure
-function of the step number. At fp32, ZeRO-1/2's "fp32 master" partition is
-the weights' own partition, not a clone (share_fp32_master).
+ZeRO stage 0, where torch's per-tensor loop is faster; the learning rate is set
+by Kiln every step, so the schedule is a pure function of the step number. At
+fp32, ZeRO-1/2's "fp32 master" partition is the weights' own partition, not a
+clone (share_fp32_master).
 
 `save` writes DeepSpeed's state and this rank's slice of the plain weights, and
 returns the sha256 of every file this rank wrote, computed while writing.
@@ -168,7 +169,7 @@ class Engine:
         # temporaries are one tensor's size), as torch itself chooses on CPU.
         fused = device.type != "cpu" or cfg.parallel.zero_stage >= 1
         self.optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2),
-                                           eps=1e-8, fused=fused, foreach=False if not fused else None)
+                                           eps=1e-8, fused=fused, foreach=None if fused else False)
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=self.optimizer, config=config, mpu=None if self.pipe else layout.grid,
         )
