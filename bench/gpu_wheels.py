@@ -5,8 +5,9 @@ safetensors) and no network. Kiln's training path also imports DeepSpeed, pydant
 `build` puts one wheel of each (the versions pinned in constraints.txt) in .gpu-wheels/:
 DeepSpeed as `pip wheel --no-deps` (a py3-none-any build), the rest downloaded as cp312
 manylinux x86_64 (or pure Python) wheels. `install` (on the GPU machine) installs from that
-folder, offline, only the ones not already there, into .gpu-site/ (no system or PEP 668 issue;
-the benchmark's processes get it on PYTHONPATH). `check` (the dry run, on CPU) confirms the
+folder, offline, only the ones the image lacks (or has in a version another of them refuses), into
+.gpu-site/ (no system or PEP 668 issue), which the benchmark's processes put after the image's own
+site-packages, so the image's numpy, packaging... are never shadowed. `check` (the dry run, on CPU) confirms the
 folder holds a wheel of every one and that pip, offline, would install them on the target.
 
     python -m bench.gpu_wheels [DIR]   # build
@@ -120,35 +121,76 @@ def check(dest: Path = WHEELS) -> list[str]:
     return []
 
 
-def install(dest: Path = WHEELS, site: Path = SITE) -> list[str]:
-    """Install from `dest`, offline, into `site` (ahead of site-packages on the measuring processes' path)
-    each needed distribution this Python lacks or has only in an older version; returns their requirements."""
-    if str(site) not in sys.path:
-        sys.path.insert(0, str(site))
+def declared(dest: Path) -> dict[str, list[str]]:
+    """{normalized name: [specifier, ...]} that the folder's wheels require of each other (their METADATA)."""
+    from email.parser import HeaderParser
+
+    from packaging.requirements import Requirement
+
+    specs: dict[str, list[str]] = {}
+    for wheel in sorted(dest.glob("*.whl")) if dest.is_dir() else []:
+        with zipfile.ZipFile(wheel) as z:
+            meta = next((n for n in z.namelist() if n.endswith(".dist-info/METADATA")), None)
+            text = z.read(meta).decode("utf-8", "replace") if meta else ""
+        for line in HeaderParser().parsestr(text).get_all("Requires-Dist") or []:
+            r = Requirement(line)
+            if r.specifier and (r.marker is None or r.marker.evaluate({"extra": "", "python_version": PYTHON})):
+                specs.setdefault(norm(r.name), []).append(str(r.specifier))
+    return specs
+
+
+def to_install(dest: Path) -> tuple[list[str], list[str]]:
+    """(missing, refused): the needed distributions this Python lacks, and those it has in a version another
+    needed one refuses. A version older than the pin that nothing refuses is the image's own and stays:
+    installing over it would shadow it."""
+    from packaging.specifiers import SpecifierSet
     from packaging.version import Version  # pip and transformers both need it: always on the image
 
-    missing = []
+    specs = declared(dest)
+    missing, refused = [], []
     for req in requirements():
-        name, version = req.split("==")
+        name = req.split("==")[0]
         try:
-            if Version(md.version(name)) < Version(version):  # an older one may lack what Kiln's pins rely on
-                missing.append(req)
+            have = Version(md.version(name))
         except md.PackageNotFoundError:
             missing.append(req)
-    if missing:
-        if not dest.is_dir():
-            raise RuntimeError(f"{dest}: no wheel folder; missing {', '.join(missing)} (run `make gpu-wheels`)")
-        proc = subprocess.run([sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", "--upgrade",
-                               "--target", str(site), "--find-links", str(dest), *missing])
-        if proc.returncode:  # no pip on the image, or pip refused: a wheel is a zip laid out for site-packages
-            print(f"pip exited {proc.returncode}; unpacking the wheels into {site} instead", file=sys.stderr)
-            for req in missing:
-                wheel = wheel_for(dest, req)
-                if wheel is None:
-                    raise RuntimeError(f"{dest}: no wheel for {req} (run `make gpu-wheels`)")
-                with zipfile.ZipFile(wheel) as z:
-                    z.extractall(site)
-    return missing
+            continue
+        if not all(have in SpecifierSet(s) for s in specs.get(norm(name), [])):
+            refused.append(req)
+    return missing, refused
+
+
+def install(dest: Path = WHEELS, site: Path = SITE) -> list[str]:
+    """Install from `dest`, offline, what `to_install` names: the missing into `site`, which the measuring
+    processes put after the image's own packages, the refused into `site`-over, put before them
+    (bench/gpu_contender.py). Returns their requirements."""
+    for path, at in ((site, len(sys.path)), (over(site), 0)):  # as the measuring processes will see them,
+        if str(path) not in sys.path:  # so a second run finds what the first installed
+            sys.path.insert(at, str(path))
+    missing, refused = to_install(dest)
+    for folder, reqs in ((site, missing), (over(site), refused)):
+        if reqs:
+            _install_into(dest, folder, reqs)
+    return missing + refused
+
+
+def over(site: Path) -> Path:
+    return site.with_name(site.name + "-over")
+
+
+def _install_into(dest: Path, site: Path, reqs: list[str]) -> None:
+    if not dest.is_dir():
+        raise RuntimeError(f"{dest}: no wheel folder; missing {', '.join(reqs)} (run `make gpu-wheels`)")
+    proc = subprocess.run([sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", "--upgrade",
+                           "--target", str(site), "--find-links", str(dest), *reqs])
+    if proc.returncode:  # no pip on the image, or pip refused: a wheel is a zip laid out for site-packages
+        print(f"pip exited {proc.returncode}; unpacking the wheels into {site} instead", file=sys.stderr)
+        for req in reqs:
+            wheel = wheel_for(dest, req)
+            if wheel is None:
+                raise RuntimeError(f"{dest}: no wheel for {req} (run `make gpu-wheels`)")
+            with zipfile.ZipFile(wheel) as z:
+                z.extractall(site)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.factories import fake_corpus  # noqa: E402
+from data_prep.synthetic import fake_corpus  # noqa: E402
 
 GIB = 2**30
 WIDTHS = {"tiny": (128, 32), "1.3b": (2048, 16), "6.7b": (4096, 32)}  # n_embd, n_head

@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from pipeline.config import load_config  # noqa: E402
 from pipeline.model.flops import flops_per_token  # noqa: E402
-from pipeline.model.gpt import GPT  # noqa: E402
+from pipeline.model.gpt import GPT, Block  # noqa: E402
 from pipeline.train import time_matmul_peak  # noqa: E402
 
 
@@ -49,8 +49,8 @@ def fake_data(cfg, work: Path):
     """A learnable fake corpus (tests/factories.py) read through Kiln's sampler. Both loops train
     on the same kind of tokens: on CPU a step on uniformly random tokens was measured ~35% slower
     than on corpus-like tokens, which would bias the comparison."""
+    from data_prep.synthetic import fake_corpus
     from pipeline.data.sampler import TrainData
-    from tests.factories import fake_corpus
 
     corpus = fake_corpus(work / "corpus", vocab_size=cfg.model.vocab_size, train_docs=3000, val_docs=10)
     cfg.data.paths = [str(corpus)]
@@ -83,12 +83,14 @@ def differences(m) -> list[str]:
 
 class Loop:
     """A plain loop as nanoGPT's train.py runs it; one call = one step on the next batch: forward
-    (bf16 autocast when asked), backward, clip the grad norm, AdamW step, zero_grad(set_to_none)."""
+    (bf16 autocast when asked), backward, clip the grad norm, AdamW step, zero_grad(set_to_none); the step's
+    loss stays on the device (`.loss`). `compile_` (True or a backend name) compiles each of `blocks` on its
+    own, as Kiln's `train.compile: blocks` does."""
 
-    def __init__(self, model, optimizer, cfg, data, device: str, bf16: bool, compile_: bool | str):
-        self.model, self.opt = model, optimizer
-        backend = compile_ if isinstance(compile_, str) else "inductor"
-        self.fwd = torch.compile(model, backend=backend) if compile_ else model
+    def __init__(self, model, optimizer, cfg, data, device: str, bf16: bool, compile_: bool | str, blocks=()):
+        self.model, self.opt, self.loss = model, optimizer, None
+        for block in blocks if compile_ else ():
+            block.compile(backend=compile_ if isinstance(compile_, str) else "inductor")
         self.device, self.bf16, self.data, self.i = device, bf16, data, 0
         self.batch, self.clip = cfg.train.micro_batch_size, cfg.train.grad_clip
 
@@ -97,8 +99,9 @@ class Loop:
         self.i += 1
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         with torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.bf16):
-            _, loss = self.fwd(x, y)
+            _, loss = self.model(x, y)
         loss.backward()
+        self.loss = loss.detach()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
@@ -111,7 +114,7 @@ def nanogpt_loop(cfg, data, device: str = "cpu", bf16: bool = False, compile_: b
     t = cfg.train
     with contextlib.redirect_stdout(sys.stderr):
         opt = model.configure_optimizers(t.weight_decay, t.lr, (t.beta1, t.beta2), device)
-    return Loop(model, opt, cfg, data, device, bf16, compile_)
+    return Loop(model, opt, cfg, data, device, bf16, compile_, model.transformer.h)
 
 
 def kiln_gpt_loop(cfg, data, device: str = "cpu", bf16: bool = False, compile_: bool | str = False) -> Loop:
@@ -123,7 +126,7 @@ def kiln_gpt_loop(cfg, data, device: str = "cpu", bf16: bool = False, compile_: 
     t = cfg.train
     opt = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2),
                             fused=device == "cuda")
-    return Loop(model, opt, cfg, data, device, bf16, compile_)
+    return Loop(model, opt, cfg, data, device, bf16, compile_, [b for b in model.modules() if isinstance(b, Block)])
 
 
 def n_params(model) -> int:
@@ -142,7 +145,7 @@ class KilnStep:
         self.layout = make_layout(cfg)
         self.data = data
         self.engine = Engine(cfg, self.layout)
-        self.cfg, self.step, self.lr_at, self.rank_slice = cfg, 0, lr_at, rank_slice
+        self.cfg, self.step, self.lr_at, self.rank_slice, self.loss = cfg, 0, lr_at, rank_slice, None
 
     def __call__(self) -> None:
         t = self.cfg.train
@@ -150,19 +153,22 @@ class KilnStep:
         self.engine.set_lr(self.lr_at(self.step, self.cfg))
         batches = [self.data.train.batch(s, c) for s, c in
                    self.rank_slice(self.step * g, g, self.layout.dp, self.layout.dp_rank, t.micro_batch_size)]
-        self.engine.train_step(batches)
+        self.loss, _ = self.engine.train_step(batches)
         self.step += 1
 
 
-def interleaved(fns: list, steps: int, sync, transient=None) -> list[tuple[float, float, int, float]]:
+def interleaved(fns: list, steps: int, sync, transient=None, warmup_done=None) -> list[tuple[float, float, int, float]]:
     """Per fn: median wall s and process CPU s per step, its largest transient memory (bytes, from
     `transient`, a context manager yielding a callable read after the step; 0 without one), and its
     fastest step's wall s (the least disturbed by other jobs). The fns take
     turns, the order reversed every round (a-b, b-a, ...), so load changes and which-one-runs-second
-    effects hit all alike; 2 warm-up rounds are dropped. CPU seconds are the steadier figure on a
-    shared machine: time spent descheduled does not count."""
+    effects hit all alike; 2 warm-up rounds are dropped (`warmup_done` is called after them). CPU seconds
+    are the steadier figure on a shared machine: time spent descheduled does not count."""
     times: list[list] = [[] for _ in fns]
     for i in range(steps + 2):
+        if i == 2 and warmup_done:
+            sync()
+            warmup_done()
         for k in (range(len(fns)) if i % 2 == 0 else reversed(range(len(fns)))):
             with transient() if transient else contextlib.nullcontext(lambda: 0) as extra:
                 t0, c0 = time.perf_counter(), time.process_time()

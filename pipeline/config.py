@@ -120,8 +120,11 @@ class TrainConfig(_Strict):
     eval_batches: int | None = Field(None, ge=1, description="cap on validation micro-batches (all ranks together); default: all of data.val_tokens")
     peak_flops: float | None = Field(None, gt=0, description="per-device peak for MFU; default: measured/known")
     init_from: str | None = Field(None, description="start from these weights: a checkpoint dir or a MODEL dir")
-    compile: Literal["auto", True, False] = Field("auto", description="torch.compile the whole model with its loss (each "
-                                            "pipeline stage's layer under PP); auto: on when CUDA is available")
+    compile: Literal["auto", "off", "blocks", "model"] = Field(
+        "auto", description="torch.compile: `blocks` each transformer block on its own (regional: the blocks share "
+        "one compiled graph, so a cold compile takes seconds at any depth), `model` the whole model with its loss "
+        "in one graph (each pipeline stage's layer under PP); auto: blocks when CUDA is available; true/false "
+        "mean blocks/off")
     loss_chunk: int = Field(4096, ge=0, description="tokens per chunk of the output layer + cross-entropy (the full "
                             "B x T x V logits are never built); 0: logits first, then the loss")
     collective_timeout_s: float = Field(1800, gt=0, description="a collective waiting longer (a hung or dead rank) ends the job")
@@ -130,6 +133,11 @@ class TrainConfig(_Strict):
     @classmethod
     def _checkpointing_bool(cls, value):
         return {True: "full", False: "none"}.get(value, value) if isinstance(value, bool) else value
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _compile_bool(cls, value):
+        return {True: "blocks", False: "off"}.get(value, value) if isinstance(value, bool) else value
 
     @model_validator(mode="after")
     def _lr_order(self) -> TrainConfig:

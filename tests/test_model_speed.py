@@ -125,3 +125,29 @@ def test_tp_block_compiles_without_graph_breaks():
             assert _graph_breaks(block, torch.randn(2, 16, 32)) == 0, f"sequence_parallel={sp}"
     finally:
         dist.destroy_process_group()
+
+
+def test_regional_compile_builds_one_graph_for_every_block():
+    """train.compile=blocks compiles each block on its own, and dynamo reuses one graph for all of them: a cold
+    compile costs one block's at any depth (the whole-model graph grows with it)."""
+    from torch._dynamo.utils import counters
+
+    from pipeline.model.gpt import Block
+    from pipeline.parallel.parallelize import compile_blocks
+
+    torch.manual_seed(0)
+    model, idx = GPT(tiny(n_layer=3)), torch.randint(0, 97, (2, 16))
+    _, eager, eager_grads = _grads(model, idx, idx)
+    torch._dynamo.reset()
+    counters.clear()
+    assert compile_blocks(model, backend="eager") == 3
+    _, loss, grads = _grads(model, idx, idx)
+    assert counters["stats"]["unique_graphs"] == 1 and counters["frames"]["total"] == 1
+    torch.testing.assert_close(loss, eager)
+    for a, b in zip(grads, eager_grads, strict=True):
+        torch.testing.assert_close(a, b)
+    for scope, whole, blocks in (("blocks", False, True), (True, False, True), ("model", True, False), ("off", False, False)):
+        run = RunConfig(model=tiny(), train=TrainConfig(compile=scope))
+        m = parallelize(GPT(run.model), SimpleNamespace(tp=1), run)
+        assert (m._compiled_call_impl is not None) == whole, scope
+        assert all((b._compiled_call_impl is not None) == blocks for b in m.modules() if isinstance(b, Block)), scope

@@ -6,7 +6,8 @@
 may still be on the meta device (materialize.py fills it afterwards). The model never learns about
 ranks: TP swaps its layers for sharded ones (tensor_parallel.py), checkpointing wraps its blocks'
 forward, the whole GPT takes its loss from the hidden states in chunks (loss.py), and torch.compile
-takes the module whole: the GPT with its loss, or one stage's layer. With dropout under TP the
+takes each block on its own (`blocks`, the default on GPUs) or the module whole (`model`: the GPT with its
+loss, or one stage's layer). With dropout under TP the
 attention draws its masks from a TP-rank stream.
 """
 
@@ -49,17 +50,30 @@ def parallelize(module: nn.Module, layout, run: RunConfig) -> nn.Module:
     if isinstance(module, GPT):
         module.loss_fn = loss_fn(layout, run)
         module.hidden_loss = chunked_loss(layout, run)
-    if compiling(run):
+    scope = compiling(run)
+    if scope == "model":
         module.compile()
+    elif scope == "blocks":
+        compile_blocks(module)
     return module
 
 
-def compiling(run: RunConfig) -> bool:
-    """train.compile, where `auto` means: on a GPU (CPU runs and tests stay quick to start), except under
-    ZeRO-3, whose parameter gathering in module hooks a whole-model graph would have to trace."""
+def compiling(run: RunConfig) -> str:
+    """train.compile as off / blocks / model, where `auto` means blocks on a GPU (CPU runs and tests stay
+    quick to start), except under ZeRO-3, whose parameter gathering in module hooks a graph would trace."""
     if run.train.compile == "auto":
-        return torch.cuda.is_available() and run.parallel.zero_stage < 3
+        return "blocks" if torch.cuda.is_available() and run.parallel.zero_stage < 3 else "off"
     return run.train.compile
+
+
+def compile_blocks(module: nn.Module, backend: str = "inductor") -> int:
+    """Regional compilation (torchtitan's per-block compile): each transformer block compiled on its own, the
+    embedding, head and loss left eager. The blocks run the same code, so dynamo compiles it once and reuses
+    the graph for every block: a cold compile costs one block's, not the whole depth's. Returns the count."""
+    blocks = [x for x in module.modules() if isinstance(x, Block)]
+    for block in blocks:
+        block.compile(backend=backend)
+    return len(blocks)
 
 
 def chunked_loss(layout, run: RunConfig) -> ChunkedCrossEntropy | None:
