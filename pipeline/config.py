@@ -577,7 +577,8 @@ def _type_name(ann) -> str:
 
 
 def reference_markdown() -> str:
-    """The configuration reference in README.md, generated from the schemas (a test keeps them in sync)."""
+    """The configuration reference in docs/configuration.md, generated from the schemas (tests/test_readme.py keeps
+    them in sync)."""
     lines = []
 
     def walk(schema: type[BaseModel], prefix: str) -> None:

@@ -1,7 +1,7 @@
 """Attacks by someone who can write what Kiln reads (registry tags and artifacts, corpus manifests,
 checksum files, fetched directories, compressed inputs, configs, launch options) or reach what it
 starts (local Ray, the torch rendezvous). Each test runs the attack through the `kiln` CLI and proves
-the refusal; README §Security lists them. `pytest -m security` selects them."""
+the refusal; docs/security.md lists them. `pytest -m security` selects them."""
 
 from __future__ import annotations
 
@@ -209,7 +209,7 @@ print(json.dumps({"seen": seen, "peak_mb": (resource.getrusage(resource.RUSAGE_S
 """
 
 
-@pytest.mark.fault  # bad input too: §Reliability lists it
+@pytest.mark.fault  # bad input too: docs/reliability.md lists it
 def test_3_decompression_bombs_and_huge_records_are_quarantined_in_bounded_memory(tmp_path):
     good = json.dumps({"id": "ok", "text": "a fine record"}).encode() + b"\n"
     zst = zst_bomb(tmp_path / "a.jsonl.zst", 4 << 30, first=good)  # 4 GiB of zeros from ~130 KB
@@ -229,7 +229,7 @@ def test_3_decompression_bombs_and_huge_records_are_quarantined_in_bounded_memor
 
 
 @pytest.mark.slow
-@pytest.mark.fault  # bad input too: §Reliability lists it
+@pytest.mark.fault  # bad input too: docs/reliability.md lists it
 def test_3_kiln_prep_quarantines_a_bomb_and_keeps_the_rest(tmp_path):
     raw = raw_corpus(tmp_path / "raw")
     zst_bomb(raw / "b_bomb.jsonl.zst", 320 << 20)

@@ -1,5 +1,5 @@
-"""`kiln quantize`: the method named in QuantizeConfig, looked up in the registry (methods.py), applied to
-the block Linears (and the head when asked), saved in the method's format.
+"""`kiln quantize`: the method named in QuantizeConfig, looked up in the quantization registry
+(pipeline/quant_methods.py), applied to the block Linears (and the head when asked), saved in the method's format.
 
 config.json's "quantization" entry records the format by name (what `load_model_dir` dispatches on),
 the method, bits, the quantized layers and the method's own fields (group_size, act_order, ...).
