@@ -8,7 +8,7 @@ The file names the holder, which a refused run quotes; the holder removes it whe
 that locked a file just removed that way tries again, so two runs never hold two different files).
 
 A multi-process job (torchrun, deepspeed, srun) shares one --out: its global rank 0 holds the lock
-(pipeline/commands.py), since rank 0 is the one that cleans up and publishes; the other ranks wait
+(pipeline/commands/common.py::locked), since rank 0 is the one that cleans up and publishes; the other ranks wait
 for rank 0 in their first collective, so a refused job ends as soon as rank 0 exits.
 flock works on local filesystems and NFSv4/Lustre mounts with locking enabled; on a filesystem
 without it the lock cannot exclude a run on another host.

@@ -4,13 +4,14 @@ check takes well under a second and sees imports inside functions too.
 The layer order has one owner, the table between the `layers` markers in docs/ARCHITECTURE.md: this test
 reads it from there. A module may import its own layer and the layers above it in the table (lower ones),
 never a later (higher) one; importing `a.b.c` also runs `a/__init__.py` and `a/b/__init__.py`, so those
-count too.
+count too. And no module reaches itself through imports (test_no_import_cycles), inside one layer as well.
 """
 
 from __future__ import annotations
 
 import ast
 import functools
+import itertools
 import re
 from pathlib import Path
 
@@ -177,3 +178,114 @@ def test_the_dependency_rules_catch_planted_imports():
         f"{gpt}:{lines - 1} imports torch.distributed",
         f"{gpt}:{lines} imports mlflow: only pipeline/tracking/ may ({ONLY_IN['mlflow'][1]})"]
     assert step_problems(files) == [f"{c4}:{len(files[c4].splitlines())} imports data_prep.steps.fineweb"]
+
+
+# --------------------------------------------------------------------------- import cycles
+
+
+def is_type_checking(test: ast.expr) -> bool:
+    return getattr(test, "id", getattr(test, "attr", None)) == "TYPE_CHECKING"
+
+
+def import_graph(files: dict[str, str]) -> dict[str, dict[str, tuple[int, str]]]:
+    """{file: {file it runs on import: (line, dotted module)}}. Importing `a.b.c` runs a/__init__.py and
+    a/b/__init__.py too, except the importer's own packages (they ran before it). Imports under
+    `if TYPE_CHECKING:` never run and are left out; imports inside functions are in."""
+    graph: dict[str, dict[str, tuple[int, str]]] = {}
+    for here, text in files.items():
+        skipped = {line for node in ast.walk(ast.parse(text, here))
+                   if isinstance(node, ast.If) and is_type_checking(node.test)
+                   for inner in node.body for line in range(inner.lineno, inner.end_lineno + 1)}
+        mine = {"/".join(here.split("/")[:n]) + "/__init__.py" for n in range(1, here.count("/") + 1)}
+        edges = graph.setdefault(here, {})
+        for line, module in imports(here, text):
+            parts = module.split(".")
+            for n in range(1, len(parts) + 1):
+                target = module_file(".".join(parts[:n]))
+                if line not in skipped and target and target != here and target not in mine:
+                    edges.setdefault(target, (line, ".".join(parts[:n])))
+    return graph
+
+
+def import_cycles(files: dict[str, str]) -> list[str]:
+    """One line per circle of modules that import each other (each strongly connected part of the graph,
+    shown as its shortest circle through its first file): `a.py:3 imports b -> b.py:9 imports a`."""
+    graph = import_graph(files)
+    found = []
+    for part in strongly_connected(graph):
+        ring = shortest_ring(graph, set(part), part[0])
+        found.append(" -> ".join(f"{a}:{graph[a][b][0]} imports {graph[a][b][1]}" for a, b in itertools.pairwise(ring)))
+    return found
+
+
+def shortest_ring(graph: dict[str, dict], part: set[str], start: str) -> list[str]:
+    """[start, ..., start]: breadth first inside `part`, so the first way back to start is a shortest one."""
+    before: dict[str, str | None] = {start: None}
+    queue = [start]
+    for v in queue:
+        for w in graph[v]:
+            if w == start:
+                ring = [v]
+                while before[ring[-1]] is not None:
+                    ring.append(before[ring[-1]])
+                return [*reversed(ring), start]
+            if w in part and w not in before:
+                before[w] = v
+                queue.append(w)
+    raise AssertionError(f"{start}: no way back inside its own strongly connected part")
+
+
+def strongly_connected(graph: dict[str, dict]) -> list[list[str]]:
+    """Tarjan's algorithm: the parts of more than one file, each sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    parts = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            part = []
+            while not part or part[-1] != v:
+                part.append(stack.pop())
+            if len(part) > 1:
+                parts.append(sorted(part))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return sorted(parts)
+
+
+def test_no_import_cycles():
+    """No module of data_prep or pipeline reaches itself through imports, within a layer as well as across.
+    A lazy import inside a function counts: it defers the circle to run time, the design still has it."""
+    assert import_cycles(sources()) == []
+
+
+BACK = "\n\ndef _back():\n    from pipeline.plot import plot\n"  # plan.py -> plot.py, lazily: no circle alone
+
+
+def test_the_cycle_check_catches_a_planted_circle_inside_one_layer():
+    """plan.py and plot.py share a layer, so the layer rule allows both imports; together they are a circle."""
+    files = sources({"pipeline/plan.py": BACK, "pipeline/plot.py": "\n\ndef _planted():\n    from pipeline.plan import make_plan\n"})
+    plan, plot = (len(files[f].splitlines()) for f in ("pipeline/plan.py", "pipeline/plot.py"))
+    assert import_cycles(files) == [f"pipeline/plan.py:{plan} imports pipeline.plot -> pipeline/plot.py:{plot} imports pipeline.plan"]
+
+
+def test_the_cycle_check_catches_a_circle_through_many_files():
+    files = sources({"pipeline/config.py": "\n\ndef _planted():\n    import pipeline.cli\n"})
+    cycles = import_cycles(files)
+    assert len(cycles) == 1 and f"pipeline/config.py:{len(files['pipeline/config.py'].splitlines())} imports pipeline.cli" in cycles[0]
+
+
+def test_an_import_that_never_runs_is_no_circle():
+    files = sources({"pipeline/plan.py": BACK, "pipeline/plot.py": "\n\nif TYPE_CHECKING:\n    from pipeline.plan import make_plan\n"})
+    assert import_cycles(files) == []

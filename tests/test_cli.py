@@ -110,7 +110,7 @@ def test_parser_covers_design_contract():
 @pytest.fixture
 def no_registry(monkeypatch):
     """kiln eval/generate without MLflow: the tracker they would build, recorded; a local MODEL path as is."""
-    from pipeline import commands
+    from pipeline.commands import common
 
     built = []
 
@@ -122,7 +122,7 @@ def no_registry(monkeypatch):
         built.append(cfg)
         return Local()
 
-    monkeypatch.setattr(commands, "_tracker", tracker)
+    monkeypatch.setattr(common, "tracker", tracker)
     return built
 
 

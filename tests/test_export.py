@@ -10,7 +10,8 @@ import torch
 
 from pipeline.cli import main
 from pipeline.config import KilnError, ModelConfig
-from pipeline.export import export, to_hf
+from pipeline.export import export
+from pipeline.hf.mapping import to_hf
 from pipeline.model.io import load_model_dir, save_model_dir
 from pipeline.parallel.materialize import build_gpt
 
@@ -44,7 +45,7 @@ def test_hf_logits_match(style, tie, kv_heads):
 
 def test_every_model_field_has_a_place_in_each_hf_format():
     """A new ModelConfig field cannot slip past export: each style's table places every field."""
-    from pipeline.export import HF_KEYS
+    from pipeline.hf.mapping import HF_KEYS
 
     for style, keys in HF_KEYS.items():
         assert set(keys) == set(ModelConfig.model_fields), style

@@ -13,6 +13,7 @@ import pytest
 from factories import free_port
 
 from pipeline.cli import main
+from pipeline.commands.launch import launched_train_config
 from pipeline.config import ConfigError, KilnError
 from pipeline.launcher import common, deepspeed_job, slurm_job, torchrun_job
 from pipeline.launcher.hostfile import parse_hostfile, select
@@ -21,6 +22,10 @@ ROOT = Path(__file__).resolve().parent.parent
 TRAIN = ["kiln", "train", "--config", str(ROOT / "configs/train/1.3b-2x8.yaml")]
 BIN = Path(sys.executable).parent
 
+
+def check_train(command: list[str], world_size: int, data: bool | str = True) -> None:
+    """What `kiln launch` does with a command: read it once, hand the launcher's check its RunConfig."""
+    common.check_train(launched_train_config(command), world_size, data)
 
 
 @pytest.fixture
@@ -48,7 +53,7 @@ def test_hostfile_parsing_and_selection(hosts, tmp_path):
 
 
 def test_deepspeed_dry_run_2x8(hosts):
-    job = deepspeed_job.plan(TRAIN, str(hosts), master_port=29600)
+    job = deepspeed_job.plan(TRAIN, str(hosts), master_port=29600, train=launched_train_config(TRAIN))
     assert job["world_size"] == 16 and job["nodes"] == {"node0": 8, "node1": 8}
     assert job["command"] == (f"deepspeed --hostfile {hosts} --master_addr node0 --master_port 29600 "
                               f"--no_python --no_local_rank {' '.join(TRAIN)}")
@@ -61,7 +66,8 @@ def test_deepspeed_dry_run_2x8(hosts):
 
 
 def test_torchrun_dry_run_2x8():
-    job = torchrun_job.plan(TRAIN, nodes=2, gpus_per_node=8, master_addr="node0", master_port=29500)
+    job = torchrun_job.plan(TRAIN, nodes=2, gpus_per_node=8, master_addr="node0", master_port=29500,
+                           train=launched_train_config(TRAIN))
     for rank in (0, 1):
         assert job["per_node"][rank] == (f"torchrun --nnodes 2 --nproc-per-node 8 --node-rank {rank} "
                                          f"--master-addr node0 --master-port 29500 --no-python {' '.join(TRAIN)}")
@@ -71,7 +77,7 @@ def test_torchrun_dry_run_2x8():
 
 def test_slurm_render_2x8(tmp_path):
     text = slurm_job.render(TRAIN, nodes=2, gpus_per_node=8, time_limit="48:00:00", partition="h100",
-                            account="proj", env={"NCCL_SOCKET_IFNAME": "ib0"})
+                            account="proj", env={"NCCL_SOCKET_IFNAME": "ib0"}, train=launched_train_config(TRAIN))
     for line in ["#SBATCH --nodes=2", "#SBATCH --gpus-per-node=8", "#SBATCH --time=48:00:00",
                  "#SBATCH --partition=h100", "#SBATCH --account=proj", "#SBATCH --requeue",
                  "#SBATCH --signal=B:USR1@180", "export NCCL_SOCKET_IFNAME=ib0", f"set -- {' '.join(TRAIN)}",
@@ -94,35 +100,36 @@ def test_layout_mismatch_is_one_line_before_launch(capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "train.global_batch_tokens: 2,097,152 is not a multiple" in err[0], err
     with pytest.raises(ConfigError, match="world size 3"):
-        common.check_train(["kiln", "train", "--set", "parallel.tp=2"], 3, data=False)
-    common.check_train(["kiln", "train", "--set=parallel.tp=2"], 4, data=False)
-    common.check_train(["python", "train.py"], 3)  # not kiln train: nothing to check
+        check_train(["kiln", "train", "--set", "parallel.tp=2"], 3, data=False)
+    check_train(["kiln", "train", "--set=parallel.tp=2"], 4, data=False)
+    assert launched_train_config(["python", "train.py"]) is None  # not kiln train: nothing to check
+    common.check_train(None, 3)
 
 
-def test_the_launcher_reads_kiln_train_with_kiln_trains_own_parser(monkeypatch, tmp_path):
-    """`kiln train`'s flags have one parser (pipeline/cli.py): a flag added there, mapped onto its config key by
-    its dest, reaches the launcher's checks with no edit to pipeline/launcher/."""
-    import argparse
-
-    from pipeline import cli
+def test_the_launcher_reads_kiln_train_with_kiln_trains_own_arguments(monkeypatch, tmp_path, capsys):
+    """`kiln train`'s flags have one owner (pipeline/commands/train.py): a flag added there, mapped onto its
+    config key by its dest, reaches the launcher's checks with no edit to the launch command or launchers."""
+    from pipeline.commands import train
 
     cmd = ["kiln", "train", "--conf", str(ROOT / "configs/train/tiny-cpu.yaml"), f"--out={tmp_path / 'run'}"]
-    cfg = common.train_config_of(cmd)  # `--conf`: an abbreviation, as kiln train's argparse allows
+    cfg = launched_train_config(cmd)  # `--conf`: an abbreviation, as kiln train's argparse allows
     assert cfg.out == str(tmp_path / "run") and cfg.model.n_layer == 2
+    assert launched_train_config([sys.executable, "-m", "pipeline.cli", *cmd[1:]]) == cfg
     with pytest.raises(ConfigError, match="the launched `kiln train` would not start: .*unrecognized arguments: --stepz"):
-        common.train_config_of([*cmd, "--stepz", "5"])  # refused here, not after queueing on every node
-    build = cli.build_parser
+        launched_train_config([*cmd, "--stepz", "5"])  # refused here, not after queueing on every node
+    add_arguments = train.add_arguments
 
-    def with_a_new_flag():
-        parser = build()
-        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-        sub.choices["train"].add_argument("--steps", type=int, dest="train.steps")
-        return parser
+    def with_a_new_flag(parser):
+        add_arguments(parser)
+        parser.add_argument("--steps", type=int, dest="train.steps")
 
-    monkeypatch.setattr(cli, "build_parser", with_a_new_flag)
-    assert common.train_config_of([*cmd, "--steps", "5"]).train.steps == 5
+    monkeypatch.setattr(train, "add_arguments", with_a_new_flag)
+    assert launched_train_config([*cmd, "--steps", "5"]).train.steps == 5
     with pytest.raises(ConfigError, match="world size 3"):  # and the layout check sees what the new flag set
-        common.check_train([*cmd, "--steps", "5", "--set", "parallel.tp=2"], 3, data=False)
+        check_train([*cmd, "--steps", "5", "--set", "parallel.tp=2"], 3, data=False)
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert "--steps" in capsys.readouterr().out  # `kiln train` itself has it too: one parser
 
 
 @pytest.mark.fault
@@ -133,29 +140,29 @@ def test_data_and_checkpoint_problems_are_refused_before_launch(tmp_path, capsys
     corpus = fake_corpus(tmp_path / "corpus", vocab_size=128)
     cmd = ["kiln", "train", "--config", str(ROOT / "configs/train/tiny-cpu.yaml"), "--out", str(tmp_path / "run"),
            "--set", f"data.paths=[{corpus}]"]
-    common.check_train(cmd, 2)  # a run that can start
+    check_train(cmd, 2)  # a run that can start
     with pytest.raises(ConfigError, match="model.vocab_size: 100 is smaller than the tokenizer's 128"):
-        common.check_train([*cmd, "--set", "model.vocab_size=100"], 2)
+        check_train([*cmd, "--set", "model.vocab_size=100"], 2)
     # --out already holds a checkpoint of a 2-layer model: a 3-layer rerun is refused, the 2-layer one is not
     ckpt = tmp_path / "run" / "checkpoints" / "step_0000004"
     ckpt.mkdir(parents=True)
-    cfg = common.train_config_of(cmd)
+    cfg = launched_train_config(cmd)
     cfg.model.vocab_size = 128
     (ckpt / "kiln_state.json").write_text(json.dumps({"step": 4, "config": cfg.model_dump(mode="json"),
                                                        "data_digests": [json.loads((corpus / "manifest.json").read_text())["digest"]]}))
-    common.check_train(cmd, 2)
+    check_train(cmd, 2)
     with pytest.raises(KilnError, match=r"step_0000004: the model shape changed since this checkpoint \(model.n_layer 2 -> 3\)"):
-        common.check_train([*cmd, "--set", "model.n_layer=3"], 2)
+        check_train([*cmd, "--set", "model.n_layer=3"], 2)
     # through the CLI: one line, nothing launched (torchrun would print its own banner / rank output)
     missing = tmp_path / "nowhere"
     code = main(["launch", "torchrun", "--gpus-per-node", "2", "--", *cmd[:-1], f"data.paths=[{missing}]"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and len(err) == 1 and err[0].startswith("kiln launch torchrun: error: ") and str(missing) in err[0]
     # SLURM: checked at submission where the data is visible (a shared filesystem), else left to the ranks
-    common.check_train([*cmd[:-1], f"data.paths=[{missing}]"], 2, data="if-visible")
+    check_train([*cmd[:-1], f"data.paths=[{missing}]"], 2, data="if-visible")
     assert "data.paths are not all visible on this host" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="smaller than the tokenizer's"):
-        common.check_train([*cmd, "--set", "model.vocab_size=100"], 2, data="if-visible")
+        check_train([*cmd, "--set", "model.vocab_size=100"], 2, data="if-visible")
     code = main(["launch", "slurm", "--nodes", "1", "--gpus-per-node", "2", "--", *cmd, "--set", "model.vocab_size=100"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err == ["kiln launch slurm: error: model.vocab_size: 100 is smaller than the tokenizer's 128"]

@@ -163,7 +163,8 @@ def test_init_from_model_dir_starts_where_it_ended(runs):
 
 @pytest.mark.slow
 def test_export_checkpoint_of_any_layout(runs, tmp_path):
-    from pipeline.export import export, to_hf
+    from pipeline.export import export
+    from pipeline.hf.mapping import to_hf
     from pipeline.model.io import load_model_dir
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

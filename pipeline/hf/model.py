@@ -1,6 +1,6 @@
 """Any MODEL dir as a directory `transformers.AutoModelForCausalLM.from_pretrained` loads.
 
-    plain (trained, distilled, pruned)  -> LlamaForCausalLM / GPT2LMHeadModel safetensors (export.to_hf)
+    plain (trained, distilled, pruned)  -> LlamaForCausalLM / GPT2LMHeadModel safetensors (mapping.to_hf)
     format torchao-int8 (int8-weight/-dynamic) -> the same model quantized by transformers' torchao
                                            integration, Kiln's int8 codes copied in bit for bit
     format packed (gptq, rtn)           -> the standard packed GPTQ layout (qweight/qzeros/scales/g_idx,
@@ -72,7 +72,7 @@ def finish(out: Path, cfg: ModelConfig, tokenizer: Path | None, meta: dict) -> d
 def save_hf(state: dict[str, torch.Tensor], cfg: ModelConfig, out: str | Path, tokenizer: Path | None,
             meta: dict) -> dict:
     """Plain weights -> a transformers model dir."""
-    from pipeline.export import to_hf
+    from pipeline.hf.mapping import to_hf
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -37,7 +37,7 @@ def _llama_only(model_dir: Path, cfg: ModelConfig, what: str) -> None:
 
 def hf_names(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, str]:
     """Kiln Linear name -> transformers module name, read off export's weight mapping."""
-    from pipeline.export import hf_state_dict
+    from pipeline.hf.mapping import hf_state_dict
 
     ours = {id(t): name for name, t in state.items()}
     return {ours[id(t)].removesuffix(".weight"): hf.removesuffix(".weight")
@@ -64,7 +64,7 @@ def save_int8(model_dir: Path, config: dict, out: Path) -> dict:
 
     from transformers import AutoModelForCausalLM, TorchAoConfig
 
-    from pipeline.export import to_hf
+    from pipeline.hf.mapping import to_hf
     from pipeline.post.int8 import torchao_config
 
     cfg = ModelConfig.model_validate(config["model"])
@@ -128,7 +128,7 @@ def v1_codes(q: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor, bits: in
 
 
 def save_gptq(model_dir: Path, config: dict, out: Path) -> dict:
-    from pipeline.export import _hf_config, hf_state_dict
+    from pipeline.hf.mapping import hf_state_dict, transformers_config
     from pipeline.post.packed import unpack
 
     cfg = ModelConfig.model_validate(config["model"])
@@ -155,7 +155,7 @@ def save_gptq(model_dir: Path, config: dict, out: Path) -> dict:
         hf[f"{m}.qzeros"] = pack_int32((zeros - 1).t(), bits, dim=1)  # (groups, out) packed along out
         hf[f"{m}.scales"] = stored[f"{layer}.scales"].t().contiguous().to(torch.float16)
         hf[f"{m}.g_idx"] = g_idx.contiguous()
-    hf_config = _hf_config(cfg)
+    hf_config = transformers_config(cfg)
     hf_config.tie_word_embeddings = cfg.tie_embeddings and not head_quantized
     hf_config.architectures = ["LlamaForCausalLM"]
     group = int(quant.get("group_size") or -1)

@@ -12,18 +12,16 @@ import time
 import unicodedata
 from pathlib import Path
 
-from pipeline.cli import parse_command
-from pipeline.commands import train_config
-from pipeline.config import ConfigError, KilnError, validate_world
+from pipeline.config import ConfigError, KilnError, RunConfig, validate_world
 from pipeline.console import log
 
-SCRIPTS = Path(__file__).resolve().parents[2] / "launch"
+SCRIPTS = Path(__file__).resolve().parent / "scripts"  # package data; a checkout's launch/ links to them
 
 
 def script(name: str) -> Path:
     path = SCRIPTS / name
     if not path.exists():
-        raise KilnError(f"{path}: launch script not found; `kiln launch` runs from a Kiln source checkout")
+        raise KilnError(f"{path}: launch script not found (the installed package lacks its scripts/)")
     return path
 
 
@@ -65,24 +63,12 @@ def strip_dashdash(command: list[str]) -> list[str]:
     return command
 
 
-def train_config_of(command: list[str]):
-    """If `command` is `kiln train ...` (or `python -m pipeline.cli train ...`), load its RunConfig (with --out)."""
-    for i, word in enumerate(command[:-1]):
-        if (word.endswith("kiln") or word == "pipeline.cli") and command[i + 1] == "train":
-            rest = command[i + 2 :]
-            break
-    else:
-        return None
-    # parsed by `kiln train`'s own parser and mapped onto the config as `kiln train` maps it
-    return train_config(parse_command("train", rest))
-
-
-def check_train(command: list[str], world_size: int, data: bool | str = True) -> None:
-    """Refuse, before launching, a `kiln train` that cannot run: a layout that does not fit the world
-    and (with `data`: on nodes that see the files) missing/mixed corpora, a vocab too small, a
-    changed model shape or data under an --out that holds checkpoints. `data="if-visible"`: only
-    when every data path exists here (a SLURM login node may not mount the data)."""
-    cfg = train_config_of(command)
+def check_train(cfg: RunConfig | None, world_size: int, data: bool | str = True) -> None:
+    """Refuse, before launching, a `kiln train` (its parsed RunConfig; None: the command is something else,
+    nothing to check) that cannot run: a layout that does not fit the world and (with `data`: on nodes that
+    see the files) missing/mixed corpora, a vocab too small, a changed model shape or data under an --out
+    that holds checkpoints. `data="if-visible"`: only when every data path exists here (a SLURM login
+    node may not mount the data)."""
     if cfg is None:
         return
     if data == "if-visible" and not all(Path(p).exists() for p in cfg.data.paths):

@@ -15,7 +15,7 @@ import socket
 import sys
 from pathlib import Path
 
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, RunConfig
 from pipeline.launcher.common import check_master, check_train, launch_env, run
 from pipeline.launcher.hostfile import parse_hostfile, select
 
@@ -47,13 +47,15 @@ def plan(
     master_addr: str | None = None,
     master_port: int = 29500,
     env: dict[str, str] | None = None,
+    train: RunConfig | None = None,
 ) -> dict:
-    """Everything the launch will do: the deepspeed command, per-node commands, .deepspeed_env."""
+    """Everything the launch will do: the deepspeed command, per-node commands, .deepspeed_env. `train`:
+    the RunConfig of the `kiln train` being launched (None: another command), checked against the world."""
     from deepspeed.launcher.runner import encode_world_info
 
     active = select(parse_hostfile(hostfile), include, exclude, num_nodes, gpus_per_node)
     world = sum(len(s) for s in active.values())
-    check_train(command, world, data=False)
+    check_train(train, world, data=False)
     master = master_addr or next(iter(active))
     hosts = list(active)
     single_local = len(hosts) == 1 and hosts[0] in ("localhost", "127.0.0.1")
@@ -89,7 +91,7 @@ def plan(
     }
 
 
-def launch(job: dict, dry_run: bool) -> dict:
+def launch(job: dict, dry_run: bool, train: RunConfig | None = None) -> dict:
     if dry_run:
         print(f"# deepspeed launcher ({job['world_size']} processes on {len(job['nodes'])} nodes)")
         print(job["command"])
@@ -102,7 +104,7 @@ def launch(job: dict, dry_run: bool) -> dict:
         return job
     # data and checkpoint checks only where this host trains too (it sees what the ranks will see)
     here = {"localhost", "127.0.0.1", socket.gethostname(), socket.getfqdn()}
-    check_train(job["user_command"], job["world_size"], data=bool(here & set(job["nodes"])))
+    check_train(train, job["world_size"], data=bool(here & set(job["nodes"])))
     # DeepSpeed's runner ships these to every node (pdsh) from .deepspeed_env in the current directory.
     write_deepspeed_env(job["deepspeed_env"])
     master, port = job["master"].rsplit(":", 1)

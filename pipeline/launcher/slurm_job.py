@@ -14,7 +14,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from pipeline.config import ConfigError, KilnError
+from pipeline.config import ConfigError, KilnError, RunConfig
 from pipeline.launcher.common import check_train, refuse_control, script
 
 # minutes, minutes:seconds, hours:minutes:seconds, days-hours[:minutes[:seconds]], or no limit
@@ -33,8 +33,10 @@ def _directive(key: str, value) -> str:
 
 def render(command: list[str], *, nodes: int, gpus_per_node: int, time_limit: str | None = None,
            partition: str | None = None, account: str | None = None, job_name: str | None = None,
-           cpus_per_task: int | None = None, env: dict[str, str] | None = None) -> str:
-    check_train(command, nodes * gpus_per_node, data=False)
+           cpus_per_task: int | None = None, env: dict[str, str] | None = None,
+           train: RunConfig | None = None) -> str:
+    """The job script; `train`: the launched `kiln train`'s RunConfig (None: another command)."""
+    check_train(train, nodes * gpus_per_node, data=False)
     values = {"nodes": nodes, "gpus-per-node": gpus_per_node, "time": time_limit, "partition": partition,
               "job-name": job_name, "cpus-per-task": cpus_per_task, "account": account}
     given = {key: _directive(key, value) for key, value in values.items() if value is not None}
@@ -58,10 +60,12 @@ def render(command: list[str], *, nodes: int, gpus_per_node: int, time_limit: st
     return "\n".join(lines) + "\n"
 
 
-def launch(text: str, dry_run: bool, script_dir: str = "logs") -> dict:
+def launch(text: str, dry_run: bool, script_dir: str = "logs", train: RunConfig | None = None,
+           world_size: int = 0) -> dict:
     if dry_run:
         print(text, end="")
         return {"launcher": "slurm", "script": text}
+    check_train(train, world_size, data="if-visible")  # a shared filesystem: checked before the job queues
     if shutil.which("sbatch") is None:
         raise KilnError("sbatch not found: run `kiln launch slurm` on a SLURM login node, or add --dry-run")
     path = Path(script_dir) / f"kiln-{time.strftime('%Y%m%d-%H%M%S')}.sbatch"

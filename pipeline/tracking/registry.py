@@ -171,13 +171,9 @@ def add_version(tracker: Tracker, model_id: str, name: str, alias: str | None, r
     return str(mv.version)
 
 
-def fetch(tracker: Tracker, uri: str, out: str | Path, fmt: str = "kiln") -> dict:
-    """Download a registered MODEL dir and verify it (download_verified); fmt="hf": its transformers form
-    (pipeline/tracking/forms.py)."""
-    if fmt == "hf":
-        from pipeline.tracking.forms import fetch_hf
-
-        return fetch_hf(tracker, uri, out)
+def fetch(tracker: Tracker, uri: str, out: str | Path) -> dict:
+    """Download a registered MODEL dir and verify it (download_verified). Its transformers form is
+    pipeline/tracking/forms.py's (forms builds on this module, never the other way round)."""
     return download_verified(tracker, resolve(tracker, uri), out)
 
 

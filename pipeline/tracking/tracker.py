@@ -18,7 +18,7 @@ from mlflow.exceptions import MlflowException
 
 from pipeline.config import KilnError, TrackingConfig
 from pipeline.credentials import redact
-from pipeline.tracking import evals, lineage, registry, store, sync
+from pipeline.tracking import evals, forms, lineage, registry, store, sync
 from pipeline.tracking.common import HTTP_DEFAULTS, PARENT_ENV, absolute_sqlite, one_line, resolve_uri
 from pipeline.tracking.registry import ModelRef
 from pipeline.tracking.runs import StageRun
@@ -132,7 +132,10 @@ class Tracker:
         return registry.register(self, model_dir, name, alias, stage, parent)
 
     def fetch(self, uri: str, out: str | Path, fmt: str = "kiln") -> dict:
-        return registry.fetch(self, uri, out, fmt)
+        """The registered MODEL dir (fmt="kiln") or its transformers form (fmt="hf"), verified, at `out`."""
+        if fmt == "hf":
+            return forms.fetch_hf(self, uri, out)
+        return registry.fetch(self, uri, out)
 
     def materialize(self, model: str | Path) -> Path:
         return registry.materialize(self, model)

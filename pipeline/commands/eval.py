@@ -1,0 +1,82 @@
+"""`kiln eval`: perplexity on prepared shards and lm-evaluation-harness tasks of a MODEL, recorded on it;
+`--compare` prints a registered model's results across its aliases."""
+
+from __future__ import annotations
+
+from typing import get_args
+
+from pipeline.commands import common
+from pipeline.config import ConfigError, EvalConfig
+
+NAME = "eval"
+HELP = ("Perplexity on prepared shards (--data) and lm-evaluation-harness tasks (--tasks) of a MODEL; --compare "
+        "prints a registered model's results across its aliases.")
+EXAMPLE = ("kiln eval models:/kiln-125m@int8 --data data/prepped --tasks kiln_pydoc,kiln_stdlib_mc --limit 100\n"
+           "  kiln eval --compare models:/kiln-125m")
+
+
+def add_arguments(p) -> None:
+    common.add_common_options(p)
+    p.add_argument("model", nargs="?", metavar="MODEL", help="MODEL dir, transformers dir or models:/ URI")
+    p.add_argument("--data", metavar="DIR", help="prep output: perplexity and bits/byte on its --split")
+    p.add_argument("--split", choices=get_args(EvalConfig.model_fields["split"].annotation))
+    p.add_argument("--max-tokens", type=int)
+    p.add_argument("--tasks", metavar="LIST", help="comma-separated lm-eval tasks (Kiln's offline ones: "
+                   "kiln_pydoc, kiln_stdlib_mc; any task of lm-eval's catalogue where its data can be had)")
+    p.add_argument("--include-path", action="append", metavar="DIR", help="more lm-eval task YAMLs (repeatable)")
+    p.add_argument("--limit", type=float, metavar="N", help="documents per task (a fraction when below 1)")
+    p.add_argument("--num-fewshot", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--compare", metavar="models:/NAME", help="print the recorded evals of every alias of NAME")
+
+
+def run(args) -> dict:
+    from pipeline.console import kv_table
+
+    cfg = common.load(args, "eval", common.flags(args, EvalConfig))
+    if args.compare:
+        if args.model or cfg.data or cfg.tasks:
+            raise ConfigError("--compare models:/NAME takes no MODEL, data or tasks (--data, --tasks or the config)")
+        return _compare(args, cfg)
+    if not args.model or not (cfg.data or cfg.tasks):
+        raise ConfigError("kiln eval MODEL --data DIR and/or --tasks LIST (or data:/tasks: in --config; "
+                          "or kiln eval --compare models:/NAME)")
+    tracker = common.tracker(args, must_exist=str(args.model).startswith("models:/"), cfg=cfg)
+    result: dict = {"model": args.model}
+    if cfg.data:
+        from pipeline.evaluate import evaluate_model
+
+        result = evaluate_model(args.model, cfg.data, cfg.split, cfg.max_tokens, tracker=tracker)
+        kv_table(f"kiln eval {args.model} on {cfg.data} ({cfg.split})",
+                 {k: result[k] for k in ("tokens", "perplexity", "bits_per_token", "bits_per_byte", "tokens_per_s")})
+    if cfg.tasks:
+        result["lm_eval"] = _tasks(args.model, cfg, tracker)
+    return result
+
+
+def _tasks(model: str, cfg, tracker) -> dict:
+    from pipeline.console import print_table
+    from pipeline.harness.run import run_tasks
+
+    tasks = cfg.tasks
+    local = tracker.materialize(model)
+    limit = int(cfg.limit) if cfg.limit is not None and cfg.limit >= 1 else cfg.limit
+    result = run_tasks(local, tasks, cfg.include_path, limit, cfg.batch_size, num_fewshot=cfg.num_fewshot)
+    rows = [{"task": task, "metric": k, "value": v, "docs": result["datasets"][task]["docs"]}
+            for task, metrics in result["results"].items() for k, v in metrics.items()]
+    print_table(f"kiln eval {model}: lm-eval", rows, ["task", "metric", "value", "docs"])
+    params = {"tasks": ",".join(tasks), "limit": limit, "num_fewshot": cfg.num_fewshot}
+    result["tracking"] = tracker.attach_harness(str(model), str(local), result, params)
+    return result
+
+
+def _compare(args, cfg) -> dict:
+    from pipeline.console import print_table
+
+    rows = common.tracker(args, must_exist=True, cfg=cfg).eval_table(args.compare)
+    # one column per alias, one row per measurement: stays readable however many tasks were run
+    aliases = [row["alias"] for row in rows]
+    keys = list(dict.fromkeys(k for row in rows for k in row if k != "alias"))
+    table = [{"measurement": key, **{row["alias"]: row.get(key) for row in rows}} for key in keys]
+    print_table(f"kiln eval --compare {args.compare}", table, ["measurement", *aliases])
+    return {"name": args.compare, "rows": rows}

@@ -1,0 +1,70 @@
+"""`kiln plan`: the compute-optimal model and tokens for a budget (Chinchilla) and per-GPU memory of a layout."""
+
+from __future__ import annotations
+
+from typing import get_args
+
+from pipeline.commands.common import add_common_options
+from pipeline.config import TrainConfig
+
+NAME = "plan"
+HELP = "Compute-optimal model/tokens for a budget (Chinchilla) and per-GPU memory of a layout."
+EXAMPLE = "kiln plan --gpus 64 --hours 720 --gpu h100 --tp 2 --zero-stage 1 --micro-batch-size 4"
+
+
+def add_arguments(p) -> None:
+    add_common_options(p, config=False)
+    budget = p.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--flops", type=float, help="total training FLOPs")
+    budget.add_argument("--gpus", type=int, help="GPU count (with --hours)")
+    p.add_argument("--hours", type=float)
+    p.add_argument("--gpu", default="h100", help="h100, h200, b200, a100, l40s, a10g, v100")
+    p.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilization")
+    p.add_argument("--tokens-per-param", type=float, default=20.0)
+    p.add_argument("--model", help="a configs/model name or YAML file for the memory estimate (default: nearest)")
+    layout = p.add_argument_group("layout to check (none given: kiln plan recommends one, as the shipped configs do)")
+    layout.add_argument("--tp", type=int, help="default 1")
+    layout.add_argument("--pp", type=int, help="default 1")
+    layout.add_argument("--dp", type=int, help="default: gpus / (tp*pp)")
+    layout.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], help="default 1")
+    layout.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="default bf16")
+    layout.add_argument("--micro-batch-size", type=int, help="default 1")
+    layout.add_argument("--seq-len", type=int)
+    layout.add_argument("--activation-checkpointing", nargs="?", const="full", default=None,
+                        choices=get_args(TrainConfig.model_fields["activation_checkpointing"].annotation),
+                        help="alone: full")
+    layout.add_argument("--sequence-parallel", action="store_true", help="with --tp > 1: norms and residuals split "
+                        "over the sequence (parallel.sequence_parallel)")
+
+
+def run(args) -> dict:
+    from pipeline.console import kv_table
+    from pipeline.plan import make_plan
+
+    given = {"tp": args.tp, "pp": args.pp, "dp": args.dp, "zero_stage": args.zero_stage, "precision": args.precision,
+             "micro_batch_size": args.micro_batch_size, "seq_len": args.seq_len,
+             "activation_checkpointing": args.activation_checkpointing,
+             "sequence_parallel": args.sequence_parallel or None}
+    layout = None  # none given: make_plan recommends one
+    if any(v is not None for v in given.values()):
+        layout = {"tp": 1, "pp": 1, "zero_stage": 1, "precision": "bf16", "micro_batch_size": 1,
+                  "activation_checkpointing": "none"}
+        layout.update({k: v for k, v in given.items() if v is not None})
+    plan = make_plan(
+        flops=args.flops, gpus=args.gpus, hours=args.hours, gpu=args.gpu, mfu=args.mfu,
+        tokens_per_param=args.tokens_per_param, model=args.model, layout=layout,
+    )
+    shown = {
+        "compute budget": f"{plan['flops']:.3e} FLOPs",
+        "compute-optimal params (Chinchilla)": f"{plan['optimal_params'] / 1e9:,.2f} B",
+        "compute-optimal tokens": f"{plan['optimal_tokens'] / 1e9:,.0f} B",
+        "nearest shipped config": f"configs/model/{plan['model_config']}.yaml ({plan['model_params'] / 1e9:.2f} B params)",
+        "tokens that config gets from the budget": f"{plan['tokens_for_model'] / 1e9:,.0f} B",
+        "recommended layout" if plan["layout_recommended"] else "layout":
+            ", ".join(f"{k}={v}" for k, v in plan["layout"].items() if v is not None),
+    }
+    if "tokens_per_s_needed" in plan:
+        shown["cluster tokens/s needed"] = f"{plan['tokens_per_s_needed']:,.0f}"
+    shown.update({f"memory/GPU: {k}": f"{v:,.2f} GiB" for k, v in plan["memory_gib"].items()})
+    kv_table("kiln plan", shown)
+    return plan
