@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from pipeline.config import load_config  # noqa: E402
+from pipeline.families import family  # noqa: E402
 from pipeline.model.flops import flops_per_token  # noqa: E402
 from pipeline.model.gpt import GPT, Block  # noqa: E402
 from pipeline.train import time_matmul_peak  # noqa: E402
@@ -63,19 +64,22 @@ def nanogpt_model(m):
     from bench.anchors.nanogpt.model import GPTConfig
 
     conf = GPTConfig(block_size=m.block_size, vocab_size=m.vocab_size, n_layer=m.n_layer, n_head=m.n_head,
-                     n_embd=m.n_embd, dropout=m.dropout, bias=m.style == "gpt2")
+                     n_embd=m.n_embd, dropout=m.dropout, bias=family(m).bias)
     with contextlib.redirect_stdout(sys.stderr):  # it prints its parameter count
         return NanoGPT(conf)
 
 
 def differences(m) -> list[str]:
     """What still differs between Kiln's GPT at config `m` and nanoGPT's at the same shape."""
+    spec = family(m)
     out = ["attention input: q, k, v as three Linear (Kiln) vs one fused c_attn (nanoGPT); same weights, FLOPs"]
-    if m.style == "gpt2":
+    same = (spec.norm, spec.mlp, spec.positions) == ("layernorm", "gelu", "learned")
+    if same:
         out.append("MLP GELU: tanh approximation (Kiln) vs exact erf (nanoGPT's nn.GELU())")
     else:
-        out.append("Kiln llama style (RMSNorm, rotary positions, SwiGLU, no biases) vs nanoGPT GPT-2 style "
-                   "(LayerNorm, learned positions, GELU; built bias=False)")
+        out.append(f"Kiln {spec.name} family ({spec.norm}, {spec.positions} positions, {spec.mlp} MLP, "
+                   f"{'biases' if spec.bias else 'no biases'}) vs nanoGPT GPT-2 style (LayerNorm, learned "
+                   "positions, GELU)")
     if not m.tie_embeddings or m.n_kv_heads not in (None, m.n_head):
         out.append("Kiln config unties the head or uses grouped-query attention; nanoGPT ties, full heads")
     return out

@@ -8,7 +8,6 @@ errors into that line and adds the cross-field rules (parallel layout).
 from __future__ import annotations
 
 import copy
-import math
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -21,6 +20,7 @@ from data_prep.config import PrepConfig as _PrepSchema
 from data_prep.config import Strict as _Strict
 from data_prep.errors import MAX_ERROR_CHARS, ConfigError, KilnError, clip, first_line  # noqa: F401
 from pipeline.credentials import has_credentials
+from pipeline.families import FAMILIES
 from pipeline.quant_methods import ALIASES, METHODS, bits_note
 
 MAX_YAML_BYTES = 1 << 20  # a config file or --set value
@@ -36,7 +36,7 @@ class ModelConfig(_Strict):
     NOT_SHAPE: ClassVar[frozenset[str]] = frozenset({"dropout", "init_std"})
     RESOLVED: ClassVar[dict[str, str]] = {"n_kv_heads": "kv_heads", "ffn_hidden": "mlp_width"}  # default derived
 
-    style: Literal["llama", "gpt2"] = "llama"
+    style: Literal[tuple(FAMILIES)] = Field("llama", description="the model family (pipeline/families/)")
     n_layer: int = Field(12, ge=1)
     n_head: int = Field(12, ge=1)
     n_kv_heads: int | None = Field(None, ge=1, description="key/value heads (grouped-query attention); default n_head")
@@ -45,7 +45,8 @@ class ModelConfig(_Strict):
     vocab_size: int | None = Field(None, ge=8, description="default: taken from the tokenizer")
     tie_embeddings: bool = True
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    ffn_hidden: int | None = Field(None, ge=8, description="MLP width; default 4*n_embd (gpt2) or ~8/3*n_embd (llama)")
+    ffn_hidden: int | None = Field(None, ge=8, description="MLP width; default the family's: 4*n_embd (gpt2), "
+                                   "~8/3*n_embd rounded up to 64 (llama)")
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     init_std: float = 0.02
@@ -76,12 +77,8 @@ class ModelConfig(_Strict):
 
     @property
     def mlp_width(self) -> int:
-        """4d for GPT-2; for SwiGLU 8d/3 (same FLOPs as 4d GELU), rounded up to 64; or ffn_hidden."""
-        if self.ffn_hidden:
-            return self.ffn_hidden
-        if self.style == "gpt2":
-            return 4 * self.n_embd
-        return 64 * math.ceil(8 * self.n_embd / 3 / 64)
+        """ffn_hidden, or the family's default for n_embd (4d for GELU, 8d/3 rounded up to 64 for SwiGLU)."""
+        return self.ffn_hidden or FAMILIES[self.style].ffn_default(self.n_embd)
 
 
 class ParallelConfig(_Strict):

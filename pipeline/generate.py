@@ -19,7 +19,8 @@ import torch.nn.functional as F
 
 from pipeline.config import KilnError
 from pipeline.device import autocast, default_device
-from pipeline.model.gpt import GPT, KVCache
+from pipeline.model.gpt import GPT
+from pipeline.model.layers import KVCache
 
 # --------------------------------------------------------------------------- logits processing
 

@@ -30,6 +30,7 @@ ONLY_IN = {
 # Modules that must not import these (prefixes of the imported module's dotted name).
 NEVER = {
     "pipeline/model/gpt.py": ("deepspeed", "torch.distributed"),  # the model runs in one process, no engine
+    "pipeline/model/layers.py": ("deepspeed", "torch.distributed"),
 }
 
 
@@ -289,3 +290,24 @@ def test_the_cycle_check_catches_a_circle_through_many_files():
 def test_an_import_that_never_runs_is_no_circle():
     files = sources({"pipeline/plan.py": BACK, "pipeline/plot.py": "\n\nif TYPE_CHECKING:\n    from pipeline.plan import make_plan\n"})
     assert import_cycles(files) == []
+
+
+def family_checks(files: dict[str, str]) -> list[str]:
+    """`x.style == "..."` (or !=, in) anywhere but in the family specs: where a family's difference leaks out."""
+    found = []
+    for path, text in files.items():
+        if path.startswith("pipeline/families/"):
+            continue
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.Compare):
+                sides = [node.left, *node.comparators]
+                if any(isinstance(x, ast.Attribute) and x.attr == "style" for x in sides):
+                    found.append(f"{path}:{node.lineno}")
+    return found
+
+
+def test_no_family_name_checks_outside_the_specs():
+    bench = {p.relative_to(ROOT).as_posix(): p.read_text() for p in sorted((ROOT / "bench").glob("*.py"))}
+    assert family_checks({**sources(), **bench}) == []
+    planted = family_checks(sources({"pipeline/model/gpt.py": "\nbias = cfg.style == 'gpt2'\n"}))
+    assert planted == [f"pipeline/model/gpt.py:{sources()['pipeline/model/gpt.py'].count(chr(10)) + 2}"]

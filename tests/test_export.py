@@ -44,11 +44,11 @@ def test_hf_logits_match(style, tie, kv_heads):
 
 
 def test_every_model_field_has_a_place_in_each_hf_format():
-    """A new ModelConfig field cannot slip past export: each style's table places every field."""
-    from pipeline.hf.mapping import HF_KEYS
+    """A new ModelConfig field cannot slip past export: each family's HFSpec places every field."""
+    from pipeline.families import FAMILIES
 
-    for style, keys in HF_KEYS.items():
-        assert set(keys) == set(ModelConfig.model_fields), style
+    for name, spec in FAMILIES.items():
+        assert set(spec.hf.keys) == set(ModelConfig.model_fields), name
 
 
 def test_gpt2_export_refuses_grouped_query_attention():

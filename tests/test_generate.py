@@ -17,7 +17,8 @@ from pipeline.generate import (
     top_k_filter,
     top_p_filter,
 )
-from pipeline.model.gpt import GPT, KVCache
+from pipeline.model.gpt import GPT
+from pipeline.model.layers import KVCache
 
 NEG = float("-inf")
 

@@ -13,8 +13,8 @@ GPTQ (the AutoGPTQ / GPTQModel "gptq" checkpoint format, v1), per quantized Line
     w[o, i] = scales[g_idx[i], o] * (q[i, o] - (stored_zero[g_idx[i], o] + 1))
 A zero point of 0 has no v1 encoding (0 - 1 wraps): such a group is re-expressed exactly with
 codes + 1 and zero 1 when no code is at the top of the range, else the export is refused.
-Both forms are written for the llama style only: GPT-2's fused Conv1D attention has no per-matrix
-quantized layout in these formats.
+Both forms are written for the families whose spec says `quantized_forms` (pipeline/families/): GPT-2's
+fused Conv1D attention has no per-matrix quantized layout in these formats.
 """
 
 from __future__ import annotations
@@ -26,13 +26,14 @@ import torch
 from safetensors.torch import save_file
 
 from pipeline.config import KilnError, ModelConfig
+from pipeline.families import family
 from pipeline.model.io import WEIGHTS, load_model_dir, load_safetensors
 
 
-def _llama_only(model_dir: Path, cfg: ModelConfig, what: str) -> None:
-    if cfg.style != "llama":
-        raise KilnError(f"{model_dir}: {what} has a transformers form for llama-style models only "
-                        f"(this one is {cfg.style})")
+def _has_quantized_form(model_dir: Path, cfg: ModelConfig, what: str) -> None:
+    if not family(cfg).hf.quantized_forms:
+        raise KilnError(f"{model_dir}: {what} has no transformers form for the {cfg.style} family (its "
+                        "attention has no per-matrix quantized layout)")
 
 
 def hf_names(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, str]:
@@ -68,7 +69,7 @@ def save_int8(model_dir: Path, config: dict, out: Path) -> dict:
     from pipeline.post.int8 import torchao_config
 
     cfg = ModelConfig.model_validate(config["model"])
-    _llama_only(model_dir, cfg, "int8")
+    _has_quantized_form(model_dir, cfg, "int8")
     quant = config["quantization"]
     kiln, _ = load_model_dir(model_dir, verify=False)
     state = _dequantized_state(kiln)
@@ -132,7 +133,7 @@ def save_gptq(model_dir: Path, config: dict, out: Path) -> dict:
     from pipeline.post.packed import unpack
 
     cfg = ModelConfig.model_validate(config["model"])
-    _llama_only(model_dir, cfg, "GPTQ")
+    _has_quantized_form(model_dir, cfg, "GPTQ")
     quant = config["quantization"]
     bits = int(quant["bits"])
     if bits not in (2, 4, 8):

@@ -44,7 +44,8 @@ from pipeline.model.collectives import (
     scatter_to_sp,
     sum_grad_over_tp,
 )
-from pipeline.model.gpt import GPT, IN_PROJ, OUT_PROJ, Attention, Embedding, GeluMLP, Head, SwiGLU
+from pipeline.model.gpt import GPT, Embedding, Head
+from pipeline.model.layers import NORMS
 from pipeline.model.loss import ChunkedCrossEntropy, mask_padding_, softmax_grad_
 
 PAD_MULTIPLE = 64
@@ -216,8 +217,6 @@ def padded_vocab(vocab: int, tp: int) -> int:
     return math.ceil(vocab / step) * step
 
 
-COLUMN = {n for names in IN_PROJ.values() for n in names}  # split by output features
-ROW = {n for names in OUT_PROJ.values() for n in names}  # split by input features
 
 
 def tp_input(group, sequence_parallel: bool) -> Collective:
@@ -237,13 +236,12 @@ def parallelize_tp(module: nn.Module, group, vocab_size: int, tied: bool, sequen
     rank, size = dist.get_rank(group), dist.get_world_size(group)
     padded = padded_vocab(vocab_size, size)
     for parent in list(module.modules()):
-        if isinstance(parent, (Attention, SwiGLU, GeluMLP)):
+        if hasattr(parent, "IN_PROJ"):  # a sub-block (pipeline/model/layers.py): its roles are its TP plan
             parent.tp_input = tp_input(group, sequence_parallel)
-            for name, child in list(parent.named_children()):
-                if name in COLUMN:
-                    setattr(parent, name, ColumnParallelLinear.from_full(child, rank, size))
-                elif name in ROW:
-                    setattr(parent, name, RowParallelLinear(child, group, rank, size, sequence_parallel))
+            for name in parent.IN_PROJ:  # split by output features
+                setattr(parent, name, ColumnParallelLinear.from_full(getattr(parent, name), rank, size))
+            for name in parent.OUT_PROJ:  # split by input features
+                setattr(parent, name, RowParallelLinear(getattr(parent, name), group, rank, size, sequence_parallel))
         elif isinstance(parent, Embedding):
             parent.wte = VocabParallelEmbedding(parent.wte, group, rank, size, padded)
             if sequence_parallel:
@@ -254,7 +252,7 @@ def parallelize_tp(module: nn.Module, group, vocab_size: int, tied: bool, sequen
                 parent.lm_head = ColumnParallelLinear.from_full(parent.lm_head, rank, size, padded)
         if sequence_parallel:
             for name, child in list(parent.named_children()):
-                if isinstance(child, (nn.LayerNorm, nn.RMSNorm)):
+                if isinstance(child, tuple(NORMS.values())):
                     setattr(parent, name, SequenceParallelNorm(child, group))
     if isinstance(module, GPT) and tied:
         module.head.lm_head = ColumnParallelLinear(module.embed.wte.weight, None)

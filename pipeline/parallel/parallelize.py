@@ -20,7 +20,8 @@ from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from pipeline.config import RunConfig
-from pipeline.model.gpt import GPT, Attention, Block, cross_entropy
+from pipeline.model.gpt import GPT, Block, cross_entropy
+from pipeline.model.layers import Attention
 from pipeline.model.loss import ChunkedCrossEntropy
 from pipeline.model.tensor_parallel import VocabParallelCrossEntropy, padded_vocab, parallelize_tp
 

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.config import RunConfig
-from pipeline.model.gpt import Block, Embedding, Head, make_norm
+from pipeline.model.gpt import Block, Embedding, Head
+from pipeline.model.layers import make_norm
 from pipeline.model.tensor_parallel import tp_input
 from pipeline.parallel.materialize import mark_part, materialize
 from pipeline.parallel.parallelize import loss_fn, parallelize

@@ -19,7 +19,7 @@ from torch import nn
 
 from pipeline.config import QuantizeConfig
 from pipeline.console import log, progress
-from pipeline.model.gpt import LINEAR_STAGES
+from pipeline.model.layers import linear_stages
 from pipeline.post import packed
 from pipeline.post.packed import QuantizedWeight, group_width, minmax_params
 
@@ -94,7 +94,7 @@ class HessianHook:
 def block_stages(block: nn.Module) -> list[list[str]]:
     """Linear layers of a block in the order their inputs become final: q/k/v, then o, then the MLP."""
     names = [n for n, m in block.named_modules() if isinstance(m, nn.Linear)]
-    ordered = [[n for n in s if n in names] for s in LINEAR_STAGES]
+    ordered = [[n for n in s if n in names] for s in linear_stages(block)]
     ordered = [s for s in ordered if s]
     rest = [n for n in names if not any(n in s for s in ordered)]
     return ordered + ([rest] if rest else [])

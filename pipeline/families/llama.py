@@ -1,0 +1,38 @@
+"""Llama: RMSNorm, rotary positions ("rotate half"), SwiGLU MLP, no biases; grouped-query attention.
+
+transformers: LlamaForCausalLM. The rotary layout is transformers' own, so weights copy 1:1 under new names.
+"""
+
+from __future__ import annotations
+
+import math
+
+from pipeline.families.spec import Family, HFSpec
+
+_NAMES = {"norm1": "input_layernorm", "norm2": "post_attention_layernorm", "attn.wq": "self_attn.q_proj",
+          "attn.wk": "self_attn.k_proj", "attn.wv": "self_attn.v_proj", "attn.wo": "self_attn.o_proj",
+          "mlp.w1": "mlp.gate_proj", "mlp.w3": "mlp.up_proj", "mlp.w2": "mlp.down_proj"}
+
+
+def hf_weights(state: dict, cfg) -> dict:
+    out = {"model.embed_tokens.weight": state["embed.wte.weight"], "model.norm.weight": state["head.norm.weight"],
+           "lm_head.weight": state.get("head.lm_head.weight", state["embed.wte.weight"])}
+    for i in range(cfg.n_layer):
+        for ours, theirs in _NAMES.items():
+            out[f"model.layers.{i}.{theirs}.weight"] = state[f"blocks.{i}.{ours}.weight"]
+    return out
+
+
+SPEC = Family(
+    name="llama", norm="rmsnorm", mlp="swiglu", positions="rotary", bias=False,
+    ffn_default=lambda d: 64 * math.ceil(8 * d / 3 / 64),  # SwiGLU at 8d/3: the FLOPs of a 4d GELU MLP
+    hf=HFSpec(
+        model_class="LlamaForCausalLM", config_class="LlamaConfig",
+        keys={"style": None, "n_layer": "num_hidden_layers", "n_head": "num_attention_heads",
+              "n_kv_heads": "num_key_value_heads", "n_embd": "hidden_size", "block_size": "max_position_embeddings",
+              "vocab_size": "vocab_size", "tie_embeddings": "tie_word_embeddings", "dropout": None,
+              "ffn_hidden": "intermediate_size", "rope_theta": "rope_theta", "norm_eps": "rms_norm_eps",
+              "init_std": "initializer_range"},
+        config_extra={"hidden_act": "silu", "attention_bias": False, "mlp_bias": False},
+        weights=hf_weights),
+)
