@@ -148,20 +148,33 @@ def recommend_layout(cfg: ModelConfig, gpus: int, gpu: str = "h100", precision: 
     """The layout an expert starts from: ZeRO-1 data parallelism with a micro-batch of 16, 8 or 4. Recomputing
     activations costs a third more compute, a TP=2..8 group inside an NVLink node much less: so every tensor-parallel
     size is tried without activation checkpointing before any with it; from TP=4 on, with sequence parallelism (the
-    activations TP leaves whole on every rank would otherwise dominate). Fits = under MEMORY_BUDGET of the GPU."""
+    activations TP leaves whole on every rank would otherwise dominate). Pipeline stages (2, 4, ... dividing the
+    layers) only where no single-stage layout fits: they cost a pipeline bubble. Fits = under MEMORY_BUDGET."""
     if gpu not in GPU_MEMORY_GIB:
         raise ConfigError(f"--gpu {gpu}: unknown GPU; known: {', '.join(sorted(GPU_MEMORY_GIB))}")
     budget = MEMORY_BUDGET * GPU_MEMORY_GIB[gpu] * GIB
-    sizes = [t for t in (1, 2, 4, 8) if cfg.n_head % t == 0 and gpus % t == 0]
-    for ckpt in ("none", "full"):
-        for tp in sizes:
-            for mbs in (16, 8, 4) if ckpt == "none" else (8, 4, 2, 1):
-                layout = {"tp": tp, "pp": 1, "dp": gpus // tp, "zero_stage": 1, "precision": precision,
-                          "micro_batch_size": mbs, "activation_checkpointing": ckpt, "sequence_parallel": tp >= 4}
-                if memory_per_gpu(cfg, **layout)["total"] <= budget:
-                    return layout
-    raise ConfigError(f"no ZeRO-1 layout with tp <= 8 fits {cfg.n_layer} layers x {cfg.n_embd} on {gpus} x {gpu}; "
-                      "use pipeline parallelism or ZeRO-3 (give --tp/--pp/--zero-stage to check one)")
+    for pp in (p for p in (1, 2, 4, 8, 16) if cfg.n_layer % p == 0 and gpus % p == 0):
+        sizes = [t for t in (1, 2, 4, 8) if cfg.n_head % t == 0 and cfg.kv_heads % t == 0 and gpus % (t * pp) == 0]
+        for ckpt in ("none", "full"):
+            for tp in sizes:
+                for mbs in (16, 8, 4) if ckpt == "none" else (8, 4, 2, 1):
+                    layout = {"tp": tp, "pp": pp, "dp": gpus // (tp * pp), "zero_stage": 1, "precision": precision,
+                              "micro_batch_size": mbs, "activation_checkpointing": ckpt, "sequence_parallel": tp >= 4}
+                    if memory_per_gpu(cfg, **layout)["total"] <= budget:
+                        return layout
+    raise ConfigError(f"no ZeRO-1 layout with tp <= 8 and pp <= 16 fits {cfg.n_layer} layers x {cfg.n_embd} on "
+                      f"{gpus} x {gpu}; try ZeRO-3 (give --tp/--pp/--zero-stage to check one)")
+
+
+def smallest_fit(cfg: ModelConfig, gpu: str = "h100", precision: str = "bf16", most: int = 16384) -> tuple[int, dict] | None:
+    """(GPUs, layout) of the smallest power-of-two GPU count with a recommended layout that fits; None up to `most`."""
+    gpus = 1
+    while gpus <= most:
+        try:
+            return gpus, recommend_layout(cfg, gpus, gpu, precision)
+        except ConfigError:
+            gpus *= 2
+    return None
 
 
 def make_plan(
@@ -190,9 +203,15 @@ def make_plan(
         data.setdefault("vocab_size", DEFAULT_VOCAB)
         name, cfg = path.stem, ModelConfig.model_validate(data)
         n = param_counts(cfg)["total"]
-    recommended = layout is None
-    if recommended:
-        layout = recommend_layout(cfg, gpus or 1, gpu)
+    recommended, fits = layout is None, None
+    if recommended:  # a memory failure is an answer, not an exit: say how many GPUs it takes instead
+        try:
+            layout = recommend_layout(cfg, gpus or 1, gpu)
+        except ConfigError as e:
+            fits = smallest_fit(cfg, gpu)
+            if fits is None:
+                raise ConfigError(f"{e}; no layout fits up to 16384 x {gpu} either") from None
+            layout = fits[1]
     layout = dict(layout)
     layout.setdefault("dp", max(1, (gpus or 1) // (layout.get("tp", 1) * layout.get("pp", 1))))
     mem = memory_per_gpu(cfg, **layout)
@@ -208,6 +227,10 @@ def make_plan(
         "layout_recommended": recommended,
         "memory_gib": {k: v / GIB for k, v in mem.items()},
     }
+    if fits:
+        plan["fits"] = {"gpus_given": gpus or 1, "gpus_needed": fits[0], "gpu": gpu,
+                        "note": f"{name} does not fit {gpus or 1} x {gpu} with ZeRO-1, tp <= 8, pp <= 16; "
+                                f"the layout shown is for {fits[0]} x {gpu}"}
     if gpus and hours:
         plan.update(gpus=gpus, hours=hours, gpu=gpu, mfu=mfu)
         plan["tokens_per_s_needed"] = optimum["tokens"] / (hours * 3600.0)

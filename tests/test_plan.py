@@ -8,6 +8,7 @@ from pipeline.config import ConfigError, ModelConfig, load_config, validate_worl
 from pipeline.model.flops import flops_per_token, param_counts
 from pipeline.plan import (
     GPU_PEAK_FLOPS,
+    MEMORY_BUDGET,
     budget_flops,
     compute_optimal,
     gpu_peak_flops,
@@ -108,9 +109,29 @@ def test_make_plan_for_a_cluster():
     assert plan["layout"]["dp"] == 32
     assert 1e10 < plan["optimal_params"] < 5e10
     assert plan["optimal_tokens"] == pytest.approx(20 * plan["optimal_params"])
-    assert plan["model_config"] == "6.7b"
+    assert plan["model_config"] == "13b"  # nearest in log space to ~23B
     with pytest.raises(ConfigError, match="--flops, or --gpus and --hours"):
         make_plan(gpus=8)
+
+
+def test_a_budget_whose_model_fits_no_single_gpu_is_answered_with_the_gpus_it_needs(capsys):
+    """--flops alone asks for the compute-optimal size; a 70B-class answer does not fit the one default GPU, and
+    the planner says how many it takes (a row, not an exit), with a layout that fits there."""
+    from pipeline.cli import main
+
+    assert main(["plan", "--flops", "5.76e23", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert 6e10 < plan["optimal_params"] < 8e10 and plan["model_config"] == "70b"
+    fits = plan["fits"]
+    assert fits["gpus_given"] == 1 and fits["gpus_needed"] >= 8 and fits["gpu"] == "h100"
+    layout = plan["layout"]
+    assert layout["tp"] * layout["pp"] * layout["dp"] == fits["gpus_needed"]
+    assert plan["memory_gib"]["total"] <= MEMORY_BUDGET * 80
+    with pytest.raises(ConfigError):  # the smallest count: half of it fits no layout
+        recommend_layout(shipped_models()["70b"], fits["gpus_needed"] // 2)
+    assert main(["plan", "--flops", "1e14"]) == 0
+    shown = capsys.readouterr()
+    assert "912.9 K" in shown.out + shown.err  # the table shows small answers in a unit that reads
 
 
 @pytest.mark.parametrize("config,gpus", [("125m-1node", 8), ("1.3b-2x8", 16), ("6.7b-4x8", 32)])

@@ -56,15 +56,25 @@ def run(args) -> dict:
     )
     shown = {
         "compute budget": f"{plan['flops']:.3e} FLOPs",
-        "compute-optimal params (Chinchilla)": f"{plan['optimal_params'] / 1e9:,.2f} B",
-        "compute-optimal tokens": f"{plan['optimal_tokens'] / 1e9:,.0f} B",
-        "nearest shipped config": f"configs/model/{plan['model_config']}.yaml ({plan['model_params'] / 1e9:.2f} B params)",
-        "tokens that config gets from the budget": f"{plan['tokens_for_model'] / 1e9:,.0f} B",
+        "compute-optimal params (Chinchilla)": count(plan["optimal_params"]),
+        "compute-optimal tokens": count(plan["optimal_tokens"]),
+        "nearest shipped config": f"configs/model/{plan['model_config']}.yaml ({count(plan['model_params'])} params)",
+        "tokens that config gets from the budget": count(plan["tokens_for_model"]),
         "recommended layout" if plan["layout_recommended"] else "layout":
             ", ".join(f"{k}={v}" for k, v in plan["layout"].items() if v is not None),
     }
+    if "fits" in plan:
+        shown["GPUs needed"] = f"{plan['fits']['gpus_needed']} x {plan['fits']['gpu']} ({plan['fits']['note']})"
     if "tokens_per_s_needed" in plan:
         shown["cluster tokens/s needed"] = f"{plan['tokens_per_s_needed']:,.0f}"
     shown.update({f"memory/GPU: {k}": f"{v:,.2f} GiB" for k, v in plan["memory_gib"].items()})
     kv_table("kiln plan", shown)
     return plan
+
+
+def count(n: float) -> str:
+    """A count in the unit that keeps three significant digits readable: 912.9 K, 18.3 M, 1.30 B, 1.40 T."""
+    for scale, unit in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= scale:
+            return f"{n / scale:,.2f} {unit}" if n < 10 * scale else f"{n / scale:,.1f} {unit}"
+    return f"{n:,.0f}"
