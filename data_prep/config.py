@@ -66,6 +66,8 @@ class PrepConfig(Strict):
     filter_params: dict[StepName, dict[str, Any]] = Field(
         default_factory=dict, description='step constructor overrides, e.g. {c4: {min_sentences: 2}}')
     filter_disable: list[str] = Field(default_factory=list, description='single rules off, e.g. ["c4:curly_bracket"]')
+    filter_enable: list[str] = Field(default_factory=list, description='rules that are off by default on, e.g. '
+                                     '["c4:terminal_punct"] (web text only: it drops headings, code and wrapped lines)')
     max_doc_chars: int = Field(1_000_000, ge=1)
     long_doc_policy: Literal["split", "drop"] = "split"
     boilerplate: BoilerplateConfig = Field(default_factory=BoilerplateConfig)
@@ -91,13 +93,17 @@ class PrepConfig(Strict):
 
     @model_validator(mode="after")
     def _steps_exist(self) -> PrepConfig:
-        for item in self.filter_disable:
-            step, sep, rule = item.partition(":")
-            rules = getattr(STEPS.get(step), "rules", ())
-            if not sep or rule not in rules:
-                known = [f"{n}:{r}" for n, c in STEPS.items() for r in c.rules if n == step] or \
-                        [f"{n}:<rule>" for n, c in STEPS.items() if c.rules]
-                raise ValueError(f"filter_disable: {item!r} is not a rule; known: {', '.join(known)}")
+        for key in ("filter_disable", "filter_enable"):
+            for item in getattr(self, key):
+                step, sep, rule = item.partition(":")
+                rules = getattr(STEPS.get(step), "rules", ())
+                if not sep or rule not in rules:
+                    known = [f"{n}:{r}" for n, c in STEPS.items() for r in c.rules if n == step] or \
+                            [f"{n}:<rule>" for n, c in STEPS.items() if c.rules]
+                    raise ValueError(f"{key}: {item!r} is not a rule; known: {', '.join(known)}")
+        both = sorted(set(self.filter_disable) & set(self.filter_enable))
+        if both:
+            raise ValueError(f"filter_enable: {both[0]!r} is also in filter_disable")
         for step, params in self.filter_params.items():
             known = set(inspect.signature(STEPS[step]).parameters) - {"disabled"}
             unknown = sorted(set(params) - known)
