@@ -80,6 +80,8 @@ class PrepConfig(Strict):
     character_coverage: float = Field(0.9995, gt=0, le=1)
     dedup_buckets: int = Field(16, ge=1, description="hash buckets for exact/near-dup and boilerplate tasks")
     task_retries: int = Field(2, ge=0, description="reruns of a Ray task whose worker process died (killed, OOM, node lost)")
+    warn_removed_share: float = Field(0.1, gt=0, le=1, description="warn at the end of a run, naming the rule and the key "
+                                      "that turns it off, when one rule removed more than this share of the characters read")
 
     @field_validator("filters", mode="before")
     @classmethod

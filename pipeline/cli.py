@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
             "kiln prep data/raw/*.jsonl.zst --out data/prepped --vocab-size 32000 --langs en,de --workers 8 --decontaminate evals/")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="jsonl[.gz|.zst] / parquet files, globs or directories")
     p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--overwrite", action="store_true", help="replace a finished DIR of other inputs or config "
+                   "(once the new run has finished; without it such a DIR is never deleted)")
     p.add_argument("--text-field")
     p.add_argument("--id-field")
     p.add_argument("--workers", type=int)

@@ -58,7 +58,8 @@ def cmd_prep(args) -> dict:
 
     cfg = _config(args, "prep", _prep_flags(args))
     with _locked(args.out, "kiln prep"):
-        return tracked.prep(args.inputs, args.out, cfg, args.tracking_uri, progress=progress, table=print_table)
+        return tracked.prep(args.inputs, args.out, cfg, args.tracking_uri, progress=progress, table=print_table,
+                            overwrite=args.overwrite)
 
 
 def _prep_flags(args) -> dict:
