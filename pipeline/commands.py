@@ -384,7 +384,7 @@ def cmd_demo(args) -> dict:
 
 def cmd_plan(args) -> dict:
     from pipeline.console import kv_table
-    from pipeline.plan import make_plan
+    from pipeline.plan import human_count, make_plan
 
     given = {"tp": args.tp, "pp": args.pp, "dp": args.dp, "zero_stage": args.zero_stage, "precision": args.precision,
              "micro_batch_size": args.micro_batch_size, "seq_len": args.seq_len,
@@ -401,10 +401,10 @@ def cmd_plan(args) -> dict:
     )
     shown = {
         "compute budget": f"{plan['flops']:.3e} FLOPs",
-        "compute-optimal params (Chinchilla)": f"{plan['optimal_params'] / 1e9:,.2f} B",
-        "compute-optimal tokens": f"{plan['optimal_tokens'] / 1e9:,.0f} B",
-        "nearest shipped config": f"configs/model/{plan['model_config']}.yaml ({plan['model_params'] / 1e9:.2f} B params)",
-        "tokens that config gets from the budget": f"{plan['tokens_for_model'] / 1e9:,.0f} B",
+        "compute-optimal params (Chinchilla)": human_count(plan["optimal_params"]),
+        "compute-optimal tokens": human_count(plan["optimal_tokens"]),
+        "nearest shipped config": f"configs/model/{plan['model_config']}.yaml ({human_count(plan['model_params'])} params)",
+        "tokens that config gets from the budget": human_count(plan["tokens_for_model"]),
         "recommended layout" if plan["layout_recommended"] else "layout":
             ", ".join(f"{k}={v}" for k, v in plan["layout"].items() if v is not None),
     }

@@ -163,3 +163,11 @@ def test_tensor_parallel_from_four_comes_with_sequence_parallelism(capsys):
     with_sp = json.loads(capsys.readouterr().out)
     assert with_sp["layout"]["sequence_parallel"] and not without["layout"].get("sequence_parallel")
     assert with_sp["memory_gib"]["activations"] < without["memory_gib"]["activations"]
+
+
+def test_a_small_budget_prints_its_counts_not_zero_billions(capsys):
+    from pipeline.cli import main
+
+    assert main(["plan", "--flops", "1e14"]) == 0
+    table = capsys.readouterr().err
+    assert "912,871" in table and "18.3 M" in table and "0.00 B" not in table and "│ 0 B" not in table
