@@ -295,6 +295,8 @@ def _print_lineage(node: dict) -> None:
         if m.get("run"):
             r = m["run"]
             run_branch = branch.add(f"run {r['name']} {r['run_id']} ({r['status']})")
+            for seg in r.get("continues", []):  # the earlier runs it resumed
+                run_branch.add(f"resumes run {seg['name']} {seg['run_id']} ({seg['status']}, to step {seg['last_step']})")
         else:
             run_branch = branch
         for d in m.get("datasets", []):
