@@ -66,6 +66,8 @@ class PrepConfig(Strict):
     filter_params: dict[StepName, dict[str, Any]] = Field(
         default_factory=dict, description='step constructor overrides, e.g. {c4: {min_sentences: 2}}')
     filter_disable: list[str] = Field(default_factory=list, description='single rules off, e.g. ["c4:curly_bracket"]')
+    filter_enable: list[str] = Field(default_factory=list, description='rules that are off by default on, e.g. '
+                                     '["c4:terminal_punct"] (web text only: it drops headings, code and wrapped lines)')
     max_doc_chars: int = Field(1_000_000, ge=1)
     long_doc_policy: Literal["split", "drop"] = "split"
     boilerplate: BoilerplateConfig = Field(default_factory=BoilerplateConfig)
@@ -78,6 +80,8 @@ class PrepConfig(Strict):
     character_coverage: float = Field(0.9995, gt=0, le=1)
     dedup_buckets: int = Field(16, ge=1, description="hash buckets for exact/near-dup and boilerplate tasks")
     task_retries: int = Field(2, ge=0, description="reruns of a Ray task whose worker process died (killed, OOM, node lost)")
+    warn_removed_share: float = Field(0.1, gt=0, le=1, description="warn at the end of a run, naming the rule and the key "
+                                      "that turns it off, when one rule removed more than this share of the characters read")
 
     @field_validator("filters", mode="before")
     @classmethod
@@ -91,13 +95,17 @@ class PrepConfig(Strict):
 
     @model_validator(mode="after")
     def _steps_exist(self) -> PrepConfig:
-        for item in self.filter_disable:
-            step, sep, rule = item.partition(":")
-            rules = getattr(STEPS.get(step), "rules", ())
-            if not sep or rule not in rules:
-                known = [f"{n}:{r}" for n, c in STEPS.items() for r in c.rules if n == step] or \
-                        [f"{n}:<rule>" for n, c in STEPS.items() if c.rules]
-                raise ValueError(f"filter_disable: {item!r} is not a rule; known: {', '.join(known)}")
+        for key in ("filter_disable", "filter_enable"):
+            for item in getattr(self, key):
+                step, sep, rule = item.partition(":")
+                rules = getattr(STEPS.get(step), "rules", ())
+                if not sep or rule not in rules:
+                    known = [f"{n}:{r}" for n, c in STEPS.items() for r in c.rules if n == step] or \
+                            [f"{n}:<rule>" for n, c in STEPS.items() if c.rules]
+                    raise ValueError(f"{key}: {item!r} is not a rule; known: {', '.join(known)}")
+        both = sorted(set(self.filter_disable) & set(self.filter_enable))
+        if both:
+            raise ValueError(f"filter_enable: {both[0]!r} is also in filter_disable")
         for step, params in self.filter_params.items():
             known = set(inspect.signature(STEPS[step]).parameters) - {"disabled"}
             unknown = sorted(set(params) - known)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from data_prep import stages
 from data_prep.buckets import PART_BITS, POS_MASK
+from data_prep.steps import STEPS
 
 FORMAT = 1
 log = __import__("logging").getLogger("kiln.prep")
@@ -19,12 +20,14 @@ log = __import__("logging").getLogger("kiln.prep")
 
 def finish(out: Path, cfg, in_info, parts, clean, drops, tok, vocab, tok_sha, extra: dict) -> dict:
     """Reports and manifest; returns the summary. `extra`: decontamination stats, boilerplate key count."""
-    removed, quarantined, edits = Counter(), Counter(), Counter()
+    removed, quarantined, edits, cut_chars, cut_lines = Counter(), Counter(), Counter(), Counter(), Counter()
     for s in [*clean, *tok]:
         edits.update(s["edits"])
     for s in clean:
         removed.update(s["removed"])
         quarantined.update(s["quarantined"])
+        cut_chars.update(s.get("removed_chars", {}))
+        cut_lines.update(s.get("removed_lines", {}))
     removed.update(r for _, r, *_ in drops["removed"])
     removed.update(d["reason"] for r in tok for d in r["removed"])
     write_reports(out, clean, drops, tok)
@@ -45,6 +48,10 @@ def finish(out: Path, cfg, in_info, parts, clean, drops, tok, vocab, tok_sha, ex
         "documents_in": sum(s["documents_in"] for s in clean),
         "documents_kept": sum(s["documents"] for s in shards),
         "removed": dict(sorted(removed.items())),
+        "characters": {"in": sum(s.get("chars_in", 0) for s in clean),
+                       "kept": sum(sh.get("chars", 0) for r in tok for sh in r["shards"].values())},
+        "removed_chars": dict(sorted(cut_chars.items())),
+        "removed_lines": dict(sorted(cut_lines.items())),
         "quarantined": dict(sorted(quarantined.items())),
         "languages": dict(sorted(langs.items())),
         "edits": dict(sorted(edits.items())),
@@ -68,7 +75,31 @@ def finish(out: Path, cfg, in_info, parts, clean, drops, tok, vocab, tok_sha, ex
             for s in extra["decontamination"]["sources"]])
     stages.write_json(out / "manifest.json", manifest)
     return {"out": str(out), "digest": manifest["digest"], "counts": counts, "tokens": tokens,
-            "shards": len(shards), "vocab_size": vocab}
+            "shards": len(shards), "vocab_size": vocab, "warnings": warnings(counts, cfg.warn_removed_share)}
+
+
+def off_switch(rule: str) -> str:
+    """The config key that stops `rule` (a counts.removed key) from removing text."""
+    step, _, name = rule.partition(":")
+    if name in getattr(STEPS.get(step), "default_off", ()):
+        return f"filter_enable without {rule}"
+    if name in getattr(STEPS.get(step), "rules", ()):
+        return f"filter_disable: [{rule}]"
+    return {"lang": "langs (or langid out of filters)", "too_long": "long_doc_policy: split, or max_doc_chars",
+            "exact_dup": "dedup: false", "near_dup": "near_dedup: false", "decontaminate": "decontaminate.paths",
+            }.get(step if step == "decontaminate" else rule, f"filters (drop {step})" if step in STEPS else "")
+
+
+def warnings(counts: dict, share: float) -> list[str]:
+    """One line per rule that removed more than `share` of the characters read (documents and lines alike)."""
+    total = counts["characters"]["in"]
+    out = []
+    for rule, chars in sorted(counts["removed_chars"].items(), key=lambda kv: -kv[1]):
+        if total and chars > share * total:
+            key = off_switch(rule)
+            out.append(f"{rule} removed {chars / total:.0%} of the characters read ({chars:,} of {total:,}; "
+                       f"warn_removed_share is {share:g})" + (f"; to keep them set {key}" if key else ""))
+    return out
 
 
 def write_reports(out: Path, clean: list[dict], drops: dict, tok: list[dict]) -> None:
@@ -106,9 +137,13 @@ def print_summary(summary: dict, table=None) -> None:
     rows = [{"what": "records read", "value": c["records_in"]},
             {"what": "quarantined", "value": sum(c["quarantined"].values())},
             {"what": "documents after length policy", "value": c["documents_in"]}]
-    rows += [{"what": f"removed: {k}", "value": v} for k, v in c["removed"].items()]
+    chars, lines = c.get("removed_chars", {}), c.get("removed_lines", {})
+    rows += [{"what": f"removed: {k}", "value": f"{c['removed'].get(k, 0):,} docs, {lines.get(k, 0):,} lines, "
+                                                  f"{chars.get(k, 0):,} chars"}
+             for k in sorted(set(c["removed"]) | set(chars))]
     rows += [{"what": f"edited: {k}", "value": v} for k, v in c["edits"].items()]
     rows += [{"what": "documents kept", "value": c["documents_kept"]},
+             {"what": "characters read / kept", "value": "{in:,} / {kept:,}".format(**c["characters"])},
              {"what": "languages", "value": ", ".join(f"{k} {v}" for k, v in c["languages"].items())},
              {"what": "tokens train / val", "value": f"{summary['tokens']['train']:,} / {summary['tokens']['val']:,}"},
              {"what": "shards", "value": summary["shards"]},

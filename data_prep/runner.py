@@ -21,7 +21,6 @@ after that the run stops with one line naming the stage and the unit of work.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -32,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep import buckets, readers, report, stages
+from data_prep import buckets, outdir, readers, report, stages
 from data_prep.config import PrepConfig
 from data_prep.errors import ConfigError, KilnError, first_line
 from data_prep.eval_texts import read_sources
@@ -142,79 +141,35 @@ def _cancel(ray, pending: dict, wait_s: float = 30.0) -> None:
         ray.wait(list(pending), num_returns=len(pending), timeout=wait_s)
 
 
-@contextmanager
-def _swept(out: Path):
-    """Remove temp files a dead worker or driver left behind (`*.tmp*`), before the run and after it.
-
-    Published names never contain `.tmp`; a killed worker cannot clean up after itself, and its
-    retry writes under a new pid-suffixed name.
-    """
-    def sweep():
-        for d in (out / "shards", out / "report", out / "work", out / "work" / "clean", out / "work" / "tok"):
-            for p in d.glob("*.tmp*"):
-                if p.is_dir():
-                    shutil.rmtree(p, ignore_errors=True)
-                else:
-                    p.unlink(missing_ok=True)
-
-    sweep()
-    try:
-        yield
-    finally:
-        sweep()
-
-
-def _fingerprint(cfg: PrepConfig, inputs: list[dict], tokenizer_sha: str | None, evals: list[dict]) -> str:
-    """What the results depend on: config (not the worker count), input contents, a given tokenizer's
-    bytes, the evaluation files' contents."""
-    conf = cfg.model_dump(mode="json", exclude={"workers", "ray_address", "task_retries", "tracking"})
-    blob = json.dumps({"format": report.FORMAT, "config": conf, "tokenizer": tokenizer_sha,
-                       "inputs": [(i["rel"], i["sha256"]) for i in inputs],
-                       "evals": [(e["source"], e["sha256"]) for e in evals]}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()
-
-
-def _prepare_out(out: Path, fingerprint: str) -> Path:
-    work = out / "work"
-    mark = work / "fingerprint"
-    if mark.is_file() and mark.read_text() != fingerprint:
-        log.warning("%s: input or config changed since the last run; starting over", out)
-        for name in ("work", "shards", "report"):
-            shutil.rmtree(out / name, ignore_errors=True)
-        for name in ("manifest.json", "tokenizer.model"):
-            (out / name).unlink(missing_ok=True)
-    (work / "clean").mkdir(parents=True, exist_ok=True)
-    (work / "tok").mkdir(parents=True, exist_ok=True)
-    (out / "shards").mkdir(parents=True, exist_ok=True)
-    (out / "report").mkdir(parents=True, exist_ok=True)
-    mark.write_text(fingerprint)
-    return work
-
-
-def prep(inputs: list[str], out: str | Path, cfg: PrepConfig, progress=None, table=None) -> dict:
+def prep(inputs: list[str], out: str | Path, cfg: PrepConfig, progress=None, table=None, overwrite: bool = False) -> dict:
     """Run the whole preparation; return the summary (also written as DIR/manifest.json).
+
+    A finished `out` of other inputs or config is refused unless `overwrite`; then the new run is built beside
+    it and replaces it only when finished, so a failed run leaves the old output as it was.
 
     `progress(description, total, unit)` is a context manager yielding `advance(n, **fields)` and
     `table(title, rows, columns)` prints the summary (the CLI passes pipeline.console's); without
     them the run is quiet apart from log lines.
     """
     t0 = time.time()
-    out = Path(out)
+    final = out = Path(out)
     try:
         build_steps(cfg)  # validate filter_params before any work
     except ValueError as err:
         raise ConfigError(str(err)) from None
     given_tokenizer = check_tokenizer(cfg.tokenizer)[1] if cfg.tokenizer else None
-    files = readers.resolve_inputs(inputs, exclude=out)
+    files = [f for f in readers.resolve_inputs(inputs, exclude=out) if outdir.staging_dir(out).resolve() not in f.parents]
     evals = read_sources(cfg.decontaminate.paths, cfg.decontaminate.max_bytes)
     in_info, parts = readers.plan(files, cfg.shard_docs)
     if len(parts) >= 2**31:
         raise KilnError("too many partitions; raise shard_docs")
-    work = _prepare_out(out, _fingerprint(cfg, in_info, given_tokenizer, evals))
+    fingerprint = outdir.fingerprint(cfg, in_info, given_tokenizer, evals)
+    out = outdir.destination(out, fingerprint, overwrite)
+    work = outdir.prepare(out, fingerprint)
     decontam = _eval_index(cfg, work, evals)
     timings = {"plan": time.time() - t0}
     log.info("prep: %d input file(s), %d partition(s), %d worker(s) -> %s", len(files), len(parts), cfg.workers, out)
-    with _swept(out), ray_session(cfg) as ray:
+    with outdir.swept(out), ray_session(cfg) as ray:
         t = time.time()
         clean = _run_tasks(ray, stages.clean_partition, [(p, cfg, str(work)) for p in parts], cfg, "clean+filter",
                            [_part_label(p) for p in parts], count=lambda s: s["records"], progress=progress)
@@ -254,9 +209,14 @@ def prep(inputs: list[str], out: str | Path, cfg: PrepConfig, progress=None, tab
         log.info("tokenize: %d tokens in %.1f s (%.0f tokens/s)", n, timings["tokenize"], n / max(timings["tokenize"], 1e-9))
     summary = report.finish(out, cfg, in_info, parts, clean, drops, tok, vocab, tok_sha,
                             {"decontamination": decontam, "boilerplate_keys": boiler})
+    if out != final:
+        outdir.swap_in(out, final)
+        summary["out"] = str(final)
     timings["total"] = time.time() - t0
     summary["timings_s"] = {k: round(v, 2) for k, v in timings.items()}
     report.print_summary(summary, table)
+    for line in summary["warnings"]:
+        log.warning("prep: %s", line)
     return summary
 
 

@@ -61,6 +61,7 @@ def _as_read(docs, counts: Counter):
     for near-dup shingles, which must not see the lines filters drop."""
     for doc in docs:
         counts["documents_in"] += 1
+        counts["chars_in"] += len(doc.text)
         doc.meta["as_read"] = doc.text
         yield doc
 
@@ -96,6 +97,8 @@ def clean_partition(part: dict, cfg, work: str) -> dict:
         for doc in docs:
             if doc.removed is not None:
                 counts["r:" + doc.removed] += 1
+                counts["rc:" + doc.removed] += len(doc.text)
+                counts["rl:" + doc.removed] += doc.text.count("\n") + 1
                 removed.write(json.dumps({"id": doc.id, "reason": doc.removed, "detail": doc.detail}, ensure_ascii=False) + "\n")
                 continue
             lang = doc.meta.get("lang")
@@ -104,11 +107,17 @@ def clean_partition(part: dict, cfg, work: str) -> dict:
             ids.write(json.dumps(doc.id, ensure_ascii=False) + "\n")  # reports name dups without reading texts
             keys.add(doc)
     n = keys.close()
+    for step in steps:  # lines dropped from documents that were kept
+        counts.update({"rc:" + k: v for k, v in step.cut_chars.items()})
+        counts.update({"rl:" + k: v for k, v in step.cut_lines.items()})
     stats = {
         "index": part["index"], "rel": part["rel"], "records": counts["records"], "read": counts["read"],
         "documents_in": counts["documents_in"], "kept": n,
         "quarantined": {k[2:]: v for k, v in sorted(counts.items()) if k.startswith("q:")},
         "removed": {k[2:]: v for k, v in sorted(counts.items()) if k.startswith("r:")},
+        "chars_in": counts["chars_in"],
+        "removed_chars": {k[3:]: v for k, v in sorted(counts.items()) if k.startswith("rc:")},
+        "removed_lines": {k[3:]: v for k, v in sorted(counts.items()) if k.startswith("rl:")},
         "langs": {str(k): v for k, v in sorted(langs.items(), key=lambda kv: str(kv[0]))},
         "edits": edits(steps),
     }

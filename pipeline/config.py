@@ -8,6 +8,7 @@ errors into that line and adds the cross-field rules (parallel layout).
 from __future__ import annotations
 
 import copy
+import difflib
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -488,14 +489,25 @@ def apply_overrides(data: dict, overrides: list[str]) -> tuple[dict, dict[str, s
     return data, origins
 
 
-def _describe(err: dict) -> str:
+def _known_keys(schema: type[BaseModel] | None, loc: tuple) -> list[str]:
+    """The keys the section holding `loc`'s last key accepts (none when it is not a schema's)."""
+    for part in loc[:-1]:
+        field = schema.model_fields.get(str(part)) if schema else None
+        schema = field.annotation if field else None
+        if not (isinstance(schema, type) and issubclass(schema, BaseModel)):
+            return []
+    return list(schema.model_fields) if schema else []
+
+
+def _describe(err: dict, schema: type[BaseModel] | None = None) -> str:
     ctx = err.get("ctx") or {}
     value = err.get("input")
     if err["type"] == "literal_error":
         expected = ctx.get("expected", "").replace(" or ", ", ").replace("'", "").replace(", ", ",")
         return f"{value!r} is not one of {expected}"
     if err["type"] == "extra_forbidden":
-        return "unknown key"
+        close = difflib.get_close_matches(str(err["loc"][-1]), _known_keys(schema, err["loc"]), n=1, cutoff=0.8)
+        return "unknown key" + (f" (did you mean {close[0]!r}?)" if close else "")
     if err["type"] == "missing":
         return "required key is missing"
     msg = err["msg"]
@@ -506,8 +518,10 @@ def _describe(err: dict) -> str:
     return msg
 
 
-def format_validation_error(exc: ValidationError, source: str, origins: dict[str, str] | None = None) -> str:
-    """One line per problem: `<file or --set>: <dotted.key>: <what is wrong>`."""
+def format_validation_error(exc: ValidationError, source: str, origins: dict[str, str] | None = None,
+                            schema: type[BaseModel] | None = None) -> str:
+    """One line per problem: `<file or --set>: <dotted.key>: <what is wrong>` (an unknown key of `schema`
+    with its likeliest intended name)."""
     lines = []
     for err in exc.errors():
         key = ".".join(str(p) for p in err["loc"])
@@ -518,7 +532,7 @@ def format_validation_error(exc: ValidationError, source: str, origins: dict[str
             continue
         origins = origins or {}  # an unknown section (`--set train.lr=1` on eval) is blamed on the --set under it
         where = origins.get(key) or next((o for k, o in origins.items() if k.startswith(key + ".")), source)
-        lines.append(f"{where}: {key}: {_describe(err)}")
+        lines.append(f"{where}: {key}: {_describe(err, schema)}")
     return "\n".join(lines)
 
 
@@ -526,7 +540,7 @@ def build(schema: type[BaseModel], data: dict, source: str = "<config>", origins
     try:
         return schema.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, source, origins)) from None
+        raise ConfigError(format_validation_error(exc, source, origins, schema)) from None
 
 
 def load_config(kind: str, path: str | Path | None = None, overrides: list[str] | None = None,

@@ -37,6 +37,14 @@ GIB = 2**30
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "model"
 
 
+def human_count(n: float) -> str:
+    """A parameter or token count at a readable scale: 912,871 / 18.3 M / 1.25 B / 1.40 T."""
+    for div, unit, digits in ((1e12, "T", 2), (1e9, "B", 2), (1e6, "M", 1)):
+        if n >= div:
+            return f"{n / div:,.{digits}f} {unit}"
+    return f"{n:,.0f}"
+
+
 def gpu_peak_flops(device_name: str) -> float | None:
     """The spec peak of a GPU from its device name (e.g. "NVIDIA H100 80GB HBM3"), or None if unknown."""
     name = device_name.lower()

@@ -36,10 +36,11 @@ from pipeline.data.sampler import TrainData, rank_slice
 from pipeline.model.flops import flops_per_token
 from pipeline.model.io import save_model_dir
 from pipeline.model.weights import open_weights
-from pipeline.parallel.engine import Engine, lr_at
+from pipeline.parallel.engine import Engine
 from pipeline.parallel.topology import init_distributed, make_layout
 from pipeline.plan import gpu_peak_flops
 from pipeline.preflight import check_resume, check_vocab
+from pipeline.schedule import lr_of, on_resume, schedule_of
 
 PEAK_CACHE = Path.home() / ".cache" / "kiln" / "peak_flops.json"
 
@@ -145,6 +146,20 @@ def _eval_batches(cfg: RunConfig, layout, data: TrainData) -> int:
     return have // per_batch
 
 
+def _schedule(cfg: RunConfig, resume: Path | None, step: int) -> dict:
+    """The learning-rate schedule this run follows: the config's, or on a resume what schedule.on_resume decides
+    (said in one line before the first step when the config asks for another than the checkpoint's)."""
+    configured = schedule_of(cfg.train.model_dump())
+    if resume is None:
+        return configured
+    state = read_state(resume)
+    recorded = state.get("schedule") or schedule_of({**cfg.train.model_dump(), **state.get("config", {}).get("train", {})})
+    chosen, line = on_resume(recorded, configured, step)
+    if line and dist.get_rank() == 0:
+        log.warning("%s", line)
+    return chosen
+
+
 def _starting_point(cfg: RunConfig, layout, data: TrainData, resume: Path | None):
     """(step, consumed samples, elapsed s, same layout?, weights to start from or None)."""
     if resume is None:
@@ -230,6 +245,7 @@ def _train(cfg: RunConfig, on_log, on_checkpoint, on_end) -> dict:
         restore_rng(resume)
     if resume is not None:
         log.info("resumed from %s (step %d, %d samples consumed)", resume, step, consumed)
+    schedule = _schedule(cfg, resume, step)
     if rank0:  # a fresh start (e.g. every checkpoint was corrupt) must not append to old lines
         trim_metrics(metrics_path, step)
 
@@ -238,7 +254,7 @@ def _train(cfg: RunConfig, on_log, on_checkpoint, on_end) -> dict:
     fpt = flops_per_token(cfg.model)
     peak = _broadcast(peak_flops(cfg, layout.world) if rank0 else None)  # measured once, not by every rank at once
     base_state = {"config": cfg.model_dump(mode="json"), "data_digests": data.digests,
-                  "layout": _layout_key(cfg, layout.world), "global_batch": global_batch}
+                  "layout": _layout_key(cfg, layout.world), "global_batch": global_batch, "schedule": schedule}
     log.info("%s | %s params | global batch %d x %d tokens | %d steps", layout.describe(),
              f"{sum(p.numel() for p in engine.engine.module.parameters()):,} local", global_batch,
              cfg.model.block_size, t.steps)
@@ -273,7 +289,7 @@ def _train(cfg: RunConfig, on_log, on_checkpoint, on_end) -> dict:
     with progress("train", total=t.steps, unit="step", disable=not rank0) as advance:
         advance(step)
         while step < t.steps:
-            lr = lr_at(step, cfg)
+            lr = lr_of(step, schedule)
             engine.set_lr(lr)
             loss_t, norm_t = engine.train_step(batches)
             step += 1
@@ -322,4 +338,4 @@ def _train(cfg: RunConfig, on_log, on_checkpoint, on_end) -> dict:
         dist.barrier()
     return {"out": str(out), "model_dir": str(model_dir), "steps": step, "loss": last.get("loss"),
             "val_loss": last.get("val_loss"), "tokens": consumed * cfg.model.block_size,
-            "resumed_from": str(resume) if resume else None, "layout": layout.describe()}
+            "resumed_from": str(resume) if resume else None, "layout": layout.describe(), "schedule": schedule}

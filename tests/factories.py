@@ -77,3 +77,44 @@ def dedup_texts(work: Path, texts: list[str], **minhash) -> list[tuple[str, int,
     results = [buckets.dedup_bucket(b, [0], str(work), cfg) for b in range(cfg.dedup_buckets)]
     removed, _ = buckets.removals(results)
     return [removed.get(i) for i in range(len(texts))]
+
+
+MANPAGE_OPTIONS = ("-a, --all", "-l", "-r, --recursive", "-n NUM, --lines=NUM", "--color[=WHEN]", "-h, --help")
+
+
+def manpage_texts(n_docs: int, seed: int = 0) -> list[str]:
+    """Man-page-like documents: prose hard-wrapped at 70 columns (indented 7, so most lines end mid-sentence
+    without punctuation), section headings, option entries, a shell example and a `{` in running prose."""
+    import random
+    import textwrap
+
+    from faker import Faker
+
+    fake, rng = Faker("en_US"), random.Random(seed)
+    fake.seed_instance(seed)
+    links = ("the", "of", "and", "to", "with", "that")
+
+    def paragraph(n: int) -> str:
+        out = []
+        for _ in range(n):
+            ws = fake.words(rng.randint(9, 18))
+            for i in range(1, len(ws), 3):
+                ws.insert(i, rng.choice(links))
+            out.append(" ".join(ws).capitalize() + ".")
+        return " ".join(out)
+
+    def wrap(text: str, indent: int = 7) -> str:
+        return textwrap.fill(text, 70, initial_indent=" " * indent, subsequent_indent=" " * indent)
+
+    docs = []
+    for k in range(n_docs):
+        name = f"tool{k}"
+        parts = [f"{name.upper()}(1)                User Commands                {name.upper()}(1)", "NAME",
+                 wrap(f"{name} - {fake.sentence(5).rstrip('.').lower()}"), "DESCRIPTION", wrap(paragraph(6)),
+                 wrap(paragraph(5) + " Patterns such as {a,b} and ${HOME} are expanded by the shell first.")]
+        for opt in rng.sample(MANPAGE_OPTIONS, 3):
+            parts += [" " * 7 + opt, wrap(paragraph(2), 14)]
+        parts += ["EXAMPLES", " " * 7 + f"for f in {{a,b,c}}; do {name} -l \"$f\"; done", wrap(paragraph(3)),
+                  "SEE ALSO", " " * 7 + "ls(1), find(1)"]
+        docs.append("\n\n".join(parts) + "\n")
+    return docs

@@ -86,7 +86,7 @@ def test_plan_json_is_last_stdout_line():
     res = run_kiln("plan", "--gpus", "64", "--hours", "720", "--gpu", "h100", "--json")
     assert res.returncode == 0, res.stderr
     summary = json.loads(res.stdout.strip().splitlines()[-1])
-    assert summary["model_config"] == "6.7b"
+    assert summary["model_config"] == "13b"
     assert summary["optimal_tokens"] == pytest.approx(20 * summary["optimal_params"])
     assert "Chinchilla" in res.stderr  # the human table goes to stderr
 

@@ -132,3 +132,16 @@ def test_kiln_eval_rejects_keys_its_schema_lacks(trained, capsys):
     corpus, model_dir = trained
     assert main(["eval", str(model_dir), "--data", str(corpus), "--set", "train.lr=1"]) == 2
     assert "--set train.lr=1: train: unknown key" in capsys.readouterr().err
+    assert main(["eval", str(model_dir), "--data", str(corpus), "--set", "max_tokns=8"]) == 2
+    assert capsys.readouterr().err.strip() == \
+        "kiln eval: error: --set max_tokns=8: max_tokns: unknown key (did you mean 'max_tokens'?)"
+
+
+def test_kiln_eval_of_a_raw_file_instead_of_a_prep_output_is_one_line(trained, tmp_path, capsys):
+    _, model_dir = trained
+    raw = tmp_path / "manpages.jsonl"
+    raw.write_text('{"text": "a document"}\n')
+    assert main(["eval", str(model_dir), "--data", str(raw), "--set", "tracking.enabled=false"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == f"kiln eval: error: {raw}: a file, not a `kiln prep` output directory; prepare it first " \
+                  f"(kiln prep {raw} --out DIR) and pass DIR", err

@@ -20,6 +20,7 @@ from pipeline.config import ConfigError, load_config
     ("filters=[c4,c4]", "a step is listed twice"),
     ("filter_disable=[c4:nope]", "filter_disable: 'c4:nope' is not a rule; known: c4:lorem_ipsum"),
     ("filter_disable=[curly_bracket]", "filter_disable: 'curly_bracket' is not a rule"),
+    ("filter_enable=[c4:terminal]", "filter_enable: 'c4:terminal' is not a rule; known: c4:lorem_ipsum"),
     ("filter_params={c5: {}}", "filter_params.c5.[key]: 'c5' is not one of"),
     ("filter_params={c4: {nope: 1}}", "filter_params: c4: unknown parameter(s) ['nope']"),
     ("langs=[en]", None),

@@ -6,7 +6,7 @@ import random
 
 import numpy as np
 import pytest
-from factories import dedup_texts
+from factories import dedup_texts, manpage_texts
 
 from data_prep.config import PrepConfig
 from data_prep.document import Document
@@ -24,7 +24,7 @@ from data_prep.steps import (
 from data_prep.steps.exact_dedup import group_min
 from data_prep.steps.gopher_repetition import dup_ngram_fraction
 from data_prep.steps.minhash_dedup import MinHasher
-from data_prep.steps.text import ngram_hashes, token_hashes, words
+from data_prep.steps.text import logical_lines, ngram_hashes, token_hashes, words
 
 PROSE = (
     "The committee met on Tuesday to review the budget for the coming year and to hear reports from each of "
@@ -139,6 +139,31 @@ def test_c4_rules():
     assert reason(C4(disabled=["curly_bracket"]), PROSE + " Use {x} here.") is None
     with pytest.raises(ValueError, match="unknown rule"):
         C4(disabled=["no_such_rule"])
+    # terminal_punct is off unless enabled; then a line without an end mark goes, and is counted
+    menu = PROSE + "\nRead more about the committee and its working groups here"
+    assert run(c, menu)[0].text == menu
+    strict = C4().enable(["c4:terminal_punct"])
+    assert run(strict, menu)[0].text == PROSE
+    assert (strict.cut_lines, strict.cut_chars) == ({"c4:terminal_punct": 1}, {"c4:terminal_punct": 58})
+    # a page that is mostly code goes; prose quoting a brace stays (max_curly_share 0: C4's "any {")
+    code = PROSE + "\n" + "\n".join(f"if (x{i}) {{ y{i}(); }}" for i in range(30))
+    assert reason(c, code) == "c4:curly_bracket"
+    quoting = "\n".join([PROSE] * 3 + ["Braces such as {a,b} are expanded by the shell before the command runs."])
+    assert reason(c, quoting) is None and reason(C4(max_curly_share=0), quoting) == "c4:curly_bracket"
+
+
+def test_hard_wrapped_paragraphs_are_judged_as_one_line():
+    [page] = manpage_texts(1)
+    groups = logical_lines(page.split("\n"))
+    assert max(len(g) for g in groups) >= 4  # paragraphs were rejoined
+    assert all(g[-1].rstrip().endswith(".") for g in groups if len(g) > 1)  # ...up to the end of their sentence
+    assert ["       -l"] in groups or ["       -a, --all"] in groups or ["       -h, --help"] in groups
+    # web text, a paragraph a line, is left as it is; so are short lines of similar length
+    web = [PROSE, "Please enable JavaScript to view this page", "This site uses cookies to improve things", PROSE]
+    assert logical_lines(web) == [[ln] for ln in web]
+    strict = C4().enable(["terminal_punct"])
+    [doc] = run(strict, page)
+    assert doc.removed is None and len(doc.text) > 0.85 * len(page), strict.cut_chars
 
 
 def test_fineweb_rules():
@@ -148,6 +173,7 @@ def test_fineweb_rules():
     assert reason(f, "\n".join(["Short line."] * 3 + [PROSE])) == "fineweb:short_line_ratio"
     assert reason(f, PROSE + "\nA repeated closing line is here.\nA repeated closing line is here.") == "fineweb:char_dup_ratio"
     assert reason(FineWeb(short_line_ratio=1.0), "\n".join(f"Item {i}." for i in range(30))) == "fineweb:list_ratio"
+    assert reason(f, manpage_texts(1, seed=3)[0]) is None  # wrapped lines end mid-sentence: judged rejoined
 
 
 def test_exact_dedup_keeps_first_and_names_it(tmp_path):

@@ -40,8 +40,11 @@ def pipeline(server, tmp_path_factory):
         with tracker.stage_run("prep", params={"vocab_size": 400}) as prep:
             corpus = text_corpus(tmp / "corpus", train_tokenizer(tmp / "tok"), n_docs=60, val_docs=4)
             prep.log_corpus_output(corpus)
+        with tracker.stage_run("train", params={"train": {"steps": 30}}, run_dir=tmp / "run") as first:
+            first.log_metrics({"loss": 6.0}, step=15)  # a first segment: stopped after its checkpoint at step 15
+            (tmp / "run" / "checkpoints" / "step_0000015").mkdir(parents=True)
         with tracker.stage_run("train", params={"model": {"n_layer": 2}, "train": {"steps": 30}},
-                               run_dir=tmp / "run") as train:
+                               run_dir=tmp / "run") as train:  # the rerun resumes it
             train.log_dataset(corpus, "train")
             model_dir, losses = train_tiny(corpus, tmp / "run" / "model", steps=30,
                                            metrics_cb=lambda s, loss: train.log_metrics({"loss": loss}, step=s))
@@ -52,7 +55,8 @@ def pipeline(server, tmp_path_factory):
             small = save_model_dir(state, model.cfg, tmp / "small", tokenizer=model_dir / "tokenizer.model")
             quant = post.log_model(small, stage="quantized", parent=model_dir, register_as="kiln-tiny", alias="int8")
     return {"tracker": tracker, "tmp": tmp, "corpus": corpus, "model_dir": model_dir, "pretrain": pretrain,
-            "quant": quant, "parent_run": parent.run_id, "run_ids": (prep.run_id, train.run_id, post.run_id)}
+            "quant": quant, "parent_run": parent.run_id, "run_ids": (prep.run_id, train.run_id, post.run_id),
+            "first_segment": first.run_id}
 
 
 def test_stage_runs_nest_and_record_params_metrics_datasets(pipeline):
@@ -122,6 +126,9 @@ def test_fetch_eval_lineage_end_to_end(pipeline, server, tmp_path, monkeypatch, 
     (parent,) = tree["parents"]
     assert parent["model_id"] == pipeline["pretrain"]["model_id"] and parent["stage"] == "pretrain"
     assert parent["run"]["name"] == "train" and parent["run"]["run_id"] == pipeline["run_ids"][1]
+    [segment] = parent["run"]["continues"]  # the resumed run links the run it continued
+    assert (segment["run_id"], segment["last_step"]) == (pipeline["first_segment"], 15)
+    assert f"resumes run train {pipeline['first_segment']} (FINISHED, to step 15)" in " ".join(printed.err.split())
     (ds,) = parent["datasets"]
     assert ds["digest"] == json.loads((pipeline["corpus"] / "manifest.json").read_text())["digest"]
     assert [p["run_id"] for p in ds["prep_runs"]] == [pipeline["run_ids"][0]]

@@ -80,6 +80,21 @@ def test_lr_schedule_warmup_then_cosine_to_min():
     assert lr_at(110, cfg) == pytest.approx(1e-4)
 
 
+def test_a_resume_with_another_schedule_never_changes_the_rates_already_trained():
+    from pipeline.schedule import lr_of, on_resume
+
+    rec = {"kind": "cosine", "warmup": 20, "steps": 200, "lr": 3e-4, "min_lr": 3e-5}
+    longer = dict(rec, steps=300)
+    assert on_resume(rec, dict(rec), 200) == (rec, None)
+    chosen, line = on_resume(rec, longer, 200)  # extending a finished cosine: continued as logged, at min lr
+    assert chosen == rec and "continues the checkpoint's schedule" in line and "stays at 3.00e-05" in line
+    assert [lr_of(s, chosen) for s in (200, 250, 299)] == [3e-5] * 3
+    chosen, line = on_resume(rec, longer, 100)  # mid-decay: the recorded curve, not a jump up to the longer one
+    assert chosen == rec and lr_of(100, chosen) < lr_of(99, rec) < lr_of(100, longer)
+    chosen, line = on_resume(rec, longer, 15)  # still warming up: the past is the same, the longer horizon holds
+    assert chosen == longer and "on the configured schedule" in line
+
+
 @pytest.mark.fault
 def test_corrupt_latest_checkpoint_falls_back(tmp_path, caplog):
     root = tmp_path / "checkpoints"
@@ -182,6 +197,17 @@ def test_kill9_and_rerun_equals_uninterrupted_bit_for_bit(tmp_path):
     assert again["resumed_from"].endswith("step_0000024")
     c = weights(out / "model")
     assert all(torch.equal(a[k], c[k]) for k in a)
+
+    # extending the finished run: one line says what the schedule does before step one, and the rate does not jump
+    cmd = kiln_train_cmd(out, f"data.paths=[{corpus}]", "train.steps=30", "checkpoint.every=6", "train.eval_every=6")
+    res = subprocess.run(cmd, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    err = " ".join(res.stderr.split())
+    assert "resuming at step 24: the learning rate continues the checkpoint's schedule" in err, err[-2000:]
+    assert err.index("resuming at step 24") < err.index("step 25/30")
+    lrs = {m["step"]: m["lr"] for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+    assert sorted(lrs) == list(range(1, 31)) and all(lrs[s] == pytest.approx(1e-4) for s in range(25, 31))
+    assert max(lrs[s] for s in range(25, 31)) <= lrs[24]
 
 
 def test_train_config_errors_are_one_line(tmp_path):

@@ -39,9 +39,11 @@ def build_steps(cfg, eval_index: EvalIndex | None = None) -> list[Step]:
     `eval_index` adds decontamination (the runner builds it from `decontaminate.paths`).
     """
     disabled: dict[str, list[str]] = {}
-    for item in cfg.filter_disable:
-        step, _, rule = item.partition(":")
-        disabled.setdefault(step, []).append(rule)
+    enabled: dict[str, list[str]] = {}
+    for chosen, items in ((disabled, cfg.filter_disable), (enabled, cfg.filter_enable)):
+        for item in items:
+            step, _, rule = item.partition(":")
+            chosen.setdefault(step, []).append(rule)
     steps: list[Step] = [Normalize(), LengthPolicy(cfg.max_doc_chars, cfg.long_doc_policy)]
     for name, cls in STEPS.items():
         if name == "pii" and eval_index is not None:
@@ -53,7 +55,7 @@ def build_steps(cfg, eval_index: EvalIndex | None = None) -> list[Step]:
             kwargs["disabled"] = disabled.get(name, ())
         kwargs.update(cfg.filter_params.get(name, {}))
         try:
-            steps.append(cls(**kwargs))
+            steps.append(cls(**kwargs).enable(enabled.get(name, ())))
         except (TypeError, ValueError, AttributeError) as err:  # a parameter of the wrong type
             key = "langs" if name == "langid" and "language" in str(err) else f"filter_params.{name}"
             raise ValueError(f"{key}: {err}") from None

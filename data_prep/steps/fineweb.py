@@ -3,14 +3,15 @@
 Removes a document when fewer than 12% of its lines end in terminal punctuation,
 more than 67% of its lines are at most 30 characters, more than 1% of its
 characters sit in lines that repeat an earlier line, or it has more than 0.3
-newlines per word (a list, not prose).
+newlines per word (a list, not prose). Lines are logical lines: a hard-wrapped
+paragraph counts as one (text.logical_lines), as it would in web text.
 """
 
 from __future__ import annotations
 
 from data_prep.document import Document
 from data_prep.steps.base import Filter
-from data_prep.steps.text import TERMINAL, duplicates, lines, words
+from data_prep.steps.text import TERMINAL, duplicates, logical_lines, unwrap, words
 
 
 class FineWeb(Filter):
@@ -25,7 +26,8 @@ class FineWeb(Filter):
 
     def check(self, doc: Document):
         text = doc.text
-        ls = lines(text)
+        groups = logical_lines(text.split("\n"))
+        ls = [ln for ln in map(unwrap, groups) if ln]
         if not ls:
             return "line_punct_ratio", "no lines"
         if self.on("line_punct_ratio"):
@@ -41,7 +43,8 @@ class FineWeb(Filter):
             if ratio > self.char_dup:
                 return "char_dup_ratio", f"{ratio:.3f} > {self.char_dup}"
         if self.on("list_ratio"):
-            ratio = text.count("\n") / max(1, len(words(text)))
+            newlines = len(groups) - 1  # the newlines left once wrapped paragraphs are joined
+            ratio = newlines / max(1, len(words(text)))
             if ratio > self.list_ratio:
                 return "list_ratio", f"{ratio:.2f} > {self.list_ratio}"
         return None

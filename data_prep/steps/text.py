@@ -34,6 +34,47 @@ def lines(text: str) -> list[str]:
     return [ln for ln in (ln.strip() for ln in text.split("\n")) if ln]
 
 
+# Hard-wrapped text (man pages, mail, plain-text docs) breaks lines where a column limit falls, not where a
+# sentence ends. Widths outside this range are not taken for wrapping (web text puts a paragraph on one line).
+WRAP_WIDTHS = (40, 200)
+
+
+def wrap_width(raw_lines: list[str]) -> int | None:
+    """The column a document looks hard-wrapped at, or None: among its lines no longer than WRAP_WIDTHS[1], the
+    length reached by the 3rd-longest (the 10th percentile from the top when over 30), if at least WRAP_WIDTHS[0]."""
+    lengths = sorted((n for n in (len(ln.rstrip()) for ln in raw_lines if ln.strip()) if n <= WRAP_WIDTHS[1]), reverse=True)
+    k = max(3, len(lengths) // 10)
+    if len(lengths) < k:
+        return None
+    width = lengths[k - 1]
+    return width if WRAP_WIDTHS[0] <= width <= WRAP_WIDTHS[1] else None
+
+
+def logical_lines(raw_lines: list[str]) -> list[list[str]]:
+    """Consecutive lines grouped into the logical lines they were wrapped from. In a document with a wrap width,
+    a line joins the next when it does not end a sentence, is at most WRAP_WIDTHS[1] long, and the next line's
+    first word would not have fitted on it within the width (the rule a wrapping editor follows). Blank lines
+    stay groups of their own; in unwrapped text every line is a group."""
+    width = wrap_width(raw_lines)
+    groups: list[list[str]] = []
+    joined = False
+    for i, ln in enumerate(raw_lines):
+        if joined:
+            groups[-1].append(ln)
+        else:
+            groups.append([ln])
+        nxt = raw_lines[i + 1].split() if width and i + 1 < len(raw_lines) else []
+        end = ln.rstrip()
+        joined = bool(nxt and end.strip() and not end.endswith(TERMINAL) and
+                      width - len(nxt[0]) - 1 < len(end) <= WRAP_WIDTHS[1])
+    return groups
+
+
+def unwrap(group: list[str]) -> str:
+    """A logical line's text: its lines stripped and joined by spaces ("" for a blank line)."""
+    return " ".join(ln.strip() for ln in group).strip()
+
+
 def paragraphs(text: str) -> list[str]:
     """Non-blank paragraphs (separated by blank lines), stripped."""
     return [p for p in (p.strip() for p in _PARAGRAPH_BREAK.split(text)) if p]

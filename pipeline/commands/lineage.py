@@ -42,6 +42,8 @@ def print_lineage(node: dict) -> None:
         if m.get("run"):
             r = m["run"]
             run_branch = branch.add(f"run {r['name']} {r['run_id']} ({r['status']})")
+            for seg in r.get("continues", []):  # the earlier runs it resumed
+                run_branch.add(f"resumes run {seg['name']} {seg['run_id']} ({seg['status']}, to step {seg['last_step']})")
         else:
             run_branch = branch
         for d in m.get("datasets", []):

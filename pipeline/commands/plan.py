@@ -39,7 +39,7 @@ def add_arguments(p) -> None:
 
 def run(args) -> dict:
     from pipeline.console import kv_table
-    from pipeline.plan import make_plan
+    from pipeline.plan import human_count, make_plan
 
     given = {"tp": args.tp, "pp": args.pp, "dp": args.dp, "zero_stage": args.zero_stage, "precision": args.precision,
              "micro_batch_size": args.micro_batch_size, "seq_len": args.seq_len,
@@ -56,10 +56,10 @@ def run(args) -> dict:
     )
     shown = {
         "compute budget": f"{plan['flops']:.3e} FLOPs",
-        "compute-optimal params (Chinchilla)": count(plan["optimal_params"]),
-        "compute-optimal tokens": count(plan["optimal_tokens"]),
-        "nearest shipped config": f"configs/model/{plan['model_config']}.yaml ({count(plan['model_params'])} params)",
-        "tokens that config gets from the budget": count(plan["tokens_for_model"]),
+        "compute-optimal params (Chinchilla)": human_count(plan["optimal_params"]),
+        "compute-optimal tokens": human_count(plan["optimal_tokens"]),
+        "nearest shipped config": f"configs/model/{plan['model_config']}.yaml ({human_count(plan['model_params'])} params)",
+        "tokens that config gets from the budget": human_count(plan["tokens_for_model"]),
         "recommended layout" if plan["layout_recommended"] else "layout":
             ", ".join(f"{k}={v}" for k, v in plan["layout"].items() if v is not None),
     }
@@ -71,10 +71,3 @@ def run(args) -> dict:
     kv_table("kiln plan", shown)
     return plan
 
-
-def count(n: float) -> str:
-    """A count in the unit that keeps three significant digits readable: 912.9 K, 18.3 M, 1.30 B, 1.40 T."""
-    for scale, unit in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
-        if n >= scale:
-            return f"{n / scale:,.2f} {unit}" if n < 10 * scale else f"{n / scale:,.1f} {unit}"
-    return f"{n:,.0f}"

@@ -22,6 +22,8 @@ def add_arguments(p) -> None:
     tok.add_argument("--tokenizer", metavar="FILE.model", help="use this sentencepiece model instead of training one")
     p.add_argument("--val-fraction", type=float)
     p.add_argument("--no-dedup", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace a finished DIR of other inputs or config "
+                   "(once the new run has finished; without it such a DIR is never deleted)")
     p.add_argument("--langs", help="comma-separated language codes to keep, e.g. en,de")
     p.add_argument("--decontaminate", nargs="+", action="extend", metavar="PATH",
                    help="evaluation files/dirs (jsonl, json, txt, lm-eval task yaml): remove documents sharing a "
@@ -37,7 +39,7 @@ def run(args) -> dict:
     with locked(args.out, "kiln prep"):
         tracker = Tracker(cfg.tracking, args.tracking_uri)
         with tracker.stage_run("prep", params=cfg, run_dir=args.out) as stage:
-            summary = prep(args.inputs, args.out, cfg, progress=progress, table=print_table)
+            summary = prep(args.inputs, args.out, cfg, progress=progress, table=print_table, overwrite=args.overwrite)
             stage.log_corpus_output(args.out)
     return summary
 

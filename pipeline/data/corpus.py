@@ -29,6 +29,9 @@ class PreparedCorpus:
         reads per shard, whatever its size). `verify_full` hashes every byte."""
         self.dir = Path(directory)
         path = self.dir / "manifest.json"
+        if self.dir.is_file():
+            raise KilnError(f"{self.dir}: a file, not a `kiln prep` output directory; prepare it first "
+                            f"(kiln prep {self.dir} --out DIR) and pass DIR")
         try:
             self.manifest = json.loads(path.read_text())
         except FileNotFoundError:

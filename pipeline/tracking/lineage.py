@@ -1,4 +1,5 @@
-"""`kiln lineage`: model -> parent model(s) -> the run that made each -> its datasets -> the prep run.
+"""`kiln lineage`: model -> parent model(s) -> the run that made each (and the runs it resumed) -> its datasets
+-> the prep run.
 
 Walks the `kiln.*` tags that StageRun.log_model and log_dataset leave behind; a
 parent already visited is reported as a cycle instead of followed.
@@ -32,7 +33,8 @@ def _model_node(tracker: Tracker, model_id: str, seen: set[str]) -> dict:
     if lm.source_run_id:
         run = tracker.strict(lm.source_run_id, c.get_run, lm.source_run_id)
         node["run"] = {"run_id": run.info.run_id, "name": run.info.run_name, "status": run.info.status,
-                       "stage": run.data.tags.get("kiln.stage"), "git_commit": run.data.tags.get("kiln.git_commit")}
+                       "stage": run.data.tags.get("kiln.stage"), "git_commit": run.data.tags.get("kiln.git_commit"),
+                       "continues": _segments(tracker, run)}
         for d in run.inputs.dataset_inputs:
             dtags = {t.key: t.value for t in d.tags}
             node["datasets"].append(_dataset_node(tracker, dtags.get("kiln.data_digest", d.dataset.digest),
@@ -45,6 +47,25 @@ def _model_node(tracker: Tracker, model_id: str, seen: set[str]) -> dict:
         else:
             node["parents"].append(_model_node(tracker, parent, seen))
     return node
+
+
+def _segments(tracker: Tracker, run) -> list[dict]:
+    """The earlier runs a resumed run continued (`kiln.continues_run`), newest first."""
+    out: list[dict] = []
+    rid = run.data.tags.get("kiln.continues_run")
+    while rid and rid not in {s["run_id"] for s in out}:
+        prev = tracker.strict(rid, tracker.client.get_run, rid)
+        out.append({"run_id": rid, "name": prev.info.run_name, "status": prev.info.status,
+                    "git_commit": prev.data.tags.get("kiln.git_commit"), "last_step": _last_step(tracker, prev)})
+        rid = prev.data.tags.get("kiln.continues_run")
+    return out
+
+
+def _last_step(tracker: Tracker, run) -> int | None:
+    """The last step a run logged its loss at (how far that segment trained)."""
+    if "loss" not in (run.data.metrics or {}):
+        return None
+    return max((m.step for m in tracker.client.get_metric_history(run.info.run_id, "loss")), default=None)
 
 
 def _dataset_node(tracker: Tracker, digest: str, name: str | None, source: str | None, tags: dict) -> dict:

@@ -67,12 +67,28 @@ class StageRun:
         record.update(stage=self.stage, tracking_uri=self.tracker.uri, **fields)
         path.write_text(json.dumps(record, indent=2) + "\n")
 
+    def continued_run(self) -> str | None:
+        """The run this one resumes: the last run of this stage recorded in a run dir that holds checkpoints
+        (a rerun of `kiln train` into its --out continues from them), on the same tracking server."""
+        path = self.run_dir / RUN_RECORD if self.run_dir else None
+        if path is None or not path.is_file() or not (self.run_dir / "checkpoints").is_dir():
+            return None
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+        same = record.get("stage") == self.stage and record.get("tracking_uri") == self.tracker.uri
+        return record.get("run_id") if same else None
+
     def start(self, params: Any, tags: dict) -> None:
         t = self.tracker
         parent = t.parent_run_id or os.environ.get(PARENT_ENV)
         all_tags = {"kiln.stage": self.stage, **system_tags(), **{k: str(v) for k, v in tags.items()}}
         if parent:
             all_tags["mlflow.parentRunId"] = parent
+        continued = self.continued_run()
+        if continued:
+            all_tags["kiln.continues_run"] = continued
         run = self.safe(lambda: t.client.create_run(t.experiment_id(), run_name=self.stage, tags=all_tags))
         self.run_id = run.info.run_id if run else None
         self._record(run_id=self.run_id, status="RUNNING")
