@@ -3,8 +3,8 @@
 Checkpoints carry every rank's slices of the plain weights with their slicing
 recorded (checkpoint.py), so export never needs the layout they were trained with:
 it reassembles one tensor at a time and streams it out (peak memory: the largest
-tensor). Only the Hugging Face format builds the whole model in memory; its mapping onto
-transformers' classes is pipeline/hf/mapping.py, its directory pipeline/hf/model.py.
+tensor), the Hugging Face format too (its mapping onto transformers' names is the family's spec,
+pipeline/families/, applied by pipeline/hf/mapping.py; its directory is pipeline/hf/model.py).
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ def export(src: str | Path, out: str | Path, fmt: str = "safetensors") -> dict:
     elif fmt == "hf":
         from pipeline.hf.model import save_hf  # weights + tokenizer.json checked against sentencepiece
 
-        save_hf(state.to_dict(), cfg, out, tok, meta)  # an explicit export: the one place the whole model is in memory
+        save_hf(state, cfg, out, tok, meta)  # streamed: one tensor at a time
     else:
         raise KilnError(f"--format {fmt}: expected safetensors or hf")
     return {"source": str(source), "out": str(out), "format": fmt, "style": cfg.style,

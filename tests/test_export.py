@@ -76,3 +76,61 @@ def test_kiln_export_cli_hf_and_safetensors(tmp_path, capsys):
     assert config["kiln"]["data_digest"] == "abc" and config["kiln"]["stage"] == "pretrain"
     assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), model.state_dict().values(), strict=True))
     assert main(["export", str(tmp_path / "nope"), "--out", str(tmp_path / "x")]) == 1
+
+
+class LiveWeights:
+    """A Weights stand-in that counts the bytes of its tensors still alive (weakref), to bound an export's peak."""
+
+    def __init__(self, state: dict[str, torch.Tensor]):
+        self.state, self.live, self.peak = state, 0, 0
+
+    def names(self):
+        return list(self.state)
+
+    def shape(self, name):
+        return tuple(self.state[name].shape)
+
+    def dtype(self, name):
+        return self.state[name].dtype
+
+    def get(self, name):
+        import weakref
+
+        t = self.state[name].clone()
+        self.live += t.nbytes
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(t, lambda n=t.nbytes: setattr(self, "live", self.live - n))
+        return t
+
+
+@pytest.mark.parametrize("style,tie,kv_heads", [("llama", True, 2), ("gpt2", False, None)])
+def test_hf_export_streams_tensor_by_tensor_into_shards_transformers_loads(style, tie, kv_heads, tmp_path, monkeypatch):
+    """Sharded safetensors + index, as transformers writes them, with no transformers model built to write them,
+    at most a few tensors alive at once; transformers loads the dir and gives Kiln's logits."""
+    import transformers
+
+    from pipeline.hf.model import save_hf
+    from pipeline.model.weights import Weights
+
+    cfg = _cfg(style, tie, kv_heads)
+    model = build_gpt(cfg, seed=5).eval()
+    state = {k: v.detach().clone() for k, v in model.state_dict().items() if not (tie and k == "head.lm_head.weight")}
+    source = LiveWeights(state)
+    Weights.register(LiveWeights)
+    largest = max(t.nbytes for t in state.values())
+
+    def refuse(*a, **k):
+        raise AssertionError("a transformers model was built to write the export")
+
+    with monkeypatch.context() as m:
+        m.setattr(transformers.PreTrainedModel, "__init__", refuse)
+        info = save_hf(source, cfg, tmp_path / "hf", None, {}, max_shard_bytes=4 * largest)
+    assert source.peak <= 3 * largest < sum(t.nbytes for t in state.values()) / 2  # not the whole model
+    index = json.loads((tmp_path / "hf/model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert info["shards"] == len(files) >= 3 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
+    assert all((tmp_path / "hf" / f).is_file() for f in files)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    idx = torch.randint(0, 120, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(idx).logits, model(idx)[0], rtol=0, atol=1e-4)

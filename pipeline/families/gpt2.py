@@ -9,22 +9,29 @@ from __future__ import annotations
 from pipeline.families.spec import Family, HFSpec
 
 
-def hf_weights(state: dict, cfg) -> dict:
+def hf_weights(get, cfg) -> dict:
+    """{transformers name: a function giving that tensor}, from `get` (Kiln name -> tensor): lazy, so an export
+    holds one tensor (and for c_attn its three parts) at a time."""
     import torch
 
-    out = {"transformer.wte.weight": state["embed.wte.weight"], "transformer.wpe.weight": state["embed.wpe.weight"],
-           "transformer.ln_f.weight": state["head.norm.weight"], "transformer.ln_f.bias": state["head.norm.bias"],
-           "lm_head.weight": state.get("head.lm_head.weight", state["embed.wte.weight"])}
+    def one(name: str, transpose: bool = False):
+        return lambda: get(name).t().contiguous() if transpose else get(name)
+
+    def qkv(b: str, kind: str):
+        parts = lambda: [get(f"{b}attn.{w}.{kind}") for w in ("wq", "wk", "wv")]  # noqa: E731
+        return (lambda: torch.cat(parts(), dim=0).t().contiguous()) if kind == "weight" else (lambda: torch.cat(parts()))
+
+    out = {"transformer.wte.weight": one("embed.wte.weight"), "transformer.wpe.weight": one("embed.wpe.weight"),
+           "transformer.ln_f.weight": one("head.norm.weight"), "transformer.ln_f.bias": one("head.norm.bias"),
+           "lm_head.weight": one("embed.wte.weight" if cfg.tie_embeddings else "head.lm_head.weight")}
     for i in range(cfg.n_layer):
         b, h = f"blocks.{i}.", f"transformer.h.{i}."
         for ours, theirs in (("norm1", "ln_1"), ("norm2", "ln_2")):
-            out[h + theirs + ".weight"], out[h + theirs + ".bias"] = state[b + ours + ".weight"], state[b + ours + ".bias"]
-        qkv = [state[f"{b}attn.{w}.weight"] for w in ("wq", "wk", "wv")]
-        out[h + "attn.c_attn.weight"] = torch.cat(qkv, dim=0).t().contiguous()
-        out[h + "attn.c_attn.bias"] = torch.cat([state[f"{b}attn.{w}.bias"] for w in ("wq", "wk", "wv")])
+            out[h + theirs + ".weight"], out[h + theirs + ".bias"] = one(b + ours + ".weight"), one(b + ours + ".bias")
+        out[h + "attn.c_attn.weight"], out[h + "attn.c_attn.bias"] = qkv(b, "weight"), qkv(b, "bias")
         for ours, theirs in (("attn.wo", "attn.c_proj"), ("mlp.fc", "mlp.c_fc"), ("mlp.proj", "mlp.c_proj")):
-            out[h + theirs + ".weight"] = state[b + ours + ".weight"].t().contiguous()
-            out[h + theirs + ".bias"] = state[b + ours + ".bias"]
+            out[h + theirs + ".weight"] = one(b + ours + ".weight", transpose=True)
+            out[h + theirs + ".bias"] = one(b + ours + ".bias")
     return out
 
 

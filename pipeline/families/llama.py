@@ -14,12 +14,14 @@ _NAMES = {"norm1": "input_layernorm", "norm2": "post_attention_layernorm", "attn
           "mlp.w1": "mlp.gate_proj", "mlp.w3": "mlp.up_proj", "mlp.w2": "mlp.down_proj"}
 
 
-def hf_weights(state: dict, cfg) -> dict:
-    out = {"model.embed_tokens.weight": state["embed.wte.weight"], "model.norm.weight": state["head.norm.weight"],
-           "lm_head.weight": state.get("head.lm_head.weight", state["embed.wte.weight"])}
+def hf_weights(get, cfg) -> dict:
+    """{transformers name: a function giving that tensor}, from `get` (Kiln name -> tensor): lazy, so an export
+    holds one tensor at a time."""
+    out = {"model.embed_tokens.weight": lambda: get("embed.wte.weight"), "model.norm.weight": lambda: get("head.norm.weight"),
+           "lm_head.weight": lambda: get("embed.wte.weight" if cfg.tie_embeddings else "head.lm_head.weight")}
     for i in range(cfg.n_layer):
         for ours, theirs in _NAMES.items():
-            out[f"model.layers.{i}.{theirs}.weight"] = state[f"blocks.{i}.{ours}.weight"]
+            out[f"model.layers.{i}.{theirs}.weight"] = lambda n=f"blocks.{i}.{ours}.weight": get(n)
     return out
 
 

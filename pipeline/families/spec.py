@@ -11,7 +11,8 @@ from typing import Any
 class HFSpec:
     """The family as a transformers model: its classes, which config key each ModelConfig field becomes (None:
     the format has no such knob; every field must be placed, tests/test_export.py holds that), fixed config
-    values, and the weight renaming (Kiln's plain state dict -> transformers names)."""
+    values, and the weight renaming: `weights(get, cfg)` -> {transformers name: a function giving the tensor},
+    with `get` reading one of Kiln's plain weights by name (lazy: an export streams them one at a time)."""
 
     model_class: str
     config_class: str

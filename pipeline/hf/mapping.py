@@ -8,6 +8,7 @@ import torch
 
 from pipeline.config import KilnError, ModelConfig
 from pipeline.families import family
+from pipeline.model.weights import Weights
 
 
 def transformers_config(cfg: ModelConfig):
@@ -32,8 +33,34 @@ def transformers_config(cfg: ModelConfig):
 
 def hf_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """Kiln's plain weights under the transformers model's names (renamed, and where the family says so
-    transposed or fused)."""
-    return family(cfg).hf.weights(state, cfg)
+    transposed or fused), all in memory: for small models and the quantized forms' name lookup."""
+    return {name: make() for name, make in family(cfg).hf.weights(state.__getitem__, cfg).items()}
+
+
+class HFWeights(Weights):
+    """A model's weights under transformers' names, lazily: each tensor made from Kiln's when asked (a tied
+    head is left out: transformers ties it on load). Shapes and dtypes come from running the family's mapping
+    on meta tensors, so nothing is read to know them."""
+
+    def __init__(self, source: Weights, cfg: ModelConfig):
+        self.source = source
+        self.make = family(cfg).hf.weights(source.get, cfg)
+        if cfg.tie_embeddings:
+            self.make.pop("lm_head.weight")
+        meta = family(cfg).hf.weights(lambda n: torch.empty(source.shape(n), dtype=source.dtype(n), device="meta"), cfg)
+        self.meta = {name: meta[name]() for name in self.make}
+
+    def names(self) -> list[str]:
+        return list(self.make)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.meta[name].shape)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.meta[name].dtype
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.make[name]()
 
 
 def to_hf(state: dict[str, torch.Tensor], cfg: ModelConfig):

@@ -1,6 +1,7 @@
 """Any MODEL dir as a directory `transformers.AutoModelForCausalLM.from_pretrained` loads.
 
-    plain (trained, distilled, pruned)  -> LlamaForCausalLM / GPT2LMHeadModel safetensors (mapping.to_hf)
+    plain (trained, distilled, pruned)  -> the family's transformers class (pipeline/families/), streamed
+                                           tensor by tensor into (sharded) safetensors (save_hf)
     format torchao-int8 (int8-weight/-dynamic) -> the same model quantized by transformers' torchao
                                            integration, Kiln's int8 codes copied in bit for bit
     format packed (gptq, rtn)           -> the standard packed GPTQ layout (qweight/qzeros/scales/g_idx,
@@ -15,18 +16,22 @@ kiln_export.json (Kiln's config and lineage) and SHA256SUMS (what `kiln fetch --
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
 import torch
 
 from pipeline.config import ModelConfig
+from pipeline.families import family
 from pipeline.hf.tokenizer import write_hf_tokenizer
-from pipeline.model.io import TOKENIZER, WEIGHTS, load_safetensors, read_config, verify_sums, write_sums
+from pipeline.model.io import TOKENIZER, WEIGHTS, read_config, verify_sums, write_sums
+from pipeline.model.weights import FileWeights, Weights
 
 HF_DIR = "hf"  # where a logged model keeps its transformers form, next to the Kiln MODEL dir
 EXPORT_META = "kiln_export.json"
 CORPUS_SAMPLE = 200  # documents of the model's corpus the tokenizer is checked on, when it is on disk
+MAX_SHARD_BYTES = 5 * 2**30  # per safetensors file of a transformers export (transformers' own default is 5 GB)
 
 
 def corpus_texts(meta: dict, n: int = CORPUS_SAMPLE) -> list[str]:
@@ -69,15 +74,38 @@ def finish(out: Path, cfg: ModelConfig, tokenizer: Path | None, meta: dict) -> d
     return {"tokenizer_checked_texts": checked}
 
 
-def save_hf(state: dict[str, torch.Tensor], cfg: ModelConfig, out: str | Path, tokenizer: Path | None,
-            meta: dict) -> dict:
-    """Plain weights -> a transformers model dir."""
-    from pipeline.hf.mapping import to_hf
+def save_hf(weights: Weights | dict[str, torch.Tensor], cfg: ModelConfig, out: str | Path, tokenizer: Path | None,
+            meta: dict, max_shard_bytes: int = MAX_SHARD_BYTES) -> dict:
+    """Plain weights -> a transformers model dir, streamed: tensor by tensor (peak memory about the largest
+    one), in the dtype they are stored in, into `model.safetensors` or, past `max_shard_bytes`, shards
+    `model-0000N-of-0000M.safetensors` with `model.safetensors.index.json` (the layout transformers writes);
+    no transformers model is built to write it."""
+    from pipeline.hf.mapping import HFWeights, transformers_config
+    from pipeline.model.weights import DictWeights, write_tensors
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    to_hf(state, cfg).save_pretrained(str(out), safe_serialization=True)
-    return finish(out, cfg, tokenizer, meta)
+    hf = HFWeights(weights if isinstance(weights, Weights) else DictWeights(weights), cfg)
+    size = {n: math.prod(hf.shape(n)) * hf.dtype(n).itemsize for n in hf.names()}
+    shards: list[list[str]] = [[]]
+    for name in hf.names():
+        if shards[-1] and sum(size[n] for n in shards[-1]) + size[name] > max_shard_bytes:
+            shards.append([])
+        shards[-1].append(name)
+    files = [WEIGHTS if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+             for i in range(len(shards))]
+    for file, names in zip(files, shards, strict=True):
+        write_tensors(out / file, ((n, hf.get(n)) for n in names), [(n, hf.dtype(n), hf.shape(n)) for n in names],
+                      {"format": "pt"})
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(size.values())},
+                 "weight_map": {n: f for f, names in zip(files, shards, strict=True) for n in names}}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    config = transformers_config(cfg)
+    config.architectures = [family(cfg).hf.model_class]
+    config.dtype = str(hf.dtype(hf.names()[0])).removeprefix("torch.")
+    config.to_json_file(str(out / "config.json"))
+    return {"shards": len(shards), "bytes": sum(size.values())} | finish(out, cfg, tokenizer, meta)
 
 
 def export_model_dir(model_dir: str | Path, out: str | Path) -> dict:
@@ -92,7 +120,7 @@ def export_model_dir(model_dir: str | Path, out: str | Path) -> dict:
     meta = {k: v for k, v in config.items() if k not in ("model", "format_version")}
     method = (config.get("quantization") or {}).get("method")
     if method is None:
-        info = save_hf(load_safetensors(model_dir / WEIGHTS), cfg, out, tok, meta)
+        info = save_hf(FileWeights(model_dir / WEIGHTS), cfg, out, tok, meta)
     else:
         info = format_of(config, model_dir / "config.json").to_hf(model_dir, config, out) | finish(out, cfg, tok, meta)
     return {"out": str(out), "format": "hf", "style": cfg.style, "quantization": method, **info}
