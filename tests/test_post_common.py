@@ -149,7 +149,12 @@ def test_uniform_model_scores_ln_vocab_and_counts_nonzero(phrases):
 def test_shipped_post_configs_validate(root):
     from pipeline.config import load_config
 
-    for path in sorted((root / "configs" / "post").glob("*.yaml")):
+    paths = sorted((root / "configs" / "post").glob("*.yaml"))
+    assert {p.stem for p in paths} >= {"int8", "gptq4", "rtn4", "distill", "prune"}
+    for path in paths:
         kind = {"distill": "distill", "prune": "prune"}.get(path.stem, "quantize")
         calib = ["calib=data/prepped"] if path.stem.startswith("gptq") else []  # gptq needs calibration data
-        load_config(kind, path, calib)
+        cfg = load_config(kind, path, calib)
+        if kind == "quantize":  # each file configures the method and bits it is named for
+            method, bits = {"int8": ("int8-weight", 8), "gptq4": ("gptq", 4), "rtn4": ("rtn", 4)}[path.stem]
+            assert (cfg.method, cfg.bits if method != "int8-weight" else 8) == (method, bits), path.name

@@ -221,10 +221,36 @@ def test_nccl_and_gloo_peer_failures_are_recognized(text):
     assert _lost_peer(RuntimeError("CUDA out of memory")) is None
 
 
-def test_nccl_error_handling_raises_instead_of_aborting():
-    from pipeline.parallel.topology import NCCL_ENV
+@pytest.mark.parametrize("preset", [None, "3"])
+def test_nccl_error_handling_raises_instead_of_aborting(monkeypatch, preset):
+    """On the NCCL path the group is created with async error handling 2 (abort the communicator, let the loop
+    raise its one line) unless the user set another mode; seen by the process-group call itself (CPU: faked)."""
+    import torch.distributed as dist
 
-    assert NCCL_ENV["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "2"  # abort the communicator, let the loop raise
+    from pipeline.parallel import topology
+
+    class Created(Exception):
+        pass
+
+    seen = {}
+
+    def init_process_group(backend, **kw):
+        seen.update(backend=backend, mode=topology.os.environ.get("TORCH_NCCL_ASYNC_ERROR_HANDLING"))
+        raise Created
+
+    for key in ("RANK", "TORCH_NCCL_ASYNC_ERROR_HANDLING", "DS_ACCELERATOR"):
+        monkeypatch.delenv(key, raising=False)
+    if preset:
+        monkeypatch.setenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", preset)
+    for key in ("LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+        monkeypatch.setenv(key, topology.os.environ.get(key, "0"))  # restored after the test
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", init_process_group)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: None)
+    with pytest.raises(Created):
+        topology.init_distributed()
+    assert seen == {"backend": "nccl", "mode": preset or "2"}
 
 
 @pytest.mark.slow
