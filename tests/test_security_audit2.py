@@ -34,3 +34,61 @@ def test_a3_a_planted_symlink_at_the_out_lock_is_not_followed(tmp_path, capsys, 
     assert victim.read_bytes() == SECRET
     assert code == 1
     assert "is a symlink; refusing to follow it" in one_error(capsys.readouterr().err)
+
+
+# --------------------------------------------------------------------------- 4. words reaching the nodes
+
+PDSH = r'''#!/usr/bin/env python3
+"""Stand-in pdsh: `pdsh -S -f N -w h1,h2 WORDS...` joins WORDS with spaces and runs them in a host's shell,
+with %n the host's rank, as pdsh's ssh module and sshd (`$SHELL -c`) do (the first host only: they all
+get the same line)."""
+import subprocess, sys
+args = sys.argv[1:]
+while args[0] in ("-S", "-f", "-w"):
+    hosts = args[1].split(",") if args[0] == "-w" else locals().get("hosts")
+    args = args[2 if args[0] != "-S" else 1:]
+line = " ".join(args)
+sys.exit(subprocess.call(["sh", "-c", line.replace("%n", "0")]))
+'''
+PRINT_ARGV = "import json, sys; print('ARGV', json.dumps(sys.argv[1:]))"
+
+
+def stand_in_nodes(tmp_path: Path) -> dict:
+    """PATH with a stand-in ssh (DeepSpeed's reachability check) and pdsh; a hostfile of two nodes."""
+    stubs = tmp_path / "stubs"
+    stubs.mkdir()
+    (stubs / "ssh").write_text("#!/bin/sh\nexit 0\n")
+    (stubs / "pdsh").write_text(PDSH)
+    for stub in stubs.iterdir():
+        stub.chmod(0o755)
+    (tmp_path / "hosts").write_text("nodea slots=1\nnodeb slots=1\n")
+    from factories import TRAIN_ENV
+
+    return {**TRAIN_ENV, "PATH": f"{stubs}:{os.environ['PATH']}"}
+
+
+def test_a4_shell_words_in_a_deepspeed_launch_do_not_run_on_the_nodes(tmp_path, capsys, monkeypatch):
+    """Through DeepSpeed's real runner and a stand-in pdsh/ssh; then the master address and the working
+    directory, which DeepSpeed sends unquoted, are refused."""
+    env, marker = stand_in_nodes(tmp_path), tmp_path / "pwned"
+    words = ["--set", f"data.note=$(touch {marker})", f"`touch {marker}`", f"a b $(touch {marker}) 'q'",
+             "x;y"]
+    def launch(addr: str) -> list[str]:  # nothing listens: the stand-in nodes run no rendezvous
+        return ["launch", "deepspeed", "--hostfile", str(tmp_path / "hosts"), "--master-addr", addr,
+                "--master-port", "29999"]
+
+    res = subprocess.run([sys.executable, "-m", "pipeline.cli", *launch("nodea"), "--", sys.executable, "-c", PRINT_ARGV, *words], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=240)
+    assert not marker.exists()
+    got = [json.loads(line.split("ARGV ", 1)[1]) for line in res.stdout.splitlines() if "ARGV " in line]
+    assert got == [words], res.stdout[-2000:] + res.stderr[-2000:]
+
+    from pipeline.cli import main
+
+    for option, addr, cwd in (("--master-addr", f"$(touch {marker})", tmp_path),
+                              ("the working directory", "nodea", tmp_path / "w$(touch pwned)")):
+        cwd.mkdir(exist_ok=True)
+        monkeypatch.chdir(cwd)
+        assert main([*launch(addr), "--dry-run", "--", "echo"]) == 2
+        line = one_error(capsys.readouterr().err)
+        assert option in line and "shell would interpret" in line, line
