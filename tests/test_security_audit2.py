@@ -8,10 +8,12 @@ import json
 import os
 import subprocess
 import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from test_security import ROOT, SECRET, model_dir, one_error
+from test_security import ROOT, SECRET, model_dir, one_error, publish, registry  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.security
 
@@ -92,3 +94,41 @@ def test_a4_shell_words_in_a_deepspeed_launch_do_not_run_on_the_nodes(tmp_path, 
         assert main([*launch(addr), "--dry-run", "--", "echo"]) == 2
         line = one_error(capsys.readouterr().err)
         assert option in line and "shell would interpret" in line, line
+
+
+# --------------------------------------------------------------------------- 2. a version's source
+
+
+class Recorder(BaseHTTPRequestHandler):
+    """A stranger's server: remembers every request's Authorization header."""
+
+    seen: list = []
+
+    def do_GET(self):  # noqa: N802 - http.server's name
+        Recorder.seen.append(self.headers.get("Authorization"))
+        self.send_error(404)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a2_a_version_source_cannot_send_credentials_to_a_strangers_url(registry, tmp_path, capsys, monkeypatch):
+    from pipeline.cli import main
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        client = registry.tracker.client
+        real = publish(registry, model_dir(tmp_path / "m"), "sourced")
+        evil = f"http://127.0.0.1:{server.server_address[1]}/api/2.0/mlflow-artifacts/artifacts/m"  # an MLflow server's form
+        mv = client.create_model_version("sourced", source=evil, tags={"kiln.model_id": real["model_id"]})
+        client.set_registered_model_alias("sourced", "champion", mv.version)
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "victim")
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "S3cret")
+        code = main(["fetch", "models:/sourced@champion", "--out", str(tmp_path / "f"), "--tracking-uri", registry.uri])
+    finally:
+        server.shutdown()
+    assert Recorder.seen == []
+    assert code == 1
+    line = one_error(capsys.readouterr().err)
+    assert "not where this registry keeps its own" in line and "127.0.0.1" not in line, line

@@ -8,6 +8,12 @@ Registry contents are written by other people: a model id from a tag is only use
 directory name when it is a plain id, a download is verified file by file (every file listed,
 every digest recomputed, nothing outside the directory), and a directory already at `--out` or
 in the cache is believed only when its SHA256SUMS is the registered one, byte for byte.
+
+A version's source (its download URI) is written by other people too, and MLflow sends the user's
+credentials (MLFLOW_TRACKING_USERNAME/PASSWORD, cloud keys) to wherever it points. So before any
+request it must be where this registry's artifacts live (`artifact_store_ok`): the tracking server
+itself (`mlflow-artifacts:` or its own scheme://host:port), a local path, or a store the user named
+in KILN_ARTIFACT_STORES (comma-separated prefixes, e.g. `s3://team-bucket/mlflow`).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import urlparse
 
 from mlflow.artifacts import download_artifacts
 from mlflow.entities import LoggedModelInput
@@ -195,8 +202,7 @@ def download_verified(tracker: Tracker, ref: ModelRef, out: str | Path) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.fetch-", dir=out.parent))
     try:
-        got = Path(tracker.strict(uri, download_artifacts, artifact_uri=ref.download_uri,
-                                  dst_path=str(tmp), tracking_uri=tracker.connect_uri))
+        got = Path(_download(tracker, ref, ref.download_uri, tmp))
         verify_sums(got)
         _check_weights_tag(tracker, ref, got)
         (got / FETCH_MARKER).write_text(json.dumps(asdict(ref)) + "\n")
@@ -213,9 +219,36 @@ def _registered_sums(tracker: Tracker, ref: ModelRef) -> bytes:
     from pipeline.model.io import SUMS
 
     with tempfile.TemporaryDirectory(prefix="kiln-sums-") as tmp:
-        got = tracker.strict(ref.uri, download_artifacts, artifact_uri=f"{ref.download_uri.rstrip('/')}/{SUMS}",
-                             dst_path=tmp, tracking_uri=tracker.connect_uri)
+        got = _download(tracker, ref, f"{ref.download_uri.rstrip('/')}/{SUMS}", tmp)
         return Path(got).read_bytes()
+
+
+def artifact_store_ok(tracking_uri: str, artifact_uri: str) -> bool:
+    """Whether `artifact_uri` is where this registry's artifacts live (see the module docstring)."""
+    where, home = urlparse(artifact_uri), urlparse(tracking_uri)
+    if where.scheme in ("", "file") and not where.netloc:
+        return True  # a local path: no request, no credentials
+    if where.scheme == "mlflow-artifacts":  # resolved against the tracking server
+        return not where.netloc or (home.scheme in ("http", "https") and _origin(where)[1:] == _origin(home)[1:])
+    if where.scheme in ("http", "https") and home.scheme in ("http", "https") and _origin(where) == _origin(home):
+        return True
+    named = [s.strip().rstrip("/") for s in os.environ.get("KILN_ARTIFACT_STORES", "").split(",") if s.strip()]
+    return any(artifact_uri == n or artifact_uri.startswith(n + "/") for n in named)
+
+
+def _origin(u) -> tuple:
+    return (u.scheme, (u.hostname or "").lower(), u.port)
+
+
+def _download(tracker: Tracker, ref: ModelRef, artifact_uri: str, dst) -> str:
+    """download_artifacts, once the URI is known to be this registry's (checked before any request)."""
+    if not artifact_store_ok(tracker.connect_uri, artifact_uri):
+        scheme = urlparse(artifact_uri).scheme or "a path"
+        raise KilnError(f"{ref.uri}: {ref.model_id}'s artifacts are not where this registry keeps its own "
+                        f"(a {scheme} URI that is not the tracking server's); refusing to send credentials there "
+                        "(name other stores in KILN_ARTIFACT_STORES)")
+    return tracker.strict(ref.uri, download_artifacts, artifact_uri=artifact_uri, dst_path=str(dst),
+                          tracking_uri=tracker.connect_uri)
 
 
 def _check_weights_tag(tracker: Tracker, ref: ModelRef, got: Path) -> None:
