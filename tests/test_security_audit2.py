@@ -13,7 +13,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from test_security import ROOT, SECRET, model_dir, one_error, publish, registry  # noqa: F401 - fixture
+from test_security import SECRET, model_dir, one_error, publish
+from test_security import registry as registry_fixture  # noqa: F401 - the fixture `registry`
 
 pytestmark = pytest.mark.security
 
