@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 from test_security import SECRET, model_dir, one_error, publish
-from test_security import registry as registry_fixture  # noqa: F401 - the fixture `registry`
 
 pytestmark = pytest.mark.security
 
