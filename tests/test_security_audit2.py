@@ -132,3 +132,64 @@ def test_a2_a_version_source_cannot_send_credentials_to_a_strangers_url(registry
     assert code == 1
     line = one_error(capsys.readouterr().err)
     assert "not where this registry keeps its own" in line and "127.0.0.1" not in line, line
+
+
+# --------------------------------------------------------------------------- 6. files a directory names
+
+
+def corpus_with(tmp_path: Path, partner: str) -> Path:
+    """A prepared corpus whose first train shard's .idx (the manifest names the .bin) is a FIFO, or a
+    symlink to a copy outside the corpus (sizes and fingerprint still match the manifest)."""
+    from factories import fake_corpus
+
+    corpus = fake_corpus(tmp_path / f"corpus-{partner}", vocab_size=64)
+    idx = corpus / "shards" / "train_00000.idx"
+    if partner == "fifo":
+        idx.unlink()
+        os.mkfifo(idx)
+    else:
+        outside = tmp_path / "outside.idx"
+        outside.write_bytes(idx.read_bytes())
+        idx.unlink()
+        idx.symlink_to(outside)
+    return corpus
+
+
+@pytest.mark.parametrize(("partner", "command"), [("symlink", "verify"), ("fifo", "verify"), ("fifo", "train")])
+def test_a6_a_shards_partner_file_is_confined_and_regular(tmp_path, partner, command):
+    from factories import TRAIN_ENV, kiln_train_cmd
+
+    corpus = corpus_with(tmp_path, partner)
+    cmd = (kiln_train_cmd(tmp_path / "run", f"data.paths=[{corpus}]", "tracking.enabled=false")
+           if command == "train" else [sys.executable, "-m", "pipeline.cli", "verify", str(corpus)])
+    res = subprocess.run(cmd, env=TRAIN_ENV, capture_output=True, text=True, timeout=120)  # an unfixed Kiln hangs
+    assert res.returncode == 1, res.stderr[-2000:]
+    line = one_error(res.stderr)
+    assert "'shards/train_00000.idx'" in line and ("symlink" if partner == "symlink" else "not a regular file") in line
+
+
+def test_a6_lineage_in_a_model_dirs_config_is_not_followed_by_register(registry, tmp_path):
+    """config.json names a parent MODEL dir whose weights are a link to the victim's key (an unfixed Kiln
+    published its sha256 as a tag) and a training corpus with a FIFO shard (an unfixed Kiln hung)."""
+    from factories import TRAIN_ENV
+
+    parent = tmp_path / "parent"
+    parent.mkdir()
+    (tmp_path / "id_ed25519").write_bytes(SECRET)
+    (parent / "model.safetensors").symlink_to(tmp_path / "id_ed25519")
+    evil = model_dir(tmp_path / "m")
+    config = json.loads((evil / "config.json").read_text())
+    config["kiln"] = {"stage": "distilled", "parent_model": str(parent),
+                      "train_config": {"data": {"paths": [str(corpus_with(tmp_path, "fifo"))]}}}
+    (evil / "config.json").write_text(json.dumps(config))
+    from pipeline.model.io import write_sums
+
+    write_sums(evil)
+    res = subprocess.run([sys.executable, "-m", "pipeline.cli", "register", str(evil), "--name", "lineage",
+                          "--tracking-uri", registry.uri], env=TRAIN_ENV, capture_output=True, text=True, timeout=180)
+    assert res.returncode == 0, res.stderr[-2000:]
+    digest = __import__("hashlib").sha256(SECRET).hexdigest()
+    (lm,) = registry.tracker.client.search_logged_models([registry.tracker.experiment_id()],
+                                                         filter_string="name = 'lineage'")
+    assert digest not in json.dumps(lm.tags)
+    assert "train_00000.idx' is not a regular file" in res.stderr

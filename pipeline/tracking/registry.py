@@ -149,11 +149,25 @@ def register(tracker: Tracker, model_dir: str | Path, name: str, alias: str | No
     with tracker.stage_run("register", tags={"kiln.model_dir": str(model_dir.resolve())}) as run:
         if run.broken or not run.run_id:
             raise KilnError(f"{model_dir}: could not reach the tracking server at {tracker.uri}")
-        info = run.log_model(model_dir, stage=stage, parent=parent or lineage.get("parent_model"),
-                             register_as=name, alias=alias)
+        recorded, tags = _recorded_parent(tracker, lineage) if parent is None else (None, {})
+        info = run.log_model(model_dir, stage=stage, parent=parent or recorded, register_as=name, alias=alias,
+                             tags=tags)
     if info is None:
         raise KilnError(f"{model_dir}: registering failed; see the warning above")
     return info
+
+
+def _recorded_parent(tracker: Tracker, lineage: dict) -> tuple[str | None, dict]:
+    """The parent model a MODEL dir's config.json records (kiln.parent_model), never opened: the config is
+    whoever wrote the directory's, so a path there is not followed; the parent is found in the registry by
+    the weights digest recorded beside it (kiln.parent_sha256), or kept as that digest."""
+    named, digest = lineage.get("parent_model"), lineage.get("parent_sha256")
+    if isinstance(named, str) and (named.startswith("models:/") or re.fullmatch(r"m-[0-9a-f]{32}", named)):
+        return named, {}
+    if not (isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest)):
+        return None, {}
+    found = tracker.strict("kiln.parent_sha256", find_model_by_weights, tracker, digest)
+    return found, ({} if found else {"kiln.parent_weights_sha256": digest})
 
 
 def add_version(tracker: Tracker, model_id: str, name: str, alias: str | None, run_id: str | None = None) -> str:
