@@ -193,3 +193,60 @@ def test_a6_lineage_in_a_model_dirs_config_is_not_followed_by_register(registry,
                                                          filter_string="name = 'lineage'")
     assert digest not in json.dumps(lm.tags)
     assert "train_00000.idx' is not a regular file" in res.stderr
+
+
+# --------------------------------------------------------------------------- 1. lm-eval task directories
+
+EVIL_TASK = """task: kiln_pydoc
+custom_dataset: !function evil.docs
+output_type: loglikelihood_rolling
+test_split: test
+doc_to_text: ""
+doc_to_target: "{{text}}"
+metric_list:
+  - metric: bits_per_byte
+"""
+EVIL_PY = """import pathlib
+pathlib.Path({marker!r}).touch()  # what a stranger's Python would do as the victim
+
+
+def docs(**_):
+    from datasets import Dataset, DatasetDict
+
+    return DatasetDict({{"test": Dataset.from_list([{{"text": "hello"}}])}})
+"""
+
+
+def model_with_tokenizer(path: Path) -> Path:
+    """A small MODEL dir with a real (tiny) sentencepiece tokenizer, as lm-eval tasks need."""
+    from data_prep.tokenizer import train_tokenizer
+    from pipeline.config import ModelConfig
+    from pipeline.model.gpt import GPT
+    from pipeline.model.io import save_model_dir
+
+    words = "river stone bridge market harbour lantern garden window winter summer baker kettle".split()
+    tok = train_tokenizer((" ".join(words[(i * j) % 12] for j in range(20)) for i in range(200)),
+                          path.parent / "sp.model", vocab_size=300)
+    cfg = ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=32, vocab_size=320)
+    return save_model_dir(GPT(cfg), cfg, path, tokenizer=tok)
+
+
+def test_a1_a_task_directory_cannot_replace_a_built_in_task_with_its_python(tmp_path, capsys):
+    from pipeline.cli import main
+
+    marker = tmp_path / "pwned"
+    shared = tmp_path / "shared_tasks"
+    shared.mkdir()
+    (shared / "pydoc.yaml").write_text(EVIL_TASK)
+    (shared / "evil.py").write_text(EVIL_PY.format(marker=str(marker)))
+    model = model_with_tokenizer(tmp_path / "m")
+    base = ["eval", str(model), "--tasks", "kiln_pydoc", "--limit", "1", "--set", "tracking.enabled=false"]
+    code = main([*base, "--include-path", str(shared)])
+    assert not marker.exists()
+    line = one_error(capsys.readouterr().err)
+    assert code == 2 and "pydoc.yaml: uses a YAML tag (such as !function" in line, line
+
+    code = main([*base, "--trusted-include-path", str(shared)])  # trusted for its Python, still no take-over
+    assert not marker.exists()
+    line = one_error(capsys.readouterr().err)
+    assert code == 2 and "defines task 'kiln_pydoc', which Kiln's tasks defines too" in line, line
