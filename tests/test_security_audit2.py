@@ -250,3 +250,32 @@ def test_a1_a_task_directory_cannot_replace_a_built_in_task_with_its_python(tmp_
     assert not marker.exists()
     line = one_error(capsys.readouterr().err)
     assert code == 2 and "defines task 'kiln_pydoc', which Kiln's tasks defines too" in line, line
+
+
+# --------------------------------------------------------------------------- 5. links between forms
+
+
+def test_a5_a_logged_model_tag_cannot_swap_the_transformers_form_behind_an_alias(registry, tmp_path, capsys):
+    """A stranger with rights on the experiment (not the registry) logs their own "transformers form", with
+    consistent checksums and tags naming the victim's model, and points the victim's logged model at it."""
+    from pipeline.cli import main
+    from pipeline.model.io import write_sums
+    from pipeline.tracking.registry import weights_sha256
+
+    client = registry.tracker.client
+    real = publish(registry, model_dir(tmp_path / "real"), "swapped")
+    evil_dir = model_dir(tmp_path / "evil", seed=7)
+    (evil_dir / "payload.txt").write_text("the attacker's files\n")
+    write_sums(evil_dir)
+    evil = client.create_logged_model(registry.tracker.experiment_id(), name="swapped-hf", model_type="transformers",
+                                      tags={"kiln.form": "hf", "kiln.kiln_model_id": real["model_id"],
+                                            "kiln.weights_sha256": weights_sha256(evil_dir)})
+    client.log_model_artifacts(evil.model_id, str(evil_dir))
+    client.finalize_logged_model(evil.model_id, "READY")
+    client.set_logged_model_tags(real["model_id"], {"kiln.hf_model_id": evil.model_id})
+    out = tmp_path / "fetched"
+    code = main(["fetch", "models:/swapped@champion", "--format", "hf", "--out", str(out),
+                 "--tracking-uri", registry.uri])
+    assert not (out / "payload.txt").exists()
+    assert code == 1
+    assert "is not the one the registry records for version" in one_error(capsys.readouterr().err)
