@@ -279,3 +279,21 @@ def test_a5_a_logged_model_tag_cannot_swap_the_transformers_form_behind_an_alias
     assert not (out / "payload.txt").exists()
     assert code == 1
     assert "is not the one the registry records for version" in one_error(capsys.readouterr().err)
+
+
+# --------------------------------------------------------------------------- the classes behind them
+
+
+@pytest.mark.parametrize("command", ["export", "generate"])
+def test_c1_a_model_dirs_checksum_file_is_opened_confined(tmp_path, command):
+    """SHA256SUMS itself as a FIFO (an unfixed Kiln hung reading it), through the commands that verify."""
+    from factories import TRAIN_ENV
+
+    evil = model_dir(tmp_path / "m")
+    (evil / "SHA256SUMS").unlink()
+    os.mkfifo(evil / "SHA256SUMS")
+    args = {"export": ["export", str(evil), "--format", "safetensors", "--out", str(tmp_path / "x")],
+            "generate": ["generate", str(evil), "--prompt", "hi", "--set", "tracking.enabled=false"]}[command]
+    res = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], env=TRAIN_ENV, capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 1 and "'SHA256SUMS' is not a regular file" in one_error(res.stderr), res.stderr[-2000:]
