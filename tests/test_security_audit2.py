@@ -284,16 +284,19 @@ def test_a5_a_logged_model_tag_cannot_swap_the_transformers_form_behind_an_alias
 # --------------------------------------------------------------------------- the classes behind them
 
 
-@pytest.mark.parametrize("command", ["export", "generate"])
-def test_c1_a_model_dirs_checksum_file_is_opened_confined(tmp_path, command):
-    """SHA256SUMS itself as a FIFO (an unfixed Kiln hung reading it), through the commands that verify."""
+def test_c1_a_checkpoints_files_are_opened_confined(tmp_path):
+    """A checkpoint's kiln_state.json as a FIFO (an unfixed `kiln export` hung reading it before verifying)."""
     from factories import TRAIN_ENV
 
-    evil = model_dir(tmp_path / "m")
-    (evil / "SHA256SUMS").unlink()
-    os.mkfifo(evil / "SHA256SUMS")
-    args = {"export": ["export", str(evil), "--format", "safetensors", "--out", str(tmp_path / "x")],
-            "generate": ["generate", str(evil), "--prompt", "hi", "--set", "tracking.enabled=false"]}[command]
-    res = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], env=TRAIN_ENV, capture_output=True,
-                         text=True, timeout=120)
-    assert res.returncode == 1 and "'SHA256SUMS' is not a regular file" in one_error(res.stderr), res.stderr[-2000:]
+    ckpt = model_dir(tmp_path / "run" / "checkpoints" / "step_0000002")
+    config = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "kiln_state.json").write_text(json.dumps({"step": 2, "config": {"model": config["model"]}}))
+    from pipeline.model.io import write_sums
+
+    write_sums(ckpt)
+    (ckpt / "kiln_state.json").unlink()
+    os.mkfifo(ckpt / "kiln_state.json")
+    res = subprocess.run([sys.executable, "-m", "pipeline.cli", "export", str(ckpt), "--format", "safetensors",
+                          "--out", str(tmp_path / "x")], env=TRAIN_ENV, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1, res.stderr[-2000:]
+    assert "'kiln_state.json' is not a regular file" in one_error(res.stderr)
