@@ -300,3 +300,26 @@ def test_c1_a_checkpoints_files_are_opened_confined(tmp_path):
                           "--out", str(tmp_path / "x")], env=TRAIN_ENV, capture_output=True, text=True, timeout=120)
     assert res.returncode == 1, res.stderr[-2000:]
     assert "'kiln_state.json' is not a regular file" in one_error(res.stderr)
+
+
+BOUNDED = ("import resource, runpy, sys; resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30)); "
+           "sys.argv = ['kiln', *sys.argv[1:]]; runpy.run_module('pipeline.cli', run_name='__main__')")
+
+
+def test_c2_model_dimensions_in_a_config_are_bounded_before_allocating(tmp_path):
+    """A 40 KB MODEL dir whose config.json describes a 16-billion-parameter embedding (an unfixed Kiln tried
+    to allocate it; under a 3 GiB limit here, it died of that)."""
+    from factories import TRAIN_ENV
+
+    from pipeline.model.io import write_sums
+
+    evil = model_dir(tmp_path / "m")
+    config = json.loads((evil / "config.json").read_text())
+    config["model"]["vocab_size"] = 1 << 30
+    (evil / "config.json").write_text(json.dumps(config))
+    write_sums(evil)
+    res = subprocess.run([sys.executable, "-c", BOUNDED, "generate", str(evil), "--prompt", "hi",
+                          "--set", "tracking.enabled=false"], env=TRAIN_ENV, capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 1, res.stderr[-2000:]
+    assert "config.json: model dimensions" in one_error(res.stderr) and "4 per byte" in one_error(res.stderr)

@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 from data_prep.confine import escapes, open_confined, read_confined
 from pipeline.config import KilnError, ModelConfig, first_line
 from pipeline.model.gpt import GPT
-from pipeline.model.weights import WEIGHTS, DictWeights, Weights, save_weights
+from pipeline.model.weights import SHARDS_DIR, WEIGHTS, DictWeights, Weights, save_weights
 from pipeline.quant_methods import load_quantized
 
 CONFIG = "config.json"
@@ -209,12 +209,37 @@ def read_config(path: str | Path) -> dict:
         raise KilnError(f"{path}: not valid JSON ({type(err).__name__})") from None
 
 
+DIMS_SLACK = 64 << 20  # parameters a config may describe beyond what its files could hold (tiny models)
+
+
+def check_dims(path: Path, model: dict) -> None:
+    """config.json's `model` (someone else's) bounded by the files beside it, before anything is allocated:
+    the fewest parameters and buffer values those dimensions imply may not exceed 4 per byte of the
+    directory's files (a 4-bit format stores 2 per byte) plus DIMS_SLACK."""
+    def dim(key: str, default: int = 0) -> int:
+        value = model.get(key) or default
+        return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+    d, layers, vocab, block = dim("n_embd"), dim("n_layer"), dim("vocab_size"), dim("block_size")
+    ffn = dim("ffn_hidden", 2 * d)  # no config makes the MLP narrower than 2d unless it says so
+    fewest = layers * (2 * d * d + 2 * d * ffn) + vocab * d + block * max(d // max(dim("n_head", 1), 1), 1)
+    held = sum(e.stat(follow_symlinks=False).st_size for e in os.scandir(path) if e.is_file(follow_symlinks=False))
+    shards = path / SHARDS_DIR  # a sharded checkpoint's weights
+    if shards.is_dir() and not shards.is_symlink():
+        held += sum(f.lstat().st_size for f in shards.rglob("*") if f.is_file() and not f.is_symlink())
+    if fewest > 4 * held + DIMS_SLACK:
+        raise KilnError(f"{path / CONFIG}: model dimensions (n_layer, n_embd, vocab_size, block_size, ffn_hidden) "
+                        f"describe at least {fewest:,} parameters, more than the limit of 4 per byte of the "
+                        f"{held:,} bytes of files there; refusing to build it")
+
+
 def load_model_dir(path: str | Path, verify: bool = True, device: str = "cpu") -> tuple[torch.nn.Module, dict]:
     """Build the model a MODEL dir describes and load its weights; returns (model, config dict)."""
     path = Path(path)
     if verify:
         verify_sums(path)
     config = read_config(path)
+    check_dims(path, config.get("model") if isinstance(config.get("model"), dict) else {})
     if config.get("quantization"):  # e.g. {"format": "packed", "method": "gptq", "bits": 4, ...}
         model = load_quantized(path, config, device)
         return model.eval(), config
