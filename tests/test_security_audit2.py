@@ -323,3 +323,19 @@ def test_c2_model_dimensions_in_a_config_are_bounded_before_allocating(tmp_path)
                          timeout=120)
     assert res.returncode == 1, res.stderr[-2000:]
     assert "config.json: model dimensions" in one_error(res.stderr) and "4 per byte" in one_error(res.stderr)
+
+
+def test_c2_token_ids_are_bounded_by_the_vocabulary(tmp_path):
+    """A manifest that states a smaller vocabulary than its shards use (an unfixed `kiln train` indexed
+    past the embedding and died with a traceback)."""
+    from factories import TRAIN_ENV, fake_corpus, kiln_train_cmd
+
+    corpus = fake_corpus(tmp_path / "corpus", vocab_size=128)
+    manifest = json.loads((corpus / "manifest.json").read_text())
+    manifest["tokenizer"]["vocab_size"] = 16
+    (corpus / "manifest.json").write_text(json.dumps(manifest))
+    res = subprocess.run(kiln_train_cmd(tmp_path / "run", f"data.paths=[{corpus}]", "train.steps=2",
+                                        "tracking.enabled=false"), env=TRAIN_ENV, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 1, res.stderr[-2000:]
+    assert "hold an id outside the vocabulary of 16" in one_error(res.stderr)

@@ -129,7 +129,7 @@ class PreparedCorpus:
         shards = self.shards(split)
         if not shards:
             raise KilnError(f"{self.dir / 'manifest.json'}: no '{split}' shards")
-        return TokenStream([self.dataset(s) for s in shards])
+        return TokenStream([self.dataset(s) for s in shards], self.vocab_size, f"{self.dir} ({split})")
 
     def dataset(self, shard: dict) -> IndexedDataset:
         """One shard of the manifest, both files confined to this directory (data_prep/indexed.py::open_part)."""
@@ -137,11 +137,14 @@ class PreparedCorpus:
 
 
 class TokenStream:
-    """Several shards read as one contiguous array of tokens, without copying them into memory."""
+    """Several shards read as one contiguous array of tokens, without copying them into memory. Every read
+    is checked against the vocabulary (`vocab_size`, the manifest's, which training and eval check against
+    the model's): a token id outside it would index past the embedding."""
 
-    def __init__(self, datasets: list[IndexedDataset]):
+    def __init__(self, datasets: list[IndexedDataset], vocab_size: int | None = None, where: str = "corpus"):
         self.parts = [d.tokens for d in datasets if d.num_tokens]
         self.offsets = np.cumsum([0] + [len(p) for p in self.parts])
+        self.vocab_size, self.where = vocab_size, where
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -158,6 +161,9 @@ class TokenStream:
             take = min(length - filled, len(self.parts[part]) - local)
             out[filled : filled + take] = self.parts[part][local : local + take]
             filled, pos, part = filled + take, pos + take, part + 1
+        if self.vocab_size is not None and length and (out.min() < 0 or out.max() >= self.vocab_size):
+            raise KilnError(f"{self.where}: tokens [{start}, {start + length}) hold an id outside the vocabulary "
+                            f"of {self.vocab_size}; the shards do not match the manifest's tokenizer")
         return out
 
 
