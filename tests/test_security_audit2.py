@@ -4,11 +4,14 @@ proves the refusal; docs/security.md lists them. `pytest -m security` selects th
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -55,7 +58,7 @@ sys.exit(subprocess.call(["sh", "-c", line.replace("%n", "0")]))
 PRINT_ARGV = "import json, sys; print('ARGV', json.dumps(sys.argv[1:]))"
 
 
-def stand_in_nodes(tmp_path: Path) -> dict:
+def stand_in_nodes(tmp_path: Path, monkeypatch) -> None:
     """PATH with a stand-in ssh (DeepSpeed's reachability check) and pdsh; a hostfile of two nodes."""
     stubs = tmp_path / "stubs"
     stubs.mkdir()
@@ -64,35 +67,35 @@ def stand_in_nodes(tmp_path: Path) -> dict:
     for stub in stubs.iterdir():
         stub.chmod(0o755)
     (tmp_path / "hosts").write_text("nodea slots=1\nnodeb slots=1\n")
-    from factories import TRAIN_ENV
-
-    return {**TRAIN_ENV, "PATH": f"{stubs}:{os.environ['PATH']}"}
+    monkeypatch.setenv("PATH", f"{stubs}:{os.environ['PATH']}")
 
 
-def test_a4_shell_words_in_a_deepspeed_launch_do_not_run_on_the_nodes(tmp_path, capsys, monkeypatch):
+def test_a4_shell_words_in_a_deepspeed_launch_do_not_run_on_the_nodes(tmp_path, capfd, monkeypatch):
     """Through DeepSpeed's real runner and a stand-in pdsh/ssh; then the master address and the working
     directory, which DeepSpeed sends unquoted, are refused."""
-    env, marker = stand_in_nodes(tmp_path), tmp_path / "pwned"
-    words = ["--set", f"data.note=$(touch {marker})", f"`touch {marker}`", f"a b $(touch {marker}) 'q'",
-             "x;y"]
+    from pipeline.cli import main
+
+    stand_in_nodes(tmp_path, monkeypatch)
+    marker = tmp_path / "pwned"
+    words = ["--set", f"data.note=$(touch {marker})", f"`touch {marker}`", f"a b $(touch {marker}) 'q'", "x;y"]
+
     def launch(addr: str) -> list[str]:  # nothing listens: the stand-in nodes run no rendezvous
         return ["launch", "deepspeed", "--hostfile", str(tmp_path / "hosts"), "--master-addr", addr,
                 "--master-port", "29999"]
 
-    res = subprocess.run([sys.executable, "-m", "pipeline.cli", *launch("nodea"), "--", sys.executable, "-c", PRINT_ARGV, *words], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=240)
+    monkeypatch.chdir(tmp_path)  # where .deepspeed_env is written
+    code = main([*launch("nodea"), "--", sys.executable, "-c", PRINT_ARGV, *words])
+    out, err = capfd.readouterr()
     assert not marker.exists()
-    got = [json.loads(line.split("ARGV ", 1)[1]) for line in res.stdout.splitlines() if "ARGV " in line]
-    assert got == [words], res.stdout[-2000:] + res.stderr[-2000:]
-
-    from pipeline.cli import main
+    got = [json.loads(line.split("ARGV ", 1)[1]) for line in out.splitlines() if "ARGV " in line]
+    assert code == 0 and got == [words], out[-2000:] + err[-2000:]
 
     for option, addr, cwd in (("--master-addr", f"$(touch {marker})", tmp_path),
                               ("the working directory", "nodea", tmp_path / "w$(touch pwned)")):
         cwd.mkdir(exist_ok=True)
         monkeypatch.chdir(cwd)
         assert main([*launch(addr), "--dry-run", "--", "echo"]) == 2
-        line = one_error(capsys.readouterr().err)
+        line = one_error(capfd.readouterr().err)
         assert option in line and "shell would interpret" in line, line
 
 
@@ -155,44 +158,61 @@ def corpus_with(tmp_path: Path, partner: str) -> Path:
     return corpus
 
 
+@contextmanager
+def no_hang(seconds: int = 60):
+    """An unfixed Kiln blocks forever opening a FIFO: fail instead (SIGALRM interrupts the open)."""
+    def ring(*_):
+        raise TimeoutError(f"blocked for {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, ring)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
 @pytest.mark.parametrize(("partner", "command"), [("symlink", "verify"), ("fifo", "verify"), ("fifo", "train")])
-def test_a6_a_shards_partner_file_is_confined_and_regular(tmp_path, partner, command):
-    from factories import TRAIN_ENV, kiln_train_cmd
+def test_a6_a_shards_partner_file_is_confined_and_regular(tmp_path, capsys, partner, command):
+    from factories import TINY_TRAIN
+
+    from pipeline.cli import main
 
     corpus = corpus_with(tmp_path, partner)
-    cmd = (kiln_train_cmd(tmp_path / "run", f"data.paths=[{corpus}]", "tracking.enabled=false")
-           if command == "train" else [sys.executable, "-m", "pipeline.cli", "verify", str(corpus)])
-    res = subprocess.run(cmd, env=TRAIN_ENV, capture_output=True, text=True, timeout=120)  # an unfixed Kiln hangs
-    assert res.returncode == 1, res.stderr[-2000:]
-    line = one_error(res.stderr)
-    assert "'shards/train_00000.idx'" in line and ("symlink" if partner == "symlink" else "not a regular file") in line
+    args = (["train", "--config", str(TINY_TRAIN), "--out", str(tmp_path / "run"), "--set", f"data.paths=[{corpus}]",
+             "--set", "tracking.enabled=false"] if command == "train" else ["verify", str(corpus)])
+    with no_hang():
+        code = main(args)
+    line = one_error(capsys.readouterr().err)
+    assert code == 1 and "'shards/train_00000.idx'" in line, line
+    assert ("symlink" if partner == "symlink" else "not a regular file") in line, line
 
 
-def test_a6_lineage_in_a_model_dirs_config_is_not_followed_by_register(registry, tmp_path):
+def test_a6_lineage_in_a_model_dirs_config_is_not_followed_by_register(registry, tmp_path, capsys, caplog):
     """config.json names a parent MODEL dir whose weights are a link to the victim's key (an unfixed Kiln
     published its sha256 as a tag) and a training corpus with a FIFO shard (an unfixed Kiln hung)."""
-    from factories import TRAIN_ENV
+    from pipeline.cli import main
+    from pipeline.model.io import write_sums
 
     parent = tmp_path / "parent"
     parent.mkdir()
     (tmp_path / "id_ed25519").write_bytes(SECRET)
     (parent / "model.safetensors").symlink_to(tmp_path / "id_ed25519")
-    evil = model_dir(tmp_path / "m")
+    evil = model_dir(tmp_path / "m", seed=11)  # weights no other test registers
     config = json.loads((evil / "config.json").read_text())
     config["kiln"] = {"stage": "distilled", "parent_model": str(parent),
                       "train_config": {"data": {"paths": [str(corpus_with(tmp_path, "fifo"))]}}}
     (evil / "config.json").write_text(json.dumps(config))
-    from pipeline.model.io import write_sums
-
     write_sums(evil)
-    res = subprocess.run([sys.executable, "-m", "pipeline.cli", "register", str(evil), "--name", "lineage",
-                          "--tracking-uri", registry.uri], env=TRAIN_ENV, capture_output=True, text=True, timeout=180)
-    assert res.returncode == 0, res.stderr[-2000:]
-    digest = __import__("hashlib").sha256(SECRET).hexdigest()
+    with no_hang():
+        code = main(["register", str(evil), "--name", "lineage", "--tracking-uri", registry.uri])
+    err = capsys.readouterr().err
+    assert code == 0, err[-2000:]
     (lm,) = registry.tracker.client.search_logged_models([registry.tracker.experiment_id()],
                                                          filter_string="name = 'lineage'")
-    assert digest not in json.dumps(lm.tags)
-    assert "train_00000.idx' is not a regular file" in res.stderr
+    assert hashlib.sha256(SECRET).hexdigest() not in json.dumps(lm.tags)
+    assert "train_00000.idx' is not a regular file" in err + caplog.text
 
 
 # --------------------------------------------------------------------------- 1. lm-eval task directories
@@ -284,22 +304,21 @@ def test_a5_a_logged_model_tag_cannot_swap_the_transformers_form_behind_an_alias
 # --------------------------------------------------------------------------- the classes behind them
 
 
-def test_c1_a_checkpoints_files_are_opened_confined(tmp_path):
+def test_c1_a_checkpoints_files_are_opened_confined(tmp_path, capsys):
     """A checkpoint's kiln_state.json as a FIFO (an unfixed `kiln export` hung reading it before verifying)."""
-    from factories import TRAIN_ENV
+    from pipeline.cli import main
+    from pipeline.model.io import write_sums
 
     ckpt = model_dir(tmp_path / "run" / "checkpoints" / "step_0000002")
     config = json.loads((ckpt / "config.json").read_text())
     (ckpt / "kiln_state.json").write_text(json.dumps({"step": 2, "config": {"model": config["model"]}}))
-    from pipeline.model.io import write_sums
-
     write_sums(ckpt)
     (ckpt / "kiln_state.json").unlink()
     os.mkfifo(ckpt / "kiln_state.json")
-    res = subprocess.run([sys.executable, "-m", "pipeline.cli", "export", str(ckpt), "--format", "safetensors",
-                          "--out", str(tmp_path / "x")], env=TRAIN_ENV, capture_output=True, text=True, timeout=120)
-    assert res.returncode == 1, res.stderr[-2000:]
-    assert "'kiln_state.json' is not a regular file" in one_error(res.stderr)
+    with no_hang():
+        code = main(["export", str(ckpt), "--format", "safetensors", "--out", str(tmp_path / "x")])
+    line = one_error(capsys.readouterr().err)
+    assert code == 1 and "'kiln_state.json' is not a regular file" in line, line
 
 
 BOUNDED = ("import resource, runpy, sys; resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30)); "
@@ -325,17 +344,18 @@ def test_c2_model_dimensions_in_a_config_are_bounded_before_allocating(tmp_path)
     assert "config.json: model dimensions" in one_error(res.stderr) and "4 per byte" in one_error(res.stderr)
 
 
-def test_c2_token_ids_are_bounded_by_the_vocabulary(tmp_path):
+def test_c2_token_ids_are_bounded_by_the_vocabulary(tmp_path, capsys):
     """A manifest that states a smaller vocabulary than its shards use (an unfixed `kiln train` indexed
-    past the embedding and died with a traceback)."""
-    from factories import TRAIN_ENV, fake_corpus, kiln_train_cmd
+    past the embedding and died with an IndexError)."""
+    from factories import TINY_TRAIN, fake_corpus
+
+    from pipeline.cli import main
 
     corpus = fake_corpus(tmp_path / "corpus", vocab_size=128)
     manifest = json.loads((corpus / "manifest.json").read_text())
     manifest["tokenizer"]["vocab_size"] = 16
     (corpus / "manifest.json").write_text(json.dumps(manifest))
-    res = subprocess.run(kiln_train_cmd(tmp_path / "run", f"data.paths=[{corpus}]", "train.steps=2",
-                                        "tracking.enabled=false"), env=TRAIN_ENV, capture_output=True, text=True,
-                         timeout=300)
-    assert res.returncode == 1, res.stderr[-2000:]
-    assert "hold an id outside the vocabulary of 16" in one_error(res.stderr)
+    code = main(["train", "--config", str(TINY_TRAIN), "--out", str(tmp_path / "run"), "--set",
+                 f"data.paths=[{corpus}]", "--set", "train.steps=2", "--set", "tracking.enabled=false"])
+    line = one_error(capsys.readouterr().err)
+    assert code == 1 and "hold an id outside the vocabulary of 16" in line, line
