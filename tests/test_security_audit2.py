@@ -359,3 +359,28 @@ def test_c2_token_ids_are_bounded_by_the_vocabulary(tmp_path, capsys):
                  f"data.paths=[{corpus}]", "--set", "train.steps=2", "--set", "tracking.enabled=false"])
     line = one_error(capsys.readouterr().err)
     assert code == 1 and "hold an id outside the vocabulary of 16" in line, line
+
+
+PARQUET_BOMB = """
+import sys
+import pyarrow as pa, pyarrow.parquet as pq
+rows = [{"id": "ok", "text": "a fine record"}] + [{"id": f"z{i}", "text": "z" * (1 << 20)} for i in range(270)]
+pq.write_table(pa.Table.from_pylist(rows[:1]), sys.argv[1] + "/a.parquet")
+pq.write_table(pa.Table.from_pylist(rows[1:]), sys.argv[1] + "/b.parquet", compression="zstd",
+               use_dictionary=False)  # 270 MiB of pages from a few KB
+"""
+
+
+def test_c2_a_parquet_row_group_is_bounded_before_it_is_decoded(tmp_path):
+    """A Parquet file whose one row group decodes to 270 MiB from a few KB of zstd pages (an unfixed
+    reader decoded it whole): quarantined as a decompression bomb, by its metadata, in bounded memory."""
+    from factories import TRAIN_ENV
+    from test_security import READ_BOUNDED
+
+    subprocess.run([sys.executable, "-c", PARQUET_BOMB, str(tmp_path)], env=TRAIN_ENV, check=True, timeout=300)
+    assert (tmp_path / "b.parquet").stat().st_size < 200_000
+    res = subprocess.run([sys.executable, "-c", READ_BOUNDED, str(tmp_path / "a.parquet"), str(tmp_path / "b.parquet")],
+                         env=TRAIN_ENV, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = json.loads(res.stdout)
+    assert out["seen"] == ["ok", "decompression_bomb"] and out["peak_mb"] < 150, out
