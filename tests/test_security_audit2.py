@@ -384,3 +384,20 @@ def test_c2_a_parquet_row_group_is_bounded_before_it_is_decoded(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     out = json.loads(res.stdout)
     assert out["seen"] == ["ok", "decompression_bomb"] and out["peak_mb"] < 150, out
+
+
+def test_c2_a_registered_file_is_size_checked_before_it_is_downloaded(registry, tmp_path, capsys):
+    """Someone with write access to the artifact store swaps a logged model's SHA256SUMS for a 17 MiB file;
+    `kiln fetch` over an existing fetch dir downloads the registered SHA256SUMS to compare: not this one."""
+    from test_security import plant
+
+    from pipeline.cli import main
+
+    info = publish(registry, model_dir(tmp_path / "real", seed=12), "oversized")
+    sums = next(registry.root.glob(f"artifacts/**/{info['model_id']}/artifacts/SHA256SUMS"))
+    with open(sums, "r+b") as f:
+        f.truncate(17 << 20)
+    out = plant(tmp_path / "out", info["model_id"], seed=12)
+    assert main(["fetch", "models:/oversized@champion", "--out", str(out), "--tracking-uri", registry.uri]) == 1
+    line = one_error(capsys.readouterr().err)
+    assert "SHA256SUMS is 17,825,792 bytes, more than the 16,777,216-byte limit" in line, line

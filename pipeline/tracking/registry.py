@@ -214,6 +214,7 @@ def download_verified(tracker: Tracker, ref: ModelRef, out: str | Path) -> dict:
     if out.exists() and any(out.iterdir()):
         raise KilnError(f"{out}: exists and is not empty; choose another --out")
     out.parent.mkdir(parents=True, exist_ok=True)
+    _check_room(ref, _listed(tracker, ref, ref.download_uri), out.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.fetch-", dir=out.parent))
     try:
         got = Path(_download(tracker, ref, ref.download_uri, tmp))
@@ -230,8 +231,12 @@ def download_verified(tracker: Tracker, ref: ModelRef, out: str | Path) -> dict:
 
 def _registered_sums(tracker: Tracker, ref: ModelRef) -> bytes:
     """The registered copy's SHA256SUMS, downloaded now (a few hundred bytes)."""
-    from pipeline.model.io import SUMS
+    from pipeline.model.io import SMALL_FILE_MAX, SUMS
 
+    size = _listed(tracker, ref, ref.download_uri).get(SUMS, 0)
+    if size > SMALL_FILE_MAX:
+        raise KilnError(f"{ref.uri}: the registered {SUMS} is {size:,} bytes, more than the {SMALL_FILE_MAX:,}-byte "
+                        "limit; refusing it")
     with tempfile.TemporaryDirectory(prefix="kiln-sums-") as tmp:
         got = _download(tracker, ref, f"{ref.download_uri.rstrip('/')}/{SUMS}", tmp)
         return Path(got).read_bytes()
@@ -254,13 +259,45 @@ def _origin(u) -> tuple:
     return (u.scheme, (u.hostname or "").lower(), u.port)
 
 
-def _download(tracker: Tracker, ref: ModelRef, artifact_uri: str, dst) -> str:
-    """download_artifacts, once the URI is known to be this registry's (checked before any request)."""
+def _check_store(ref: ModelRef, tracker: Tracker, artifact_uri: str) -> None:
+    """Before any request: the URI must be this registry's (artifact_store_ok)."""
     if not artifact_store_ok(tracker.connect_uri, artifact_uri):
         scheme = urlparse(artifact_uri).scheme or "a path"
         raise KilnError(f"{ref.uri}: {ref.model_id}'s artifacts are not where this registry keeps its own "
                         f"(a {scheme} URI that is not the tracking server's); refusing to send credentials there "
                         "(name other stores in KILN_ARTIFACT_STORES)")
+
+
+def _listed(tracker: Tracker, ref: ModelRef, artifact_uri: str, depth: int = 0) -> dict[str, int]:
+    """{relative path: size} of the files under `artifact_uri`, as the store lists them (a few requests),
+    so that a download's size is known before anything is written."""
+    from mlflow.artifacts import list_artifacts
+
+    _check_store(ref, tracker, artifact_uri)
+    if depth > 8:
+        raise KilnError(f"{ref.uri}: the registered files are nested more than 8 directories deep; refusing them")
+    found: dict[str, int] = {}
+    for info in tracker.strict(ref.uri, list_artifacts, artifact_uri=artifact_uri, tracking_uri=tracker.connect_uri):
+        name = info.path.rstrip("/").rsplit("/", 1)[-1]
+        if info.is_dir:
+            inner = _listed(tracker, ref, f"{artifact_uri.rstrip('/')}/{name}", depth + 1)
+            found.update({f"{name}/{k}": v for k, v in inner.items()})
+        else:
+            found[name] = int(info.file_size or 0)
+    return found
+
+
+def _check_room(ref: ModelRef, listed: dict[str, int], where: Path) -> None:
+    """The download must fit the free space where it goes (nothing half-written is left: a temp dir)."""
+    need, free = sum(listed.values()), shutil.disk_usage(where).free
+    if need > free:
+        raise KilnError(f"{ref.uri}: the registered files are {need:,} bytes, more than the {free:,} bytes free "
+                        f"at {where}; refusing to download them")
+
+
+def _download(tracker: Tracker, ref: ModelRef, artifact_uri: str, dst) -> str:
+    """download_artifacts, once the URI is known to be this registry's (checked before any request)."""
+    _check_store(ref, tracker, artifact_uri)
     return tracker.strict(ref.uri, download_artifacts, artifact_uri=artifact_uri, dst_path=str(dst),
                           tracking_uri=tracker.connect_uri)
 
