@@ -63,8 +63,8 @@ class PreparedCorpus:
         if data is not None:
             digest = hashlib.sha256(data).hexdigest()
             if digest != tok.get("sha256"):
-                raise KilnError(f"{path}: sha256 {digest[:12]}… does not match {self.dir / 'manifest.json'} "
-                                f"tokenizer.sha256 {str(tok.get('sha256'))[:12]}…; refusing this tokenizer")
+                raise KilnError(f"{path}: sha256 {digest[:12]}… does not match {self.dir / 'manifest.json'}'s "
+                                "tokenizer.sha256; refusing this tokenizer")
         return path
 
     def _inside(self, name, key: str) -> Path:

@@ -106,7 +106,8 @@ def resolve(tracker: Tracker, uri: str) -> ModelRef:
 def _plain(uri: str, model_id: str, what: str) -> None:
     """A model id names the cache directory of a fetch: anything but a plain id is refused."""
     if not PLAIN_ID.fullmatch(model_id):
-        raise KilnError(f"{uri}: {what} {model_id[:100]!r} is not a plain model id; refusing to use it as a path")
+        raise KilnError(f"{uri}: {what} is not a plain model id ([A-Za-z0-9][A-Za-z0-9._-]*, at most 200 "
+                        "characters); refusing to use it as a path")
 
 
 def find_model_by_weights(tracker: Tracker, digest: str) -> str | None:
