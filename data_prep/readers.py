@@ -32,9 +32,9 @@ from pathlib import Path
 import numpy as np
 import zstandard
 
-from data_prep.confine import escapes
+from data_prep.confine import escapes, read_confined
 from data_prep.document import BadRecord, Document
-from data_prep.errors import ConfigError
+from data_prep.errors import ConfigError, KilnError
 
 BLOCK = 1 << 20
 MAX_RECORD_BYTES = 128 << 20  # one jsonl line; a 100 MB document still fits
@@ -60,17 +60,25 @@ def file_kind(path: Path) -> str | None:
     return None
 
 
+def _small(directory: Path, name: str) -> bytes:
+    """A dataset directory's own JSON (someone else's): confined, a regular file, at most 16 MiB."""
+    try:
+        return read_confined(directory, name, f"{directory}:", 16 << 20)
+    except KilnError as err:
+        raise ConfigError(str(err)) from None
+
+
 def _hf_arrow_files(directory: Path) -> list[Path] | None:
     """Arrow files of a `save_to_disk` directory (Dataset or DatasetDict), else None."""
     if (directory / "state.json").is_file():
-        state = json.loads((directory / "state.json").read_text())
+        state = json.loads(_small(directory, "state.json"))
         names = [f.get("filename") for f in state.get("_data_files", [])]
         for name in names:  # a dataset directory someone else wrote names files inside itself only
             if why := escapes(directory, name):
                 raise ConfigError(f"{directory / 'state.json'}: _data_files filename {name!r} {why}")
         return [directory / name for name in names]
     if (directory / "dataset_dict.json").is_file():
-        splits = json.loads((directory / "dataset_dict.json").read_text()).get("splits", [])
+        splits = json.loads(_small(directory, "dataset_dict.json")).get("splits", [])
         return [p for s in splits for p in (_hf_arrow_files(directory / s) or [])]
     return None
 

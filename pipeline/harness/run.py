@@ -65,7 +65,9 @@ def task_manager(tasks: list[str], include_path: list[str] | None = None, truste
 
 def make_lm(model_dir: Path, batch_size: int, device: str):
     """KilnLM for a Kiln MODEL dir, lm-eval's HFLM for a transformers dir."""
-    config = json.loads((model_dir / "config.json").read_text()) if (model_dir / "config.json").is_file() else {}
+    from pipeline.model.io import read_config
+
+    config = read_config(model_dir) if (model_dir / "config.json").is_file() else {}  # confined, bounded
     if "model_type" in config:
         from lm_eval.models.huggingface import HFLM
 
