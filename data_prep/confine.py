@@ -13,8 +13,6 @@ shards and their partner files, SHA256SUMS entries, MODEL and checkpoint dir fil
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import os
 import stat
 from pathlib import Path, PurePosixPath
@@ -56,6 +54,9 @@ def open_confined(base: str | Path, name: str, origin: str) -> BinaryIO:
     regular file, opened O_NONBLOCK so that a FIFO is refused instead of hanging. FileNotFoundError when
     it is missing (callers say so in their words); KilnError naming `origin` and the name otherwise.
     `base` itself is the user's (given on the command line) and may be reached through links."""
+    import errno
+    import fcntl
+
     if why := escapes(base, name, regular_file=False):
         raise KilnError(f"{origin} {name!r} {why}; refusing it")
     parts = PurePosixPath(name.replace("\\", "/")).parts

@@ -96,7 +96,7 @@ class PreparedCorpus:
             for key, files in (("bin_bytes", ".bin"), ("idx_bytes", ".idx"), ("fingerprint", ".bin/.idx")):
                 if key in shard and found[key] != shard[key]:
                     raise KilnError(f"{prefix}{files}: {key} {str(found[key])[:12]} does not match the manifest's "
-                                    f"{str(shard[key])[:12]} (changed since prep); `kiln verify {self.dir}` checks every byte")
+                                    f"(changed since prep); `kiln verify {self.dir}` checks every byte")
         if unfingerprinted:
             log.warning("%s: %d shards have no fingerprint (prepared by an older Kiln): checked by size and header "
                         "only; `kiln verify %s` checks every byte", self.dir, unfingerprinted, self.dir)
