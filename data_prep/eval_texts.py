@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import yaml
 
-from data_prep.errors import ConfigError
+from data_prep.confine import escapes, open_confined
+from data_prep.errors import ConfigError, KilnError
 
 SUFFIXES = (".jsonl", ".json", ".txt", ".yaml", ".yml")
 MAX_YAML_BYTES = 1 << 20
@@ -131,20 +133,24 @@ def _task(path: Path, max_bytes: int) -> dict:
         raise ConfigError(f"{path}: dataset_kwargs.data_files: expected a file, a list or a split mapping of files")
     digest, texts = hashlib.sha256(raw), []
     for f in files:
-        data_path = _confined(path, f)
-        data = _read(data_path, max_bytes)
+        data_path, data = _read_data_file(path, f, max_bytes)
         digest.update(data)
         texts += _texts(data_path, data)
     return {"source": f"task:{name}", "sha256": digest.hexdigest(), "texts": texts}
 
 
-def _confined(task: Path, name: str) -> Path:
-    """A task's data file: relative, inside the task's directory, no `..` and no symlink out."""
-    rel = Path(name)
-    base = task.parent.resolve()
-    target = (base / rel).resolve()
-    if rel.is_absolute() or ".." in rel.parts or base not in target.parents:
+def _read_data_file(task: Path, name: str, max_bytes: int) -> tuple[Path, bytes]:
+    """A task's data file, opened through data_prep/confine.py: relative, inside the task's directory,
+    no `..`, no link, a regular file, at most `max_bytes`."""
+    if escapes(task.parent, name, regular_file=False):
         raise ConfigError(f"{task}: dataset_kwargs.data_files: {name!r} is outside the task's directory")
-    if not target.is_file():
-        raise ConfigError(f"{task}: dataset_kwargs.data_files: {name!r}: no such file")
-    return target
+    try:
+        with open_confined(task.parent, name, f"{task}: dataset_kwargs.data_files") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > max_bytes:
+                raise ConfigError(f"{task.parent / name}: {size:,} bytes is over decontaminate.max_bytes ({max_bytes:,})")
+            return task.parent / name, f.read(max_bytes + 1)[:max_bytes]
+    except FileNotFoundError:
+        raise ConfigError(f"{task}: dataset_kwargs.data_files: {name!r}: no such file") from None
+    except KilnError as err:
+        raise ConfigError(str(err)) from None

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from data_prep.confine import open_confined
 from data_prep.errors import KilnError
 
 MAGIC = b"MMIDIDX\x00\x00"
@@ -155,11 +156,20 @@ class IndexedWriter:
             self.abort()
 
 
+def open_part(prefix: Path, suffix: str, root: Path | None):
+    """A shard's .bin or .idx for reading. `root`: the corpus directory whose manifest named the shard (both
+    files are then confined to it: open_confined); None for a shard Kiln itself just wrote."""
+    path = prefix.with_name(prefix.name + suffix)
+    if root is None:
+        return open(path, "rb")  # noqa: SIM115 - the caller closes it
+    return open_confined(root, str(path.relative_to(root)), f"{root / 'manifest.json'}: shard")
+
+
 FINGERPRINT_BLOCKS = 16
 FINGERPRINT_BLOCK = 4096
 
 
-def shard_fingerprint(prefix: str | Path) -> dict:
+def shard_fingerprint(prefix: str | Path, root: Path | None = None) -> dict:
     """What start-up checks instead of hashing every byte: both files' sizes and a sha256 over the .idx
     header and FINGERPRINT_BLOCKS blocks of each file at evenly spaced offsets (first and last included).
     A truncated, stale or swapped shard changes it; reading it costs ~130 KB whatever the shard's size.
@@ -168,26 +178,25 @@ def shard_fingerprint(prefix: str | Path) -> dict:
     h = hashlib.sha256(b"kiln-shard-fingerprint-v1")
     sizes = {}
     for suffix in (".bin", ".idx"):
-        path = prefix.with_name(prefix.name + suffix)
-        size = path.stat().st_size
-        sizes[suffix[1:] + "_bytes"] = size
-        h.update(struct.pack("<Q", size))
-        last = max(0, size - FINGERPRINT_BLOCK)
-        offsets = sorted({last * k // (FINGERPRINT_BLOCKS - 1) for k in range(FINGERPRINT_BLOCKS)})
-        with open(path, "rb") as f:
+        with open_part(prefix, suffix, root) as f:
+            size = os.fstat(f.fileno()).st_size
+            sizes[suffix[1:] + "_bytes"] = size
+            h.update(struct.pack("<Q", size))
+            last = max(0, size - FINGERPRINT_BLOCK)
+            offsets = sorted({last * k // (FINGERPRINT_BLOCKS - 1) for k in range(FINGERPRINT_BLOCKS)})
             for offset in offsets:
                 f.seek(offset)
                 h.update(f.read(FINGERPRINT_BLOCK))
     return {"fingerprint": h.hexdigest(), **sizes}
 
 
-def shard_digest(prefix: str | Path) -> str:
+def shard_digest(prefix: str | Path, root: Path | None = None) -> str:
     """The digest `IndexedWriter.close()` reports, recomputed from the files on disk (streamed)."""
     prefix = Path(prefix)
     hashes = []
     for suffix in (".bin", ".idx"):
         h = hashlib.sha256()
-        with open(prefix.with_name(prefix.name + suffix), "rb") as f:
+        with open_part(prefix, suffix, root) as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)
         hashes.append(h.digest())
@@ -197,14 +206,16 @@ def shard_digest(prefix: str | Path) -> str:
 class IndexedDataset:
     """Memory-mapped reader: `ds[i]` is sequence i as a numpy view, nothing copied."""
 
-    def __init__(self, prefix: str | Path, tokens: int | None = None):
+    def __init__(self, prefix: str | Path, tokens: int | None = None, root: Path | None = None):
         """`tokens`: the shard's token count when known (a manifest), so opening reads only the header
-        instead of summing every sequence length."""
+        instead of summing every sequence length. `root`: the corpus directory that named it (open_part)."""
         self.prefix = Path(prefix)
         idx_path = self.prefix.with_name(self.prefix.name + ".idx")
         bin_path = self.prefix.with_name(self.prefix.name + ".bin")
-        with open(idx_path, "rb") as f:
+        with open_part(self.prefix, ".idx", root) as f:
             head = f.read(len(MAGIC) + 8 + 1 + 8 + 8)
+            idx_size = os.fstat(f.fileno()).st_size
+            idx = np.memmap(f, mode="r", dtype=np.uint8) if idx_size else np.zeros(0, np.uint8)
         if len(head) < 34 or head[: len(MAGIC)] != MAGIC:
             raise ValueError(f"{idx_path}: not a Megatron MMIDIDX index (bad magic)")
         (version,) = struct.unpack_from("<Q", head, 9)
@@ -217,16 +228,17 @@ class IndexedDataset:
         (n,) = struct.unpack_from("<Q", head, 18)
         (n_docs,) = struct.unpack_from("<Q", head, 26)
         expected = 34 + 4 * n + 8 * n + 8 * n_docs
-        if idx_path.stat().st_size != expected:
-            raise ValueError(f"{idx_path}: truncated or corrupt ({idx_path.stat().st_size} bytes, expected {expected})")
-        idx = np.memmap(idx_path, mode="r", dtype=np.uint8)
+        if idx_size != expected:
+            raise ValueError(f"{idx_path}: truncated or corrupt ({idx_size} bytes, expected {expected})")
         self.sizes = np.frombuffer(idx, dtype=np.int32, count=n, offset=34)
         self.pointers = np.frombuffer(idx, dtype=np.int64, count=n, offset=34 + 4 * n)
         self.doc_idx = np.frombuffer(idx, dtype=np.int64, count=n_docs, offset=34 + 12 * n)
         total = int(tokens) if tokens is not None else int(self.sizes.astype(np.int64).sum())
-        if bin_path.stat().st_size != total * self.dtype.itemsize:
-            raise ValueError(f"{bin_path}: size {bin_path.stat().st_size} does not match its index ({total} tokens)")
-        self.tokens = np.memmap(bin_path, mode="r", dtype=self.dtype) if total else np.zeros(0, self.dtype)
+        with open_part(self.prefix, ".bin", root) as f:
+            bin_size = os.fstat(f.fileno()).st_size
+            if bin_size != total * self.dtype.itemsize:
+                raise ValueError(f"{bin_path}: size {bin_size} does not match its index ({total} tokens)")
+            self.tokens = np.memmap(f, mode="r", dtype=self.dtype) if total else np.zeros(0, self.dtype)
 
     def __len__(self) -> int:
         return len(self.sizes)

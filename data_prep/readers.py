@@ -32,9 +32,9 @@ from pathlib import Path
 import numpy as np
 import zstandard
 
-from data_prep.confine import escapes
+from data_prep.confine import escapes, read_confined
 from data_prep.document import BadRecord, Document
-from data_prep.errors import ConfigError
+from data_prep.errors import ConfigError, KilnError
 
 BLOCK = 1 << 20
 MAX_RECORD_BYTES = 128 << 20  # one jsonl line; a 100 MB document still fits
@@ -60,17 +60,25 @@ def file_kind(path: Path) -> str | None:
     return None
 
 
+def _small(directory: Path, name: str) -> bytes:
+    """A dataset directory's own JSON (someone else's): confined, a regular file, at most 16 MiB."""
+    try:
+        return read_confined(directory, name, f"{directory}:", 16 << 20)
+    except KilnError as err:
+        raise ConfigError(str(err)) from None
+
+
 def _hf_arrow_files(directory: Path) -> list[Path] | None:
     """Arrow files of a `save_to_disk` directory (Dataset or DatasetDict), else None."""
     if (directory / "state.json").is_file():
-        state = json.loads((directory / "state.json").read_text())
+        state = json.loads(_small(directory, "state.json"))
         names = [f.get("filename") for f in state.get("_data_files", [])]
         for name in names:  # a dataset directory someone else wrote names files inside itself only
             if why := escapes(directory, name):
                 raise ConfigError(f"{directory / 'state.json'}: _data_files filename {name!r} {why}")
         return [directory / name for name in names]
     if (directory / "dataset_dict.json").is_file():
-        splits = json.loads((directory / "dataset_dict.json").read_text()).get("splits", [])
+        splits = json.loads(_small(directory, "dataset_dict.json")).get("splits", [])
         return [p for s in splits for p in (_hf_arrow_files(directory / s) or [])]
     return None
 
@@ -335,10 +343,26 @@ def _arrow_batches(part: dict, text_field: str, id_field: str):
         names = set(pf.schema_arrow.names)
         cols = [c for c in (text_field, id_field) if c in names] or None
         for g in range(part["start"], part["end"]):
+            if bomb := _row_group_bomb(pf.metadata.row_group(g)):
+                yield bomb  # (reason, rows): the group is skipped, never decoded
+                continue
             yield from pf.iter_batches(row_groups=[g], columns=cols, batch_size=8192)
     else:
         with pa.memory_map(part["path"]) as source:
             yield from pa.ipc.open_stream(source)
+
+
+def _row_group_bomb(group) -> tuple[str, int] | None:
+    """A Parquet row group whose pages and dictionaries would decode to more than max(MAX_EXPANSION x its
+    compressed size, EXPANSION_FLOOR) bytes, by its own metadata, is a decompression bomb: refused before
+    pyarrow allocates it."""
+    columns = [group.column(i) for i in range(group.num_columns)]
+    packed = sum(c.total_compressed_size for c in columns)
+    declared = max(group.total_byte_size, sum(c.total_uncompressed_size for c in columns))
+    budget = max(MAX_EXPANSION * packed, EXPANSION_FLOOR)
+    if declared > budget:
+        return f"decompression_bomb: a row group of {declared} bytes from {packed}", group.num_rows
+    return None
 
 
 def _line_record(rel: str, text_field: str, id_field: str, lineno: int, line: bytes,
@@ -359,6 +383,10 @@ def read_partition(part: dict, text_field: str = "text", id_field: str = "id") -
         return
     row = part["first_line"]
     for batch in _arrow_batches(part, text_field, id_field):
+        if isinstance(batch, tuple):  # a refused row group
+            yield BadRecord(f"{rel}:{row}", batch[0].split(":")[0], batch[0])
+            row += batch[1]
+            continue
         names = batch.schema.names
         texts = batch.column(names.index(text_field)).to_pylist() if text_field in names else None
         ids = batch.column(names.index(id_field)).to_pylist() if id_field in names else [None] * batch.num_rows

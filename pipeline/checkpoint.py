@@ -31,9 +31,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from data_prep.confine import read_confined
 from pipeline.config import KilnError, first_line
 from pipeline.console import log
 from pipeline.model.io import (
+    SMALL_FILE_MAX,
     check_sums,
     load_checked,
     load_safetensors,
@@ -101,8 +103,12 @@ def _barrier() -> None:
 
 
 def _atomic_write(path: Path, text: str) -> None:
+    """Write `path` whole: a new temp file next to it (O_EXCL|O_NOFOLLOW, so a link planted at the temp
+    name is never followed), then a rename over it."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
+    tmp.unlink(missing_ok=True)  # ours from a killed run with the same pid, or planted: removed, not opened
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    with os.fdopen(os.open(tmp, flags, 0o644), "w") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
@@ -226,18 +232,27 @@ def find_checkpoint(root: str | Path, collective: bool = False) -> Path | None:
     if collective:
         _barrier()
     path = newest_complete(root, collective=collective)
-    pointer = root / LATEST
-    if _rank() == 0 and path is not None and (not pointer.exists() or pointer.read_text().strip() != path.name):
-        _atomic_write(pointer, path.name + "\n")
+    if _rank() == 0 and path is not None and _pointer(root) != path.name:
+        _atomic_write(root / LATEST, path.name + "\n")
     return path
+
+
+def _pointer(root: Path) -> str | None:
+    """What the `latest` pointer names (None: absent or not a small regular file); it is only compared."""
+    try:
+        return read_confined(root, LATEST, f"{root}:", 4096).decode(errors="replace").strip()
+    except (OSError, KilnError):
+        return None
 
 
 def read_state(path: str | Path) -> dict:
     path = Path(path) / STATE
     try:
-        return json.loads(path.read_text())
+        return json.loads(read_confined(path.parent, STATE, f"{path.parent}:", SMALL_FILE_MAX))
+    except FileNotFoundError:
+        raise KilnError(f"{path}: cannot read checkpoint state (not found)") from None
     except (OSError, ValueError) as err:
-        raise KilnError(f"{path}: cannot read checkpoint state ({err})") from None
+        raise KilnError(f"{path}: cannot read checkpoint state ({type(err).__name__})") from None
 
 
 def pretrain_meta(state: dict, tokenizer: str | Path | None, **extra) -> dict:
@@ -260,9 +275,11 @@ def load_weights(path: str | Path, verified: bool = False) -> Weights:
 
 
 def restore_rng(path: Path) -> None:
-    rng = Path(path) / "rng" / f"rank_{_rank():05d}.json"
-    if rng.exists():
-        set_rng_state(json.loads(rng.read_text()))
+    name = f"rng/rank_{_rank():05d}.json"
+    try:
+        set_rng_state(json.loads(read_confined(path, name, f"{path}:", SMALL_FILE_MAX)))
+    except FileNotFoundError:
+        pass
 
 
 def trim_metrics(path: Path, step: int) -> None:

@@ -360,7 +360,10 @@ class EvalConfig(_Strict):
     split: Literal["train", "val"] = "val"
     max_tokens: int | None = Field(None, ge=1, description="tokens scored on data; default: the whole split")
     tasks: list[str] = Field(default_factory=list, description="lm-evaluation-harness tasks (a list, or a comma-separated string)")
-    include_path: list[str] = Field(default_factory=list, description="more lm-eval task YAML dirs")
+    include_path: list[str] = Field(default_factory=list, description="more lm-eval task YAML dirs, read as data "
+                                    "(no !function, no name Kiln or lm-eval defines)")
+    trusted_include_path: list[str] = Field(default_factory=list, description="lm-eval task dirs you control: "
+                                            "their !function hooks run")
     limit: float | None = Field(None, gt=0, description="documents per task (a fraction when below 1)")
     num_fewshot: int | None = Field(None, ge=0)
     batch_size: int = Field(8, ge=1)
@@ -471,6 +474,9 @@ def _safe_yaml(text: bytes, where: str) -> Any:
         elif isinstance(value, list):
             stack.extend(value)
     return data
+
+
+safe_yaml = _safe_yaml  # for YAML that is not a config (pipeline/harness/includes.py)
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> tuple[dict, dict[str, str]]:

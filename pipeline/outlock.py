@@ -10,16 +10,21 @@ that locked a file just removed that way tries again, so two runs never hold two
 A multi-process job (torchrun, deepspeed, srun) shares one --out: its global rank 0 holds the lock
 (pipeline/commands/common.py::locked), since rank 0 is the one that cleans up and publishes; the other ranks wait
 for rank 0 in their first collective, so a refused job ends as soon as rank 0 exits.
+The lock sits in --out's parent, which may be shared: a lock file or --out that is a symlink, or is
+owned by another user, is refused, and the lock file is opened without following links
+(`O_NOFOLLOW`), so a planted `.NAME.kiln-lock -> someone's file` is never truncated or written.
 flock works on local filesystems and NFSv4/Lustre mounts with locking enabled; on a filesystem
 without it the lock cannot exclude a run on another host.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
 import socket
+import stat
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -42,6 +47,7 @@ def locked(out: str | Path, what: str, enabled: bool = True) -> Iterator[None]:
         return
     path = lock_path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _check_mine(Path(out).absolute(), "--out")
     fd = _acquire(path, out)
     try:
         os.ftruncate(fd, 0)
@@ -56,7 +62,7 @@ def locked(out: str | Path, what: str, enabled: bool = True) -> Iterator[None]:
 def _acquire(path: Path, out) -> int:
     """flock the lock file; retry when the file we locked was unlinked by a finishing holder meanwhile."""
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = _open_lock(path)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -70,6 +76,37 @@ def _acquire(path: Path, out) -> int:
         except FileNotFoundError:
             pass
         os.close(fd)
+
+
+def _check_mine(path: Path, what: str) -> None:
+    """Refuse a symlink, or a file or directory of another user, at `path` (absent is fine)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(st.st_mode):
+        raise KilnError(f"{path}: {what} is a symlink; refusing to follow it (its parent may be shared)")
+    if st.st_uid != os.geteuid():
+        raise KilnError(f"{path}: {what} is owned by another user (uid {st.st_uid}); choose another --out")
+
+
+def _open_lock(path: Path) -> int:
+    """The lock file, created or opened without following a link; it must be a regular file of ours
+    with one link (not a hard link to someone's file)."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags, 0o600)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise KilnError(f"{path}: the lock file is a symlink; refusing to follow it (remove it if it is "
+                            "yours)") from None
+        raise
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_nlink != 1:
+        os.close(fd)
+        raise KilnError(f"{path}: the lock file is not a regular file of yours with one link; refusing to "
+                        "write it (remove it if it is yours)")
+    return fd
 
 
 def _holder(fd: int) -> str:

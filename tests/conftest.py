@@ -1,6 +1,7 @@
 """Shared fixtures. Tests run on CPU: DeepSpeed uses its cpu accelerator and gloo."""
 
 import os
+import types
 from pathlib import Path
 
 import pytest
@@ -37,3 +38,17 @@ def tiny_family(tmp_path_factory):
     from tests.factories import tiny_model_family
 
     return tiny_model_family(tmp_path_factory.mktemp("tiny-family"))
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory):
+    """A sqlite MLflow registry (artifacts under its own directory) and a Tracker that writes to it
+    (the security tests' shared registry)."""
+    from mlflow import MlflowClient
+
+    from pipeline.tracking import Tracker
+
+    root = tmp_path_factory.mktemp("registry")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    MlflowClient(uri).create_experiment("kiln", artifact_location=str(root / "artifacts"))
+    return types.SimpleNamespace(root=root, uri=uri, tracker=Tracker(uri=uri, enabled=True))

@@ -63,19 +63,6 @@ def files_containing(root: Path, needle: bytes) -> list[Path]:
     return [p for p in root.rglob("*") if p.is_file() and not p.is_symlink() and needle in p.read_bytes()]
 
 
-@pytest.fixture(scope="module")
-def registry(tmp_path_factory):
-    """A sqlite MLflow registry (artifacts under its own directory) and a Tracker that writes to it."""
-    from mlflow import MlflowClient
-
-    from pipeline.tracking import Tracker
-
-    root = tmp_path_factory.mktemp("registry")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    MlflowClient(uri).create_experiment("kiln", artifact_location=str(root / "artifacts"))
-    return types.SimpleNamespace(root=root, uri=uri, tracker=Tracker(uri=uri, enabled=True))
-
-
 def publish(registry, directory: Path, name: str, alias: str = "champion") -> dict:
     with registry.tracker.stage_run("train") as run:
         return run.log_model(directory, stage="pretrain", register_as=name, alias=alias)

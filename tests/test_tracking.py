@@ -3,6 +3,7 @@ fetch (bit-exact), eval attached to the version, lineage back to the prep run, o
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import time
@@ -260,9 +261,11 @@ def test_sqlite_store_registers_and_fetches_without_a_server(tmp_path, monkeypat
         tracker.resolve("models:/local@nope")
     shutil.rmtree(tmp_path / "f")
     # `kiln register` of a MODEL dir never logged before takes stage and parent from its "kiln" lineage block
+    # (the parent found by its weights digest, the path never opened)
     student, _ = train_tiny(corpus, tmp_path / "s", steps=3)
     config = json.loads((student / "config.json").read_text())
-    config["kiln"] = {"stage": "distilled", "parent_model": str(model_dir)}
+    weights = hashlib.sha256((model_dir / "model.safetensors").read_bytes()).hexdigest()  # as post/common.py writes
+    config["kiln"] = {"stage": "distilled", "parent_model": str(model_dir), "parent_sha256": weights}
     (student / "config.json").write_text(json.dumps(config))
     write_sums(student)
     tags = tracker.client.get_logged_model(tracker.register(student, "student")["model_id"]).tags

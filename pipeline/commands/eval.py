@@ -23,7 +23,12 @@ def add_arguments(p) -> None:
     p.add_argument("--max-tokens", type=int)
     p.add_argument("--tasks", metavar="LIST", help="comma-separated lm-eval tasks (Kiln's offline ones: "
                    "kiln_pydoc, kiln_stdlib_mc; any task of lm-eval's catalogue where its data can be had)")
-    p.add_argument("--include-path", action="append", metavar="DIR", help="more lm-eval task YAMLs (repeatable)")
+    p.add_argument("--include-path", action="append", metavar="DIR",
+                   help="more lm-eval task YAMLs, read as data (repeatable): no YAML tags such as !function, "
+                        "no include: outside DIR, and no task name that Kiln, lm-eval or another DIR defines")
+    p.add_argument("--trusted-include-path", action="append", metavar="DIR",
+                   help="a task directory you control (repeatable): its !function hooks run Python as you; "
+                        "names still may not collide")
     p.add_argument("--limit", type=float, metavar="N", help="documents per task (a fraction when below 1)")
     p.add_argument("--num-fewshot", type=int)
     p.add_argument("--batch-size", type=int)
@@ -61,7 +66,8 @@ def _tasks(model: str, cfg, tracker) -> dict:
     tasks = cfg.tasks
     local = tracker.materialize(model)
     limit = int(cfg.limit) if cfg.limit is not None and cfg.limit >= 1 else cfg.limit
-    result = run_tasks(local, tasks, cfg.include_path, limit, cfg.batch_size, num_fewshot=cfg.num_fewshot)
+    result = run_tasks(local, tasks, cfg.include_path, limit, cfg.batch_size, num_fewshot=cfg.num_fewshot,
+                       trusted_include_path=cfg.trusted_include_path)
     rows = [{"task": task, "metric": k, "value": v, "docs": result["datasets"][task]["docs"]}
             for task, metrics in result["results"].items() for k, v in metrics.items()]
     print_table(f"kiln eval {model}: lm-eval", rows, ["task", "metric", "value", "docs"])

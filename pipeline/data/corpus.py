@@ -10,15 +10,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 
-from data_prep.confine import escapes
+from data_prep.confine import escapes, read_confined
 from data_prep.indexed import IndexedDataset, shard_digest, shard_fingerprint
 from pipeline.config import KilnError
 from pipeline.console import log
+
+MANIFEST_MAX = 64 << 20  # bytes of manifest.json (a corpus of 100,000 shards needs ~30 MB)
+TOKENIZER_MAX = 64 << 20  # bytes of a sentencepiece model (a 256k vocabulary is ~5 MB)
 
 
 class PreparedCorpus:
@@ -33,11 +37,11 @@ class PreparedCorpus:
             raise KilnError(f"{self.dir}: a file, not a `kiln prep` output directory; prepare it first "
                             f"(kiln prep {self.dir} --out DIR) and pass DIR")
         try:
-            self.manifest = json.loads(path.read_text())
+            self.manifest = json.loads(read_confined(self.dir, "manifest.json", str(self.dir), MANIFEST_MAX))
         except FileNotFoundError:
             raise KilnError(f"{path}: not found; is {self.dir} a `kiln prep` output directory?") from None
-        except json.JSONDecodeError as err:
-            raise KilnError(f"{path}: not valid JSON ({err})") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise KilnError(f"{path}: not valid JSON ({type(err).__name__} at byte {getattr(err, 'pos', '?')})") from None
         if verify:
             self.verify()
 
@@ -55,11 +59,15 @@ class PreparedCorpus:
         manifest's tokenizer.sha256 (recomputed): a manifest cannot pull another file into a model."""
         tok = self.manifest["tokenizer"]
         path = self._inside(tok.get("path"), "tokenizer.path")
-        if path.exists():
-            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        try:
+            data = read_confined(self.dir, tok["path"], f"{self.dir / 'manifest.json'}: tokenizer.path", TOKENIZER_MAX)
+        except FileNotFoundError:
+            data = None
+        if data is not None:
+            digest = hashlib.sha256(data).hexdigest()
             if digest != tok.get("sha256"):
-                raise KilnError(f"{path}: sha256 {digest[:12]}… does not match {self.dir / 'manifest.json'} "
-                                f"tokenizer.sha256 {str(tok.get('sha256'))[:12]}…; refusing this tokenizer")
+                raise KilnError(f"{path}: sha256 {digest[:12]}… does not match {self.dir / 'manifest.json'}'s "
+                                "tokenizer.sha256; refusing this tokenizer")
         return path
 
     def _inside(self, name, key: str) -> Path:
@@ -79,11 +87,11 @@ class PreparedCorpus:
         for shard in self.manifest["shards"]:
             prefix = self._prefix(shard)
             try:
-                IndexedDataset(prefix, tokens=shard.get("tokens"))
+                IndexedDataset(prefix, tokens=shard.get("tokens"), root=self.dir)
                 if "fingerprint" not in shard:
                     unfingerprinted += 1
                     continue
-                found = shard_fingerprint(prefix)
+                found = shard_fingerprint(prefix, root=self.dir)
             except FileNotFoundError:
                 raise KilnError(f"{prefix}.bin/.idx: listed in {self.dir / 'manifest.json'} but missing") from None
             except ValueError as err:
@@ -91,7 +99,7 @@ class PreparedCorpus:
             for key, files in (("bin_bytes", ".bin"), ("idx_bytes", ".idx"), ("fingerprint", ".bin/.idx")):
                 if key in shard and found[key] != shard[key]:
                     raise KilnError(f"{prefix}{files}: {key} {str(found[key])[:12]} does not match the manifest's "
-                                    f"{str(shard[key])[:12]} (changed since prep); `kiln verify {self.dir}` checks every byte")
+                                    f"(changed since prep); `kiln verify {self.dir}` checks every byte")
         if unfingerprinted:
             log.warning("%s: %d shards have no fingerprint (prepared by an older Kiln): checked by size and header "
                         "only; `kiln verify %s` checks every byte", self.dir, unfingerprinted, self.dir)
@@ -106,12 +114,12 @@ class PreparedCorpus:
         def check(shard: dict) -> int:
             prefix = self._prefix(shard)
             try:
-                actual = shard_digest(prefix)
+                actual = shard_digest(prefix, root=self.dir)
             except FileNotFoundError:
                 raise KilnError(f"{prefix}.bin/.idx: listed in {self.dir / 'manifest.json'} but missing") from None
             if actual != shard["sha256"]:
                 raise KilnError(f"{prefix}.bin: digest {actual[:12]}… does not match manifest {shard['sha256'][:12]}…")
-            return sum(prefix.with_name(prefix.name + x).stat().st_size for x in (".bin", ".idx"))
+            return sum(os.lstat(prefix.with_name(prefix.name + x)).st_size for x in (".bin", ".idx"))
 
         with ThreadPoolExecutor(max_workers=threads) as pool:  # hashlib releases the GIL on large blocks
             return sum(pool.map(check, mine))
@@ -124,15 +132,22 @@ class PreparedCorpus:
         shards = self.shards(split)
         if not shards:
             raise KilnError(f"{self.dir / 'manifest.json'}: no '{split}' shards")
-        return TokenStream([IndexedDataset(self._prefix(s), tokens=s.get("tokens")) for s in shards])
+        return TokenStream([self.dataset(s) for s in shards], self.vocab_size, f"{self.dir} ({split})")
+
+    def dataset(self, shard: dict) -> IndexedDataset:
+        """One shard of the manifest, both files confined to this directory (data_prep/indexed.py::open_part)."""
+        return IndexedDataset(self._prefix(shard), tokens=shard.get("tokens"), root=self.dir)
 
 
 class TokenStream:
-    """Several shards read as one contiguous array of tokens, without copying them into memory."""
+    """Several shards read as one contiguous array of tokens, without copying them into memory. Every read
+    is checked against the vocabulary (`vocab_size`, the manifest's, which training and eval check against
+    the model's): a token id outside it would index past the embedding."""
 
-    def __init__(self, datasets: list[IndexedDataset]):
+    def __init__(self, datasets: list[IndexedDataset], vocab_size: int | None = None, where: str = "corpus"):
         self.parts = [d.tokens for d in datasets if d.num_tokens]
         self.offsets = np.cumsum([0] + [len(p) for p in self.parts])
+        self.vocab_size, self.where = vocab_size, where
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -149,6 +164,9 @@ class TokenStream:
             take = min(length - filled, len(self.parts[part]) - local)
             out[filled : filled + take] = self.parts[part][local : local + take]
             filled, pos, part = filled + take, pos + take, part + 1
+        if self.vocab_size is not None and length and (out.min() < 0 or out.max() >= self.vocab_size):
+            raise KilnError(f"{self.where}: tokens [{start}, {start + length}) hold an id outside the vocabulary "
+                            f"of {self.vocab_size}; the shards do not match the manifest's tokenizer")
         return out
 
 

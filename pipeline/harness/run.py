@@ -31,15 +31,28 @@ def _import_lm_eval():
         raise KilnError("kiln eval --tasks needs lm-evaluation-harness: pip install 'kiln-pretrain[eval]'") from None
 
 
-def task_manager(tasks: list[str], include_path: list[str] | None = None):
-    """Kiln's tasks and --include-path dirs first; lm-eval's own catalogue only when a task is not there
-    (indexing it costs seconds)."""
+def task_manager(tasks: list[str], include_path: list[str] | None = None, trusted: list[str] | None = None):
+    """Kiln's tasks and the task directories first; lm-eval's own catalogue only when a task is not there
+    (indexing it costs seconds) or when directories are given (a name they define must be new:
+    pipeline/harness/includes.py says what a directory may do)."""
     from lm_eval.tasks import TaskManager
+    from lm_eval.tasks._index import TaskIndex
 
-    paths = [str(TASKS_DIR), *(str(Path(p).resolve()) for p in include_path or [])]
-    for p in paths[1:]:
-        if not Path(p).is_dir():
-            raise ConfigError(f"--include-path {p}: not a directory")
+    from pipeline.harness.includes import check_collisions, check_untrusted
+
+    dirs = {f"--include-path {p}": Path(p).resolve() for p in include_path or []}
+    dirs |= {f"--trusted-include-path {p}": Path(p).resolve() for p in trusted or []}
+    for flag, path in dirs.items():
+        if not path.is_dir():
+            raise ConfigError(f"{flag}: not a directory")
+        if flag.startswith("--include-path"):
+            check_untrusted(path)
+    paths = [str(TASKS_DIR), *map(str, dirs.values())]
+    if dirs:
+        import lm_eval.tasks
+
+        named = {"Kiln's tasks": TASKS_DIR, "lm-eval's catalogue": Path(lm_eval.tasks.__file__).parent, **dirs}
+        check_collisions({src: set(TaskIndex.build([path])) for src, path in named.items()})
     manager = TaskManager(include_path=paths, include_defaults=False)
     if not all(t in manager.all_tasks for t in tasks):
         manager = TaskManager(include_path=paths)
@@ -52,7 +65,9 @@ def task_manager(tasks: list[str], include_path: list[str] | None = None):
 
 def make_lm(model_dir: Path, batch_size: int, device: str):
     """KilnLM for a Kiln MODEL dir, lm-eval's HFLM for a transformers dir."""
-    config = json.loads((model_dir / "config.json").read_text()) if (model_dir / "config.json").is_file() else {}
+    from pipeline.model.io import read_config
+
+    config = read_config(model_dir) if (model_dir / "config.json").is_file() else {}  # confined, bounded
     if "model_type" in config:
         from lm_eval.models.huggingface import HFLM
 
@@ -98,7 +113,7 @@ def datasets(res: dict) -> dict[str, dict]:
 
 def run_tasks(model_dir: str | Path, tasks: list[str], include_path: list[str] | None = None,
               limit: float | None = None, batch_size: int = 8, device: str | None = None,
-              num_fewshot: int | None = None) -> dict:
+              num_fewshot: int | None = None, trusted_include_path: list[str] | None = None) -> dict:
     """{"results": {task: {metric: value}}, "datasets": {task: record}, "n_samples": {...}}."""
     _import_lm_eval()
     from lm_eval import simple_evaluate
@@ -110,7 +125,10 @@ def run_tasks(model_dir: str | Path, tasks: list[str], include_path: list[str] |
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if not logging.getLogger().isEnabledFor(logging.DEBUG):  # lm-eval narrates every task it builds
         logging.getLogger("lm_eval").setLevel(logging.ERROR)
-    manager = task_manager(tasks, include_path)
+    from pipeline.harness.includes import sandbox_templates
+
+    manager = task_manager(tasks, include_path, trusted_include_path)
+    sandbox_templates()
     lm = make_lm(Path(model_dir), batch_size, device)
     res = simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit, num_fewshot=num_fewshot,
                           log_samples=True, bootstrap_iters=0, batch_size=batch_size)

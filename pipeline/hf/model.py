@@ -22,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import ModelConfig
+from pipeline.config import KilnError, ModelConfig
+from pipeline.console import log
 from pipeline.families import family
 from pipeline.hf.tokenizer import write_hf_tokenizer
 from pipeline.model.io import TOKENIZER, WEIGHTS, read_config, verify_sums, write_sums
@@ -35,25 +36,32 @@ MAX_SHARD_BYTES = 5 * 2**30  # per safetensors file of a transformers export (tr
 
 
 def corpus_texts(meta: dict, n: int = CORPUS_SAMPLE) -> list[str]:
-    """Up to `n` validation (else training) documents of the corpus named in the lineage, as text."""
+    """Up to `n` validation (else training) documents of the corpus named in the lineage, as text. The
+    lineage is the MODEL dir's (someone else's): a corpus there is read only through PreparedCorpus
+    (manifest, tokenizer and shards confined to it and checked against the manifest); one that is
+    missing or refused is skipped, since this sample only adds to the built-in one."""
     import sentencepiece as spm
 
-    from data_prep.indexed import IndexedDataset
+    from data_prep.confine import read_confined
+    from pipeline.data.corpus import TOKENIZER_MAX, PreparedCorpus
 
     paths = ((meta.get("kiln") or {}).get("train_config") or {}).get("data", {}).get("paths") or []
-    for data_dir in map(Path, paths):
-        manifest = data_dir / "manifest.json"
-        if not manifest.is_file():
+    for data_dir in [Path(p) for p in paths if isinstance(p, str)]:
+        try:
+            corpus = PreparedCorpus(data_dir)
+            tok = corpus.manifest["tokenizer"]["path"]
+            corpus.tokenizer_path  # noqa: B018 - confined and hash-checked
+            proto = read_confined(data_dir, tok, f"{data_dir / 'manifest.json'}: tokenizer.path", TOKENIZER_MAX)
+            shards = sorted(corpus.manifest.get("shards", []), key=lambda s: s["split"] != "val")
+        except (KilnError, OSError, KeyError, TypeError, ValueError) as err:
+            log.warning("%s: not used to check the tokenizer (%s)", data_dir, str(err).splitlines()[0][:300])
             continue
-        m = json.loads(manifest.read_text())
-        tok = data_dir / m["tokenizer"]["path"]
-        shards = sorted(m.get("shards", []), key=lambda s: s["split"] != "val")
-        if not tok.is_file() or not shards:
+        if not shards:
             continue
-        sp = spm.SentencePieceProcessor(model_file=str(tok))
+        sp = spm.SentencePieceProcessor(model_proto=proto)
         texts = []
         for shard in shards:
-            ds = IndexedDataset(data_dir / shard["path"])
+            ds = corpus.dataset(shard)
             for i in range(min(len(ds), n - len(texts))):
                 texts.append(sp.decode([t for t in ds[i].tolist() if t != sp.eos_id()]))
             if len(texts) >= n:

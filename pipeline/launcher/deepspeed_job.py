@@ -5,6 +5,12 @@ into `export NAME=VALUE;` in the remote shell, putting a value in double quotes 
 character outside `[\w@%+=:,./-]`. Inside double quotes `$(...)`, backticks and `\` still expand, and
 older DeepSpeed versions do not quote at all, so no quoting Kiln could add survives: values are
 limited to characters that mean nothing to a shell (SAFE_VALUE) and anything else is refused.
+
+With more than one host the runner hands the launched command to pdsh, which joins the words with
+spaces for each node's shell (sshd runs `$SHELL -c`), after `cd CWD;` and `--master_addr=ADDR`,
+none of them quoted; DeepSpeed only wraps a word holding a space in double quotes. So the quoting is
+Kiln's (`node_words`): every word is handed over already quoted for that shell, and the master address
+and working directory must be words no shell would change. The dry run prints the words each node runs.
 """
 
 from __future__ import annotations
@@ -29,6 +35,21 @@ def check_deepspeed_env(env: dict[str, str]) -> dict[str, str]:
                               "and @%+=:,./^-_ (DeepSpeed's pdsh runner hands them to a shell on every node); "
                               "set this one in the nodes' environment instead")
     return env
+
+
+def node_words(command: list[str]) -> list[str]:
+    """The words to hand DeepSpeed's pdsh runner so that each node's shell gets back exactly `command`:
+    single-quoted; a word with a space is escaped for the double quotes DeepSpeed then puts around it."""
+    dq = str.maketrans({"\\": "\\\\", "$": "\\$", "`": "\\`"})  # DeepSpeed escapes " itself
+    return [w.translate(dq) if " " in w else shlex.quote(w) for w in command]
+
+
+def check_shell_word(what: str, value: str) -> str:
+    """`value` goes unquoted into each node's shell command line: it must be one word a shell leaves alone."""
+    if shlex.quote(value) != value:
+        raise ConfigError(f"{what} {value[:60]!r}: holds characters a node's shell would interpret (DeepSpeed's "
+                          "pdsh runner sends it unquoted); only letters, digits and @%+=:,./_- are allowed")
+    return value
 
 
 def write_deepspeed_env(env: dict[str, str], path: str | Path = ".deepspeed_env") -> None:
@@ -70,9 +91,15 @@ def plan(
         ds += ["--num_gpus", str(gpus_per_node)]
     if single_local:
         ds += ["--no_ssh_check"]
-    ds += ["--no_python", "--no_local_rank", *command]
+    words = command
+    if len(hosts) > 1:  # DeepSpeed's runner goes through pdsh and each node's shell
+        check_shell_word("--master-addr", master)
+        check_shell_word("the working directory", str(Path.cwd()))
+        check_shell_word("this Python", sys.executable)
+        words = node_words(command)
+    ds += ["--no_python", "--no_local_rank", *words]
     world_info = encode_world_info({h: s for h, s in active.items()})
-    per_node = {
+    per_node = {  # the words each node runs (node_words makes its shell get exactly these)
         host: shlex.join(["python", "-u", "-m", "deepspeed.launcher.launch", f"--world_info={world_info}",
                           f"--node_rank={rank}", f"--master_addr={master}", f"--master_port={master_port}",
                           "--no_python", "--no_local_rank", *command])

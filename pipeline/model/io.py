@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from data_prep.confine import escapes
+from data_prep.confine import escapes, open_confined, read_confined
 from pipeline.config import KilnError, ModelConfig, first_line
 from pipeline.model.gpt import GPT
-from pipeline.model.weights import WEIGHTS, DictWeights, Weights, save_weights
+from pipeline.model.weights import SHARDS_DIR, WEIGHTS, DictWeights, Weights, save_weights
 from pipeline.quant_methods import load_quantized
 
 CONFIG = "config.json"
@@ -40,9 +40,13 @@ FORMAT_VERSION = 1
 _SUMS_LINE = re.compile(r"([0-9a-f]{64}) [ *](.+)")  # sha256sum's text and binary forms
 
 
-def sha256_file(path: str | Path) -> str:
+SMALL_FILE_MAX = 16 << 20  # bytes of a SHA256SUMS, config.json or checkpoint state read whole
+
+
+def sha256_file(path: str | Path, f=None) -> str:
+    """The digest of `path`, or of the open file `f` (open_confined) when given."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with f or open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
@@ -66,10 +70,12 @@ def read_sums(directory: str | Path) -> dict[str, str]:
     be there that it does not list (UNLISTED_OK aside)."""
     directory = Path(directory)
     sums = directory / SUMS
-    if not sums.is_file():
-        raise KilnError(f"{sums}: missing; cannot verify this directory")
+    try:
+        text = read_confined(directory, SUMS, f"{directory}:", SMALL_FILE_MAX).decode(errors="replace")
+    except FileNotFoundError:
+        raise KilnError(f"{sums}: missing; cannot verify this directory") from None
     listed = {}
-    for n, line in enumerate(sums.read_text(errors="replace").splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         if not (m := _SUMS_LINE.fullmatch(line)):
@@ -91,11 +97,11 @@ def check_sums(directory: str | Path, entries: dict[str, str]) -> None:
     directory = Path(directory)
     for name, digest in entries.items():
         path = directory / name
-        if not path.exists():
-            raise KilnError(f"{path}: listed in {SUMS} but missing")
-        if path.is_symlink() or not path.is_file():
-            raise KilnError(f"{path}: listed in {SUMS} but not a regular file")
-        if sha256_file(path) != digest:
+        try:
+            f = open_confined(directory, name, f"{directory / SUMS}: entry")
+        except FileNotFoundError:
+            raise KilnError(f"{path}: listed in {SUMS} but missing") from None
+        if sha256_file(path, f) != digest:
             raise KilnError(f"{path}: checksum mismatch (corrupt or modified)")
 
 
@@ -196,11 +202,35 @@ def save_model_dir(
 def read_config(path: str | Path) -> dict:
     path = Path(path) / CONFIG
     try:
-        return json.loads(path.read_text())
+        return json.loads(read_confined(path.parent, CONFIG, f"{path.parent}:", SMALL_FILE_MAX))
     except FileNotFoundError:
         raise KilnError(f"{path}: not found; is {path.parent} a MODEL directory?") from None
-    except json.JSONDecodeError as err:
-        raise KilnError(f"{path}: not valid JSON ({err})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise KilnError(f"{path}: not valid JSON ({type(err).__name__})") from None
+
+
+DIMS_SLACK = 64 << 20  # parameters a config may describe beyond what its files could hold (tiny models)
+
+
+def check_dims(path: Path, model: dict) -> None:
+    """config.json's `model` (someone else's) bounded by the files beside it, before anything is allocated:
+    the fewest parameters and buffer values those dimensions imply may not exceed 4 per byte of the
+    directory's files (a 4-bit format stores 2 per byte) plus DIMS_SLACK."""
+    def dim(key: str, default: int = 0) -> int:
+        value = model.get(key) or default
+        return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+    d, layers, vocab, block = dim("n_embd"), dim("n_layer"), dim("vocab_size"), dim("block_size")
+    ffn = dim("ffn_hidden", 2 * d)  # no config makes the MLP narrower than 2d unless it says so
+    fewest = layers * (2 * d * d + 2 * d * ffn) + vocab * d + block * max(d // max(dim("n_head", 1), 1), 1)
+    held = sum(e.stat(follow_symlinks=False).st_size for e in os.scandir(path) if e.is_file(follow_symlinks=False))
+    shards = path / SHARDS_DIR  # a sharded checkpoint's weights
+    if shards.is_dir() and not shards.is_symlink():
+        held += sum(f.lstat().st_size for f in shards.rglob("*") if f.is_file() and not f.is_symlink())
+    if fewest > 4 * held + DIMS_SLACK:
+        raise KilnError(f"{path / CONFIG}: model dimensions (n_layer, n_embd, vocab_size, block_size, ffn_hidden) "
+                        f"describe at least {fewest:,} parameters, more than the limit of 4 per byte of the "
+                        f"{held:,} bytes of files there; refusing to build it")
 
 
 def load_model_dir(path: str | Path, verify: bool = True, device: str = "cpu") -> tuple[torch.nn.Module, dict]:
@@ -209,6 +239,7 @@ def load_model_dir(path: str | Path, verify: bool = True, device: str = "cpu") -
     if verify:
         verify_sums(path)
     config = read_config(path)
+    check_dims(path, config.get("model") if isinstance(config.get("model"), dict) else {})
     if config.get("quantization"):  # e.g. {"format": "packed", "method": "gptq", "bits": 4, ...}
         model = load_quantized(path, config, device)
         return model.eval(), config

@@ -7,6 +7,10 @@ version of `NAME-hf` under the same alias, so plain MLflow users can download
 (`kiln.hf_model_id` on the Kiln model and version, `kiln.kiln_model_id` on the HF model);
 `kiln fetch --format hf models:/NAME@a` follows that link, or converts the Kiln form locally
 when a version has none (registered before, or its kind has no transformers form).
+
+A logged model's tags can be changed by anyone with rights on its experiment, so the link is
+believed only when the registry agrees both ways (`hf_ref`): version v of NAME carries the same
+kiln.hf_model_id, and a version of NAME-hf registers that HF model, which names this Kiln model back.
 """
 
 from __future__ import annotations
@@ -70,14 +74,26 @@ def _scratch(model_dir: Path) -> tempfile.TemporaryDirectory:
 
 
 def hf_ref(tracker: Tracker, ref: ModelRef) -> ModelRef | None:
-    """The registered transformers form of `ref`, if one was logged with it."""
-    from pipeline.tracking.registry import ModelRef
+    """The registered transformers form of `ref`, if one was registered with it (checked both ways
+    through the registry; KilnError when the tags disagree with it)."""
+    from pipeline.tracking.registry import ModelRef, _plain
 
-    lm = tracker.strict(ref.uri, tracker.client.get_logged_model, ref.model_id)
-    linked = lm.tags.get(LINK)
-    if not linked:
-        return None
-    hf = tracker.strict(ref.uri, tracker.client.get_logged_model, linked)
+    c = tracker.client
+    linked = tracker.strict(ref.uri, c.get_logged_model, ref.model_id).tags.get(LINK)
+    if not linked or not ref.version:
+        return None  # no link, or no registry version to check one against: the Kiln form is converted
+    mv = tracker.strict(ref.uri, c.get_model_version, ref.name, ref.version)
+    hf_name_ = hf_name(ref.name)
+    ok = mv.tags.get(LINK) == linked
+    if ok:
+        _plain(ref.uri, linked, f"version {ref.version}'s {LINK} tag")
+        hf = tracker.strict(ref.uri, c.get_logged_model, linked)
+        back = tracker.strict(ref.uri, c.search_model_versions, f"name = '{hf_name_}'")
+        ok = (hf.tags.get("kiln.kiln_model_id") == ref.model_id
+              and any(v.tags.get("kiln.model_id") == linked for v in back))
+    if not ok:
+        raise KilnError(f"{ref.uri}: the transformers form linked from logged model {ref.model_id} ({LINK}) is not "
+                        f"the one the registry records for version {ref.version} and {hf_name_}; refusing the link")
     return ModelRef(ref.uri, hf.model_id, ref.name, ref.version, ref.alias, hf.artifact_location)
 
 

@@ -8,6 +8,12 @@ Registry contents are written by other people: a model id from a tag is only use
 directory name when it is a plain id, a download is verified file by file (every file listed,
 every digest recomputed, nothing outside the directory), and a directory already at `--out` or
 in the cache is believed only when its SHA256SUMS is the registered one, byte for byte.
+
+A version's source (its download URI) is written by other people too, and MLflow sends the user's
+credentials (MLFLOW_TRACKING_USERNAME/PASSWORD, cloud keys) to wherever it points. So before any
+request it must be where this registry's artifacts live (`artifact_store_ok`): the tracking server
+itself (`mlflow-artifacts:` or its own scheme://host:port), a local path, or a store the user named
+in KILN_ARTIFACT_STORES (comma-separated prefixes, e.g. `s3://team-bucket/mlflow`).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import urlparse
 
 from mlflow.artifacts import download_artifacts
 from mlflow.entities import LoggedModelInput
@@ -99,7 +106,8 @@ def resolve(tracker: Tracker, uri: str) -> ModelRef:
 def _plain(uri: str, model_id: str, what: str) -> None:
     """A model id names the cache directory of a fetch: anything but a plain id is refused."""
     if not PLAIN_ID.fullmatch(model_id):
-        raise KilnError(f"{uri}: {what} {model_id[:100]!r} is not a plain model id; refusing to use it as a path")
+        raise KilnError(f"{uri}: {what} is not a plain model id ([A-Za-z0-9][A-Za-z0-9._-]*, at most 200 "
+                        "characters); refusing to use it as a path")
 
 
 def find_model_by_weights(tracker: Tracker, digest: str) -> str | None:
@@ -142,11 +150,25 @@ def register(tracker: Tracker, model_dir: str | Path, name: str, alias: str | No
     with tracker.stage_run("register", tags={"kiln.model_dir": str(model_dir.resolve())}) as run:
         if run.broken or not run.run_id:
             raise KilnError(f"{model_dir}: could not reach the tracking server at {tracker.uri}")
-        info = run.log_model(model_dir, stage=stage, parent=parent or lineage.get("parent_model"),
-                             register_as=name, alias=alias)
+        recorded, tags = _recorded_parent(tracker, lineage) if parent is None else (None, {})
+        info = run.log_model(model_dir, stage=stage, parent=parent or recorded, register_as=name, alias=alias,
+                             tags=tags)
     if info is None:
         raise KilnError(f"{model_dir}: registering failed; see the warning above")
     return info
+
+
+def _recorded_parent(tracker: Tracker, lineage: dict) -> tuple[str | None, dict]:
+    """The parent model a MODEL dir's config.json records (kiln.parent_model), never opened: the config is
+    whoever wrote the directory's, so a path there is not followed; the parent is found in the registry by
+    the weights digest recorded beside it (kiln.parent_sha256), or kept as that digest."""
+    named, digest = lineage.get("parent_model"), lineage.get("parent_sha256")
+    if isinstance(named, str) and (named.startswith("models:/") or re.fullmatch(r"m-[0-9a-f]{32}", named)):
+        return named, {}
+    if not (isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest)):
+        return None, {}
+    found = tracker.strict("kiln.parent_sha256", find_model_by_weights, tracker, digest)
+    return found, ({} if found else {"kiln.parent_weights_sha256": digest})
 
 
 def add_version(tracker: Tracker, model_id: str, name: str, alias: str | None, run_id: str | None = None) -> str:
@@ -193,10 +215,10 @@ def download_verified(tracker: Tracker, ref: ModelRef, out: str | Path) -> dict:
     if out.exists() and any(out.iterdir()):
         raise KilnError(f"{out}: exists and is not empty; choose another --out")
     out.parent.mkdir(parents=True, exist_ok=True)
+    _check_room(ref, _listed(tracker, ref, ref.download_uri), out.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.fetch-", dir=out.parent))
     try:
-        got = Path(tracker.strict(uri, download_artifacts, artifact_uri=ref.download_uri,
-                                  dst_path=str(tmp), tracking_uri=tracker.connect_uri))
+        got = Path(_download(tracker, ref, ref.download_uri, tmp))
         verify_sums(got)
         _check_weights_tag(tracker, ref, got)
         (got / FETCH_MARKER).write_text(json.dumps(asdict(ref)) + "\n")
@@ -210,12 +232,75 @@ def download_verified(tracker: Tracker, ref: ModelRef, out: str | Path) -> dict:
 
 def _registered_sums(tracker: Tracker, ref: ModelRef) -> bytes:
     """The registered copy's SHA256SUMS, downloaded now (a few hundred bytes)."""
-    from pipeline.model.io import SUMS
+    from pipeline.model.io import SMALL_FILE_MAX, SUMS
 
+    size = _listed(tracker, ref, ref.download_uri).get(SUMS, 0)
+    if size > SMALL_FILE_MAX:
+        raise KilnError(f"{ref.uri}: the registered {SUMS} is {size:,} bytes, more than the {SMALL_FILE_MAX:,}-byte "
+                        "limit; refusing it")
     with tempfile.TemporaryDirectory(prefix="kiln-sums-") as tmp:
-        got = tracker.strict(ref.uri, download_artifacts, artifact_uri=f"{ref.download_uri.rstrip('/')}/{SUMS}",
-                             dst_path=tmp, tracking_uri=tracker.connect_uri)
+        got = _download(tracker, ref, f"{ref.download_uri.rstrip('/')}/{SUMS}", tmp)
         return Path(got).read_bytes()
+
+
+def artifact_store_ok(tracking_uri: str, artifact_uri: str) -> bool:
+    """Whether `artifact_uri` is where this registry's artifacts live (see the module docstring)."""
+    where, home = urlparse(artifact_uri), urlparse(tracking_uri)
+    if where.scheme in ("", "file") and not where.netloc:
+        return True  # a local path: no request, no credentials
+    if where.scheme == "mlflow-artifacts":  # resolved against the tracking server
+        return not where.netloc or (home.scheme in ("http", "https") and _origin(where)[1:] == _origin(home)[1:])
+    if where.scheme in ("http", "https") and home.scheme in ("http", "https") and _origin(where) == _origin(home):
+        return True
+    named = [s.strip().rstrip("/") for s in os.environ.get("KILN_ARTIFACT_STORES", "").split(",") if s.strip()]
+    return any(artifact_uri == n or artifact_uri.startswith(n + "/") for n in named)
+
+
+def _origin(u) -> tuple:
+    return (u.scheme, (u.hostname or "").lower(), u.port)
+
+
+def _check_store(ref: ModelRef, tracker: Tracker, artifact_uri: str) -> None:
+    """Before any request: the URI must be this registry's (artifact_store_ok)."""
+    if not artifact_store_ok(tracker.connect_uri, artifact_uri):
+        scheme = urlparse(artifact_uri).scheme or "a path"
+        raise KilnError(f"{ref.uri}: {ref.model_id}'s artifacts are not where this registry keeps its own "
+                        f"(a {scheme} URI that is not the tracking server's); refusing to send credentials there "
+                        "(name other stores in KILN_ARTIFACT_STORES)")
+
+
+def _listed(tracker: Tracker, ref: ModelRef, artifact_uri: str, depth: int = 0) -> dict[str, int]:
+    """{relative path: size} of the files under `artifact_uri`, as the store lists them (a few requests),
+    so that a download's size is known before anything is written."""
+    from mlflow.artifacts import list_artifacts
+
+    _check_store(ref, tracker, artifact_uri)
+    if depth > 8:
+        raise KilnError(f"{ref.uri}: the registered files are nested more than 8 directories deep; refusing them")
+    found: dict[str, int] = {}
+    for info in tracker.strict(ref.uri, list_artifacts, artifact_uri=artifact_uri, tracking_uri=tracker.connect_uri):
+        name = info.path.rstrip("/").rsplit("/", 1)[-1]
+        if info.is_dir:
+            inner = _listed(tracker, ref, f"{artifact_uri.rstrip('/')}/{name}", depth + 1)
+            found.update({f"{name}/{k}": v for k, v in inner.items()})
+        else:
+            found[name] = int(info.file_size or 0)
+    return found
+
+
+def _check_room(ref: ModelRef, listed: dict[str, int], where: Path) -> None:
+    """The download must fit the free space where it goes (nothing half-written is left: a temp dir)."""
+    need, free = sum(listed.values()), shutil.disk_usage(where).free
+    if need > free:
+        raise KilnError(f"{ref.uri}: the registered files are {need:,} bytes, more than the {free:,} bytes free "
+                        f"at {where}; refusing to download them")
+
+
+def _download(tracker: Tracker, ref: ModelRef, artifact_uri: str, dst) -> str:
+    """download_artifacts, once the URI is known to be this registry's (checked before any request)."""
+    _check_store(ref, tracker, artifact_uri)
+    return tracker.strict(ref.uri, download_artifacts, artifact_uri=artifact_uri, dst_path=str(dst),
+                          tracking_uri=tracker.connect_uri)
 
 
 def _check_weights_tag(tracker: Tracker, ref: ModelRef, got: Path) -> None:
@@ -227,7 +312,7 @@ def _check_weights_tag(tracker: Tracker, ref: ModelRef, got: Path) -> None:
     tagged = lm.tags.get("kiln.weights_sha256")
     if tagged and tagged != file_sha(got, WEIGHTS):
         raise KilnError(f"{ref.uri}: the downloaded {WEIGHTS} is not the one logged model {ref.model_id} records "
-                        f"(kiln.weights_sha256 {tagged[:12]}…); refusing it")
+                        "(kiln.weights_sha256); refusing it")
 
 
 def materialize(tracker: Tracker, model: str | Path) -> Path:
