@@ -33,7 +33,7 @@ class ModelConfig(_Strict):
     """The model's shape and init. Every field is a shape field (checked on resume, copied into exports)
     unless listed in NOT_SHAPE; sizes the layers use (head_dim, kv_heads, mlp_width) are derived here."""
 
-    NOT_SHAPE: ClassVar[frozenset[str]] = frozenset({"dropout", "init_std"})
+    NOT_SHAPE: ClassVar[frozenset[str]] = frozenset({"dropout", "init_std", "moe_aux_loss_coef"})
     RESOLVED: ClassVar[dict[str, str]] = {"n_kv_heads": "kv_heads", "ffn_hidden": "mlp_width"}  # default derived
 
     style: Literal[tuple(FAMILIES)] = Field("llama", description="the model family (pipeline/families/)")
@@ -50,6 +50,24 @@ class ModelConfig(_Strict):
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     init_std: float = 0.02
+    n_experts: int = Field(0, ge=0, description="routed experts per MLP (a family whose MLP is `moe`); 0: a dense MLP")
+    experts_per_token: int = Field(2, ge=1, description="experts each token is routed to (top-k, gates renormalized)")
+    moe_aux_loss_coef: float = Field(0.01, ge=0, description="weight of the load-balancing loss (Switch/Mixtral) "
+                                     "added to the training loss")
+    moe_shared_hidden: int | None = Field(None, ge=8, description="width of a shared expert every token passes "
+                                          "through (Qwen-MoE); default none")
+
+    @model_validator(mode="after")
+    def _experts_fit_family(self) -> ModelConfig:
+        routed = FAMILIES[self.style].mlp == "moe"
+        if routed and (self.n_experts < 2 or self.experts_per_token > self.n_experts):
+            raise ValueError(f"model.n_experts: {self.n_experts}: the {self.style} family routes each token to "
+                             f"experts_per_token {self.experts_per_token} of n_experts, which needs n_experts >= 2 "
+                             "and >= experts_per_token")
+        if not routed and (self.n_experts or self.moe_shared_hidden):
+            raise ValueError(f"model.n_experts / moe_shared_hidden: the {self.style} family has a dense MLP "
+                             "(pick a family whose MLP is routed, e.g. style: mixtral)")
+        return self
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> ModelConfig:
@@ -204,6 +222,9 @@ class RunConfig(_Strict):
         if p.sequence_parallel and (p.tp == 1 or m.block_size % p.tp or m.dropout):
             raise ValueError(f"parallel.sequence_parallel needs parallel.tp > 1 dividing model.block_size "
                              f"{m.block_size} and model.dropout 0 (tp {p.tp}, dropout {m.dropout})")
+        if m.n_experts and (p.pp > 1 or p.sequence_parallel):
+            raise ValueError("model.n_experts with parallel.pp > 1 or sequence_parallel: not yet (the load-balancing "
+                             "loss does not cross pipeline stages; sequence-parallel ranks would route different tokens)")
         if p.pp > 1 and m.n_layer % p.pp:
             raise ValueError(f"parallel.pp: {p.pp} does not divide model.n_layer {m.n_layer}")
         if p.pp > 1 and p.zero_stage >= 2:

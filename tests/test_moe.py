@@ -1,0 +1,112 @@
+"""The Mixture-of-Experts family (pipeline/families/mixtral.py, layers.MoE): top-k routing with renormalized gates
+and no dropped token, the Switch/Mixtral load-balancing loss in the training loss (not in evaluation), the
+transformers form (MixtralForCausalLM) with Kiln's logits, and active parameters in plan / MFU counts.
+(Training at TP=2 / DP=2 with parity to one process: tests/test_train_layouts.py.)"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from pipeline.config import KilnError, ModelConfig
+from pipeline.model.layers import MoE, balance_loss, route
+from pipeline.parallel.materialize import build_gpt
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def moe_cfg(**kw) -> ModelConfig:
+    return ModelConfig(**{"style": "mixtral", "n_layer": 2, "n_head": 4, "n_kv_heads": 2, "n_embd": 32,
+                          "block_size": 16, "vocab_size": 96, "n_experts": 4, "ffn_hidden": 32,
+                          "tie_embeddings": False, **kw})
+
+
+@pytest.fixture(scope="module")
+def layer() -> MoE:
+    torch.manual_seed(0)
+    return MoE(moe_cfg(moe_shared_hidden=16)).eval()
+
+
+def test_each_token_gets_its_top_k_experts_by_renormalized_gates(layer):
+    """Every token's output is sum over its k best experts of p_e / (sum of the k p's) x expert_e(x), plus
+    the shared expert, token by token; also when the router sends every token to one expert (nothing dropped)."""
+    x = torch.randn(3, 8, 32)
+    for skew in (0.0, 50.0):
+        with torch.no_grad():
+            layer.router.weight[0] += skew  # skew > 0: expert 0 wins every token with positive sum
+            y = layer(x)
+            flat = x.reshape(-1, 32)
+            probs = torch.softmax(flat @ layer.router.weight.t(), dim=-1)
+            for t, tok in enumerate(flat):
+                top = probs[t].topk(2)
+                want = sum(g / top.values.sum() * layer.experts[int(e)](tok) for g, e in zip(*top, strict=True))
+                torch.testing.assert_close(y.reshape(-1, 32)[t], want + layer.shared(tok), rtol=1e-5, atol=1e-6)
+            layer.router.weight[0] -= skew
+    _, gates, experts = route(torch.tensor([[0.0, 3.0, 1.0, 2.0]]), 2)
+    assert experts.tolist() == [[1, 3]] and gates.sum().item() == pytest.approx(1.0)
+
+
+def test_balance_loss_is_transformers_load_balancing_loss():
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    logits = torch.randn(40, 4, generator=torch.Generator().manual_seed(1)) * 2
+    probs, _, experts = route(logits, 2)
+    want = load_balancing_loss_func((logits,), num_experts=4, top_k=2)
+    torch.testing.assert_close(balance_loss(probs, experts), want)
+    uniform, _, idx = route(torch.zeros(8, 4), 2)
+    assert balance_loss(uniform, idx).item() == pytest.approx(2.0)  # k at a uniform router
+
+
+def test_training_loss_adds_the_balancing_loss_evaluation_does_not():
+    from pipeline.model.loss import ChunkedCrossEntropy
+
+    cfg = moe_cfg(moe_aux_loss_coef=0.5)
+    model = build_gpt(cfg, seed=1)
+    idx = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(0))
+    for chunked in (None, ChunkedCrossEntropy(7)):  # the logits path (evaluation, PP) and the hidden-state one
+        model.hidden_loss = chunked
+        model.train()
+        trained = model(idx, idx)[1]
+        aux = [b.mlp.aux_loss for b in model.blocks]
+        assert aux == [None, None]  # taken once
+        model.eval()
+        evaluated = model(idx, idx)[1]
+        routes = [route(b.mlp.router(h), 2) for b, h in zip(model.blocks, _mlp_inputs(model, idx), strict=True)]
+        want = 0.5 * sum(balance_loss(probs, experts) for probs, _, experts in routes)
+        torch.testing.assert_close(trained - evaluated, want, rtol=1e-5, atol=1e-6)
+        trained.backward()
+        assert model.blocks[0].mlp.router.weight.grad.abs().sum() > 0
+
+
+def _mlp_inputs(model, idx) -> list[torch.Tensor]:
+    seen = []
+    hooks = [b.mlp.register_forward_pre_hook(lambda m, a: seen.append(a[0].reshape(-1, a[0].size(-1))))
+             for b in model.blocks]
+    with torch.no_grad():
+        model(idx)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+def test_mixtral_export_has_kiln_logits():
+    from pipeline.hf.mapping import to_hf
+
+    cfg = moe_cfg()
+    model = build_gpt(cfg, seed=3).eval()
+    hf = to_hf(model.state_dict(), cfg)
+    assert type(hf).__name__ == "MixtralForCausalLM" and hf.config.num_local_experts == 4
+    idx = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(idx).logits, model(idx)[0], rtol=0, atol=1e-4)
+    with pytest.raises(KilnError, match="moe_shared_hidden"):
+        to_hf(build_gpt(moe_cfg(moe_shared_hidden=16), seed=3).state_dict(), moe_cfg(moe_shared_hidden=16))
+
+
+def test_dense_families_refuse_experts_and_moe_needs_them():
+    with pytest.raises(ValueError, match="dense MLP"):
+        ModelConfig(style="llama", n_experts=4)
+    with pytest.raises(ValueError, match="n_experts >= 2"):
+        ModelConfig(style="mixtral", n_experts=0)
