@@ -190,6 +190,7 @@ def make_plan(
         data.setdefault("vocab_size", DEFAULT_VOCAB)
         name, cfg = path.stem, ModelConfig.model_validate(data)
         n = param_counts(cfg)["total"]
+    active = param_counts(cfg)["active"]
     recommended = layout is None
     if recommended:
         layout = recommend_layout(cfg, gpus or 1, gpu)
@@ -203,7 +204,8 @@ def make_plan(
         "tokens_per_param": tokens_per_param,
         "model_config": name,
         "model_params": n,
-        "tokens_for_model": flops / (6.0 * n),
+        "model_active_params": active,  # what a token runs through (a mixture of experts: its routed experts)
+        "tokens_for_model": flops / (6.0 * active),
         "layout": layout,
         "layout_recommended": recommended,
         "memory_gib": {k: v / GIB for k, v in mem.items()},

@@ -110,3 +110,27 @@ def test_dense_families_refuse_experts_and_moe_needs_them():
         ModelConfig(style="llama", n_experts=4)
     with pytest.raises(ValueError, match="n_experts >= 2"):
         ModelConfig(style="mixtral", n_experts=0)
+
+
+def test_plan_and_mfu_count_the_parameters_a_token_runs_through(tmp_path):
+    """Active: attention, norms, the router, experts_per_token of n_experts experts and the shared expert;
+    the total (memory) counts every expert."""
+    import yaml
+
+    from pipeline.model.flops import flops_per_token, param_counts
+    from pipeline.plan import make_plan
+
+    cfg = moe_cfg(moe_shared_hidden=16)
+    d, w, kv, v, layers, e, k = 32, 32, 16, 96, 2, 4, 2
+    expert = 3 * d * w
+    block = 2 * d + 2 * d * d + 2 * d * kv + d * e + k * expert + 3 * d * 16
+    non_embedding = layers * block + d + v * d  # final norm, untied head
+    counts = param_counts(cfg)
+    assert counts["flop_params"] == non_embedding
+    assert counts["total"] - counts["active"] == layers * (e - k) * expert
+    assert counts["active"] == non_embedding + v * d
+    assert flops_per_token(cfg) == 6 * non_embedding + 12 * layers * d * 16
+    (tmp_path / "moe.yaml").write_text(yaml.safe_dump({"model": cfg.model_dump()}))
+    plan = make_plan(flops=1e18, model=str(tmp_path / "moe.yaml"))
+    assert (plan["model_params"], plan["model_active_params"]) == (counts["total"], counts["active"])
+    assert plan["tokens_for_model"] == pytest.approx(1e18 / (6 * counts["active"]))

@@ -58,7 +58,9 @@ def run(args) -> dict:
         "compute budget": f"{plan['flops']:.3e} FLOPs",
         "compute-optimal params (Chinchilla)": f"{plan['optimal_params'] / 1e9:,.2f} B",
         "compute-optimal tokens": f"{plan['optimal_tokens'] / 1e9:,.0f} B",
-        "nearest shipped config": f"configs/model/{plan['model_config']}.yaml ({plan['model_params'] / 1e9:.2f} B params)",
+        "nearest shipped config": f"configs/model/{plan['model_config']}.yaml ({plan['model_params'] / 1e9:.2f} B params"
+                                  + (f", {plan['model_active_params'] / 1e9:.2f} B active)"
+                                     if plan["model_active_params"] != plan["model_params"] else ")"),
         "tokens that config gets from the budget": f"{plan['tokens_for_model'] / 1e9:,.0f} B",
         "recommended layout" if plan["layout_recommended"] else "layout":
             ", ".join(f"{k}={v}" for k, v in plan["layout"].items() if v is not None),
