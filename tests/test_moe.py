@@ -134,3 +134,37 @@ def test_plan_and_mfu_count_the_parameters_a_token_runs_through(tmp_path):
     plan = make_plan(flops=1e18, model=str(tmp_path / "moe.yaml"))
     assert (plan["model_params"], plan["model_active_params"]) == (counts["total"], counts["active"])
     assert plan["tokens_for_model"] == pytest.approx(1e18 / (6 * counts["active"]))
+
+
+def test_gptq_and_int8_quantize_every_expert(tmp_path):
+    """`kiln quantize` (GPTQ 4-bit, int8) reaches each expert's linears; GPTQ's stages calibrate each expert on
+    the tokens routed to it, and an expert no calibration token reaches is rounded to nearest, not zeroed."""
+    from pipeline.config import QuantizeConfig
+    from pipeline.model.io import load_model_dir, save_model_dir
+    from pipeline.post.quantize import quantize
+    from tests.factories import fake_corpus
+
+    cfg = moe_cfg(vocab_size=100, ffn_hidden=64, experts_per_token=1)
+    model = build_gpt(cfg, seed=5)
+    with torch.no_grad():  # block 1 routes each token to expert 0 or 1 (logits a, -a, 0, 0): 3 never gets one
+        router = model.blocks[1].mlp.router.weight
+        router[1], router[2:] = -router[0], 0.0
+    save_model_dir(model, cfg, tmp_path / "plain", meta={"kiln": {"stage": "pretrain"}})
+    data = fake_corpus(tmp_path / "data", vocab_size=100)
+    idx = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model.eval()(idx)[0]
+    for method, extra in (("gptq", {"calib": str(data), "calib_samples": 8, "group_size": 32, "calib_seq_len": 16}),
+                          ("int8-weight", {})):
+        summary = quantize(tmp_path / "plain", QuantizeConfig(method=method, bits=4 if method == "gptq" else 8,
+                                                              eval_windows=0, **extra), tmp_path / method)
+        got, config = load_model_dir(tmp_path / method)
+        layers = config["quantization"]["layers"]
+        assert {f"blocks.{b}.mlp.experts.{e}.{w}" for b in (0, 1) for e in range(4) for w in ("w1", "w2", "w3")} <= set(layers)
+        assert summary["layers"] == len(layers)
+        with torch.no_grad():
+            err = (got(idx)[0] - want).abs().mean() / want.abs().mean()
+        assert err < 0.1, (method, err)
+    idle = load_model_dir(tmp_path / "gptq")[0].blocks[1].mlp.experts[3].w1
+    torch.testing.assert_close(idle.dequantized() if hasattr(idle, "dequantized") else idle.weight,
+                               model.blocks[1].mlp.experts[3].w1.weight, rtol=0, atol=0.02)
