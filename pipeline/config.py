@@ -105,6 +105,8 @@ class ParallelConfig(_Strict):
     zero_stage: Literal[0, 1, 2, 3] = 1
     offload: Literal["none", "cpu"] = "none"
     micro_batches: int | None = Field(None, ge=1, description="pipeline micro-batches per step; default train.grad_accum")
+    ep: int = Field(1, ge=1, description="expert parallelism: a mixture of experts' experts split over ep data-parallel "
+                    "ranks (DeepSpeed's MoE layer, all-to-all); ep divides the data-parallel size and model.n_experts")
     partition: Literal["parameters", "uniform"] = "parameters"
     sequence_parallel: bool = Field(False, description="with tp > 1: norms and residuals hold 1/tp of the sequence "
                                     "(Megatron's sequence parallelism: all-gather / reduce-scatter in place of the TP "
@@ -225,6 +227,10 @@ class RunConfig(_Strict):
         if m.n_experts and (p.pp > 1 or p.sequence_parallel):
             raise ValueError("model.n_experts with parallel.pp > 1 or sequence_parallel: not yet (the load-balancing "
                              "loss does not cross pipeline stages; sequence-parallel ranks would route different tokens)")
+        if p.ep > 1 and (not m.n_experts or m.n_experts % p.ep or m.experts_per_token != 2 or p.tp > 1 or p.zero_stage == 3):
+            raise ValueError(f"parallel.ep: {p.ep} needs model.n_experts divisible by it ({m.n_experts}), "
+                             f"experts_per_token 2 (DeepSpeed's top-2 gate; {m.experts_per_token}), tp 1 and "
+                             f"zero_stage 0-2 (tp {p.tp}, zero_stage {p.zero_stage})")
         if p.pp > 1 and m.n_layer % p.pp:
             raise ValueError(f"parallel.pp: {p.pp} does not divide model.n_layer {m.n_layer}")
         if p.pp > 1 and p.zero_stage >= 2:
@@ -252,6 +258,8 @@ def validate_world(cfg: RunConfig, world_size: int) -> int:
             f"world size {world_size} is not divisible by parallel.tp x parallel.pp = {mp}"
         )
     dp = world_size // mp
+    if dp % cfg.parallel.ep:
+        raise ConfigError(f"parallel.ep: {cfg.parallel.ep} does not divide the data-parallel size {dp}")
     grad_accum(cfg, dp)
     return dp
 
