@@ -165,6 +165,10 @@ def test_gptq_and_int8_quantize_every_expert(tmp_path):
         with torch.no_grad():
             err = (got(idx)[0] - want).abs().mean() / want.abs().mean()
         assert err < 0.1, (method, err)
+    from pipeline.hf.quantized import _has_quantized_form
+
+    with pytest.raises(KilnError, match="no transformers form for the mixtral family"):  # fused experts
+        _has_quantized_form(tmp_path / "gptq", cfg, "gptq")
     idle = load_model_dir(tmp_path / "gptq")[0].blocks[1].mlp.experts[3].w1
     torch.testing.assert_close(idle.dequantized() if hasattr(idle, "dequantized") else idle.weight,
                                model.blocks[1].mlp.experts[3].w1.weight, rtol=0, atol=0.02)
