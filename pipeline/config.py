@@ -231,6 +231,9 @@ class RunConfig(_Strict):
             raise ValueError(f"parallel.ep: {p.ep} needs model.n_experts divisible by it ({m.n_experts}), "
                              f"experts_per_token 2 (DeepSpeed's top-2 gate; {m.experts_per_token}), tp 1 and "
                              f"zero_stage 0-2 (tp {p.tp}, zero_stage {p.zero_stage})")
+        if p.ep > 1 and self.train.activation_checkpointing == "selective":
+            raise ValueError("train.activation_checkpointing: selective with parallel.ep > 1: DeepSpeed's gate divides "
+                             "a matmul's output in place, which selective checkpointing keeps; use full")
         if p.pp > 1 and m.n_layer % p.pp:
             raise ValueError(f"parallel.pp: {p.pp} does not divide model.n_layer {m.n_layer}")
         if p.pp > 1 and p.zero_stage >= 2:

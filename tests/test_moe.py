@@ -105,11 +105,21 @@ def test_mixtral_export_has_kiln_logits():
         to_hf(build_gpt(moe_cfg(moe_shared_hidden=16), seed=3).state_dict(), moe_cfg(moe_shared_hidden=16))
 
 
-def test_dense_families_refuse_experts_and_moe_needs_them():
+def test_config_refuses_what_the_experts_do_not_support_yet():
+    from pipeline.config import RunConfig
+
     with pytest.raises(ValueError, match="dense MLP"):
         ModelConfig(style="llama", n_experts=4)
     with pytest.raises(ValueError, match="n_experts >= 2"):
         ModelConfig(style="mixtral", n_experts=0)
+    model = moe_cfg().model_dump()
+    for parallel, train, says in (({"pp": 2}, {}, "pipeline stages"), ({"ep": 2, "tp": 2}, {}, "tp 1"),
+                                  ({"ep": 2}, {"activation_checkpointing": "selective"}, "use full"),
+                                  ({"ep": 3}, {}, "divisible")):
+        with pytest.raises(ValueError, match=says):
+            RunConfig(model=model, parallel=parallel, train=train)
+    with pytest.raises(ValueError, match="model.n_experts divisible"):
+        RunConfig(model=moe_cfg(style="llama", n_experts=0).model_dump(), parallel={"ep": 2})
 
 
 def test_plan_and_mfu_count_the_parameters_a_token_runs_through(tmp_path):

@@ -48,7 +48,7 @@ LAYOUTS = {
     # the mixture-of-experts family: TP splits each expert; EP=2 puts 2 of the 4 experts on each DP rank
     "ref_moe": (1, ["train.grad_accum=2"]),
     "moe_tp2": (2, ["parallel.tp=2", "train.grad_accum=2", "train.activation_checkpointing=true"]),
-    "moe_ep2_zero0": (2, ["parallel.ep=2"]),
+    "moe_ep2_zero0": (2, ["parallel.ep=2", "train.activation_checkpointing=full"]),
     "moe_ep2_zero1": (2, ["parallel.ep=2", "parallel.zero_stage=1"]),
     "moe_ep2_zero2": (2, ["parallel.ep=2", "parallel.zero_stage=2"]),
 }
