@@ -52,7 +52,7 @@ LAYOUTS = {
     "moe_ep2_zero1": (2, ["parallel.ep=2", "parallel.zero_stage=1"]),
     "moe_ep2_zero2": (2, ["parallel.ep=2", "parallel.zero_stage=2"]),
 }
-MOE = ["model.style=mixtral", "model.n_experts=4", "model.ffn_hidden=64", "model.moe_shared_hidden=32"]
+MOE = ["model.style=mixtral", "model.n_experts=4", "model.ffn_hidden=64"]  # (a shared expert: tests/test_tp.py)
 
 
 ENV = TRAIN_ENV
@@ -193,16 +193,18 @@ def test_init_from_model_dir_starts_where_it_ended(runs):
 
 
 @pytest.mark.slow
-def test_export_checkpoint_of_any_layout(runs, tmp_path):
+@pytest.mark.parametrize("name", ["tp2_pp2", "moe_ep2_zero1"])
+def test_export_checkpoint_of_any_layout(runs, tmp_path, name):
+    """The transformers form (LlamaForCausalLM, MixtralForCausalLM) of a checkpoint gives the trained logits."""
     from pipeline.export import export
     from pipeline.hf.mapping import to_hf
     from pipeline.model.io import load_model_dir
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    summary = export(runs / "tp2_pp2" / "checkpoints" / "latest", tmp_path / "m", "safetensors")
+    summary = export(runs / name / "checkpoints" / "latest", tmp_path / "m", "safetensors")
     assert summary["source"].endswith("step_0000010")
     exported, _ = load_model_dir(tmp_path / "m")
-    trained, _ = load_model_dir(runs / "tp2_pp2" / "model")
+    trained, _ = load_model_dir(runs / name / "model")
     idx = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(exported(idx)[0], trained(idx)[0])
