@@ -91,16 +91,22 @@ def _mlp_inputs(model, idx) -> list[torch.Tensor]:
     return seen
 
 
-def test_mixtral_export_has_kiln_logits():
+def test_mixtral_export_has_kiln_logits(tmp_path):
+    """In memory and as saved (transformers writes and reads back its fused expert layout)."""
+    from transformers import AutoModelForCausalLM
+
     from pipeline.hf.mapping import to_hf
 
     cfg = moe_cfg()
     model = build_gpt(cfg, seed=3).eval()
     hf = to_hf(model.state_dict(), cfg)
     assert type(hf).__name__ == "MixtralForCausalLM" and hf.config.num_local_experts == 4
+    hf.save_pretrained(str(tmp_path), safe_serialization=True)
+    loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32)
     idx = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(hf(idx).logits, model(idx)[0], rtol=0, atol=1e-4)
+        torch.testing.assert_close(loaded(idx).logits, model(idx)[0], rtol=0, atol=1e-4)
     with pytest.raises(KilnError, match="moe_shared_hidden"):
         to_hf(build_gpt(moe_cfg(moe_shared_hidden=16), seed=3).state_dict(), moe_cfg(moe_shared_hidden=16))
 
