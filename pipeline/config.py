@@ -34,7 +34,7 @@ class ModelConfig(_Strict):
     """The model's shape and init. Every field is a shape field (checked on resume, copied into exports)
     unless listed in NOT_SHAPE; sizes the layers use (head_dim, kv_heads, mlp_width) are derived here."""
 
-    NOT_SHAPE: ClassVar[frozenset[str]] = frozenset({"dropout", "init_std"})
+    NOT_SHAPE: ClassVar[frozenset[str]] = frozenset({"dropout", "init_std", "moe_aux_loss_coef"})
     RESOLVED: ClassVar[dict[str, str]] = {"n_kv_heads": "kv_heads", "ffn_hidden": "mlp_width"}  # default derived
 
     style: Literal[tuple(FAMILIES)] = Field("llama", description="the model family (pipeline/families/)")
@@ -51,6 +51,24 @@ class ModelConfig(_Strict):
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     init_std: float = 0.02
+    n_experts: int = Field(0, ge=0, description="routed experts per MLP (a family whose MLP is `moe`); 0: a dense MLP")
+    experts_per_token: int = Field(2, ge=1, description="experts each token is routed to (top-k, gates renormalized)")
+    moe_aux_loss_coef: float = Field(0.01, ge=0, description="weight of the load-balancing loss (Switch/Mixtral) "
+                                     "added to the training loss")
+    moe_shared_hidden: int | None = Field(None, ge=8, description="width of a shared expert every token passes "
+                                          "through (Qwen-MoE); default none")
+
+    @model_validator(mode="after")
+    def _experts_fit_family(self) -> ModelConfig:
+        routed = FAMILIES[self.style].mlp == "moe"
+        if routed and (self.n_experts < 2 or self.experts_per_token > self.n_experts):
+            raise ValueError(f"model.n_experts: {self.n_experts}: the {self.style} family routes each token to "
+                             f"experts_per_token {self.experts_per_token} of n_experts, which needs n_experts >= 2 "
+                             "and >= experts_per_token")
+        if not routed and (self.n_experts or self.moe_shared_hidden):
+            raise ValueError(f"model.n_experts / moe_shared_hidden: the {self.style} family has a dense MLP "
+                             "(pick a family whose MLP is routed, e.g. style: mixtral)")
+        return self
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> ModelConfig:
@@ -88,6 +106,8 @@ class ParallelConfig(_Strict):
     zero_stage: Literal[0, 1, 2, 3] = 1
     offload: Literal["none", "cpu"] = "none"
     micro_batches: int | None = Field(None, ge=1, description="pipeline micro-batches per step; default train.grad_accum")
+    ep: int = Field(1, ge=1, description="expert parallelism: a mixture of experts' experts split over ep data-parallel "
+                    "ranks (DeepSpeed's MoE layer, all-to-all); ep divides the data-parallel size and model.n_experts")
     partition: Literal["parameters", "uniform"] = "parameters"
     sequence_parallel: bool = Field(False, description="with tp > 1: norms and residuals hold 1/tp of the sequence "
                                     "(Megatron's sequence parallelism: all-gather / reduce-scatter in place of the TP "
@@ -205,6 +225,16 @@ class RunConfig(_Strict):
         if p.sequence_parallel and (p.tp == 1 or m.block_size % p.tp or m.dropout):
             raise ValueError(f"parallel.sequence_parallel needs parallel.tp > 1 dividing model.block_size "
                              f"{m.block_size} and model.dropout 0 (tp {p.tp}, dropout {m.dropout})")
+        if m.n_experts and (p.pp > 1 or p.sequence_parallel):
+            raise ValueError("model.n_experts with parallel.pp > 1 or sequence_parallel: not yet (the load-balancing "
+                             "loss does not cross pipeline stages; sequence-parallel ranks would route different tokens)")
+        if p.ep > 1 and (not m.n_experts or m.n_experts % p.ep or m.experts_per_token != 2 or p.tp > 1 or p.zero_stage == 3):
+            raise ValueError(f"parallel.ep: {p.ep} needs model.n_experts divisible by it ({m.n_experts}), "
+                             f"experts_per_token 2 (DeepSpeed's top-2 gate; {m.experts_per_token}), tp 1 and "
+                             f"zero_stage 0-2 (tp {p.tp}, zero_stage {p.zero_stage})")
+        if p.ep > 1 and self.train.activation_checkpointing == "selective":
+            raise ValueError("train.activation_checkpointing: selective with parallel.ep > 1: DeepSpeed's gate divides "
+                             "a matmul's output in place, which selective checkpointing keeps; use full")
         if p.pp > 1 and m.n_layer % p.pp:
             raise ValueError(f"parallel.pp: {p.pp} does not divide model.n_layer {m.n_layer}")
         if p.pp > 1 and p.zero_stage >= 2:
@@ -232,6 +262,8 @@ def validate_world(cfg: RunConfig, world_size: int) -> int:
             f"world size {world_size} is not divisible by parallel.tp x parallel.pp = {mp}"
         )
     dp = world_size // mp
+    if dp % cfg.parallel.ep:
+        raise ConfigError(f"parallel.ep: {cfg.parallel.ep} does not divide the data-parallel size {dp}")
     grad_accum(cfg, dp)
     return dp
 

@@ -211,6 +211,7 @@ def make_plan(
         data.setdefault("vocab_size", DEFAULT_VOCAB)
         name, cfg = path.stem, ModelConfig.model_validate(data)
         n = param_counts(cfg)["total"]
+    active = param_counts(cfg)["active"]
     recommended, fits = layout is None, None
     if recommended:  # a memory failure is an answer, not an exit: say how many GPUs it takes instead
         try:
@@ -230,7 +231,8 @@ def make_plan(
         "tokens_per_param": tokens_per_param,
         "model_config": name,
         "model_params": n,
-        "tokens_for_model": flops / (6.0 * n),
+        "model_active_params": active,  # what a token runs through (a mixture of experts: its routed experts)
+        "tokens_for_model": flops / (6.0 * active),
         "layout": layout,
         "layout_recommended": recommended,
         "memory_gib": {k: v / GIB for k, v in mem.items()},

@@ -111,7 +111,8 @@ def _broadcast(obj):
 
 def _layout_key(cfg: RunConfig, world: int) -> dict:
     p = cfg.parallel
-    return {"tp": p.tp, "pp": p.pp, "zero_stage": p.zero_stage, "world": world, "precision": cfg.train.precision}
+    ep = {"ep": p.ep} if p.ep > 1 else {}  # (checkpoints from before expert parallelism keep their key)
+    return {"tp": p.tp, "pp": p.pp, **ep, "zero_stage": p.zero_stage, "world": world, "precision": cfg.train.precision}
 
 
 def _open_data(cfg: RunConfig, layout) -> TrainData:

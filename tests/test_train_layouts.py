@@ -1,5 +1,6 @@
 """Every layout trains the same model: 1 process vs TP=2, PP=2, DP=2 with ZeRO 1/2/3 (+ offload), TP=2 x PP=2
-(also with sequence parallelism: stages pass each other 1/tp of the sequence), TP=2 x DP=2.
+(also with sequence parallelism: stages pass each other 1/tp of the sequence), TP=2 x DP=2; and the
+mixture-of-experts family at TP=2 and at EP=2 (ZeRO 0, 1, 2), resumed at EP=2, at 1 process and at DP=2.
 The model uses grouped-query attention (4 query heads on 2 key/value heads: one per TP rank).
 
 Real DeepSpeed engines on gloo (torchrun, CPU, fp32). To keep process start-up
@@ -44,7 +45,14 @@ LAYOUTS = {
     "tp2_pp2": (4, ["parallel.tp=2", "parallel.pp=2", "train.grad_accum=2"]),
     "tp2_pp2_sp": (4, ["parallel.tp=2", "parallel.pp=2", "train.grad_accum=2", "parallel.sequence_parallel=true"]),
     "tp2_dp2_zero1": (4, ["parallel.tp=2", "parallel.zero_stage=1"]),
+    # the mixture-of-experts family: TP splits each expert; EP=2 puts 2 of the 4 experts on each DP rank
+    "ref_moe": (1, ["train.grad_accum=2"]),
+    "moe_tp2": (2, ["parallel.tp=2", "train.grad_accum=2", "train.activation_checkpointing=true"]),
+    "moe_ep2_zero0": (2, ["parallel.ep=2", "train.activation_checkpointing=full"]),
+    "moe_ep2_zero1": (2, ["parallel.ep=2", "parallel.zero_stage=1"]),
+    "moe_ep2_zero2": (2, ["parallel.ep=2", "parallel.zero_stage=2"]),
 }
+MOE = ["model.style=mixtral", "model.n_experts=4", "model.ffn_hidden=64"]  # (a shared expert: tests/test_tp.py)
 
 
 ENV = TRAIN_ENV
@@ -86,7 +94,8 @@ def runs(tmp_path_factory) -> Path:
     corpus = fake_corpus(base / "corpus", vocab_size=VOCAB)
 
     def spec(name: str, *extra: str) -> list[str]:
-        return [f"data.paths=[{corpus}]", f"out={base / name}", *COMMON, *LAYOUTS[name][1], *extra]
+        moe = MOE if "moe" in name else []
+        return [f"data.paths=[{corpus}]", f"out={base / name}", *COMMON, *moe, *LAYOUTS[name][1], *extra]
 
     run_many(4, [spec("tp2_pp2"), spec("tp2_pp2_sp"), spec("tp2_dp2_zero1")])
     # the documented CLI path, and a multi-rank resume: ZeRO-3 partitions restored from step 5
@@ -94,12 +103,17 @@ def runs(tmp_path_factory) -> Path:
     assert summary["layout"] == "world 2 = dp 1 x pp 1 x tp 2" and summary["steps"] == 10
     zero3 = [n for n, (p, _) in LAYOUTS.items() if p == 2 and n != "tp2"]
     run_many(2, [spec(n) for n in zero3] + [{"copy": [str(base / "dp2_zero3"), str(base / "zero3_resumed")]},
-                                             spec("dp2_zero3", f"out={base / 'zero3_resumed'}")])
+                                             spec("dp2_zero3", f"out={base / 'zero3_resumed'}"),
+                                             {"copy": [str(base / "moe_ep2_zero1"), str(base / "moe_resumed")]},
+                                             spec("moe_ep2_zero1", f"out={base / 'moe_resumed'}"),
+                                             {"copy": [str(base / "moe_ep2_zero1"), str(base / "moe_ep_off")]},
+                                             spec("moe_ep2_zero1", f"out={base / 'moe_ep_off'}", "parallel.ep=1")])
     # layout change: the TP=2 x PP=2 run's checkpoint at step 5, continued by 1 process
     moved = base / "moved"
     copy_step5(base / "tp2_pp2", moved)
+    copy_step5(base / "moe_ep2_zero1", base / "moe_moved")  # experts written by the rank holding them
     (base / "one_process.log").write_text(run_many(1, [
-                 spec("ref"), spec("ref_untied"),
+                 spec("ref"), spec("ref_untied"), spec("ref_moe"), spec("ref_moe", f"out={base / 'moe_moved'}"),
                  [f"data.paths=[{corpus}]", f"out={moved}", *COMMON, "train.grad_accum=2"],
                  [f"data.paths=[{corpus}]", f"out={base / 'init'}", *COMMON, "train.grad_accum=2", "train.steps=3",
                   f"train.init_from={base / 'ref' / 'model'}"]]))
@@ -109,7 +123,7 @@ def runs(tmp_path_factory) -> Path:
 @pytest.mark.slow
 @pytest.mark.parametrize("name", [n for n in LAYOUTS if not n.startswith("ref")])
 def test_layout_matches_one_process(runs, name):
-    ref_name = "ref_untied" if name.endswith("untied") else "ref"
+    ref_name = "ref_untied" if name.endswith("untied") else "ref_moe" if name.startswith("moe") else "ref"
     ref, got = metrics(runs / ref_name), metrics(runs / name)
     assert [m["step"] for m in got] == list(range(1, 11))
     for r, g in zip(ref, got, strict=True):
@@ -148,9 +162,26 @@ def test_checkpoint_from_tp2_pp2_continues_at_tp1(runs):
     state = json.loads((runs / "moved/checkpoints/step_0000010/kiln_state.json").read_text())
     assert state["layout"]["tp"] == 1 and state["consumed_samples"] == 80
     # and the user was told, once, for that checkpoint only
-    warned = [ln for ln in (runs / "one_process.log").read_text().splitlines() if "was saved with layout" in ln]
+    warned = [ln for ln in (runs / "one_process.log").read_text().splitlines()
+              if "was saved with layout" in ln and "moe_moved" not in ln]
     assert len(warned) == 1, warned
     assert str(runs / "moved/checkpoints/step_0000005") in warned[0] and "optimizer state starts fresh" in warned[0]
+
+
+@pytest.mark.slow
+@pytest.mark.fault
+def test_expert_parallel_checkpoint_resumes_and_changes_layout(runs):
+    """EP=2 from its step-5 checkpoint (DeepSpeed's per-expert files) continues exactly; at 1 process, and at 2
+    processes without EP (Kiln's weight shards, each expert from its own rank), step 6 is exact and the curve
+    continuous."""
+    full, resumed = metrics(runs / "moe_ep2_zero1"), metrics(runs / "moe_resumed")
+    assert [m["loss"] for m in resumed] == [m["loss"] for m in full]
+    for moved in (metrics(runs / "moe_moved"), metrics(runs / "moe_ep_off")):
+        assert moved[5]["loss"] == pytest.approx(full[5]["loss"], abs=2e-5)
+        for b, a in zip(full[6:], moved[6:], strict=True):
+            assert abs(a["loss"] - b["loss"]) < 0.05
+    state = json.loads((runs / "moe_ep_off/checkpoints/step_0000010/kiln_state.json").read_text())
+    assert "ep" not in state["layout"] and state["layout"]["world"] == 2
 
 
 @pytest.mark.slow
@@ -162,16 +193,18 @@ def test_init_from_model_dir_starts_where_it_ended(runs):
 
 
 @pytest.mark.slow
-def test_export_checkpoint_of_any_layout(runs, tmp_path):
+@pytest.mark.parametrize("name", ["tp2_pp2", "moe_ep2_zero1"])
+def test_export_checkpoint_of_any_layout(runs, tmp_path, name):
+    """The transformers form (LlamaForCausalLM, MixtralForCausalLM) of a checkpoint gives the trained logits."""
     from pipeline.export import export
     from pipeline.hf.mapping import to_hf
     from pipeline.model.io import load_model_dir
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    summary = export(runs / "tp2_pp2" / "checkpoints" / "latest", tmp_path / "m", "safetensors")
+    summary = export(runs / name / "checkpoints" / "latest", tmp_path / "m", "safetensors")
     assert summary["source"].endswith("step_0000010")
     exported, _ = load_model_dir(tmp_path / "m")
-    trained, _ = load_model_dir(runs / "tp2_pp2" / "model")
+    trained, _ = load_model_dir(runs / name / "model")
     idx = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(exported(idx)[0], trained(idx)[0])

@@ -58,7 +58,9 @@ def run(args) -> dict:
         "compute budget": f"{plan['flops']:.3e} FLOPs",
         "compute-optimal params (Chinchilla)": human_count(plan["optimal_params"]),
         "compute-optimal tokens": human_count(plan["optimal_tokens"]),
-        "nearest shipped config": f"configs/model/{plan['model_config']}.yaml ({human_count(plan['model_params'])} params)",
+        "nearest shipped config": f"configs/model/{plan['model_config']}.yaml ({human_count(plan['model_params'])} params"
+                                  + (f", {human_count(plan['model_active_params'])} active)"
+                                     if plan["model_active_params"] != plan["model_params"] else ")"),
         "tokens that config gets from the budget": human_count(plan["tokens_for_model"]),
         "recommended layout" if plan["layout_recommended"] else "layout":
             ", ".join(f"{k}={v}" for k, v in plan["layout"].items() if v is not None),

@@ -14,10 +14,10 @@ This module is data: no torch, no model import (pipeline/config.py reads it for 
 
 from __future__ import annotations
 
-from pipeline.families import gpt2, llama
+from pipeline.families import gpt2, llama, mixtral
 from pipeline.families.spec import Family, HFSpec
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (llama.SPEC, gpt2.SPEC)}
+FAMILIES: dict[str, Family] = {f.name: f for f in (llama.SPEC, gpt2.SPEC, mixtral.SPEC)}
 
 
 def family(cfg_or_name) -> Family:

@@ -42,7 +42,8 @@ SPEC = Family(
         keys={"style": None, "n_layer": "n_layer", "n_head": "n_head", "n_kv_heads": None, "n_embd": "n_embd",
               "block_size": "n_positions", "vocab_size": "vocab_size", "tie_embeddings": "tie_word_embeddings",
               "dropout": None, "ffn_hidden": "n_inner", "rope_theta": None, "norm_eps": "layer_norm_epsilon",
-              "init_std": "initializer_range"},
+              "init_std": "initializer_range", "n_experts": None, "experts_per_token": None,
+              "moe_aux_loss_coef": None, "moe_shared_hidden": None},
         config_extra={"activation_function": "gelu_new", "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0},
         weights=hf_weights, quantized_forms=False, ignore_missing=("attn.bias",)),
 )

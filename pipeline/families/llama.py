@@ -9,18 +9,18 @@ import math
 
 from pipeline.families.spec import Family, HFSpec
 
-_NAMES = {"norm1": "input_layernorm", "norm2": "post_attention_layernorm", "attn.wq": "self_attn.q_proj",
-          "attn.wk": "self_attn.k_proj", "attn.wv": "self_attn.v_proj", "attn.wo": "self_attn.o_proj",
-          "mlp.w1": "mlp.gate_proj", "mlp.w3": "mlp.up_proj", "mlp.w2": "mlp.down_proj"}
+ATTENTION = {"norm1": "input_layernorm", "norm2": "post_attention_layernorm", "attn.wq": "self_attn.q_proj",
+             "attn.wk": "self_attn.k_proj", "attn.wv": "self_attn.v_proj", "attn.wo": "self_attn.o_proj"}
+_NAMES = {**ATTENTION, "mlp.w1": "mlp.gate_proj", "mlp.w3": "mlp.up_proj", "mlp.w2": "mlp.down_proj"}
 
 
-def hf_weights(get, cfg) -> dict:
+def hf_weights(get, cfg, names: dict = _NAMES) -> dict:
     """{transformers name: a function giving that tensor}, from `get` (Kiln name -> tensor): lazy, so an export
-    holds one tensor at a time."""
+    holds one tensor at a time. Embedding, final norm, head, and each block's `names` (under model.layers.i)."""
     out = {"model.embed_tokens.weight": lambda: get("embed.wte.weight"), "model.norm.weight": lambda: get("head.norm.weight"),
            "lm_head.weight": lambda: get("embed.wte.weight" if cfg.tie_embeddings else "head.lm_head.weight")}
     for i in range(cfg.n_layer):
-        for ours, theirs in _NAMES.items():
+        for ours, theirs in names.items():
             out[f"model.layers.{i}.{theirs}.weight"] = lambda n=f"blocks.{i}.{ours}.weight": get(n)
     return out
 
@@ -34,7 +34,8 @@ SPEC = Family(
               "n_kv_heads": "num_key_value_heads", "n_embd": "hidden_size", "block_size": "max_position_embeddings",
               "vocab_size": "vocab_size", "tie_embeddings": "tie_word_embeddings", "dropout": None,
               "ffn_hidden": "intermediate_size", "rope_theta": "rope_theta", "norm_eps": "rms_norm_eps",
-              "init_std": "initializer_range"},
+              "init_std": "initializer_range", "n_experts": None, "experts_per_token": None,
+              "moe_aux_loss_coef": None, "moe_shared_hidden": None},
         config_extra={"hidden_act": "silu", "attention_bias": False, "mlp_bias": False},
         weights=hf_weights),
 )

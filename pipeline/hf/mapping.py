@@ -24,6 +24,8 @@ def transformers_config(cfg: ModelConfig):
                         f"(pipeline/families/{cfg.style}.py HFSpec.keys)")
     if cfg.kv_heads != cfg.n_head and spec.keys["n_kv_heads"] is None:
         raise KilnError(f"model.n_kv_heads {cfg.kv_heads}: the {cfg.style} format has no grouped-query attention")
+    if cfg.moe_shared_hidden and spec.keys["moe_shared_hidden"] is None:
+        raise KilnError(f"model.moe_shared_hidden {cfg.moe_shared_hidden}: the {cfg.style} format has no shared expert")
     kw = {spec.keys[k]: v for k, v in cfg.resolved().items() if spec.keys[k] is not None}
     config_class = getattr(transformers, spec.config_class)
     if "rope_theta" in kw and "rope_parameters" in inspect.signature(config_class.__init__).parameters:

@@ -33,7 +33,7 @@ from pipeline.model.io import WEIGHTS, load_model_dir, load_safetensors
 def _has_quantized_form(model_dir: Path, cfg: ModelConfig, what: str) -> None:
     if not family(cfg).hf.quantized_forms:
         raise KilnError(f"{model_dir}: {what} has no transformers form for the {cfg.style} family (its "
-                        "attention has no per-matrix quantized layout)")
+                        f"transformers layout has no per-matrix quantized form: pipeline/families/{cfg.style}.py)")
 
 
 def hf_names(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, str]:

@@ -5,7 +5,9 @@ no init; milliseconds even at 70B), so a new model feature is counted without
 touching this file. MFU uses 6*N + 12*n_layer*d*T FLOPs per token, where N counts
 non-embedding parameters plus the output projection (a real matmul even when its
 weight is tied to the embedding); the attention term depends on the query width d
-only, grouped-query attention or not.
+only, grouped-query attention or not. In a mixture of experts a token runs only
+experts_per_token of the n_experts experts (plus the router and any shared expert):
+N counts those, the active parameters; "total" (memory) counts every expert.
 """
 
 from __future__ import annotations
@@ -16,8 +18,10 @@ from pipeline.config import ModelConfig
 
 
 def param_counts(cfg: ModelConfig, vocab_size: int | None = None) -> dict[str, int]:
-    """{"total", "embedding", "non_embedding", "flop_params"} for a config."""
+    """{"total", "embedding", "non_embedding", "active", "flop_params"} for a config; "active": what one token
+    runs through (all but the experts it is not routed to)."""
     from pipeline.model.gpt import GPT
+    from pipeline.model.layers import MoE
 
     v = vocab_size or cfg.vocab_size
     if v is None:
@@ -27,12 +31,15 @@ def param_counts(cfg: ModelConfig, vocab_size: int | None = None) -> dict[str, i
     total = model.num_params()
     non_embedding = model.num_params(non_embedding=True)
     output = model.head.lm_head.weight.numel()
+    idle = sum(sum(p.numel() for p in m.experts.parameters()) * (len(m.experts) - m.k) // len(m.experts)
+               for m in model.modules() if isinstance(m, MoE))
     return {
         "total": total,
         "embedding": total - non_embedding,
         "non_embedding": non_embedding,
+        "active": total - idle,
         # the output matmul costs FLOPs whether or not its weight is tied
-        "flop_params": non_embedding + (output if cfg.tie_embeddings else 0),
+        "flop_params": non_embedding - idle + (output if cfg.tie_embeddings else 0),
     }
 
 

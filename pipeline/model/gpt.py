@@ -149,11 +149,22 @@ class GPT(nn.Module):
         if cache is not None:
             cache.pos += idx.size(1)
         if targets is not None and self.hidden_loss is not None:
-            return None, self.hidden_loss(self.head.hidden(x), self.head.lm_head.weight, targets)
+            return None, self.balanced(self.hidden_loss(self.head.hidden(x), self.head.lm_head.weight, targets))
         logits = self.head(x)
         if targets is None:
             return logits, None
-        return logits, self.loss_fn(logits, targets)
+        return logits, self.balanced(self.loss_fn(logits, targets))
+
+    def balanced(self, loss: torch.Tensor) -> torch.Tensor:
+        """While training, the token loss plus model.moe_aux_loss_coef x the routed MLPs' load-balancing losses
+        of this forward (each layer leaves its own in `aux_loss`); evaluation reports the token loss alone."""
+        if not (self.cfg.n_experts and self.training):
+            return loss
+        aux = [m.aux_loss for m in self.modules() if getattr(m, "aux_loss", None) is not None]
+        for m in self.modules():
+            if getattr(m, "aux_loss", None) is not None:
+                m.aux_loss = None
+        return loss + self.cfg.moe_aux_loss_coef * sum(aux) if aux else loss
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Unique parameters (a tied head counts once); non_embedding drops wte/wpe."""

@@ -116,9 +116,9 @@ class Attention(nn.Module):
 class SwiGLU(nn.Module):
     IN_PROJ, OUT_PROJ = ("w1", "w3"), ("w2",)
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, hidden: int | None = None):
         super().__init__()
-        hidden = cfg.mlp_width
+        hidden = hidden or cfg.mlp_width
         self.w1 = nn.Linear(cfg.n_embd, hidden, bias=False)  # gate
         self.w3 = nn.Linear(cfg.n_embd, hidden, bias=False)  # up
         self.w2 = nn.Linear(hidden, cfg.n_embd, bias=False)  # down
@@ -143,8 +143,52 @@ class GeluMLP(nn.Module):
         return self.proj(F.gelu(self.fc(self.tp_input(x)), approximate="tanh"))
 
 
+def route(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-k routing as Mixtral does it: softmax over all experts (fp32), the k largest, renormalized to sum
+    to 1. Returns (probs (N, E), gates (N, k), experts (N, k))."""
+    probs = F.softmax(logits.float(), dim=-1)
+    gates, experts = probs.topk(k, dim=-1)
+    return probs, gates / gates.sum(dim=-1, keepdim=True), experts
+
+
+def balance_loss(probs: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+    """Switch/Mixtral load-balancing loss: E * sum_e (tokens routed to e per routing slot) x (mean prob of e),
+    summed over the k slots (transformers' load_balancing_loss_func): k at a uniform router, more when skewed."""
+    e = probs.size(-1)
+    routed = F.one_hot(experts, e).float().mean(dim=0)  # (k, E): each slot's share of tokens per expert
+    return e * (routed * probs.mean(dim=0)).sum()
+
+
+class MoE(nn.Module):
+    """Mixture of experts (Mixtral / Qwen-MoE): a router picks `experts_per_token` of `n_experts` SwiGLU experts
+    per token, their outputs weighted by the renormalized gates; no capacity, no token is dropped. An optional
+    shared expert sees every token. Each expert is its own sub-block (IN_PROJ / OUT_PROJ: tensor parallelism
+    splits it like a dense MLP, GPTQ quantizes it from the tokens it receives); the router stays whole.
+    `aux_loss` holds the last forward's load-balancing loss, which the model adds to the training loss."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.k = cfg.experts_per_token
+        self.router = nn.Linear(cfg.n_embd, cfg.n_experts, bias=False)
+        self.experts = nn.ModuleList(SwiGLU(cfg) for _ in range(cfg.n_experts))
+        self.shared = SwiGLU(cfg, cfg.moe_shared_hidden) if cfg.moe_shared_hidden else None
+        self.aux_loss: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.size(-1))
+        probs, gates, experts = route(self.router(flat), self.k)
+        self.aux_loss = balance_loss(probs, experts)
+        out = torch.zeros_like(flat)
+        for e, expert in enumerate(self.experts):  # every expert runs (maybe on no token): TP ranks stay in step
+            token, slot = torch.where(experts == e)
+            out.index_add_(0, token, expert(flat[token]) * gates[token, slot, None].to(flat.dtype))
+        if self.shared is not None:
+            out = out + self.shared(flat)
+        return out.view_as(x)
+
+
 NORMS = {"rmsnorm": nn.RMSNorm, "layernorm": nn.LayerNorm}
-MLPS = {"swiglu": SwiGLU, "gelu": GeluMLP}
+MLPS = {"swiglu": SwiGLU, "gelu": GeluMLP, "moe": MoE}
 
 
 def make_norm(cfg: ModelConfig) -> nn.Module:

@@ -57,7 +57,9 @@ def ds_config(cfg: RunConfig, dp: int, gpu: bool = False) -> dict:
     # Stage 1 keeps whole gradients anyway: a contiguous copy of them (ZeRO-2's layout) would only add 4 bytes a
     # parameter to the step's peak.
     zero: dict = {"stage": p.zero_stage, "reduce_bucket_size": BUCKET_ELEMENTS, "allgather_bucket_size": BUCKET_ELEMENTS,
-                  "contiguous_gradients": p.zero_stage >= 2, "overlap_comm": gpu and p.zero_stage >= 1}
+                  "contiguous_gradients": p.zero_stage >= 2 or p.ep > 1, "overlap_comm": gpu and p.zero_stage >= 1}
+    # (expert parallelism: stage 1's other reduction path averages the experts' gradients over their
+    # expert-data-parallel group alone, ep times too large; the contiguous path averages over all dp ranks)
     if p.offload == "cpu":
         zero["offload_optimizer"] = {"device": "cpu"}
         if p.zero_stage == 3:
@@ -101,7 +103,13 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     for p in model.parameters():
         if p.requires_grad:
             (decay if len(getattr(p, "ds_shape", p.shape)) >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"name": "decay", "params": decay, "weight_decay": weight_decay},
+              {"name": "no_decay", "params": no_decay, "weight_decay": 0.0}]
+    from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_groups_for_optimizer
+
+    if any(is_moe_param(p) for p in decay):  # expert parallelism: experts reduce over their own group
+        groups = split_params_into_different_moe_groups_for_optimizer(groups)
+    return groups
 
 
 def share_fp32_master(optimizer) -> bool:
@@ -128,9 +136,16 @@ def _grad_norm_and_clip(engine, max_norm: float, layout: Layout) -> torch.Tensor
     """Global grad norm, each parameter counted once across TP and pipeline replicas; clips in place.
     Returns the norm as a tensor on the device: reading it waits for the GPU (the loop does so on log steps)."""
     params = [p for p in engine.module.parameters() if p.grad is not None]
-    counted = [p.grad for p in params
-               if getattr(p, "model_parallel", True) and not getattr(p, "ds_pipe_replicated", False)]
+    counted = [p.grad for p in params if getattr(p, "model_parallel", True)
+               and not getattr(p, "ds_pipe_replicated", False) and getattr(p, "allreduce", True)]
     norm = torch.nn.utils.get_total_norm(counted) if counted else torch.zeros((), device=engine.device)
+    experts = [p for p in params if getattr(p, "allreduce", True) is False]  # this EP rank's experts only
+    if experts:
+        from deepspeed.utils import groups
+
+        sq = torch.nn.utils.get_total_norm([p.grad for p in experts]).float().pow(2)
+        dist.all_reduce(sq, group=groups._get_expert_parallel_group(experts[0].group_name))
+        norm = (norm.float().pow(2) + sq).sqrt()
     if layout.tp * layout.pp > 1:
         sq = norm.float().pow(2)
         dist.all_reduce(sq, group=layout.grid.get_model_parallel_group())

@@ -47,9 +47,14 @@ def parts(module: nn.Module) -> list[nn.Module]:
     return [m for m in module.modules() if hasattr(m, "kiln_part")]
 
 
-def _param(module: nn.Module, name: str) -> nn.Parameter:
-    owner, _, leaf = name.rpartition(".")
-    return (module.get_submodule(owner) if owner else module)._parameters[leaf]
+def _param(module: nn.Module, name: str) -> nn.Parameter | None:
+    """The parameter a plain-model name stands for under `module`; None where this rank holds none of it (an
+    expert on another expert-parallel rank: a swapped layer maps the plain names it keeps in `plain_names`)."""
+    if name.startswith(getattr(module, "renamed", ())):
+        real = module.plain_names.get(name)
+        return None if real is None else module.get_parameter(real)
+    head, _, rest = name.partition(".")
+    return _param(module.get_submodule(head), rest) if rest else module._parameters[head]
 
 
 def _allocate(module: nn.Module, device, dtype: torch.dtype, params: bool = True) -> None:
@@ -102,6 +107,10 @@ def materialize(module: nn.Module, seed: int, device, dtype: torch.dtype, source
         gen = torch.Generator().manual_seed(seed * 1_000_003 + index) if source is None and fills else None
         for name, kind, std, shape in plan:
             p = _param(part, name)
+            if p is None:  # held by another rank: its seeded values are drawn all the same (the stream stays aligned)
+                if gen is not None:
+                    initial_value(kind, std, shape, gen)
+                continue
             if zero3 is not None:
                 new = nn.Parameter(torch.empty(p.shape, dtype=dtype, device=device), requires_grad=p.requires_grad)
                 new.__dict__.update(p.__dict__)
@@ -122,8 +131,6 @@ def local_slices(module: nn.Module, layout, zero3: bool) -> list[tuple[str, torc
     """(plain name, this rank's tensor, slice spec) for every slice only this rank writes: one data-parallel
     replica per TP/PP position (all of them under ZeRO-3, each with its partition); a tied embedding
     repeated on the last pipeline stage is written by the first."""
-    if not zero3 and layout.dp_rank != 0:
-        return []
     out = []
     for part in parts(module):
         _, prefix, plan = part.kiln_part
@@ -131,6 +138,8 @@ def local_slices(module: nn.Module, layout, zero3: bool) -> list[tuple[str, torc
             continue
         for name, _, _, shape in plan:
             p = _param(part, name)
+            if p is None or not (zero3 or _first_replica(p, layout)):
+                continue
             shard = getattr(p, "tp_shard", None)
             spec = {"shape": list(shape), "tp": [shard.dim, shard.start, shard.stop, shard.padded] if shard else None,
                     "flat": None}
@@ -146,6 +155,16 @@ def local_slices(module: nn.Module, layout, zero3: bool) -> list[tuple[str, torc
                 tensor, spec["flat"] = p.ds_tensor.detach().narrow(0, 0, stop - start), [start, stop]
             out.append((prefix + name, tensor, spec))
     return out
+
+
+def _first_replica(p: nn.Parameter, layout) -> bool:
+    """Whether this rank is the first of the data-parallel replicas holding `p`: data-parallel rank 0, or for an
+    expert (expert parallelism) rank 0 of its expert-data-parallel group."""
+    if getattr(p, "allreduce", True) is False:
+        from deepspeed.utils import groups
+
+        return groups._get_expert_data_parallel_rank(p.group_name) == 0
+    return layout.dp_rank == 0
 
 
 def build_gpt(cfg: ModelConfig, seed: int, layout=None, run=None, device="cpu", dtype=torch.float32,

@@ -1,6 +1,7 @@
 """Parallelism applied to a plain model, in one place (after torchtitan's `parallelize_llama`).
 
-    parallelize(module, layout, run):  tensor parallelism -> activation checkpointing -> loss -> compile
+    parallelize(module, layout, run):  expert parallelism -> tensor parallelism -> activation checkpointing
+                                       -> loss -> compile
 
 `module` is the whole GPT (PP = 1) or one pipeline stage's layer (pipeline_module.py); either way it
 may still be on the meta device (materialize.py fills it afterwards). The model never learns about
@@ -37,8 +38,13 @@ KEEP = {_aten.mm.default, _aten.addmm.default, _aten.bmm.default,
 
 
 def parallelize(module: nn.Module, layout, run: RunConfig) -> nn.Module:
-    """Apply, in place and in this order: TP (tp > 1), activation checkpointing, the loss, torch.compile."""
+    """Apply, in place and in this order: EP (ep > 1), TP (tp > 1), activation checkpointing, the loss,
+    torch.compile."""
     m, t = run.model, run.train
+    if run.parallel.ep > 1:
+        from pipeline.parallel.expert_parallel import parallelize_ep
+
+        parallelize_ep(module, run.parallel.ep)
     if layout.tp > 1:
         parallelize_tp(module, layout.tp_group, m.vocab_size, m.tie_embeddings, run.parallel.sequence_parallel)
         if m.dropout > 0:

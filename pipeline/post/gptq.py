@@ -82,6 +82,8 @@ class HessianHook:
     def __call__(self, module, inputs, output) -> None:
         x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
         k = x.shape[0]
+        if not k:  # an expert called with none of this batch's tokens
+            return
         self.H *= self.n / (self.n + k)
         self.n += k
         x = x * (2 / self.n) ** 0.5
@@ -132,7 +134,10 @@ def quantize_model(model: nn.Module, calib: torch.Tensor, bits: int = 4, group_s
                 for n, hook in hooks.items():
                     hook.remove()
                     layer = modules[n]
-                    put(f"blocks.{i}.{n}", layer, gptq(layer.weight, hook.H, bits, group_size, act_order, damp))
+                    # an expert no calibration token was routed to: no statistics to weigh its error by, so
+                    # every input counts alike (round to nearest, GPTQ's groups), rather than all inputs "dead"
+                    h = hook.H if hook.n else torch.eye(layer.in_features, device=hook.H.device)
+                    put(f"blocks.{i}.{n}", layer, gptq(layer.weight, h, bits, group_size, act_order, damp))
             xs = _run(block, xs)  # the next block sees this block's quantized outputs
             advance(1)
     if quantize_head:
