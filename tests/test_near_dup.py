@@ -80,7 +80,7 @@ def test_stream_dedup_removes_pairs_above_the_threshold_only(tmp_path):
 
 
 def test_twins_that_filters_make_diverge_are_still_found(tmp_path):
-    """C4 drops lines without terminal punctuation: the twin that lost its full stops loses those lines,
+    """C4's terminal-punctuation rule (on here) drops lines without it: the twin that lost its full stops loses those lines,
     so the texts that reach the shards differ a lot; the shingles of the text as read do not."""
     rng = random.Random(5)
     sentences = [" ".join(rng.choice(VOCAB) for _ in range(12)) for _ in range(24)]
@@ -88,14 +88,15 @@ def test_twins_that_filters_make_diverge_are_still_found(tmp_path):
     lines = [f"{s} {stops[i % 9]} {stops[(i + 1) % 9]}." for i, s in enumerate(sentences)]
     twin = [ln[:-1] if i % 4 == 0 else ln for i, ln in enumerate(lines)]  # a quarter of the lines lose their stop
     path = tmp_path / "in.jsonl"
-    path.write_text("".join(json.dumps({"id": i, "text": "\n".join(t)}) + "\n" for i, t in enumerate([lines, twin])))
-    cfg = PrepConfig(filters=["c4"], dedup_buckets=2, boilerplate={"enabled": False})
+    # one paragraph a line: a line without its stop is a line of its own, not one wrapped into the next
+    path.write_text("".join(json.dumps({"id": i, "text": "\n\n".join(t)}) + "\n" for i, t in enumerate([lines, twin])))
+    cfg = PrepConfig(filters=["c4"], filter_enable=["c4:terminal_punct"], dedup_buckets=2, boilerplate={"enabled": False})
     _, parts = readers.plan([path], 100)
     stats = stages.clean_partition(parts[0], cfg, str(tmp_path / "work"))
     assert stats["kept"] == 2
     kept = [json.loads(x)["text"] for x in (tmp_path / "work/clean/00000/docs.jsonl").read_text().splitlines()]
-    assert shingle_jaccard(*kept) < 0.8 < shingle_jaccard("\n".join(lines), "\n".join(twin))
+    assert shingle_jaccard(*kept) < 0.8 < shingle_jaccard("\n\n".join(lines), "\n\n".join(twin))
     res = [buckets.dedup_bucket(b, [0], str(tmp_path / "work"), cfg) for b in range(2)]
     a, b, j = buckets.merge_pairs(res)
     assert (a.tolist(), b.tolist()) == ([1], [0])
-    assert j[0] == pytest.approx(shingle_jaccard("\n".join(lines), "\n".join(twin)), abs=1e-9)
+    assert j[0] == pytest.approx(shingle_jaccard("\n\n".join(lines), "\n\n".join(twin)), abs=1e-9)

@@ -238,12 +238,14 @@ def test_nccl_error_handling_raises_instead_of_aborting(monkeypatch, preset):
         seen.update(backend=backend, mode=topology.os.environ.get("TORCH_NCCL_ASYNC_ERROR_HANDLING"))
         raise Created
 
-    for key in ("RANK", "TORCH_NCCL_ASYNC_ERROR_HANDLING", "DS_ACCELERATOR"):
-        monkeypatch.delenv(key, raising=False)
+    # every variable init_distributed may set is recorded first (setenv), so the test leaves the environment as
+    # it found it: a RANK left behind makes later in-process runs look launched
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME",
+                "TORCH_NCCL_ASYNC_ERROR_HANDLING", "DS_ACCELERATOR"):
+        monkeypatch.setenv(key, "")
+        monkeypatch.delenv(key)
     if preset:
         monkeypatch.setenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", preset)
-    for key in ("LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
-        monkeypatch.setenv(key, topology.os.environ.get(key, "0"))  # restored after the test
     monkeypatch.setattr(dist, "is_initialized", lambda: False)
     monkeypatch.setattr(dist, "init_process_group", init_process_group)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

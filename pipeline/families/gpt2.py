@@ -6,7 +6,7 @@ fused into one c_attn. No per-matrix quantized layout exists for the fused atten
 
 from __future__ import annotations
 
-from pipeline.families.spec import Family, HFSpec
+from pipeline.families.spec import Family, HFSpec, output_weight
 
 
 def hf_weights(get, cfg) -> dict:
@@ -23,7 +23,7 @@ def hf_weights(get, cfg) -> dict:
 
     out = {"transformer.wte.weight": one("embed.wte.weight"), "transformer.wpe.weight": one("embed.wpe.weight"),
            "transformer.ln_f.weight": one("head.norm.weight"), "transformer.ln_f.bias": one("head.norm.bias"),
-           "lm_head.weight": one("embed.wte.weight" if cfg.tie_embeddings else "head.lm_head.weight")}
+           "lm_head.weight": lambda: output_weight(get)}
     for i in range(cfg.n_layer):
         b, h = f"blocks.{i}.", f"transformer.h.{i}."
         for ours, theirs in (("norm1", "ln_1"), ("norm2", "ln_2")):

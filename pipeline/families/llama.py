@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 
-from pipeline.families.spec import Family, HFSpec
+from pipeline.families.spec import Family, HFSpec, output_weight
 
 ATTENTION = {"norm1": "input_layernorm", "norm2": "post_attention_layernorm", "attn.wq": "self_attn.q_proj",
              "attn.wk": "self_attn.k_proj", "attn.wv": "self_attn.v_proj", "attn.wo": "self_attn.o_proj"}
@@ -18,7 +18,7 @@ def hf_weights(get, cfg, names: dict = _NAMES) -> dict:
     """{transformers name: a function giving that tensor}, from `get` (Kiln name -> tensor): lazy, so an export
     holds one tensor at a time. Embedding, final norm, head, and each block's `names` (under model.layers.i)."""
     out = {"model.embed_tokens.weight": lambda: get("embed.wte.weight"), "model.norm.weight": lambda: get("head.norm.weight"),
-           "lm_head.weight": lambda: get("embed.wte.weight" if cfg.tie_embeddings else "head.lm_head.weight")}
+           "lm_head.weight": lambda: output_weight(get)}
     for i in range(cfg.n_layer):
         for ours, theirs in names.items():
             out[f"model.layers.{i}.{theirs}.weight"] = lambda n=f"blocks.{i}.{ours}.weight": get(n)

@@ -33,3 +33,12 @@ class Family:
     ffn_default: Callable[[int], int]  # MLP width from n_embd when model.ffn_hidden is unset
     hf: HFSpec
     notes: tuple[str, ...] = field(default=())
+
+
+def output_weight(get):
+    """The output projection for a transformers mapping: the head's own weight where the state has one (an
+    untied head, or a tied one stored anyway, as older MODEL dirs do), else the embedding it is tied to."""
+    try:
+        return get("head.lm_head.weight")
+    except KeyError:
+        return get("embed.wte.weight")
