@@ -152,15 +152,20 @@ def memory_per_gpu(
     }
 
 
+def memory_budget(gpu: str) -> float:
+    """Bytes of one GPU's memory a layout may fill (MEMORY_BUDGET of it); an unknown GPU is a config error."""
+    if gpu not in GPU_MEMORY_GIB:
+        raise ConfigError(f"--gpu {gpu}: unknown GPU; known: {', '.join(sorted(GPU_MEMORY_GIB))}")
+    return MEMORY_BUDGET * GPU_MEMORY_GIB[gpu] * GIB
+
+
 def recommend_layout(cfg: ModelConfig, gpus: int, gpu: str = "h100", precision: str = "bf16") -> dict:
     """The layout an expert starts from: ZeRO-1 data parallelism with a micro-batch of 16, 8 or 4. Recomputing
     activations costs a third more compute, a TP=2..8 group inside an NVLink node much less: so every tensor-parallel
     size is tried without activation checkpointing before any with it; from TP=4 on, with sequence parallelism (the
     activations TP leaves whole on every rank would otherwise dominate). Pipeline stages (2, 4, ... dividing the
     layers) only where no single-stage layout fits: they cost a pipeline bubble. Fits = under MEMORY_BUDGET."""
-    if gpu not in GPU_MEMORY_GIB:
-        raise ConfigError(f"--gpu {gpu}: unknown GPU; known: {', '.join(sorted(GPU_MEMORY_GIB))}")
-    budget = MEMORY_BUDGET * GPU_MEMORY_GIB[gpu] * GIB
+    budget = memory_budget(gpu)
     for pp in (p for p in (1, 2, 4, 8, 16) if cfg.n_layer % p == 0 and gpus % p == 0):
         sizes = [t for t in (1, 2, 4, 8) if cfg.n_head % t == 0 and cfg.kv_heads % t == 0 and gpus % (t * pp) == 0]
         for ckpt in ("none", "full"):
@@ -213,6 +218,7 @@ def make_plan(
         n = param_counts(cfg)["total"]
     active = param_counts(cfg)["active"]
     recommended, fits = layout is None, None
+    memory_budget(gpu)  # an unknown GPU is refused as such, not searched for
     if recommended:  # a memory failure is an answer, not an exit: say how many GPUs it takes instead
         try:
             layout = recommend_layout(cfg, gpus or 1, gpu)

@@ -49,6 +49,8 @@ def test_budget_from_gpus_hours():
     assert budget_flops(64, 720, "h100", 0.4) == pytest.approx(64 * 720 * 3600 * 989e12 * 0.4)
     with pytest.raises(ConfigError, match="unknown GPU"):
         budget_flops(8, 1, "tpu9")
+    with pytest.raises(ConfigError, match=r"unknown GPU; known: [a-z0-9, ]+$"):  # said as such, not searched for
+        make_plan(flops=1e20, gpu="tpu9")
 
 
 def test_shipped_sizes_match_their_names():
