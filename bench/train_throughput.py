@@ -123,7 +123,7 @@ def nanogpt_loop(cfg, data, device: str = "cpu", bf16: bool = False, compile_: b
 
 def kiln_gpt_loop(cfg, data, device: str = "cpu", bf16: bool = False, compile_: bool | str = False) -> Loop:
     """Kiln's own GPT in the same plain loop (torch AdamW over Kiln's decay groups): same model as `train`."""
-    from pipeline.parallel.engine import param_groups
+    from pipeline.parallel.optimizer import param_groups
 
     torch.manual_seed(cfg.train.seed)
     model = GPT(cfg.model).to(device)

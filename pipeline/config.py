@@ -125,6 +125,18 @@ class TrainConfig(_Strict):
     min_lr: float = Field(3e-5, ge=0)
     warmup_steps: int = Field(100, ge=0)
     weight_decay: float = Field(0.1, ge=0)
+    schedule: Literal["cosine", "wsd"] = Field(
+        "cosine", description="the learning rate after warmup: `cosine` decays to min_lr over all train.steps; `wsd` "
+        "(warmup-stable-decay) holds lr, then decays linearly to min_lr over the last decay_frac of the steps, so a "
+        "run extended (or decayed early) from any stable-phase checkpoint follows the same curve up to there")
+    decay_frac: float = Field(0.2, gt=0, le=1, description="wsd: the share of train.steps spent decaying")
+    optimizer: Literal["adamw", "muon"] = Field(
+        "adamw", description="`muon`: the transformer blocks' matrices step by Muon (orthogonalized momentum) at "
+        "muon_lr, embeddings, head, norms and biases by AdamW at lr; ZeRO 0-2 (tp > 1 at stage 0 only)")
+    muon_lr: float = Field(0.02, gt=0, description="muon: the hidden matrices' peak learning rate (the schedule "
+                           "scales it as it scales lr)")
+    muon_momentum: float = Field(0.95, gt=0, lt=1, description="muon: Nesterov momentum of the hidden matrices")
+    muon_weight_decay: float = Field(0.0, ge=0, description="muon: decoupled weight decay of the hidden matrices")
     beta1: float = Field(0.9, gt=0, lt=1)
     beta2: float = Field(0.95, gt=0, lt=1)
     grad_clip: float = Field(1.0, ge=0)
@@ -245,6 +257,8 @@ class RunConfig(_Strict):
         if p.pp > 1 and p.zero_stage == 0 and self.train.precision == "bf16":
             raise ValueError("parallel.zero_stage: 0 with parallel.pp > 1 and bf16: DeepSpeed's bf16 pipeline "
                              "optimizer trains but cannot resume its own checkpoint; use parallel.zero_stage: 1")
+        if self.train.optimizer == "muon":
+            _muon_layout(p, m, self.train)
         if p.offload == "cpu" and p.zero_stage == 0:
             raise ValueError("parallel.offload: cpu needs parallel.zero_stage >= 1")
         if p.zero_stage == 0 and self.train.precision == "bf16":
@@ -252,6 +266,26 @@ class RunConfig(_Strict):
                              "no fp32 accumulation at stage 0); use parallel.zero_stage: 1 (fp32 master weights and "
                              "gradients, also on one GPU)")
         return self
+
+
+def _muon_layout(p: ParallelConfig, m: ModelConfig, t: TrainConfig) -> None:
+    """Where Muon runs as it should (pipeline/parallel/optimizer.py): Kiln's at ZeRO stage 0 (any TP/PP/DP),
+    DeepSpeed's at stage 1/2 on whole matrices. Anything else is refused rather than silently mis-stepped."""
+    if p.zero_stage == 3 or p.offload != "none" or m.n_experts:
+        raise ValueError(f"train.optimizer: muon runs at zero_stage 0-2 without offload, on dense models "
+                         f"(zero_stage {p.zero_stage}, offload {p.offload}, n_experts {m.n_experts})")
+    if p.zero_stage == 0:
+        return
+    if p.tp > 1 or p.pp > 1:
+        raise ValueError(f"train.optimizer: muon with tp/pp > 1 runs at zero_stage 0 (Kiln's Muon gathers TP slices); "
+                         f"DeepSpeed's ZeRO Muon would orthogonalize each slice alone (tp {p.tp}, pp {p.pp})")
+    if t.precision == "bf16" and p.zero_stage == 1:
+        raise ValueError("train.optimizer: muon with bf16 needs zero_stage 2: at stage 1 DeepSpeed's bf16 optimizer "
+                         "would step flat partitions that Muon never orthogonalized")
+    if t.grad_clip:
+        raise ValueError(f"train.grad_clip: {t.grad_clip} with muon at zero_stage {p.zero_stage}: DeepSpeed's ZeRO "
+                         "Muon would clip the orthogonalized update, not the gradient; set train.grad_clip: 0 "
+                         "(Muon's update has a fixed scale) or zero_stage: 0")
 
 
 def validate_world(cfg: RunConfig, world_size: int) -> int:
@@ -343,6 +377,14 @@ class QuantizeConfig(_Strict):
         return self
 
 
+def _adamw_loop(train: TrainConfig, stage: str, schedules: tuple[str, ...]) -> None:
+    """The post-training loops step AdamW (Muon is `kiln train`'s) on the schedules they know."""
+    if train.optimizer != "adamw":
+        raise ValueError(f"train.optimizer: {train.optimizer} is kiln train's; {stage}'s loop steps adamw")
+    if train.schedule not in schedules:
+        raise ValueError(f"train.schedule: {train.schedule}: {stage}'s loop follows {' or '.join(schedules)}")
+
+
 class DistillConfig(_Strict):
     alpha: float = Field(0.5, ge=0, le=1)
     temperature: float = Field(2.0, gt=0)
@@ -352,6 +394,11 @@ class DistillConfig(_Strict):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     eval_windows: int = Field(64, ge=0, description="val windows scored at the end; 0 skips")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @model_validator(mode="after")
+    def _loop(self) -> DistillConfig:
+        _adamw_loop(self.train, "kiln distill", ("cosine", "wsd"))
+        return self
 
 
 class RecoveryConfig(TrainConfig):
@@ -374,6 +421,7 @@ class PruneConfig(_Strict):
 
     @model_validator(mode="after")
     def _pattern_and_recovery(self) -> PruneConfig:
+        _adamw_loop(self.train, "kiln prune's recovery", ("cosine",))
         if self.pattern == "2:4" and abs(self.sparsity - 0.5) > 1e-9:
             raise ValueError(f"sparsity: {self.sparsity} with pattern 2:4, which is exactly 0.5 by definition")
         if self.train.steps and not self.data:

@@ -1,7 +1,8 @@
 """The learning-rate schedule every Kiln training loop uses (train, distill, prune's recovery).
 
-Linear warmup from lr/warmup to `lr` over `warmup` steps, then cosine decay to `min_lr` at `steps`
-(held there after). Pure: the step alone decides the rate, so a resumed run continues the same curve.
+Linear warmup from lr/warmup to `lr` over `warmup` steps, then cosine decay to `min_lr` at `steps` (held there
+after), or warmup-stable-decay (`train.schedule: wsd`): `lr` held until the last `train.decay_frac` of the steps,
+then a linear decay to `min_lr`. Pure: the step alone decides the rate, so a resumed run continues the same curve.
 `kiln train` records the schedule in every checkpoint; `on_resume` decides what a resumed run whose
 config asks for another schedule (e.g. more train.steps) follows, and says so.
 """
@@ -18,15 +19,33 @@ def warmup_cosine(step: int, steps: int, lr: float, min_lr: float, warmup: int) 
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
 
 
-# A schedule as a checkpoint records it (JSON): {"kind", "warmup", "steps", "lr", "min_lr"}. Kinds map to their
-# rate functions; a new kind (e.g. warmup-stable-decay) is one entry here and one in `describe`.
-KINDS = {"cosine": lambda step, s: warmup_cosine(step, s["steps"], s["lr"], s["min_lr"], s["warmup"])}
+def warmup_stable_decay(step: int, steps: int, lr: float, min_lr: float, warmup: int, decay_frac: float) -> float:
+    """Linear warmup, `lr` held, then a linear decay to `min_lr` over the last `decay_frac` of `steps`. Until the
+    decay starts the rate does not depend on `steps`: a stable-phase checkpoint can be extended or decayed."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    decay_start = steps - max(1, round(decay_frac * steps))
+    if step < decay_start:
+        return lr
+    progress = min(1.0, (step - decay_start + 1) / (steps - decay_start))
+    return lr + (min_lr - lr) * progress
+
+
+# A schedule as a checkpoint records it (JSON): {"kind", "warmup", "steps", "lr", "min_lr"} (+ "decay_frac" for
+# wsd). Kinds map to their rate functions; a new kind is one entry here and one in `describe`.
+KINDS = {"cosine": lambda step, s: warmup_cosine(step, s["steps"], s["lr"], s["min_lr"], s["warmup"]),
+         "wsd": lambda step, s: warmup_stable_decay(step, s["steps"], s["lr"], s["min_lr"], s["warmup"],
+                                                    s["decay_frac"])}
 
 
 def schedule_of(train: dict) -> dict:
     """The schedule a `train` config section (as a dict, e.g. a checkpoint's saved config) asks for."""
-    return {"kind": train.get("schedule", "cosine"), "warmup": train["warmup_steps"], "steps": train["steps"],
-            "lr": train["lr"], "min_lr": train["min_lr"]}
+    kind = train.get("schedule", "cosine")
+    s = {"kind": kind, "warmup": train["warmup_steps"], "steps": train["steps"], "lr": train["lr"],
+         "min_lr": train["min_lr"]}
+    if kind == "wsd":
+        s["decay_frac"] = train.get("decay_frac", 0.2)
+    return s
 
 
 def lr_of(step: int, schedule: dict) -> float:
@@ -34,7 +53,8 @@ def lr_of(step: int, schedule: dict) -> float:
 
 
 def describe(s: dict) -> str:
-    return f"{s['kind']}: warmup {s['warmup']}, lr {s['lr']:.2e} -> {s['min_lr']:.2e} over {s['steps']} steps"
+    decay = f", decaying over the last {s['decay_frac']:.0%}" if s["kind"] == "wsd" else ""
+    return f"{s['kind']}: warmup {s['warmup']}, lr {s['lr']:.2e} -> {s['min_lr']:.2e} over {s['steps']} steps{decay}"
 
 
 def on_resume(recorded: dict, configured: dict, step: int) -> tuple[dict, str | None]:

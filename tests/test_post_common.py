@@ -18,7 +18,6 @@ from pipeline.config import KilnError, ModelConfig, RunConfig
 from pipeline.evaluate import evaluate_windows
 from pipeline.model.gpt import GPT
 from pipeline.model.io import save_model_dir
-from pipeline.parallel.engine import lr_at
 from pipeline.post.common import (
     batch_at,
     calib_tokens,
@@ -28,7 +27,7 @@ from pipeline.post.common import (
     windows,
 )
 from pipeline.post.finetune import train_steps
-from pipeline.schedule import warmup_cosine
+from pipeline.schedule import lr_of, schedule_of, warmup_cosine
 
 TEACHER = dict(style="llama", n_layer=2, n_head=4, n_embd=128, block_size=64)
 TEACHER_STEPS = 800
@@ -113,13 +112,13 @@ def test_calib_tokens_come_from_train_windows(phrases):
 
 
 def test_one_schedule_for_train_distill_and_recovery():
-    """Train's lr_at and the post-training loops call the same warmup+cosine function."""
+    """Train's schedule and the post-training loops call the same warmup+cosine function."""
     assert warmup_cosine(0, 100, 1.0, 0.1, 10) == pytest.approx(0.1)
     assert warmup_cosine(9, 100, 1.0, 0.1, 10) == pytest.approx(1.0)
     assert warmup_cosine(100, 100, 1.0, 0.1, 10) == pytest.approx(0.1)
     assert warmup_cosine(55, 100, 1.0, 0.1, 10) == pytest.approx(0.55)
     cfg = RunConfig.model_validate({"train": {"lr": 1.0, "min_lr": 0.1, "warmup_steps": 10, "steps": 100}})
-    assert [lr_at(s, cfg) for s in range(120)] == [warmup_cosine(s, 100, 1.0, 0.1, 10) for s in range(120)]
+    assert [lr_of(s, schedule_of(cfg.train.model_dump())) for s in range(120)] == [warmup_cosine(s, 100, 1.0, 0.1, 10) for s in range(120)]
 
 
 def test_model_refs_and_lineage(tmp_path):

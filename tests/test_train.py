@@ -20,7 +20,7 @@ from pipeline.config import ConfigError, DataConfig, RunConfig, load_config
 from pipeline.data.sampler import BlendedSamples, TrainData, blend_slots, rank_slice
 from pipeline.export import load_source
 from pipeline.model.io import write_sums
-from pipeline.parallel.engine import lr_at
+from pipeline.schedule import lr_of, schedule_of
 from tests.factories import TINY_TRAIN, TRAIN_ENV, fake_corpus, kiln_train_cmd
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,6 +70,10 @@ def test_blend_follows_weights_and_vocab_must_match(tmp_path):
     fake_corpus(tmp_path / "c", vocab_size=256)
     with pytest.raises(ConfigError, match="different tokenizer vocab"):
         TrainData(DataConfig(paths=[str(tmp_path / "a"), str(tmp_path / "c")]), 16, seed=0)
+
+
+def lr_at(step: int, cfg: RunConfig) -> float:
+    return lr_of(step, schedule_of(cfg.train.model_dump()))
 
 
 def test_lr_schedule_warmup_then_cosine_to_min():

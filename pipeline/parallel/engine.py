@@ -6,9 +6,7 @@ the boundary). PP > 1: a `PipelineModule` and `engine.train_batch` (1F1B).
 Either way the model is materialized in place, this rank's slice only, already
 on its device and in its training dtype (materialize.py); under ZeRO-3 each
 parameter is partitioned as soon as it exists.
-The optimizer is torch's fused AdamW (one kernel over the whole flat partition,
-no full-size temporaries; its state restores bit for bit), except on CPU at
-ZeRO stage 0, where torch's per-tensor loop is faster; the learning rate is set
+The optimizer (AdamW or Muon) comes from optimizer.py; the learning rate is set
 by Kiln every step, so the schedule is a pure function of the step number. At
 fp32, ZeRO-1/2's "fp32 master" partition is the weights' own partition, not a
 clone (share_fp32_master).
@@ -31,7 +29,6 @@ from pipeline.model.io import weights_only_loads
 from pipeline.model.weights import SHARDS_DIR, Weights, write_shard
 from pipeline.parallel.materialize import build_gpt, local_slices
 from pipeline.parallel.topology import Layout
-from pipeline.schedule import warmup_cosine
 
 BUCKET_ELEMENTS = 50_000_000
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -89,27 +86,6 @@ def ds_config(cfg: RunConfig, dp: int, gpu: bool = False) -> dict:
         # on arrival; sequence-parallel activations differ per TP rank (each its own 1/tp already): send them whole
         config["pipeline"] = {"pipe_partitioned": False, "grad_partitioned": False}
     return config
-
-
-def lr_at(step: int, cfg: RunConfig) -> float:
-    t = cfg.train
-    return warmup_cosine(step, t.steps, t.lr, t.min_lr, t.warmup_steps)
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices (weights, embeddings), not norms or biases. A ZeRO-3 parameter is judged by its full
-    shape (`ds_shape`): its own data is an empty placeholder once partitioned."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if len(getattr(p, "ds_shape", p.shape)) >= 2 else no_decay).append(p)
-    groups = [{"name": "decay", "params": decay, "weight_decay": weight_decay},
-              {"name": "no_decay", "params": no_decay, "weight_decay": 0.0}]
-    from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_groups_for_optimizer
-
-    if any(is_moe_param(p) for p in decay):  # expert parallelism: experts reduce over their own group
-        groups = split_params_into_different_moe_groups_for_optimizer(groups)
-    return groups
 
 
 def share_fp32_master(optimizer) -> bool:
@@ -179,15 +155,14 @@ class Engine:
                 zero3 = deepspeed.zero.Init(data_parallel_group=layout.dp_group, config_dict_or_path=config,
                                             mpu=layout.grid, dtype=dtype)
             model = build_gpt(cfg.model, t.seed, layout, cfg, device, dtype, source, zero3)
-        # Fused AdamW (one kernel, no temporaries) wherever ZeRO hands the optimizer one flat partition, and on GPUs.
-        # On CPU at stage 0 it sees each weight as its own tensor: torch's per-tensor loop is faster there (its
-        # temporaries are one tensor's size), as torch itself chooses on CPU.
-        fused = device.type != "cpu" or cfg.parallel.zero_stage >= 1
-        self.optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2),
-                                           eps=1e-8, fused=fused, foreach=None if fused else False)
+        from pipeline.parallel import optimizer as optim
+
+        client, groups = optim.build(cfg, model, layout, device, config)
         self.engine, _, _, _ = deepspeed.initialize(
-            model=model, optimizer=self.optimizer, config=config, mpu=None if self.pipe else layout.grid,
+            model=model, optimizer=client, model_parameters=groups, config=config,
+            mpu=None if self.pipe else layout.grid,
         )
+        self.optimizer = self.engine.basic_optimizer  # the torch optimizer whose groups set_lr sets
         share_fp32_master(self.engine.optimizer)
         self.grad_norm: torch.Tensor | float | None = None
         if not self.pipe and cfg.parallel.zero_stage == 0 and layout.dp == 1:
@@ -195,6 +170,10 @@ class Engine:
         if self._kiln_clips:
             self.engine.clip_fp32_gradients = self._clip  # DeepSpeed computes but drops the norm here
         self.accum = self.engine.gradient_accumulation_steps()
+
+    @property
+    def _ds_muon(self) -> bool:
+        return self.cfg.train.optimizer == "muon" and self.cfg.parallel.zero_stage > 0
 
     @property
     def _kiln_clips(self) -> bool:
@@ -208,8 +187,10 @@ class Engine:
         return self.engine.device
 
     def set_lr(self, lr: float) -> None:
+        """`lr` (the schedule's rate for train.lr) for AdamW's groups; Muon's hidden matrices scaled alike."""
+        t = self.cfg.train
         for g in self.optimizer.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * t.muon_lr / t.lr if g.get("muon") or g.get("use_muon") else lr
 
     def to_device(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Host batches onto the device (those already there stay); on a GPU through pinned memory and without
@@ -240,8 +221,8 @@ class Engine:
                 self.engine.step()
                 total += loss.detach().float()
             loss = total / len(batches)
-        if not self._kiln_clips:
-            self.grad_norm = self.engine.get_global_grad_norm()
+        if not self._kiln_clips and not self._ds_muon:
+            self.grad_norm = self.engine.get_global_grad_norm()  # (DeepSpeed's Muon: the update's norm; not logged)
         return loss, self.grad_norm
 
     def read(self, loss: torch.Tensor, grad_norm) -> tuple[float, float | None]:

@@ -6,7 +6,7 @@ token to the rank holding its experts (all-to-all over the EP group; gloo runs i
 the plain layer's function: top-2 with the gates renormalized, no capacity (no token dropped), no random second
 expert; the load-balancing loss is Kiln's own, from the same router logits. DeepSpeed's engine reduces the
 experts' gradients over their expert-data-parallel group (param groups split by `deepspeed.moe.utils`,
-engine.param_groups), averaged over all DP ranks (engine.ds_config), and ZeRO 1/2 partition them there.
+optimizer.param_groups), averaged over all DP ranks (engine.ds_config), and ZeRO 1/2 partition them there.
 
 Parameters keep their plain names for materialize and checkpoints: `plain_names` maps the plain model's names
 (router.weight, experts.<global e>.w1.weight, ...) to where they live now; an expert held by another rank has

@@ -35,7 +35,7 @@ from pipeline.evaluate import evaluate_windows
 from pipeline.model.gpt import GPT
 from pipeline.model.io import WEIGHTS, save_model_dir, sha256_file
 from pipeline.post.common import batch_at, lineage, load_parent, parent_tokenizer, windows
-from pipeline.schedule import warmup_cosine
+from pipeline.schedule import lr_of, schedule_of
 
 
 def student_config(path: str | Path, teacher: ModelConfig) -> ModelConfig:
@@ -158,9 +158,10 @@ def distill(teacher_ref: str | Path, student_yaml: str | Path, data_dir: str | P
     accum = tc.grad_accum or 1
     tokens = start * tc.micro_batch_size * accum * world * scfg.block_size  # counted from step 0
     student.train()
+    schedule = schedule_of(tc.model_dump())
     with progress("distill", total=tc.steps - start, unit="step", disable=not accelerator.is_main_process) as advance:
         for step in range(start, tc.steps):
-            lr = warmup_cosine(step, tc.steps, tc.lr, tc.min_lr, tc.warmup_steps)
+            lr = lr_of(step, schedule)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             x, y = batch_at(win, step, tc.micro_batch_size * accum, tc.seed, rank, world)
