@@ -119,6 +119,20 @@ def test_logit_softcap_everywhere_logits_are_made(tie):
                                softcap(F.linear(hidden, capped.embed.wte.weight), cap))
 
 
+def test_decoding_with_the_kv_cache_keeps_the_options():
+    """Cached keys are the normalized ones and every decoded position's logits are capped: prefill, a chunk and
+    single tokens give the logits of recomputing the whole sequence."""
+    from pipeline.model.layers import KVCache
+
+    model = build_gpt(_cfg(qk_norm=True, mlp="relu2", logit_softcap=0.2), seed=8).eval()
+    ids = _batch()[0][:1, :12]
+    cache = KVCache(len(model.blocks))
+    with torch.no_grad():
+        pieces = [model(ids[:, :5], cache=cache)[0], model(ids[:, 5:8], cache=cache)[0]]
+        pieces += [model(ids[:, t:t + 1], cache=cache)[0] for t in range(8, 12)]
+        torch.testing.assert_close(torch.cat(pieces, dim=1), model(ids)[0], rtol=1e-5, atol=1e-6)
+
+
 def test_zero_init_proj_starts_residual_outputs_at_zero_and_trains_them():
     """Every sub-block's output projection starts at zero (seeded and direct builds alike), nothing else does, and
     the first backward reaches them."""
