@@ -15,15 +15,15 @@ from pipeline.model.weights import Weights
 def hf_form(cfg: ModelConfig) -> HFSpec:
     """The family's transformers form whose fixed architecture options are this config's; none: refused in one line
     naming the first option the family's main form does not represent."""
-    forms = family(cfg).hf_forms()
-    for spec in forms:
+    main, *variants = family(cfg).hf_forms()
+    for spec in (main, *variants):
         if all(getattr(cfg, k) == v for k, v in spec.fixed.items()):
             return spec
-    key = next(k for k, v in forms[0].fixed.items() if getattr(cfg, k) != v)
-    classes = ", ".join(f"{f.model_class} ({', '.join(f'{k}: {v}' for k, v in f.fixed.items() if v != forms[0].fixed[k])})"
-                        if f is not forms[0] else f.model_class for f in forms)
+    key = next(k for k, v in main.fixed.items() if getattr(cfg, k) != v)
+    known = [main.model_class] + [f"{f.model_class} with " + ", ".join(
+        f"{k}: {v}" for k, v in f.fixed.items() if v != main.fixed[k]) for f in variants]
     raise KilnError(f"model.{key} {getattr(cfg, key)!r}: no transformers class represents this {cfg.style} model "
-                    f"(export knows {classes})")
+                    f"(export knows {'; '.join(known)})")
 
 
 def transformers_config(cfg: ModelConfig):
