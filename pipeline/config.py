@@ -34,7 +34,7 @@ class ModelConfig(_Strict):
     """The model's shape and init. Every field is a shape field (checked on resume, copied into exports)
     unless listed in NOT_SHAPE; sizes the layers use (head_dim, kv_heads, mlp_width) are derived here."""
 
-    NOT_SHAPE: ClassVar[frozenset[str]] = frozenset({"dropout", "init_std", "moe_aux_loss_coef"})
+    NOT_SHAPE: ClassVar[frozenset[str]] = frozenset({"dropout", "init_std", "moe_aux_loss_coef", "zero_init_proj"})
     RESOLVED: ClassVar[dict[str, str]] = {"n_kv_heads": "kv_heads", "ffn_hidden": "mlp_width"}  # default derived
 
     style: Literal[tuple(FAMILIES)] = Field("llama", description="the model family (pipeline/families/)")
@@ -47,7 +47,7 @@ class ModelConfig(_Strict):
     tie_embeddings: bool = True
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     ffn_hidden: int | None = Field(None, ge=8, description="MLP width; default the family's: 4*n_embd (gpt2), "
-                                   "~8/3*n_embd rounded up to 64 (llama)")
+                                   "~8/3*n_embd rounded up to 64 (llama); 4*n_embd with mlp: relu2")
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     init_std: float = 0.02
@@ -57,6 +57,15 @@ class ModelConfig(_Strict):
                                      "added to the training loss")
     moe_shared_hidden: int | None = Field(None, ge=8, description="width of a shared expert every token passes "
                                           "through (Qwen-MoE); default none")
+    # architecture options (issue 27): each default is today's model, bit for bit
+    qk_norm: bool = Field(False, description="RMSNorm over each head's queries and keys before rotary (Qwen3, "
+                          "modded-nanogpt): a learned weight of head_dim")
+    mlp: Literal["family", "relu2"] = Field("family", description="the MLP: the family's, or relu2: a non-gated "
+                                            "down(relu(up(x))^2) (modded-nanogpt; default width 4*n_embd)")
+    logit_softcap: float | None = Field(None, gt=0, description="logits = cap * tanh(logits / cap) wherever they are "
+                                        "made (training loss, eval, generation; Gemma 2); default none")
+    zero_init_proj: bool = Field(False, description="the residual branches' output projections (attention's and "
+                                 "the MLP's) start at zero (modded-nanogpt); init only")
 
     @model_validator(mode="after")
     def _experts_fit_family(self) -> ModelConfig:
@@ -68,6 +77,9 @@ class ModelConfig(_Strict):
         if not routed and (self.n_experts or self.moe_shared_hidden):
             raise ValueError(f"model.n_experts / moe_shared_hidden: the {self.style} family has a dense MLP "
                              "(pick a family whose MLP is routed, e.g. style: mixtral)")
+        if routed and self.mlp != "family":
+            raise ValueError(f"model.mlp: {self.mlp}: the {self.style} family's MLP is a mixture of SwiGLU experts "
+                             "(use mlp: family)")
         return self
 
     @model_validator(mode="after")
@@ -96,8 +108,11 @@ class ModelConfig(_Strict):
 
     @property
     def mlp_width(self) -> int:
-        """ffn_hidden, or the family's default for n_embd (4d for GELU, 8d/3 rounded up to 64 for SwiGLU)."""
-        return self.ffn_hidden or FAMILIES[self.style].ffn_default(self.n_embd)
+        """ffn_hidden, or the default for n_embd: 4d for a non-gated MLP (relu2), else the family's (4d for GELU, 8d/3
+        rounded up to 64 for SwiGLU)."""
+        if self.ffn_hidden:
+            return self.ffn_hidden
+        return 4 * self.n_embd if self.mlp == "relu2" else FAMILIES[self.style].ffn_default(self.n_embd)
 
 
 class ParallelConfig(_Strict):

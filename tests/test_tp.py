@@ -25,17 +25,20 @@ from pipeline.model.tensor_parallel import padded_vocab
 from pipeline.model.weights import ShardedWeights, write_shard
 from pipeline.parallel.materialize import build_gpt, local_slices
 
-# (style, tied head, vocab, key/value heads): 4 query heads; kv 2 = grouped-query, one kv head per TP rank
+# (style, tied head, vocab, key/value heads[, architecture options]): 4 query heads; kv 2 = grouped-query, one kv
+# head per TP rank. The options: q/k norms (whole on each rank, gradients summed), the ReLU² MLP, a soft cap small
+# enough to bend these logits (in the chunked loss and the logits alike)
+OPTIONS = {"qk_norm": True, "mlp": "relu2", "logit_softcap": 0.3}
 CASES = [("llama", True, 97, None), ("llama", False, 128, None), ("llama", False, 97, 2), ("gpt2", True, 97, None),
-         ("gpt2", False, 100, None), ("mixtral", False, 97, 2)]
+         ("gpt2", False, 100, None), ("mixtral", False, 97, 2), ("llama", True, 100, 2, OPTIONS)]
 # a mixture of experts: each expert split like a dense MLP, the router whole (it routes alike on every TP rank);
 # its tokens are routed per rank, so no sequence parallelism
 EXPERTS = {"mixtral": {"n_experts": 4, "moe_shared_hidden": 32}}
 
 
-def _cfg(style: str, tie: bool, vocab: int, kv_heads: int | None = None) -> ModelConfig:
+def _cfg(style: str, tie: bool, vocab: int, kv_heads: int | None = None, options: dict | None = None) -> ModelConfig:
     return ModelConfig(style=style, n_layer=2, n_head=4, n_embd=32, block_size=16, vocab_size=vocab,
-                       tie_embeddings=tie, ffn_hidden=64, n_kv_heads=kv_heads, **EXPERTS.get(style, {}))
+                       tie_embeddings=tie, ffn_hidden=64, n_kv_heads=kv_heads, **EXPERTS.get(style, {}), **(options or {}))
 
 
 def gather_tp(t: torch.Tensor, p, group) -> torch.Tensor:
@@ -55,8 +58,9 @@ def _worker(rank: int, world: int, port: int, errors, shards) -> None:
     group = dist.group.WORLD
     layout = SimpleNamespace(tp=world, pp=1, rank=rank, tp_rank=rank, pp_rank=0, dp_rank=0, tp_group=group)
     try:
-        for (style, tie, vocab, kv_heads), sp in itertools.product(CASES, (False, True)):
-            cfg = _cfg(style, tie, vocab, kv_heads)
+        for case, sp in itertools.product(CASES, (False, True)):
+            style, tie, vocab, kv_heads = case[:4]
+            cfg = _cfg(*case)
             if sp and cfg.n_experts:
                 continue
             run = RunConfig(model=cfg, parallel=ParallelConfig(tp=world, sequence_parallel=sp),
@@ -69,7 +73,7 @@ def _worker(rank: int, world: int, port: int, errors, shards) -> None:
             logits, loss = full(idx, targets)
             loss.backward()
             tp_logits, _ = tp(idx)
-            where = f"{style} tie={tie} vocab={vocab} kv_heads={kv_heads} sequence_parallel={sp}"
+            where = f"{style} tie={tie} vocab={vocab} kv_heads={kv_heads} {case[4:]} sequence_parallel={sp}"
             assert tp_logits.size(-1) == padded_vocab(vocab, world) // world, where
             gathered = [torch.empty_like(tp_logits) for _ in range(world)]
             dist.all_gather(gathered, tp_logits.detach().contiguous())

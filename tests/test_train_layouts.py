@@ -1,6 +1,8 @@
 """Every layout trains the same model: 1 process vs TP=2, PP=2, DP=2 with ZeRO 1/2/3 (+ offload), TP=2 x PP=2
 (also with sequence parallelism: stages pass each other 1/tp of the sequence), TP=2 x DP=2; and the
-mixture-of-experts family at TP=2 and at EP=2 (ZeRO 0, 1, 2), resumed at EP=2, at 1 process and at DP=2.
+mixture-of-experts family at TP=2 and at EP=2 (ZeRO 0, 1, 2), resumed at EP=2, at 1 process and at DP=2; the
+architecture options (q/k norms, ReLU² MLP, logit soft-cap, zero-initialized projections) at TP=2 x PP=2 with
+sequence parallelism (the soft-capped tied head on the last stage, its chunked loss at 1 process).
 The model uses grouped-query attention (4 query heads on 2 key/value heads: one per TP rank).
 
 Real DeepSpeed engines on gloo (torchrun, CPU, fp32). To keep process start-up
@@ -58,7 +60,11 @@ LAYOUTS = {
     "muon_tp2": (2, ["parallel.tp=2", "train.grad_accum=2"]),
     "muon_dp2_zero1": (2, ["parallel.zero_stage=1"]),
     "muon_dp2_zero2": (2, ["parallel.zero_stage=2"]),
+    # the architecture options of model: (OPTIONS below)
+    "ref_options": (1, ["train.grad_accum=2"]),
+    "tp2_pp2_sp_options": (4, ["parallel.tp=2", "parallel.pp=2", "train.grad_accum=2", "parallel.sequence_parallel=true"]),
 }
+OPTIONS = ["model.qk_norm=true", "model.mlp=relu2", "model.logit_softcap=2.0", "model.zero_init_proj=true"]
 MOE = ["model.style=mixtral", "model.n_experts=4", "model.ffn_hidden=64"]  # (a shared expert: tests/test_tp.py)
 MUON = ["train.optimizer=muon", "train.muon_lr=0.02", "train.grad_clip=0", "train.schedule=wsd"]
 
@@ -102,10 +108,12 @@ def runs(tmp_path_factory) -> Path:
     corpus = fake_corpus(base / "corpus", vocab_size=VOCAB)
 
     def spec(name: str, *extra: str) -> list[str]:
-        family = MOE if "moe" in name else MUON if "muon" in name else []
+        family = (MOE if "moe" in name else MUON if "muon" in name else OPTIONS if name.endswith("options")
+                  else [])
         return [f"data.paths=[{corpus}]", f"out={base / name}", *COMMON, *family, *LAYOUTS[name][1], *extra]
 
-    run_many(4, [spec("tp2_pp2"), spec("tp2_pp2_sp"), spec("tp2_dp2_zero1"), spec("muon_tp2_pp2")])
+    run_many(4, [spec("tp2_pp2"), spec("tp2_pp2_sp"), spec("tp2_dp2_zero1"), spec("muon_tp2_pp2"),
+                 spec("tp2_pp2_sp_options")])
     # the documented CLI path, and a multi-rank resume: ZeRO-3 partitions restored from step 5
     summary = run_cli(2, spec("tp2"))
     assert summary["layout"] == "world 2 = dp 1 x pp 1 x tp 2" and summary["steps"] == 10
@@ -126,7 +134,7 @@ def runs(tmp_path_factory) -> Path:
     (base / "one_process.log").write_text(run_many(1, [
                  spec("ref"), spec("ref_untied"), spec("ref_moe"), spec("ref_muon"), spec("ref_moe", f"out={base / 'moe_moved'}"),
                  {"copy": [str(base / "ref_muon"), str(base / "muon_resumed")]}, spec("ref_muon", f"out={base / 'muon_resumed'}"),
-                 spec("ref_muon", f"out={base / 'muon_tp2_resumed_tp1'}"),
+                 spec("ref_muon", f"out={base / 'muon_tp2_resumed_tp1'}"), spec("ref_options"),
                  [f"data.paths=[{corpus}]", f"out={moved}", *COMMON, "train.grad_accum=2"],
                  [f"data.paths=[{corpus}]", f"out={base / 'init'}", *COMMON, "train.grad_accum=2", "train.steps=3",
                   f"train.init_from={base / 'ref' / 'model'}"]]))
@@ -137,7 +145,7 @@ def runs(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("name", [n for n in LAYOUTS if not n.startswith("ref")])
 def test_layout_matches_one_process(runs, name):
     ref_name = ("ref_untied" if name.endswith("untied") else "ref_moe" if name.startswith("moe")
-                else "ref_muon" if name.startswith("muon") else "ref")
+                else "ref_muon" if name.startswith("muon") else "ref_options" if name.endswith("options") else "ref")
     ref, got = metrics(runs / ref_name), metrics(runs / name)
     assert [m["step"] for m in got] == list(range(1, 11))
     for r, g in zip(ref, got, strict=True):

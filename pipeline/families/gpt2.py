@@ -2,11 +2,15 @@
 
 transformers: GPT2LMHeadModel. Its Conv1D stores (in, out), so every matrix is transposed, and q, k, v are
 fused into one c_attn. No per-matrix quantized layout exists for the fused attention (no int8/GPTQ form).
+With model.mlp: relu2 it is the same class with activation_function relu2 (same c_fc/c_proj weights);
+model.qk_norm and model.logit_softcap have no GPT-2 form: export refuses them.
 """
 
 from __future__ import annotations
 
-from pipeline.families.spec import Family, HFSpec, output_weight
+from dataclasses import replace
+
+from pipeline.families.spec import PLAIN, Family, HFSpec, output_weight
 
 
 def hf_weights(get, cfg) -> dict:
@@ -35,15 +39,18 @@ def hf_weights(get, cfg) -> dict:
     return out
 
 
+HF = HFSpec(
+    model_class="GPT2LMHeadModel", config_class="GPT2Config",
+    keys={"style": None, "n_layer": "n_layer", "n_head": "n_head", "n_kv_heads": None, "n_embd": "n_embd",
+          "block_size": "n_positions", "vocab_size": "vocab_size", "tie_embeddings": "tie_word_embeddings",
+          "dropout": None, "ffn_hidden": "n_inner", "rope_theta": None, "norm_eps": "layer_norm_epsilon",
+          "init_std": "initializer_range", "n_experts": None, "experts_per_token": None,
+          "moe_aux_loss_coef": None, "moe_shared_hidden": None, "qk_norm": None, "mlp": None,
+          "logit_softcap": None, "zero_init_proj": None},
+    config_extra={"activation_function": "gelu_new", "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0},
+    weights=hf_weights, quantized_forms=False, ignore_missing=("attn.bias",))
+
 SPEC = Family(
-    name="gpt2", norm="layernorm", mlp="gelu", positions="learned", bias=True, ffn_default=lambda d: 4 * d,
-    hf=HFSpec(
-        model_class="GPT2LMHeadModel", config_class="GPT2Config",
-        keys={"style": None, "n_layer": "n_layer", "n_head": "n_head", "n_kv_heads": None, "n_embd": "n_embd",
-              "block_size": "n_positions", "vocab_size": "vocab_size", "tie_embeddings": "tie_word_embeddings",
-              "dropout": None, "ffn_hidden": "n_inner", "rope_theta": None, "norm_eps": "layer_norm_epsilon",
-              "init_std": "initializer_range", "n_experts": None, "experts_per_token": None,
-              "moe_aux_loss_coef": None, "moe_shared_hidden": None},
-        config_extra={"activation_function": "gelu_new", "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0},
-        weights=hf_weights, quantized_forms=False, ignore_missing=("attn.bias",)),
-)
+    name="gpt2", norm="layernorm", mlp="gelu", positions="learned", bias=True, ffn_default=lambda d: 4 * d, hf=HF,
+    hf_variants=(replace(HF, config_extra={**HF.config_extra, "activation_function": "relu2"},
+                         fixed={**PLAIN, "mlp": "relu2"}),))

@@ -24,7 +24,6 @@ import torch
 
 from pipeline.config import KilnError, ModelConfig
 from pipeline.console import log
-from pipeline.families import family
 from pipeline.hf.tokenizer import write_hf_tokenizer
 from pipeline.model.io import TOKENIZER, WEIGHTS, read_config, verify_sums, write_sums
 from pipeline.model.weights import FileWeights, Weights
@@ -88,7 +87,7 @@ def save_hf(weights: Weights | dict[str, torch.Tensor], cfg: ModelConfig, out: s
     one), in the dtype they are stored in, into `model.safetensors` or, past `max_shard_bytes`, shards
     `model-0000N-of-0000M.safetensors` with `model.safetensors.index.json` (the layout transformers writes);
     no transformers model is built to write it."""
-    from pipeline.hf.mapping import HFWeights, transformers_config
+    from pipeline.hf.mapping import HFWeights, hf_form, transformers_config
     from pipeline.model.weights import DictWeights, write_tensors
 
     out = Path(out)
@@ -110,7 +109,7 @@ def save_hf(weights: Weights | dict[str, torch.Tensor], cfg: ModelConfig, out: s
                  "weight_map": {n: f for f, names in zip(files, shards, strict=True) for n in names}}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     config = transformers_config(cfg)
-    config.architectures = [family(cfg).hf.model_class]
+    config.architectures = [hf_form(cfg).model_class]
     config.dtype = str(hf.dtype(hf.names()[0])).removeprefix("torch.")
     config.to_json_file(str(out / "config.json"))
     return {"shards": len(shards), "bytes": sum(size.values())} | finish(out, cfg, tokenizer, meta)

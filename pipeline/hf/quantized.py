@@ -26,12 +26,12 @@ import torch
 from safetensors.torch import save_file
 
 from pipeline.config import KilnError, ModelConfig
-from pipeline.families import family
+from pipeline.hf.mapping import hf_form
 from pipeline.model.io import WEIGHTS, load_model_dir, load_safetensors
 
 
 def _has_quantized_form(model_dir: Path, cfg: ModelConfig, what: str) -> None:
-    if not family(cfg).hf.quantized_forms:
+    if not hf_form(cfg).quantized_forms:
         raise KilnError(f"{model_dir}: {what} has no transformers form for the {cfg.style} family (its "
                         f"transformers layout has no per-matrix quantized form: pipeline/families/{cfg.style}.py)")
 

@@ -25,6 +25,7 @@ from torch import nn
 from pipeline.config import ModelConfig
 from pipeline.families import family
 from pipeline.model.layers import Attention, KVCache, LayerKV, make_mlp, make_norm, sub_blocks
+from pipeline.model.loss import softcap
 
 
 class Block(nn.Module):
@@ -61,10 +62,11 @@ class Embedding(nn.Module):
 
 
 class Head(nn.Module):
-    """Final norm and the output projection to vocabulary logits."""
+    """Final norm and the output projection to vocabulary logits (soft-capped with model.logit_softcap)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        self.cap = cfg.logit_softcap
         self.norm = make_norm(cfg)
         self.tp_input = nn.Identity()  # tensor parallelism: the input of the vocabulary-split lm_head
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
@@ -74,14 +76,15 @@ class Head(nn.Module):
         return self.tp_input(self.norm(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.hidden(x))
+        return softcap(self.lm_head(self.hidden(x)), self.cap)
 
 
 def init_plan(module: nn.Module, cfg: ModelConfig, skip: tuple[str, ...] = ()) -> list[tuple[str, str, float]]:
     """How every parameter under `module` starts, in a fixed order: (name, "normal" | "zeros" | "ones", std).
 
     GPT-3 style: linear weights and embeddings N(0, init_std), residual output projections
-    N(0, init_std / sqrt(2 n_layer)), biases 0, norm weights 1. The order is the order in which a
+    N(0, init_std / sqrt(2 n_layer)) (zeros with model.zero_init_proj, as modded-nanogpt: each block starts as
+    the identity and its output projection's gradient is the first to move), biases 0, norm weights 1. The order is the order in which a
     seeded generator draws them, so a part initialized alone equals the same part of the whole model.
     `skip` names submodules left out (a tied head: the embedding carries its weight).
     """
@@ -93,7 +96,10 @@ def init_plan(module: nn.Module, cfg: ModelConfig, skip: tuple[str, ...] = ()) -
         pre = f"{name}." if name else ""
         if isinstance(m, nn.Linear | nn.Embedding):
             residual = isinstance(m, nn.Linear) and name in out_proj
-            plan.append((pre + "weight", "normal", cfg.init_std / math.sqrt(2 * cfg.n_layer) if residual else cfg.init_std))
+            if residual and cfg.zero_init_proj:
+                plan.append((pre + "weight", "zeros", 0.0))
+            else:
+                plan.append((pre + "weight", "normal", cfg.init_std / math.sqrt(2 * cfg.n_layer) if residual else cfg.init_std))
             if getattr(m, "bias", None) is not None:
                 plan.append((pre + "bias", "zeros", 0.0))
         elif isinstance(m, nn.LayerNorm | nn.RMSNorm):

@@ -76,9 +76,12 @@ class LayerKV:
 
 class Attention(nn.Module):
     """Causal self-attention, grouped-query when n_kv_heads < n_head; rotary positions on q and k if the family
-    uses them."""
+    uses them. With model.qk_norm each head's queries and keys are RMS-normalized (one learned weight of
+    head_dim each, shared by all heads) before rotary, as Qwen3 does: attention logits stay bounded.
+    PER_HEAD names those norms: they act within a head, so tensor parallelism keeps them whole on every rank and
+    sums their gradients over the group (each rank's heads contribute their part)."""
 
-    IN_PROJ, OUT_PROJ = ("wq", "wk", "wv"), ("wo",)
+    IN_PROJ, OUT_PROJ, PER_HEAD = ("wq", "wk", "wv"), ("wo",), ("q_norm", "k_norm")
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -91,6 +94,8 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.n_embd, kv, bias=bias)
         self.wo = nn.Linear(cfg.n_embd, cfg.n_embd, bias=bias)
         self.rotary = Rotary(self.head_dim, cfg.block_size, cfg.rope_theta) if spec.positions == "rotary" else None
+        self.q_norm = nn.RMSNorm(self.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = nn.RMSNorm(self.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
         self.dropout = cfg.dropout
         self.tp_input = nn.Identity()  # tensor parallelism: the one input-gradient all-reduce for q, k and v
 
@@ -100,6 +105,8 @@ class Attention(nn.Module):
         # -1: the number of (query or key/value) heads on this rank (all of them unless tensor-parallel)
         q, k, v = (w(x).view(b, t, -1, self.head_dim).transpose(1, 2) for w in (self.wq, self.wk, self.wv))
         start = cache.owner.pos if cache is not None else 0
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         if self.rotary is not None:
             q, k = self.rotary(q, start), self.rotary(k, start)
         if cache is not None:
@@ -141,6 +148,23 @@ class GeluMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(F.gelu(self.fc(self.tp_input(x)), approximate="tanh"))
+
+
+class ReluSquaredMLP(nn.Module):
+    """A non-gated MLP with ReLU² (model.mlp: relu2, as modded-nanogpt and Primer): down(relu(up(x))^2), with
+    biases where the family has them; same roles and names as the GELU MLP."""
+
+    IN_PROJ, OUT_PROJ = ("fc",), ("proj",)
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        bias = family(cfg).bias
+        self.fc = nn.Linear(cfg.n_embd, cfg.mlp_width, bias=bias)
+        self.proj = nn.Linear(cfg.mlp_width, cfg.n_embd, bias=bias)
+        self.tp_input = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(F.relu(self.fc(self.tp_input(x))).square())
 
 
 def route(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -188,7 +212,7 @@ class MoE(nn.Module):
 
 
 NORMS = {"rmsnorm": nn.RMSNorm, "layernorm": nn.LayerNorm}
-MLPS = {"swiglu": SwiGLU, "gelu": GeluMLP, "moe": MoE}
+MLPS = {"swiglu": SwiGLU, "gelu": GeluMLP, "moe": MoE, "relu2": ReluSquaredMLP}
 
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
@@ -196,7 +220,8 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
 
 
 def make_mlp(cfg: ModelConfig) -> nn.Module:
-    return MLPS[family(cfg).mlp](cfg)
+    """The family's MLP, or the one model.mlp names in its place."""
+    return MLPS[family(cfg).mlp if cfg.mlp == "family" else cfg.mlp](cfg)
 
 
 def sub_blocks(module: nn.Module) -> list[tuple[str, nn.Module]]:

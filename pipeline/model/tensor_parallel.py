@@ -135,7 +135,9 @@ class RowParallelLinear(nn.Module):
 
 class SequenceParallelNorm(nn.Module):
     """LayerNorm / RMSNorm over this rank's tokens (sequence parallelism). Its weight and bias meet only
-    1/tp of the sequence, so their gradients are summed over the group (sum_grad_over_tp on the parameters)."""
+    1/tp of the sequence, so their gradients are summed over the group (sum_grad_over_tp on the parameters).
+    A per-head norm (model.qk_norm: Attention.PER_HEAD) is wrapped the same way at any TP: it sees every token
+    but only this rank's heads, so its gradient too is a part of the whole one."""
 
     def __init__(self, norm: nn.LayerNorm | nn.RMSNorm, group):
         super().__init__()
@@ -204,9 +206,10 @@ class VocabParallelCrossEntropy:
                                         self.start, self.vocab, self.group)
         return (losses * valid).sum() / valid.sum().clamp(min=1)
 
-    def chunked(self, chunk: int) -> ChunkedCrossEntropy:
-        """The same loss taken from the hidden states, `chunk` tokens at a time (no full logits)."""
-        return ChunkedCrossEntropy(chunk, self.vocab, self.start, self.group)
+    def chunked(self, chunk: int, cap: float | None = None) -> ChunkedCrossEntropy:
+        """The same loss taken from the hidden states, `chunk` tokens at a time (no full logits), soft-capped at
+        `cap` (model.logit_softcap)."""
+        return ChunkedCrossEntropy(chunk, self.vocab, self.start, self.group, cap)
 
 
 # --------------------------------------------------------------------------- applying it
@@ -242,6 +245,9 @@ def parallelize_tp(module: nn.Module, group, vocab_size: int, tied: bool, sequen
                 setattr(parent, name, ColumnParallelLinear.from_full(getattr(parent, name), rank, size))
             for name in parent.OUT_PROJ:  # split by input features
                 setattr(parent, name, RowParallelLinear(getattr(parent, name), group, rank, size, sequence_parallel))
+            for name in getattr(parent, "PER_HEAD", ()):  # whole on every rank, gradients summed over the group
+                if getattr(parent, name) is not None:
+                    setattr(parent, name, SequenceParallelNorm(getattr(parent, name), group))
         elif isinstance(parent, Embedding):
             parent.wte = VocabParallelEmbedding(parent.wte, group, rank, size, padded)
             if sequence_parallel:

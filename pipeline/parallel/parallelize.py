@@ -84,13 +84,14 @@ def compile_blocks(module: nn.Module, backend: str = "inductor") -> int:
 
 
 def chunked_loss(layout, run: RunConfig) -> ChunkedCrossEntropy | None:
-    """The loss straight from the hidden states, train.loss_chunk tokens at a time (None: off)."""
-    chunk = run.train.loss_chunk
+    """The loss straight from the hidden states, train.loss_chunk tokens at a time (None: off); it makes its own
+    logits, so it soft-caps them itself (model.logit_softcap)."""
+    chunk, cap = run.train.loss_chunk, run.model.logit_softcap
     if not chunk:
         return None
     if layout.tp == 1:
-        return ChunkedCrossEntropy(chunk)
-    return loss_fn(layout, run).chunked(chunk)
+        return ChunkedCrossEntropy(chunk, cap=cap)
+    return loss_fn(layout, run).chunked(chunk, cap)
 
 
 def loss_fn(layout, run: RunConfig):

@@ -20,6 +20,7 @@ from torch import nn
 from pipeline.config import RunConfig
 from pipeline.model.gpt import Block, Embedding, Head
 from pipeline.model.layers import make_norm
+from pipeline.model.loss import softcap
 from pipeline.model.tensor_parallel import tp_input
 from pipeline.parallel.materialize import mark_part, materialize
 from pipeline.parallel.parallelize import loss_fn, parallelize
@@ -68,12 +69,12 @@ class FinalNormPipe(nn.Module):
         return self.norm(x)
 
 
-def tied_logits(head_input: nn.Module, embed: Embedding, x: torch.Tensor) -> torch.Tensor:
+def tied_logits(head_input: nn.Module, embed: Embedding, x: torch.Tensor, cap: float | None = None) -> torch.Tensor:
     """The tied head: the final norm's output through the head's TP input (`tensor_parallel.tp_input`), then
     the embedding table. The TP input stays on this side of the stage boundary: what a stage sends (forward)
     and receives back (backward) must be the same on every TP rank, as DeepSpeed sends each rank 1/tp of it
-    and gathers the pieces (without sequence parallelism)."""
-    return F.linear(head_input(x), embed.wte.weight)
+    and gathers the pieces (without sequence parallelism). Soft-capped as the Head's (model.logit_softcap)."""
+    return softcap(F.linear(head_input(x), embed.wte.weight), cap)
 
 
 def _pipeline_module_class():
@@ -103,8 +104,8 @@ def build_pipeline_module(run: RunConfig, layout, device, dtype, source=None):
     layers += [LayerSpec(BlockPipe, i, ctx) for i in range(m.n_layer)]
     if m.tie_embeddings:
         layers += [LayerSpec(FinalNormPipe, ctx),
-                   TiedLayerSpec("embed", EmbeddingPipe, ctx, forward_fn=functools.partial(tied_logits, head_input),
-                                 tied_weight_attr="wte.weight")]
+                   TiedLayerSpec("embed", EmbeddingPipe, ctx, tied_weight_attr="wte.weight",
+                                 forward_fn=functools.partial(tied_logits, head_input, cap=m.logit_softcap))]
     else:
         layers += [LayerSpec(HeadPipe, ctx)]
     cls = _pipeline_module_class()
