@@ -17,6 +17,9 @@ What the sentencepiece encoder does, and its tokenizers equivalent:
                unigram: Viterbi over piece scores            -> Unigram(pieces, scores)
                byte_fallback: unknown characters as <0xNN>   -> byte_fallback=True
   specials     control pieces (<s>, </s>) never come from text -> split_special_tokens
+  chat markers control pieces (<|user|> ...: pipeline/chat.py) -> added tokens, not special: matched whole in
+               the text `apply_chat_template` renders (split_special_tokens would split a special one),
+               with the chat template in tokenizer_config.json
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
+from data_prep.tokenizer import CHAT_MARKERS
+from pipeline.chat import CHAT_TEMPLATE, missing_markers
 from pipeline.config import KilnError
 from pipeline.hf.sample_text import SAMPLE_TEXTS
 
@@ -113,7 +118,9 @@ def build(model_file: str | Path):
     tok.decoder = decoders.Sequence([decoders.Replace(SPACE, " "), *unk_text, decoders.ByteFallback(),
                                      decoders.Fuse(), *strip])
     tok.add_special_tokens([AddedToken(p.piece, special=True, normalized=False)
-                            for p in m.pieces if p.type in (CONTROL, UNKNOWN)])
+                            for p in m.pieces if p.type in (CONTROL, UNKNOWN) and p.piece not in CHAT_MARKERS])
+    tok.add_tokens([AddedToken(p.piece, special=False, normalized=False)
+                    for p in m.pieces if p.type == CONTROL and p.piece in CHAT_MARKERS])
     tok.encode_special_tokens = True  # "</s>" in a text is text, as in sentencepiece
     return tok
 
@@ -126,7 +133,8 @@ def _regex(pattern: str):
 
 def tokenizer_config(model_file: str | Path, model_max_length: int) -> dict:
     """tokenizer_config.json: the special tokens by name, no BOS/EOS added (Kiln trains without a
-    BOS and appends EOS per document itself), specials in text stay text."""
+    BOS and appends EOS per document itself), specials in text stay text; the chat template when the
+    model holds every chat marker."""
     import sentencepiece as spm
 
     sp = spm.SentencePieceProcessor(model_file=str(model_file))
@@ -134,11 +142,12 @@ def tokenizer_config(model_file: str | Path, model_max_length: int) -> dict:
     def piece(i: int) -> str | None:
         return sp.id_to_piece(i) if 0 <= i < sp.get_piece_size() else None
 
+    chat = {} if missing_markers(sp) else {"chat_template": CHAT_TEMPLATE}
     return {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": int(model_max_length),
             "bos_token": piece(sp.bos_id()), "eos_token": piece(sp.eos_id()), "unk_token": piece(sp.unk_id()),
             "pad_token": piece(sp.pad_id()), "add_bos_token": False, "add_eos_token": False,
             "split_special_tokens": True, "clean_up_tokenization_spaces": False,
-            "padding_side": "right", "model_input_names": ["input_ids", "attention_mask"]}
+            "padding_side": "right", "model_input_names": ["input_ids", "attention_mask"], **chat}
 
 
 def mismatches(tok, model_file: str | Path, texts: Iterable[str], limit: int = 3) -> tuple[int, list[str]]:
