@@ -29,12 +29,13 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from data_prep.tokenizer import CHAT_MARKERS
-from pipeline.chat import CHAT_TEMPLATE, missing_markers
+from pipeline.chat import CHAT_TEMPLATE, ChatTokenizer, missing_markers
 from pipeline.config import KilnError
 from pipeline.hf.sample_text import SAMPLE_TEXTS
 
 TOKENIZER_JSON = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
+GENERATION_CONFIG = "generation_config.json"  # written for a chat tokenizer: generation stops at <|end|> too
 SPACE = "\u2581"  # "▁", sentencepiece's whitespace symbol
 # sentencepiece ModelProto.SentencePiece.Type
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -205,4 +206,19 @@ def _write(model_file: Path, out: Path, model_max_length: int, extra_texts: Iter
     out.mkdir(parents=True, exist_ok=True)
     tok.save(str(out / TOKENIZER_JSON))
     (out / TOKENIZER_CONFIG).write_text(json.dumps(tokenizer_config(model_file, model_max_length), indent=2) + "\n")
-    return {"checked_texts": n, "files": [TOKENIZER_JSON, TOKENIZER_CONFIG]}
+    files = [TOKENIZER_JSON, TOKENIZER_CONFIG]
+    if gen := generation_config(model_file):
+        (out / GENERATION_CONFIG).write_text(json.dumps(gen, indent=2) + "\n")
+        files.append(GENERATION_CONFIG)
+    return {"checked_texts": n, "files": files}
+
+
+def generation_config(model_file: str | Path) -> dict | None:
+    """generation_config.json for a tokenizer with the chat markers: `generate` stops at the end of a turn
+    or at the document EOS (pipeline/chat.py's stop ids); None for a tokenizer without them."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(model_file))
+    if missing_markers(sp):
+        return None
+    return {"eos_token_id": ChatTokenizer(sp).stop_ids, "bos_token_id": sp.bos_id() if sp.bos_id() >= 0 else None}
