@@ -153,19 +153,19 @@ def test_an_existing_model_gets_the_markers_and_keeps_its_logits(tmp_path):
     old = spm.SentencePieceProcessor(model_file=str(old_file))
     assert missing_markers(old) == list(CHAT_MARKERS)
     docs = faker_docs(5, 3) + python_docs(300, 5)
-    for tie in (True, False):
+    for tie, vocab in ((True, 500), (False, 500), (False, 512)):  # 512: a padded vocabulary has rows for them
         torch.manual_seed(0)
-        cfg = ModelConfig(style="llama", n_layer=1, n_head=2, n_embd=32, block_size=32, vocab_size=500,
+        cfg = ModelConfig(style="llama", n_layer=1, n_head=2, n_embd=32, block_size=32, vocab_size=vocab,
                           tie_embeddings=tie)
         model = GPT(cfg).eval()
         x = torch.randint(0, 500, (2, 16))
         before = model(x)[0]
         proto = give_chat_markers(model, old_file.read_bytes())
         after = model(x)[0]
-        assert model.cfg.vocab_size == 504 and after.shape[-1] == 504
-        assert torch.equal(after[..., :500], before)
+        assert model.cfg.vocab_size == max(vocab, 504) and after.shape[-1] == max(vocab, 504)
+        assert torch.equal(after[..., :500], before[..., :500])
         for w in (model.embed.wte.weight, model.head.lm_head.weight):
-            assert torch.allclose(w[500:], w[:500].mean(0).expand(4, -1))
+            assert torch.allclose(w[500:504], w[:500].mean(0).expand(4, -1))
         assert (model.head.lm_head.weight is model.embed.wte.weight) == tie
     new = spm.SentencePieceProcessor(model_proto=proto)
     assert new.encode(docs) == old.encode(docs)
@@ -176,3 +176,19 @@ def test_an_existing_model_gets_the_markers_and_keeps_its_logits(tmp_path):
     tok, chat = AutoTokenizer.from_pretrained(str(tmp_path / "hf")), ChatTokenizer(new)
     for cv in conversations(10, seed=9):
         assert tok.apply_chat_template(cv, return_dict=False) == chat.render(cv).ids
+
+
+def test_grow_vocab_starts_new_rows_at_the_mean():
+    from pipeline.config import ModelConfig
+    from pipeline.model.gpt import GPT
+    from pipeline.sft.vocab import grow_vocab
+
+    model = GPT(ModelConfig(style="llama", n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=40,
+                            tie_embeddings=False))
+    old = model.head.lm_head.weight.detach().clone()
+    grow_vocab(model, 43)
+    for w in (model.embed.wte.weight, model.head.lm_head.weight):
+        assert w.shape == (43, 16) and torch.allclose(w[40:], w[:40].mean(0).expand(3, -1))
+    assert torch.equal(model.head.lm_head.weight[:40], old)
+    with pytest.raises(KilnError, match="shrink"):
+        grow_vocab(model, 10)
