@@ -18,6 +18,25 @@ ODD = ["", " ", "  two  spaces  ", "\n", "\n\nblank lines\n\n", "\ttab\t", " lea
        "</s> and <s> as text", "<|user", "end|>", "x" * 300]
 
 
+class CharSp:
+    """A stand-in sentencepiece processor: markers 3-6, every character its code point (tests of the logic)."""
+
+    def piece_to_id(self, piece):
+        return {m: 3 + i for i, m in enumerate(CHAT_MARKERS)}.get(piece, 0)
+
+    def unk_id(self):
+        return 0
+
+    def is_control(self, i):
+        return 3 <= i <= 6
+
+    def eos_id(self):
+        return 2
+
+    def encode(self, texts):
+        return [[ord(c) for c in t] for t in texts]
+
+
 def conversations(n: int, seed: int) -> list[list[dict]]:
     """Generated conversations: 9 languages (CJK included), emoji, whitespace edge cases, 1-4 exchanges,
     with or without a system message."""
@@ -117,23 +136,7 @@ def test_problem_names_the_reason(messages, reason):
 
 
 def test_render_marks_assistant_content_and_end():
-    class Sp:  # a stand-in sentencepiece: markers 3-6, every character its code point
-        def piece_to_id(self, piece):
-            return {m: 3 + i for i, m in enumerate(CHAT_MARKERS)}.get(piece, 0)
-
-        def unk_id(self):
-            return 0
-
-        def is_control(self, i):
-            return 3 <= i <= 6
-
-        def eos_id(self):
-            return 2
-
-        def encode(self, texts):
-            return [[ord(c) for c in t] for t in texts]
-
-    r = ChatTokenizer(Sp()).render([{"role": "system", "content": "s"}, {"role": "user", "content": "ab"},
+    r = ChatTokenizer(CharSp()).render([{"role": "system", "content": "s"}, {"role": "user", "content": "ab"},
                                     {"role": "assistant", "content": "c"}], add_generation_prompt=False)
     assert r.ids == [3, ord("s"), 6, 4, ord("a"), ord("b"), 6, 5, ord("c"), 6]
     assert r.assistant == [False] * 8 + [True, True]
