@@ -195,3 +195,17 @@ def test_grow_vocab_starts_new_rows_at_the_mean():
     assert torch.equal(model.head.lm_head.weight[:40], old)
     with pytest.raises(KilnError, match="shrink"):
         grow_vocab(model, 10)
+
+
+def test_prep_reserves_the_markers_only_with_chat_tokens(tmp_path, monkeypatch):
+    import sentencepiece as spm
+
+    from data_prep import runner
+    from data_prep.config import PrepConfig as PrepSchema
+
+    monkeypatch.setattr(runner, "_sample_texts", lambda *args: python_docs(0, 60))
+    for on in (False, True):
+        (tmp_path / str(on)).mkdir()
+        path, _, _ = runner._tokenizer(PrepSchema(vocab_size=400, chat_tokens=on), tmp_path / str(on),
+                                       tmp_path / str(on), None, None)
+        assert not missing_markers(spm.SentencePieceProcessor(model_file=str(path))) == on
