@@ -205,7 +205,7 @@ def test_prep_reserves_the_markers_only_with_chat_tokens(tmp_path, monkeypatch):
 
     monkeypatch.setattr(runner, "_sample_texts", lambda *args: python_docs(0, 60))
     for on in (False, True):
-        (tmp_path / str(on)).mkdir()
-        path, _, _ = runner._tokenizer(PrepSchema(vocab_size=400, chat_tokens=on), tmp_path / str(on),
-                                       tmp_path / str(on), None, None)
+        work, out = tmp_path / f"work-{on}", tmp_path / f"out-{on}"
+        work.mkdir(), out.mkdir()
+        path, _, _ = runner._tokenizer(PrepSchema(vocab_size=400, chat_tokens=on), work, out, None, None)
         assert not missing_markers(spm.SentencePieceProcessor(model_file=str(path))) == on
