@@ -208,4 +208,4 @@ def test_prep_reserves_the_markers_only_with_chat_tokens(tmp_path, monkeypatch):
         work, out = tmp_path / f"work-{on}", tmp_path / f"out-{on}"
         work.mkdir(), out.mkdir()
         path, _, _ = runner._tokenizer(PrepSchema(vocab_size=400, chat_tokens=on), work, out, None, None)
-        assert not missing_markers(spm.SentencePieceProcessor(model_file=str(path))) == on
+        assert (not missing_markers(spm.SentencePieceProcessor(model_file=str(path)))) == on
