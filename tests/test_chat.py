@@ -61,12 +61,12 @@ def conversations(n: int, seed: int) -> list[list[dict]]:
     return out
 
 
-@pytest.fixture(scope="module")
-def chat_dir(tmp_path_factory):
+@pytest.fixture(scope="module", params=["bpe", "unigram"])
+def chat_dir(request, tmp_path_factory):
     """A tokenizer trained with the chat markers reserved, and its transformers files."""
-    root = tmp_path_factory.mktemp("chat")
+    root = tmp_path_factory.mktemp(f"chat-{request.param}")
     model = train_tokenizer(faker_docs(0, 60) + python_docs(0, 120), root / "tokenizer.model", vocab_size=1200,
-                            chat_markers=True)
+                            chat_markers=True, model_type=request.param)
     hft.write_hf_tokenizer(model, root, model_max_length=4096)
     return root
 
@@ -209,3 +209,21 @@ def test_prep_reserves_the_markers_only_with_chat_tokens(tmp_path, monkeypatch):
         work.mkdir(), out.mkdir()
         path, _, _ = runner._tokenizer(PrepSchema(vocab_size=400, chat_tokens=on), work, out, None, None)
         assert (not missing_markers(spm.SentencePieceProcessor(model_file=str(path)))) == on
+
+
+def test_tokenizer_json_that_splits_a_marker_is_not_written(chat_dir, tmp_path, monkeypatch):
+    """The write-time check: a tokenizer.json that reads the markers as text (here: made special, which
+    split_special_tokens splits) disagrees with Kiln's renderer and is refused."""
+    from tokenizers import AddedToken
+
+    build = hft.build
+
+    def broken(model_file):
+        tok = build(model_file)
+        tok.add_special_tokens([AddedToken(m, special=True, normalized=False) for m in CHAT_MARKERS])
+        return tok
+
+    monkeypatch.setattr(hft, "build", broken)
+    with pytest.raises(KilnError, match="chat conversation"):
+        hft.write_hf_tokenizer(chat_dir / "tokenizer.model", tmp_path, 512)
+    assert not (tmp_path / hft.TOKENIZER_JSON).exists()
