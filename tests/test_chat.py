@@ -227,3 +227,31 @@ def test_tokenizer_json_that_splits_a_marker_is_not_written(chat_dir, tmp_path, 
     with pytest.raises(KilnError, match="chat conversation"):
         hft.write_hf_tokenizer(chat_dir / "tokenizer.model", tmp_path, 512)
     assert not (tmp_path / hft.TOKENIZER_JSON).exists()
+
+
+def test_a_model_dir_given_the_markers_saves_a_chat_model_dir(tmp_path):
+    """MODEL dir without markers -> chat_model -> save_model_dir: the new dir's transformers tokenizer carries
+    the chat template (apply_chat_template = Kiln's ids), generation stops at <|end|>, old logits kept."""
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    from pipeline.config import ModelConfig
+    from pipeline.model.gpt import GPT
+    from pipeline.model.io import load_model_dir, save_model_dir
+    from pipeline.sft.vocab import chat_model
+
+    tok = train_tokenizer(python_docs(0, 80), tmp_path / "tokenizer.model", vocab_size=500)
+    cfg = ModelConfig(style="llama", n_layer=1, n_head=2, n_embd=32, block_size=64, vocab_size=500)
+    save_model_dir(GPT(cfg), cfg, tmp_path / "base", tokenizer=tok, meta={"kiln": {"stage": "pretrain"}})
+    model, config, proto = chat_model(tmp_path / "base")
+    (tmp_path / "chat.model").write_bytes(proto)
+    save_model_dir(model, model.cfg, tmp_path / "chat", tokenizer=tmp_path / "chat.model", meta={"kiln": config["kiln"]})
+    x = torch.randint(0, 500, (1, 8))
+    base, chat = load_model_dir(tmp_path / "base")[0], load_model_dir(tmp_path / "chat")[0]
+    assert torch.allclose(chat(x)[0][..., :500], base(x)[0])
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "chat" / "tokenizer.model"))
+    conv = conversations(1, seed=2)[0]
+    hf = AutoTokenizer.from_pretrained(str(tmp_path / "chat"))
+    assert hf.apply_chat_template(conv, return_dict=False) == ChatTokenizer(sp).render(conv).ids
+    gen = json.loads((tmp_path / "chat" / hft.GENERATION_CONFIG).read_text())
+    assert gen["eos_token_id"][0] == sp.piece_to_id("<|end|>")
