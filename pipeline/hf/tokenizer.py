@@ -28,8 +28,8 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
-from data_prep.tokenizer import CHAT_MARKERS
-from pipeline.chat import CHAT_TEMPLATE, ChatTokenizer, missing_markers
+from data_prep.tokenizer import CHAT_MARKERS, END_OF_TURN, ROLE_MARKERS
+from pipeline.chat import CHAT_TEMPLATE, ROLES, ChatTokenizer, missing_markers
 from pipeline.config import KilnError
 from pipeline.hf.sample_text import SAMPLE_TEXTS
 
@@ -41,7 +41,8 @@ SPACE = "\u2581"  # "▁", sentencepiece's whitespace symbol
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
 
-def _proto(data: bytes):
+def parse_model(data: bytes):
+    """A sentencepiece model's protobuf (its pieces, trainer and normalizer settings); KilnError if it is none."""
     try:
         from sentencepiece import sentencepiece_model_pb2 as pb
     except ImportError as err:  # protobuf is needed here, at build time only; never to load the result
@@ -78,7 +79,7 @@ def build(model_file: str | Path):
 
     model_file = Path(model_file)
     try:
-        m = _proto(model_file.read_bytes())
+        m = parse_model(model_file.read_bytes())
     except KilnError as err:
         raise KilnError(f"{model_file}: {err}") from None
     ts, ns = m.trainer_spec, m.normalizer_spec
@@ -171,6 +172,27 @@ def mismatches(tok, model_file: str | Path, texts: Iterable[str], limit: int = 3
     return len(texts), bad
 
 
+def chat_mismatches(tok, model_file: str | Path, limit: int = 3) -> list[str]:
+    """For a tokenizer with the chat markers: conversations of the built-in sample whose rendered text (what the
+    chat template gives: markers and contents, nothing between) tokenizer.json encodes to other ids than
+    Kiln's renderer. Empty for a tokenizer without the markers."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(model_file))
+    if missing_markers(sp):
+        return []
+    chat, bad = ChatTokenizer(sp), []
+    texts = ["", " ", *(t for t in SAMPLE_TEXTS if not any(m in t for m in CHAT_MARKERS))]
+    for i in range(0, len(texts) - 2, 3):
+        conv = [{"role": role, "content": text} for role, text in zip(ROLES, texts[i:i + 3], strict=True)]
+        text = "".join(ROLE_MARKERS[m["role"]] + m["content"] + END_OF_TURN for m in conv)
+        if tok.encode(text, add_special_tokens=False).ids != chat.render(conv).ids:
+            bad.append(f"the chat conversation of {texts[i + 1][:40]!r} gives other ids than Kiln's renderer")
+        if len(bad) >= limit:
+            break
+    return bad
+
+
 def check_texts(model_file: str | Path) -> list[str]:
     """What every export checks: each piece of the vocabulary as text, and the built-in sample."""
     import sentencepiece as spm
@@ -200,6 +222,7 @@ def write_hf_tokenizer(model_file: str | Path, out: str | Path, model_max_length
 def _write(model_file: Path, out: Path, model_max_length: int, extra_texts: Iterable[str]) -> dict:
     tok = build(model_file)
     n, bad = mismatches(tok, model_file, [*check_texts(model_file), *extra_texts])
+    bad += chat_mismatches(tok, model_file)
     if bad:
         raise KilnError(f"{model_file}: the tokenizer.json built from it disagrees with sentencepiece on "
                         f"{len(bad)}+ of {n} texts, not written; first: {bad[0]}")

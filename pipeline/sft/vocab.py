@@ -10,16 +10,18 @@ are unchanged, since a row no old input reads and no old output is compared with
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from data_prep.errors import KilnError
 from data_prep.tokenizer import CHAT_MARKERS
-from pipeline.hf.tokenizer import CONTROL, _proto
+from pipeline.hf.tokenizer import CONTROL, parse_model
 
 
 def add_chat_markers(model_proto: bytes) -> tuple[bytes, int]:
     """(the sentencepiece model with the missing chat markers appended as control pieces, how many were added)."""
-    m = _proto(model_proto)
+    m = parse_model(model_proto)
     have = {p.piece: p.type for p in m.pieces}
     wrong = [piece for piece in CHAT_MARKERS if piece in have and have[piece] != CONTROL]
     if wrong:
@@ -62,7 +64,7 @@ def give_chat_markers(model: torch.nn.Module, model_proto: bytes) -> bytes:
     """Add the missing chat markers to a model and its sentencepiece model (returned); a no-op for a model
     that has them. The markers' rows of the embedding (and untied head) are the mean of the rows of the
     tokenizer's own pieces, also where a padded vocabulary already had rows at their ids."""
-    before = len(_proto(model_proto).pieces)
+    before = len(parse_model(model_proto).pieces)
     proto, added = add_chat_markers(model_proto)
     if not added:
         return proto
@@ -72,3 +74,21 @@ def give_chat_markers(model: torch.nn.Module, model_proto: bytes) -> bytes:
         for weight in {id(w): w for w in (model.embed.wte.weight, model.head.lm_head.weight)}.values():
             weight[before:after] = weight[:before].mean(dim=0)
     return proto
+
+
+def chat_model(model_dir: str | Path) -> tuple[torch.nn.Module, dict, bytes]:
+    """A MODEL dir's model, config and tokenizer, ready to chat: the markers added (and the embedding grown)
+    when its tokenizer lacks them. Save both with `save_model_dir(model, model.cfg, OUT, tokenizer=FILE)`."""
+    from data_prep.confine import read_confined
+    from pipeline.data.corpus import TOKENIZER_MAX
+    from pipeline.model.io import TOKENIZER, load_model_dir
+
+    model_dir = Path(model_dir)
+    model, config = load_model_dir(model_dir)
+    if config.get("quantization"):
+        raise KilnError(f"{model_dir}: a quantized model cannot be given chat markers; start from its plain parent")
+    try:
+        proto = read_confined(model_dir, TOKENIZER, f"{model_dir}:", TOKENIZER_MAX)
+    except FileNotFoundError:
+        raise KilnError(f"{model_dir / TOKENIZER}: not found; a chat model needs its tokenizer") from None
+    return model, config, give_chat_markers(model, proto)
