@@ -56,6 +56,8 @@ class PrepConfig(Strict):
     tokenizer: str | None = Field(None, description="an existing sentencepiece .model; skips training")
     tokenizer_type: Literal["bpe", "unigram"] = "bpe"
     tokenizer_sample_docs: int = Field(200_000, ge=100)
+    chat_tokens: bool = Field(False, description="reserve the chat role markers (docs/sft.md) as control pieces of a "
+                              "trained tokenizer; off by default: it changes every other id")
     val_fraction: float = Field(0.01, ge=0.0, lt=1.0)
     dedup: bool = True
     near_dedup: bool = True

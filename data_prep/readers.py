@@ -309,8 +309,8 @@ def _make_id(value, fallback: str) -> str:
     return value
 
 
-def parse_line(line: bytes, source: str, text_field: str, id_field: str) -> Document | BadRecord | None:
-    """One jsonl line -> Document, BadRecord, or None for a blank line (not a record)."""
+def json_object(line: bytes, source: str) -> tuple[dict, str] | BadRecord | None:
+    """One jsonl line -> (the object, its text), BadRecord, or None for a blank line (not a record)."""
     try:
         s = line.decode("utf-8")
     except UnicodeDecodeError:
@@ -325,6 +325,15 @@ def parse_line(line: bytes, source: str, text_field: str, id_field: str) -> Docu
         return BadRecord(source, "nested_too_deep", s)
     if not isinstance(obj, dict):
         return BadRecord(source, "not_an_object", s)
+    return obj, s
+
+
+def parse_line(line: bytes, source: str, text_field: str, id_field: str) -> Document | BadRecord | None:
+    """One jsonl line -> Document, BadRecord, or None for a blank line (not a record)."""
+    parsed = json_object(line, source)
+    if not isinstance(parsed, tuple):
+        return parsed
+    obj, s = parsed
     if text_field not in obj:
         return BadRecord(source, "missing_text_field", s)
     text = obj[text_field]
@@ -334,14 +343,16 @@ def parse_line(line: bytes, source: str, text_field: str, id_field: str) -> Docu
     return Document(_make_id(obj.get(id_field), source), text, source)
 
 
-def _arrow_batches(part: dict, text_field: str, id_field: str):
+def _arrow_batches(part: dict, *fields: str):
+    """Record batches of a parquet partition (only the named columns it has; all when it has none) or an
+    Arrow file; a row group refused as a decompression bomb comes as (reason, rows) instead."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     if part["kind"] == "parquet":
         pf = pq.ParquetFile(part["path"])
         names = set(pf.schema_arrow.names)
-        cols = [c for c in (text_field, id_field) if c in names] or None
+        cols = [c for c in fields if c in names] or None
         for g in range(part["start"], part["end"]):
             if bomb := _row_group_bomb(pf.metadata.row_group(g)):
                 yield bomb  # (reason, rows): the group is skipped, never decoded
@@ -399,3 +410,28 @@ def read_partition(part: dict, text_field: str = "text", id_field: str = "id") -
                 continue
             bad = _check_text(texts[i], source, raw)
             yield bad or Document(_make_id(ids[i], source), texts[i], source)
+
+
+def read_records(part: dict, fields: tuple[str, ...]) -> Iterator[tuple[str, dict] | BadRecord]:
+    """Stream a partition's records as (source, object) or BadRecord, in file order, bounded as above: for
+    readers of structured records (SFT conversations) that check the fields themselves. Parquet and Arrow
+    rows give the named `fields` they have."""
+    rel = part["rel"]
+    if part["kind"] in ("jsonl", "gz", "zst"):
+        for lineno, line, problem in iter_lines(part):
+            source = f"{rel}:{lineno}"
+            if problem:
+                yield BadRecord(source, problem.split(":")[0], line.decode("utf-8", "replace"))
+            elif (parsed := json_object(line, source)) is not None:
+                yield (source, parsed[0]) if isinstance(parsed, tuple) else parsed
+        return
+    row = part["first_line"]
+    for batch in _arrow_batches(part, *fields):
+        if isinstance(batch, tuple):  # a refused row group
+            yield BadRecord(f"{rel}:{row}", batch[0].split(":")[0], batch[0])
+            row += batch[1]
+            continue
+        columns = {name: batch.column(name).to_pylist() for name in fields if name in batch.schema.names}
+        for i in range(batch.num_rows):
+            yield f"{rel}:{row}", {name: values[i] for name, values in columns.items()}
+            row += 1

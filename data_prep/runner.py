@@ -320,7 +320,7 @@ def _tokenizer(cfg: PrepConfig, work: Path, out: Path, clean, drops) -> tuple[Pa
         log.info("training a %s tokenizer, vocab %d", cfg.tokenizer_type, cfg.vocab_size)
         train_tokenizer(_sample_texts(cfg, work, clean, drops), work / "tokenizer.model", vocab_size=cfg.vocab_size,
                         model_type=cfg.tokenizer_type, threads=cfg.tokenizer_threads, seed=cfg.seed,
-                        character_coverage=cfg.character_coverage)
+                        character_coverage=cfg.character_coverage, chat_markers=cfg.chat_tokens)
     if not cfg.tokenizer:
         shutil.copyfile(work / "tokenizer.model", final)
     vocab, sha = check_tokenizer(final)

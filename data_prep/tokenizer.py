@@ -5,6 +5,11 @@ position or worker), fed in partition order, with a fixed random seed and a
 fixed thread count (`tokenizer_threads`, part of the config). Text was already
 NFC-normalized, so sentencepiece's own normalization is off ("identity") and
 whitespace is kept as is; byte fallback makes every string encodable.
+
+Chat role markers (`ROLE_MARKERS`, named here because the tokenizer owns its pieces; how they are used is
+pipeline/chat.py's) can be reserved as control pieces (`chat_markers`): sentencepiece gives them ids right
+after <unk>, <s>, </s> and never produces them from text, so a conversation's structure cannot be forged by
+its content. Reserving them changes every other id, so prep does it only when `chat_tokens` is set.
 """
 
 from __future__ import annotations
@@ -19,11 +24,16 @@ from pathlib import Path
 from data_prep.errors import KilnError
 
 MAX_SENTENCE_CHARS = 4000
+# system, user and assistant turns start with their marker; END closes every turn (generation stops there)
+ROLE_MARKERS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
+END_OF_TURN = "<|end|>"
+CHAT_MARKERS = (*ROLE_MARKERS.values(), END_OF_TURN)
 
 
 def train_tokenizer(sentences: Iterable[str], out: str | Path, *, vocab_size: int, model_type: str = "bpe",
-                    threads: int = 2, seed: int = 1234, character_coverage: float = 0.9995) -> Path:
-    """Train and atomically write `out` (a .model file)."""
+                    threads: int = 2, seed: int = 1234, character_coverage: float = 0.9995,
+                    chat_markers: bool = False) -> Path:
+    """Train and atomically write `out` (a .model file); `chat_markers` reserves CHAT_MARKERS as control pieces."""
     import sentencepiece as spm
 
     out = Path(out)
@@ -37,6 +47,7 @@ def train_tokenizer(sentences: Iterable[str], out: str | Path, *, vocab_size: in
             remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
             shuffle_input_sentence=False, input_sentence_size=0, max_sentence_length=4 * MAX_SENTENCE_CHARS + 16,
             unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2,
+            **({"control_symbols": list(CHAT_MARKERS)} if chat_markers else {}),
         )
     except RuntimeError as err:
         msg = str(err)

@@ -483,6 +483,22 @@ class GenerateConfig(_Strict):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
 
+# --------------------------------------------------------------------------- sft
+
+
+class SftDataConfig(_Strict):
+    """Supervised fine-tuning data (pipeline/sft/data.py); the `data` section of the coming `kiln sft` schema."""
+
+    paths: list[str] = Field(default_factory=list, description="SFT jsonl[.gz|.zst] / parquet files or dirs: "
+                             '{"messages": [...]} or {"prompt", "completion"} records')
+    val_fraction: float = Field(0.01, ge=0.0, lt=1.0, description="conversations held out, by a hash of their messages")
+    truncation: Literal["drop", "truncate"] = Field("drop", description="a conversation longer than the context: "
+                                                    "quarantined (drop), or cut to it if an assistant token is left")
+    loss_on: Literal["completion_only", "all"] = Field("completion_only", description="tokens learned: the "
+                                                       "assistant's content and <|end|>, or every token")
+    decontaminate: DecontaminateConfig = Field(default_factory=DecontaminateConfig)
+
+
 SCHEMAS: dict[str, type[BaseModel]] = {
     "train": RunConfig,
     "prep": PrepConfig,

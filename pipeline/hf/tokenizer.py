@@ -17,6 +17,9 @@ What the sentencepiece encoder does, and its tokenizers equivalent:
                unigram: Viterbi over piece scores            -> Unigram(pieces, scores)
                byte_fallback: unknown characters as <0xNN>   -> byte_fallback=True
   specials     control pieces (<s>, </s>) never come from text -> split_special_tokens
+  chat markers control pieces (<|user|> ...: pipeline/chat.py) -> added tokens, not special: matched whole in
+               the text `apply_chat_template` renders (split_special_tokens would split a special one),
+               with the chat template in tokenizer_config.json
 """
 
 from __future__ import annotations
@@ -25,17 +28,21 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
+from data_prep.tokenizer import CHAT_MARKERS, END_OF_TURN, ROLE_MARKERS
+from pipeline.chat import CHAT_TEMPLATE, ROLES, ChatTokenizer, missing_markers
 from pipeline.config import KilnError
 from pipeline.hf.sample_text import SAMPLE_TEXTS
 
 TOKENIZER_JSON = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
+GENERATION_CONFIG = "generation_config.json"  # written for a chat tokenizer: generation stops at <|end|> too
 SPACE = "\u2581"  # "▁", sentencepiece's whitespace symbol
 # sentencepiece ModelProto.SentencePiece.Type
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
 
-def _proto(data: bytes):
+def parse_model(data: bytes):
+    """A sentencepiece model's protobuf (its pieces, trainer and normalizer settings); KilnError if it is none."""
     try:
         from sentencepiece import sentencepiece_model_pb2 as pb
     except ImportError as err:  # protobuf is needed here, at build time only; never to load the result
@@ -72,7 +79,7 @@ def build(model_file: str | Path):
 
     model_file = Path(model_file)
     try:
-        m = _proto(model_file.read_bytes())
+        m = parse_model(model_file.read_bytes())
     except KilnError as err:
         raise KilnError(f"{model_file}: {err}") from None
     ts, ns = m.trainer_spec, m.normalizer_spec
@@ -113,7 +120,9 @@ def build(model_file: str | Path):
     tok.decoder = decoders.Sequence([decoders.Replace(SPACE, " "), *unk_text, decoders.ByteFallback(),
                                      decoders.Fuse(), *strip])
     tok.add_special_tokens([AddedToken(p.piece, special=True, normalized=False)
-                            for p in m.pieces if p.type in (CONTROL, UNKNOWN)])
+                            for p in m.pieces if p.type in (CONTROL, UNKNOWN) and p.piece not in CHAT_MARKERS])
+    tok.add_tokens([AddedToken(p.piece, special=False, normalized=False)
+                    for p in m.pieces if p.type == CONTROL and p.piece in CHAT_MARKERS])
     tok.encode_special_tokens = True  # "</s>" in a text is text, as in sentencepiece
     return tok
 
@@ -126,7 +135,8 @@ def _regex(pattern: str):
 
 def tokenizer_config(model_file: str | Path, model_max_length: int) -> dict:
     """tokenizer_config.json: the special tokens by name, no BOS/EOS added (Kiln trains without a
-    BOS and appends EOS per document itself), specials in text stay text."""
+    BOS and appends EOS per document itself), specials in text stay text; the chat template when the
+    model holds every chat marker."""
     import sentencepiece as spm
 
     sp = spm.SentencePieceProcessor(model_file=str(model_file))
@@ -134,11 +144,12 @@ def tokenizer_config(model_file: str | Path, model_max_length: int) -> dict:
     def piece(i: int) -> str | None:
         return sp.id_to_piece(i) if 0 <= i < sp.get_piece_size() else None
 
+    chat = {} if missing_markers(sp) else {"chat_template": CHAT_TEMPLATE}
     return {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": int(model_max_length),
             "bos_token": piece(sp.bos_id()), "eos_token": piece(sp.eos_id()), "unk_token": piece(sp.unk_id()),
             "pad_token": piece(sp.pad_id()), "add_bos_token": False, "add_eos_token": False,
             "split_special_tokens": True, "clean_up_tokenization_spaces": False,
-            "padding_side": "right", "model_input_names": ["input_ids", "attention_mask"]}
+            "padding_side": "right", "model_input_names": ["input_ids", "attention_mask"], **chat}
 
 
 def mismatches(tok, model_file: str | Path, texts: Iterable[str], limit: int = 3) -> tuple[int, list[str]]:
@@ -159,6 +170,27 @@ def mismatches(tok, model_file: str | Path, texts: Iterable[str], limit: int = 3
         if len(bad) >= limit:
             break
     return len(texts), bad
+
+
+def chat_mismatches(tok, model_file: str | Path, limit: int = 3) -> list[str]:
+    """For a tokenizer with the chat markers: conversations of the built-in sample whose rendered text (what the
+    chat template gives: markers and contents, nothing between) tokenizer.json encodes to other ids than
+    Kiln's renderer. Empty for a tokenizer without the markers."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(model_file))
+    if missing_markers(sp):
+        return []
+    chat, bad = ChatTokenizer(sp), []
+    texts = ["", " ", *(t for t in SAMPLE_TEXTS if not any(m in t for m in CHAT_MARKERS))]
+    for i in range(0, len(texts) - 2, 3):
+        conv = [{"role": role, "content": text} for role, text in zip(ROLES, texts[i:i + 3], strict=True)]
+        text = "".join(ROLE_MARKERS[m["role"]] + m["content"] + END_OF_TURN for m in conv)
+        if tok.encode(text, add_special_tokens=False).ids != chat.render(conv).ids:
+            bad.append(f"the chat conversation of {texts[i + 1][:40]!r} gives other ids than Kiln's renderer")
+        if len(bad) >= limit:
+            break
+    return bad
 
 
 def check_texts(model_file: str | Path) -> list[str]:
@@ -190,10 +222,26 @@ def write_hf_tokenizer(model_file: str | Path, out: str | Path, model_max_length
 def _write(model_file: Path, out: Path, model_max_length: int, extra_texts: Iterable[str]) -> dict:
     tok = build(model_file)
     n, bad = mismatches(tok, model_file, [*check_texts(model_file), *extra_texts])
+    bad += chat_mismatches(tok, model_file)
     if bad:
         raise KilnError(f"{model_file}: the tokenizer.json built from it disagrees with sentencepiece on "
                         f"{len(bad)}+ of {n} texts, not written; first: {bad[0]}")
     out.mkdir(parents=True, exist_ok=True)
     tok.save(str(out / TOKENIZER_JSON))
     (out / TOKENIZER_CONFIG).write_text(json.dumps(tokenizer_config(model_file, model_max_length), indent=2) + "\n")
-    return {"checked_texts": n, "files": [TOKENIZER_JSON, TOKENIZER_CONFIG]}
+    files = [TOKENIZER_JSON, TOKENIZER_CONFIG]
+    if gen := generation_config(model_file):
+        (out / GENERATION_CONFIG).write_text(json.dumps(gen, indent=2) + "\n")
+        files.append(GENERATION_CONFIG)
+    return {"checked_texts": n, "files": files}
+
+
+def generation_config(model_file: str | Path) -> dict | None:
+    """generation_config.json for a tokenizer with the chat markers: `generate` stops at the end of a turn
+    or at the document EOS (pipeline/chat.py's stop ids); None for a tokenizer without them."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(model_file))
+    if missing_markers(sp):
+        return None
+    return {"eos_token_id": ChatTokenizer(sp).stop_ids, "bos_token_id": sp.bos_id() if sp.bos_id() >= 0 else None}
