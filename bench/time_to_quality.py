@@ -219,7 +219,7 @@ def report(nano: list[dict], kiln_curve: list[dict]) -> dict:
         "bar": "ratio <= 0.6",
         "reached": reach_s is not None,
         "target_val_loss": target,
-        "kiln_first_eval_at_target_s": first_s,
+        "kiln_first_eval_at_target_s": round(first_s, 2) if first_s is not None else None,
         "kiln_tokens_to_target": round(reach_tokens) if reach_tokens is not None else None,
         "kiln_first_eval_at_target_tokens": first_tokens,
         "tokens_ratio": round(reach_tokens / nano_tokens, 4) if reach_tokens is not None else None,
