@@ -138,7 +138,7 @@ def run_nanogpt(data: Path, shape: dict, steps: int, every: int, windows: int) -
     cfg = nanogpt_config(shape, steps)
     loop = nanogpt_loop(cfg, RandomWindows(data, shape["block_size"]), bias=False)
     tokens_per_step = shape["batch"] * shape["block_size"]
-    curve, train_s = [], 0.0
+    curve, train_s, since = [], 0.0, 0.0
     for it in range(steps):
         for group in loop.opt.param_groups:
             group["lr"] = nanogpt_lr(it, steps)
@@ -146,10 +146,13 @@ def run_nanogpt(data: Path, shape: dict, steps: int, every: int, windows: int) -
         loop()
         train_s += time.perf_counter() - t0
         if (it + 1) % every == 0 or it + 1 == steps:
-            curve.append({"step": it + 1, "tokens": (it + 1) * tokens_per_step, "train_s": train_s,
+            done = (it + 1) * tokens_per_step
+            tps = (done - (curve[-1]["tokens"] if curve else 0)) / (train_s - since)
+            curve.append({"step": it + 1, "tokens": done, "train_s": train_s, "tokens_per_s": tps,
                           "loss": float(loop.loss),
                           **score(FullLogits(loop.model), data, windows, shape["block_size"])})
             print(f"nanogpt step {it + 1}/{steps} {train_s:.1f}s val {curve[-1]['val_loss']:.4f}", file=sys.stderr)
+            since = train_s
     return curve
 
 
@@ -191,7 +194,8 @@ def run_kiln(recipe: Path, data: Path, shape: dict, steps: int, every: int, wind
             train_s += (row["tokens"] - tokens) / row["tokens_per_s"]
             tokens = row["tokens"]
             model = kiln_snapshot(out / "checkpoints" / f"step_{row['step']:07d}")
-            curve.append({"step": row["step"], "tokens": tokens, "train_s": train_s, "loss": row["loss"],
+            curve.append({"step": row["step"], "tokens": tokens, "train_s": train_s,
+                          "tokens_per_s": row["tokens_per_s"], "loss": row["loss"],
                           **score(model, data, windows, shape["block_size"])})
             print(f"kiln step {row['step']}/{steps} {train_s:.1f}s val {curve[-1]['val_loss']:.4f}", file=sys.stderr)
         return curve

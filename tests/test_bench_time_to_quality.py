@@ -70,8 +70,10 @@ def test_tiny_run_end_to_end(tmp_path):
     nano, kiln = record["curves"]["nanogpt"], record["curves"]["kiln"]
     assert [p["step"] for p in nano] == [2, 4, 6, 8, 10] and [p["step"] for p in kiln] == [2, 4, 6]
     assert record["kiln_steps"] == 6 and all(p["tokens"] == p["step"] * 4 * 32 for p in nano + kiln)
-    for curve in (nano, kiln):
-        assert all(b["train_s"] > a["train_s"] > 0 for a, b in zip(curve, curve[1:], strict=False))
+    for curve in (nano, kiln):  # the clock: each interval's tokens at that interval's training tokens/s
+        for a, b in zip([{"tokens": 0, "train_s": 0.0}, *curve], curve, strict=False):
+            assert b["train_s"] - a["train_s"] == pytest.approx((b["tokens"] - a["tokens"]) / b["tokens_per_s"])
+            assert b["train_s"] > a["train_s"]
         assert all(math.isfinite(p["val_loss"]) and p["val_bpb"] > 0 for p in curve)
     target = nano[-1]["val_loss"]
     assert record["target_val_loss"] == target and record["reference"] == round(nano[-1]["train_s"], 2)
