@@ -233,6 +233,13 @@ def report(nano: list[dict], kiln_curve: list[dict]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return run(argv)
+    except KilnError as err:  # bad input: one line
+        raise SystemExit(f"time_to_quality: {err}") from None
+
+
+def run(argv: list[str] | None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=300, help="nanoGPT's steps N")
     ap.add_argument("--kiln-steps-share", type=float, default=0.6, help="Kiln trains round(share x N) steps")

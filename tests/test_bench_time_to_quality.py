@@ -50,6 +50,8 @@ def test_bad_input_is_one_line(tmp_path, capsys):
         check_data(data, {"block_size": 32}, 1000)
     with pytest.raises(SystemExit, match="--recipe .*nope.yaml: not found"):
         main(["--recipe", str(tmp_path / "nope.yaml"), "--data", str(data)])
+    with pytest.raises(SystemExit, match=r"^time_to_quality: .*manifest.json: the val split holds \d+ windows of 256"):
+        main(["--recipe", str(TINY_TRAIN), "--data", str(data), "--work", str(tmp_path / "w")])
 
 
 @pytest.mark.slow
