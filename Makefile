@@ -8,7 +8,7 @@ STAMP := $(VENV)/.kiln-installed
 # list (everything it imports is already there).
 GPTQ_LOADER := gptqmodel optimum pypcre tokenicer logbar device-smi defuser
 
-.PHONY: setup demo test bench bench-gpu gpu-wheels lint clean
+.PHONY: setup demo test bench bench-ttq bench-gpu gpu-wheels lint clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -27,6 +27,10 @@ test: setup
 
 bench: setup
 	$(BIN)/python -m bench $(BENCH)
+
+# time to quality vs nanoGPT (docs/benchmarks.md); e.g. make bench-ttq BENCH="--steps 1500 --data DIR"
+bench-ttq: setup
+	$(BIN)/python -m bench time_to_quality $(BENCH)
 
 # The GPU benchmark's two halves: wheels for what a bare CUDA image lacks, built on a machine with network
 # (into .gpu-wheels/), then on the GPU machine one command that installs them offline and measures.

@@ -5,6 +5,7 @@ reference was measured in the same run; this runner adds the machine description
     python -m bench                 # all
     python -m bench train prep      # those whose file name contains a word
     python -m bench gpu [--dry-run] # the one-command GPU benchmark (bench/gpu.py; not part of "all")
+    python -m bench time_to_quality [--steps 1500 --data DIR ...]  # with its own options (bench/time_to_quality.py)
 """
 
 from __future__ import annotations
@@ -46,6 +47,10 @@ def main(words: list[str]) -> int:
         from bench import gpu
 
         return gpu.main(words[1:])
+    if words[:1] == ["time_to_quality"]:
+        from bench import time_to_quality
+
+        return time_to_quality.main(words[1:])
     scripts = sorted(p for p in HERE.glob("*.py") if not p.name.startswith(("_", "gpu")))
     if words:
         scripts = [p for p in scripts if any(w in p.stem for w in words)]

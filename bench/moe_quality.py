@@ -42,14 +42,16 @@ def kiln(*args: str) -> dict:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def prepped(out: Path) -> Path:
+def prepped(out: Path, *sets: str, name: str = "prep") -> Path:
+    """The demo corpus prepped as `kiln demo` does (plus `sets` over configs/prep/demo.yaml) into out/name, once."""
     from data_prep.demo_corpus import write_demo_corpus
 
-    prep = out / "prep"
+    prep = out / name
     if not (prep / "manifest.json").exists():
-        write_demo_corpus(out / "corpus")
+        if not (out / "corpus").is_dir():
+            write_demo_corpus(out / "corpus")
         kiln("prep", str(out / "corpus"), "--out", str(prep), "--config", str(ROOT / "configs/prep/demo.yaml"),
-             "--workers", "2", "--set", "tracking.enabled=false")
+             "--workers", "2", *[a for s in ("tracking.enabled=false", *sets) for a in ("--set", s)])
     return prep
 
 

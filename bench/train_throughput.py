@@ -58,13 +58,13 @@ def fake_data(cfg, work: Path):
     return TrainData(cfg.data, cfg.model.block_size, cfg.train.seed)
 
 
-def nanogpt_model(m):
-    """nanoGPT's own GPT (bench/anchors/nanogpt) at Kiln's model shape; bias as in Kiln's style."""
+def nanogpt_model(m, bias: bool | None = None):
+    """nanoGPT's own GPT (bench/anchors/nanogpt) at Kiln's model shape; bias as in Kiln's style unless given."""
     from bench.anchors.nanogpt.model import GPT as NanoGPT
     from bench.anchors.nanogpt.model import GPTConfig
 
     conf = GPTConfig(block_size=m.block_size, vocab_size=m.vocab_size, n_layer=m.n_layer, n_head=m.n_head,
-                     n_embd=m.n_embd, dropout=m.dropout, bias=family(m).bias)
+                     n_embd=m.n_embd, dropout=m.dropout, bias=family(m).bias if bias is None else bias)
     with contextlib.redirect_stdout(sys.stderr):  # it prints its parameter count
         return NanoGPT(conf)
 
@@ -111,10 +111,11 @@ class Loop:
         self.opt.zero_grad(set_to_none=True)
 
 
-def nanogpt_loop(cfg, data, device: str = "cpu", bf16: bool = False, compile_: bool | str = False) -> Loop:
+def nanogpt_loop(cfg, data, device: str = "cpu", bf16: bool = False, compile_: bool | str = False,
+                 bias: bool | None = None) -> Loop:
     """nanoGPT's model with its own `configure_optimizers` (AdamW, fused on CUDA), seeded like Kiln."""
     torch.manual_seed(cfg.train.seed)
-    model = nanogpt_model(cfg.model).to(device)
+    model = nanogpt_model(cfg.model, bias).to(device)
     t = cfg.train
     with contextlib.redirect_stdout(sys.stderr):
         opt = model.configure_optimizers(t.weight_decay, t.lr, (t.beta1, t.beta2), device)

@@ -107,6 +107,12 @@ def count_bytes(ids: np.ndarray, tokenizer_path: str | Path) -> int:
     return total
 
 
+def bits_per_byte(nll: float, n_bytes: int) -> float:
+    """Summed NLL in nats over the UTF-8 bytes those tokens stand for, in bits: the size of the text under
+    the model, which does not depend on how a tokenizer cut it (`kiln eval` and training's val_bpb)."""
+    return nll / math.log(2) / n_bytes
+
+
 def evaluate(model: torch.nn.Module, data_dir: str | Path, split: str = "val", max_tokens: int | None = None,
              block_size: int | None = None, stride: int | None = None, tokenizer: str | Path | None = None,
              batch_size: int = 8, device: str | None = None, show: bool = True) -> dict:
@@ -134,7 +140,7 @@ def evaluate(model: torch.nn.Module, data_dir: str | Path, split: str = "val", m
         "perplexity": math.exp(mean),
         "bits_per_token": mean / math.log(2),
         "bytes": n_bytes,
-        "bits_per_byte": res["nll"] / math.log(2) / n_bytes if n_bytes else None,
+        "bits_per_byte": bits_per_byte(res["nll"], n_bytes) if n_bytes else None,
         "tokens_per_s": res["tokens"] / res["forward_s"] if res["forward_s"] > 0 else None,
         "wall_s": wall,
         "block_size": block_size,

@@ -1,4 +1,5 @@
-"""`kiln plot RUN_DIR`: loss / val_loss and tokens/s curves from metrics.jsonl, as a PNG (matplotlib Agg)."""
+"""`kiln plot RUN_DIR`: loss / val_loss and tokens/s curves from metrics.jsonl, as a PNG (matplotlib Agg); and
+`plot_lines`, named curves on one axis (the benchmarks' comparisons)."""
 
 from __future__ import annotations
 
@@ -28,12 +29,38 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     return rows
 
 
-def plot(run_dir: str | Path, out: str | Path | None = None) -> dict:
+def _pyplot():
+    """matplotlib's pyplot on the Agg backend: files only, no display needed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_lines(lines: dict[str, tuple[list[float], list[float]]], out: str | Path, xlabel: str, ylabel: str,
+               title: str, levels: dict[str, float] | None = None) -> Path:
+    """One PNG: each named (xs, ys) curve with markers, each named level a dashed horizontal line."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, (xs, ys) in lines.items():
+        ax.plot(xs, ys, "o-", markersize=3, label=name)
+    for name, y in (levels or {}).items():
+        ax.axhline(y, linestyle="--", color="gray", linewidth=1, label=name)
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def plot(run_dir: str | Path, out: str | Path | None = None) -> dict:
+    plt = _pyplot()
     rows = read_metrics(run_dir)
     base = Path(run_dir) if Path(run_dir).is_dir() else Path(run_dir).parent
     out = Path(out) if out else base / "curves.png"

@@ -33,6 +33,7 @@ from pipeline.checkpoint import (
 from pipeline.config import ConfigError, KilnError, RunConfig, first_line
 from pipeline.console import log, progress
 from pipeline.data.sampler import TrainData, rank_slice
+from pipeline.evaluate import bits_per_byte
 from pipeline.model.flops import flops_per_token
 from pipeline.model.io import save_model_dir
 from pipeline.model.weights import open_weights
@@ -122,6 +123,14 @@ def _open_data(cfg: RunConfig, layout) -> TrainData:
     if cfg.data.verify == "full":
         data.verify_full(rank=layout.rank, world=layout.world)
     return data
+
+
+def _val_text(metrics: dict) -> str:
+    """' val 2.3456 (1.2345 bpb)' on evaluation steps, for the console line."""
+    if "val_loss" not in metrics:
+        return ""
+    bpb = f" ({metrics['val_bpb']:.4f} bpb)" if "val_bpb" in metrics else ""
+    return f" val {metrics['val_loss']:.4f}{bpb}"
 
 
 def _eval_batches(cfg: RunConfig, layout, data: TrainData) -> int:
@@ -260,6 +269,13 @@ def _train(cfg: RunConfig, on_log, on_checkpoint, on_end) -> dict:
              f"{sum(p.numel() for p in engine.engine.module.parameters()):,} local", global_batch,
              cfg.model.block_size, t.steps)
 
+    # val_bpb: the windows' summed loss (mean x target tokens) over their UTF-8 bytes, counted once (rank 0 logs)
+    val_tokens = eval_batches * t.micro_batch_size * layout.dp * cfg.model.block_size
+    val_bytes = data.val_bytes(val_tokens // cfg.model.block_size) if rank0 and eval_batches else None
+    if rank0 and eval_batches:
+        log.info("validation: %d windows, %s target tokens, %s", val_tokens // cfg.model.block_size, f"{val_tokens:,}",
+                 f"{val_bytes:,} bytes" if val_bytes else "no tokenizer file in the corpus: no val_bpb")
+
     def evaluate() -> float:
         """Mean loss over the first val windows, the same whatever the layout (each DP rank takes a slice)."""
         mbs = t.micro_batch_size
@@ -311,11 +327,13 @@ def _train(cfg: RunConfig, on_log, on_checkpoint, on_end) -> dict:
                         "elapsed_s": elapsed0 + now - t_start, "memory_gb": memory_gb()}
                 if val_loss is not None:
                     last["val_loss"] = val_loss
+                    if val_bytes:
+                        last["val_bpb"] = bits_per_byte(val_loss * val_tokens, val_bytes)
                 if rank0:
                     with open(metrics_path, "a") as f:
                         f.write(json.dumps(last) + "\n")
                     log.info("step %d/%d loss %.4f%s lr %.2e grad %.3f | %.0f tok/s | MFU %.1f%%", step, t.steps,
-                             loss, f" val {val_loss:.4f}" if val_loss is not None else "", lr, grad_norm or 0.0,
+                             loss, _val_text(last), lr, grad_norm or 0.0,
                              tps, 100 * last["mfu"])
                     if on_log:
                         on_log(step, last)
@@ -338,5 +356,5 @@ def _train(cfg: RunConfig, on_log, on_checkpoint, on_end) -> dict:
     if dist.get_world_size() > 1:
         dist.barrier()
     return {"out": str(out), "model_dir": str(model_dir), "steps": step, "loss": last.get("loss"),
-            "val_loss": last.get("val_loss"), "tokens": consumed * cfg.model.block_size,
+            "val_loss": last.get("val_loss"), "val_bpb": last.get("val_bpb"), "tokens": consumed * cfg.model.block_size,
             "resumed_from": str(resume) if resume else None, "layout": layout.describe(), "schedule": schedule}

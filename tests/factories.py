@@ -34,6 +34,29 @@ def kiln_train_cmd(out: Path, *sets: str, ranks: int = 1, config: Path = TINY_TR
             *[a for s in sets for a in ("--set", s)]]
 
 
+def small_tokenizer(path: Path, vocab_size: int) -> Path:
+    """A sentencepiece BPE of exactly `vocab_size` pieces (Kiln's ids: unk 0, bos 1, eos 2 = EOS), trained on
+    lowercased Python docs with no byte fallback, so it can be as small as a fake corpus' vocab (100): real
+    text for the ids of `fake_corpus(..., tokenizer=path)`, e.g. for bits per byte."""
+    import io
+
+    import sentencepiece as spm
+
+    from data_prep.demo_corpus import pydoc_topics
+
+    keep = set("abcdefghijklmnopqrstuvwxyz .,")
+    lines = ["".join(c for c in line.lower() if c in keep) for _, text in list(pydoc_topics())[:40]
+             for line in text.splitlines()]
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter([ln for ln in lines if ln.strip()]), model_writer=model,
+                                   model_type="bpe", vocab_size=vocab_size, byte_fallback=False,
+                                   character_coverage=1.0, unk_id=0, bos_id=1, eos_id=EOS, pad_id=-1, minloglevel=2,
+                                   num_threads=1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(model.getvalue())
+    return path
+
+
 def tiny_model_family(root: Path, vocab_size: int = 1000) -> dict[str, Path]:
     """A random llama-style MODEL dir with a real sentencepiece tokenizer (Kiln's settings, trained on
     Python's docs), its int8 and GPTQ-4 quantizations, and the corpus they were calibrated on."""

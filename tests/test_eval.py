@@ -116,6 +116,33 @@ def test_bits_per_byte_from_decoded_text(tmp_path):
     assert res["bits_per_byte"] == pytest.approx(res["loss"] * 200 / math.log(2) / n_bytes)
 
 
+def test_training_val_bytes_are_the_bytes_kiln_eval_scores(tmp_path):
+    """Training's val_bpb divides by TrainData.val_bytes: the bytes of the validation windows' targets, per corpus
+    (each corpus' first windows), the same bytes `kiln eval` counts over those tokens."""
+    from pipeline.config import DataConfig, ModelConfig
+    from pipeline.data.sampler import TrainData
+    from pipeline.model.gpt import GPT
+
+    tok = train_tokenizer(tmp_path / "tok")
+    a = text_corpus(tmp_path / "a", tok, n_docs=30, val_docs=3)
+    b = fake_corpus(tmp_path / "b", vocab_size=400, tokenizer=tok)  # other text, the same tokenizer
+    block = 16
+    data = TrainData(DataConfig(paths=[str(a), str(b)], val_tokens=2 * 2 * block), block, seed=0)
+    assert len(data.val) == 4  # 2 windows from each corpus, a's first
+    model = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=block, vocab_size=400))
+
+    def scored_bytes(corpus, windows: int) -> int:
+        return evaluate(model, corpus, "val", max_tokens=windows * block, block_size=block, stride=block,
+                        show=False)["bytes"]
+
+    assert data.val_bytes(1) == scored_bytes(a, 1) and data.val_bytes(2) == scored_bytes(a, 2)
+    assert data.val_bytes(4) == scored_bytes(a, 2) + scored_bytes(b, 2) != 2 * scored_bytes(a, 2)
+    # the inputs of those windows would be another count (the test can tell targets from inputs)
+    assert count_bytes(PreparedCorpus(a).stream("val").read(0, 2 * block), tok) != scored_bytes(a, 2)
+    fake_corpus(tmp_path / "no-tok", vocab_size=64)
+    assert TrainData(DataConfig(paths=[str(tmp_path / "no-tok")]), block, seed=0).val_bytes(2) is None
+
+
 def test_kiln_eval_cli_json_without_tracking(trained, tmp_path, monkeypatch, capsys):
     corpus, model_dir = trained
     monkeypatch.chdir(tmp_path)

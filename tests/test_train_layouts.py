@@ -25,7 +25,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.factories import TRAIN_ENV, fake_corpus, launcher
+from pipeline.data.corpus import PreparedCorpus
+from pipeline.evaluate import count_bytes, evaluate_windows
+from pipeline.model.io import load_model_dir
+from tests.factories import TRAIN_ENV, fake_corpus, launcher, small_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs/train/tiny-cpu.yaml"
@@ -105,7 +108,7 @@ def metrics(out: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
     base = tmp_path_factory.mktemp("layouts")
-    corpus = fake_corpus(base / "corpus", vocab_size=VOCAB)
+    corpus = fake_corpus(base / "corpus", vocab_size=VOCAB, tokenizer=small_tokenizer(base / "tok.model", VOCAB))
 
     def spec(name: str, *extra: str) -> list[str]:
         family = (MOE if "moe" in name else MUON if "muon" in name else OPTIONS if name.endswith("options")
@@ -153,12 +156,28 @@ def test_layout_matches_one_process(runs, name):
         if r.get("grad_norm") is not None and g.get("grad_norm") is not None:  # (Muon without clipping: none)
             assert g["grad_norm"] == pytest.approx(r["grad_norm"], rel=1e-3), (name, r["step"])
         assert g.get("val_loss", -1) == pytest.approx(r.get("val_loss", -1), abs=2e-5), (name, r["step"])
-    assert "val_loss" in got[4] and "val_loss" in got[9]
+        assert g.get("val_bpb", -1) == pytest.approx(r.get("val_bpb", -1), abs=2e-5), (name, r["step"])
+    assert all("val_loss" in got[s] and "val_bpb" in got[s] for s in (4, 9))
     assert ref[-1]["loss"] < ref[0]["loss"] - 0.3  # it learns
     a, b = load_file(str(runs / ref_name / "model/model.safetensors")), load_file(str(runs / name / "model/model.safetensors"))
     assert a.keys() == b.keys()  # consolidated from TP shards / ZeRO partitions / stages
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=2e-5, msg=f"{name} {k}")
+
+
+@pytest.mark.slow
+def test_val_bpb_is_kiln_evals_bits_per_byte_of_the_validation_windows(runs):
+    """Training's val_bpb at the last step is what `kiln eval`'s code path gives the final model on the same 8
+    windows (eval_batches 2 x micro-batch 4): the loss over the UTF-8 bytes of the targets, in bits."""
+    last = metrics(runs / "ref")[-1]
+    model, _ = load_model_dir(runs / "ref" / "model")
+    block = model.cfg.block_size
+    scored = evaluate_windows(model, runs / "corpus", 8)
+    assert scored["tokens"] == 8 * block and scored["loss"] == pytest.approx(last["val_loss"], abs=2e-5)
+    assert last["val_bpb"] == pytest.approx(scored["bits_per_byte"], rel=1e-5)
+    n_bytes = count_bytes(PreparedCorpus(runs / "corpus").stream("val").read(1, 8 * block), runs / "tok.model")
+    assert n_bytes == scored["bytes"] and last["val_bpb"] == pytest.approx(
+        last["val_loss"] * 8 * block / math.log(2) / n_bytes, rel=1e-6)
 
 
 @pytest.mark.slow

@@ -17,6 +17,8 @@ number of samples consumed, and resuming at sample n reads nothing before it.
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import torch
 
@@ -188,6 +190,20 @@ class TrainData:
     def tokenizer(self):
         path = self.corpora[0].tokenizer_path
         return path if path.exists() else None
+
+    def val_bytes(self, windows: int) -> int | None:
+        """UTF-8 bytes of the targets of the first `windows` validation windows: what training's val_bpb divides
+        by. A corpus' windows are its first ones in order, so their targets are one run of tokens, decoded as
+        `kiln eval` decodes what it scores (pipeline/evaluate.py::count_bytes). None without a tokenizer file."""
+        from pipeline.evaluate import count_bytes
+
+        tok = self.tokenizer
+        if tok is None:
+            return None
+        total = 0
+        for w, run in itertools.groupby(self.val[:windows], key=lambda pair: pair[0]):
+            total += count_bytes(w.stream.read(1, len(list(run)) * self.block_size), tok)
+        return total
 
     def val_batch(self, start: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         rows = np.stack([w[j] for w, j in self.val[start : start + count]])
