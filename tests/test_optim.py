@@ -37,12 +37,25 @@ def test_wsd_run_extended_in_its_stable_phase_follows_the_longer_schedule():
     assert "decay_frac" not in cosine  # cosine records stay as older checkpoints wrote them
 
 
+def plain_newton_schulz(x: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """The textbook quintic iteration, for comparison."""
+    x = x / x.norm()
+    for _ in range(steps):
+        gram = x @ x.mT
+        x = 3.4445 * x + (-4.7750 * gram + 2.0315 * gram @ gram) @ x
+    return x
+
+
 def test_newton_schulz_orthogonalizes_tall_and_wide():
     g = torch.Generator().manual_seed(0)
-    for shape in ((48, 16), (16, 48), (32, 32)):
-        o = newton_schulz(torch.randn(*shape, generator=g))
+    for shape in ((48, 16), (16, 48), (32, 32), (16, 96), (96, 16)):  # the last two: the Gram-matrix form
+        m = torch.randn(*shape, generator=g, dtype=torch.float64).float()
+        o = newton_schulz(m)
         s = torch.linalg.svdvals(o)
         assert o.shape == shape and s.min() > 0.5 and s.max() < 1.3, (shape, s)  # ~U V^T: singular values near 1
+        wide = m if shape[0] <= shape[1] else m.mT
+        expect = plain_newton_schulz(wide.double()).float()
+        torch.testing.assert_close(o if shape[0] <= shape[1] else o.mT, expect, rtol=0, atol=2e-5)
 
 
 def test_muon_steps_block_matrices_and_adamw_the_rest():

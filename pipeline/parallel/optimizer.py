@@ -79,10 +79,30 @@ def newton_schulz(g: torch.Tensor, steps: int = NS_STEPS) -> torch.Tensor:
     if tall:  # iterate on the smaller Gram matrix
         x = x.mT
     x = x / (x.norm() + 1e-7)  # spectral norm <= Frobenius norm <= 1
+    n, m = x.shape
+    if x.dtype == torch.float32 and m > 2 * n:
+        return (_gram_newton_schulz(x, steps).mT if tall else _gram_newton_schulz(x, steps)).to(g.dtype)
     for _ in range(steps):
         gram = x @ x.mT
         x = a * x + (b * gram + c * gram @ gram) @ x
     return (x.mT if tall else x).to(g.dtype)
+
+
+def _gram_newton_schulz(x: torch.Tensor, steps: int) -> torch.Tensor:
+    """The same iteration for a wide x (n x m, m > 2n) carried out on n x n matrices: each step multiplies x on
+    the left by q = aI + bR + cR² with R = x x^T, and every such q (and R) is a polynomial in the first R, so
+    they commute: R_next = q R q^T = q² R. The product of the q's is applied to x once at the end: 4n³ a step
+    instead of 4n²m + 2n³ (an MLP matrix 4x as wide as deep: 40% fewer FLOPs over 5 steps). fp32 only: in
+    half precision the accumulated product drifts (DeepSpeed restarts it for fp16)."""
+    a, b, c = NS_COEFFICIENTS
+    r = x @ x.mT
+    eye = torch.eye(r.size(0), dtype=r.dtype, device=r.device)
+    prod = eye
+    for _ in range(steps):
+        q = a * eye + b * r + c * (r @ r)
+        prod = q @ prod
+        r = q @ (q @ r)
+    return prod @ x
 
 
 def orthogonalized(update: torch.Tensor, param: torch.Tensor, tp_group) -> torch.Tensor:
