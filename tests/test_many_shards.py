@@ -1,6 +1,8 @@
 """A corpus of 20,000 shards: start-up opens none of them beyond a rank's share of the check, reads open
 them on demand, and the number of memory maps stays bounded (issue 26, item 5)."""
 
+import os
+import socket
 from collections import Counter
 
 import numpy as np
@@ -79,3 +81,35 @@ def test_a_rank_refuses_a_bad_shard_in_its_share(tmp_path):
     stream = corpus.stream("train")
     with pytest.raises(KilnError, match="train_00001.bin/.idx: listed in .* but missing"):
         stream.read(0, len(stream))
+
+
+def _verify_rank(rank: int, world: int, port: int, directory: str, found) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        TrainData(DataConfig(paths=[directory]), block_size=16, seed=0, rank=rank, world=world)
+        found.put((rank, None))
+    except KilnError as err:
+        found.put((rank, str(err)))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.fault
+def test_every_rank_stops_with_the_line_of_the_rank_that_found_it(tmp_path):
+    """Two real ranks (gloo): only rank 1 checks the bad shard, and both raise its one line."""
+    import torch.multiprocessing as mp
+
+    directory = fake_corpus(tmp_path / "c", shards=3)
+    shard = directory / "shards" / "train_00001.bin"
+    shard.write_bytes(shard.read_bytes()[:-2])  # truncated
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    found = mp.get_context("spawn").Queue()
+    mp.start_processes(_verify_rank, args=(2, port, str(directory), found), nprocs=2, start_method="spawn")
+    lines = dict(found.get(timeout=60) for _ in range(2))
+    assert lines[0] == lines[1] and "train_00001.bin: size" in lines[0], lines
