@@ -197,6 +197,9 @@ class DataConfig(_Strict):
     val_tokens: int = Field(65536, ge=0)
     verify: Literal["fast", "full"] = Field("fast", description="shard check at start: size, header and fingerprint "
                                             "(fast) or every byte's sha256, split over the ranks (full)")
+    max_open_shards: int = Field(64, ge=1, description="shards each corpus split keeps memory-mapped at once per "
+                                 "process (opened on demand, least recently read closed first): bounds memory maps "
+                                 "and file descriptors whatever the number of shards")
 
     @model_validator(mode="after")
     def _weights_match(self) -> DataConfig:

@@ -117,9 +117,9 @@ def _layout_key(cfg: RunConfig, world: int) -> dict:
 
 
 def _open_data(cfg: RunConfig, layout) -> TrainData:
-    """Every rank opens the corpora and checks each shard against the manifest by size, header and
-    fingerprint (O(shards)); `data.verify: full` also hashes every byte, the shards split over the ranks."""
-    data = TrainData(cfg.data, cfg.model.block_size, cfg.train.seed)
+    """Every rank opens the manifests; the shards are checked by size, header and fingerprint, each rank its
+    share (O(shards / world) opens); `data.verify: full` also hashes every byte, split the same way."""
+    data = TrainData(cfg.data, cfg.model.block_size, cfg.train.seed, rank=layout.rank, world=layout.world)
     if cfg.data.verify == "full":
         data.verify_full(rank=layout.rank, world=layout.world)
     return data

@@ -11,9 +11,9 @@ from pipeline.data.corpus import PreparedCorpus, Windows
 def test_stream_crosses_shard_boundaries(tmp_path):
     corpus = PreparedCorpus(fake_corpus(tmp_path / "c", shards=3))
     stream = corpus.stream("train")
-    everything = np.concatenate([p.astype(np.int64) for p in stream.parts])
+    everything = np.concatenate([corpus.dataset(s).tokens.astype(np.int64) for s in corpus.shards("train")])
     assert len(stream) == corpus.manifest["tokens"]["train"] == len(everything)
-    for start, length in [(0, 5), (len(stream.parts[0]) - 3, 7), (len(stream) - 4, 4)]:
+    for start, length in [(0, 5), (stream.lengths[0] - 3, 7), (len(stream) - 4, 4)]:
         np.testing.assert_array_equal(stream.read(start, length), everything[start : start + length])
     with pytest.raises(IndexError):
         stream.read(len(stream) - 1, 2)

@@ -8,9 +8,11 @@ document boundaries, as Megatron and nanoGPT do.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from functools import cached_property
 from pathlib import Path
 
@@ -23,6 +25,7 @@ from pipeline.console import log
 
 MANIFEST_MAX = 64 << 20  # bytes of manifest.json (a corpus of 100,000 shards needs ~30 MB)
 TOKENIZER_MAX = 64 << 20  # bytes of a sentencepiece model (a 256k vocabulary is ~5 MB)
+MAX_OPEN_SHARDS = 64  # shards a TokenStream keeps mapped at once (one memory map each); data.max_open_shards
 
 
 class PreparedCorpus:
@@ -78,24 +81,24 @@ class PreparedCorpus:
     def shards(self, split: str) -> list[dict]:
         return [s for s in self.manifest["shards"] if s["split"] == split]
 
-    def verify(self) -> None:
+    def verify(self, rank: int = 0, world: int = 1) -> None:
         """Refuse shards that are missing, truncated, stale or swapped: sizes, .idx header and the sampled
         fingerprint recorded at prep time (O(shards), not O(bytes); `verify_full` reads everything), and a
-        tokenizer outside the directory or other than the manifest's."""
+        tokenizer outside the directory or other than the manifest's. `rank`/`world`: check only every
+        `world`-th shard from `rank` (training splits the check over its ranks; TrainData.verify gathers
+        the verdicts), so no rank opens more than its share of a corpus of many thousand shards."""
         self.tokenizer_path  # noqa: B018 - confined and hashed once, before any work
         unfingerprinted = 0
-        for shard in self.manifest["shards"]:
+        for shard in self.manifest["shards"][rank::world]:
             prefix = self._prefix(shard)
+            self._open(shard, prefix)
+            if "fingerprint" not in shard:
+                unfingerprinted += 1
+                continue
             try:
-                IndexedDataset(prefix, tokens=shard.get("tokens"), root=self.dir)
-                if "fingerprint" not in shard:
-                    unfingerprinted += 1
-                    continue
                 found = shard_fingerprint(prefix, root=self.dir)
             except FileNotFoundError:
                 raise KilnError(f"{prefix}.bin/.idx: listed in {self.dir / 'manifest.json'} but missing") from None
-            except ValueError as err:
-                raise KilnError(f"{err}; it does not match {self.dir / 'manifest.json'}") from None
             for key, files in (("bin_bytes", ".bin"), ("idx_bytes", ".idx"), ("fingerprint", ".bin/.idx")):
                 if key in shard and found[key] != shard[key]:
                     raise KilnError(f"{prefix}{files}: {key} {str(found[key])[:12]} does not match the manifest's "
@@ -128,26 +131,63 @@ class PreparedCorpus:
         path = self._inside(shard["path"], "shards[].path")
         return path.with_suffix("") if path.suffix in (".bin", ".idx") else path
 
-    def stream(self, split: str) -> TokenStream:
-        shards = self.shards(split)
-        if not shards:
+    def stream(self, split: str, max_open: int = MAX_OPEN_SHARDS) -> TokenStream:
+        """The split's shards as one TokenStream. Their lengths come from the manifest's token counts (which
+        `verify` checks against each .bin's size), so nothing is opened here: a shard is opened when a read
+        first touches it, and at most `max_open` stay open (TokenStream)."""
+        shards = [s for s in self.shards(split) if self._tokens(s)]
+        if not self.shards(split):
             raise KilnError(f"{self.dir / 'manifest.json'}: no '{split}' shards")
-        return TokenStream([self.dataset(s) for s in shards], self.vocab_size, f"{self.dir} ({split})")
+
+        def open_shard(k: int) -> np.ndarray:  # no reference to the stream: its cache frees the maps with it
+            return self._open(shards[k], self._prefix(shards[k])).tokens
+
+        return TokenStream([self._tokens(s) for s in shards], open_shard, self.vocab_size, f"{self.dir} ({split})",
+                           max_open)
+
+    def _tokens(self, shard: dict) -> int:
+        """The shard's token count as the manifest records it (every Kiln manifest does)."""
+        n = shard.get("tokens")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise KilnError(f"{self.dir / 'manifest.json'}: shard {shard.get('path')!r} has no valid token count "
+                            f"(tokens: {n!r}); prepare the corpus again")
+        return n
 
     def dataset(self, shard: dict) -> IndexedDataset:
         """One shard of the manifest, both files confined to this directory (data_prep/indexed.py::open_part)."""
-        return IndexedDataset(self._prefix(shard), tokens=shard.get("tokens"), root=self.dir)
+        return self._open(shard, self._prefix(shard))
+
+    def _open(self, shard: dict, prefix: Path) -> IndexedDataset:
+        """Open one shard, its .bin size checked against the manifest's token count: one line if it cannot be."""
+        try:
+            return IndexedDataset(prefix, tokens=shard.get("tokens"), root=self.dir)
+        except FileNotFoundError:
+            raise KilnError(f"{prefix}.bin/.idx: listed in {self.dir / 'manifest.json'} but missing") from None
+        except ValueError as err:
+            raise KilnError(f"{err}; it does not match {self.dir / 'manifest.json'}") from None
 
 
 class TokenStream:
     """Several shards read as one contiguous array of tokens, without copying them into memory. Every read
     is checked against the vocabulary (`vocab_size`, the manifest's, which training and eval check against
-    the model's): a token id outside it would index past the embedding."""
+    the model's): a token id outside it would index past the embedding.
 
-    def __init__(self, datasets: list[IndexedDataset], vocab_size: int | None = None, where: str = "corpus"):
-        self.parts = [d.tokens for d in datasets if d.num_tokens]
-        self.offsets = np.cumsum([0] + [len(p) for p in self.parts])
+    `lengths[k]` is shard k's token count and `open_part(k)` its tokens (a memory map). Shards open on demand
+    and an LRU cache keeps at most `max_open` of them: evicting one drops the last reference to its map,
+    which unmaps it. A corpus of 1.4T tokens is ~56k shards; one map (and one file descriptor) per shard for
+    the whole run would approach Linux's vm.max_map_count (65,530) and pass the usual 1,024-descriptor limit.
+    """
+
+    def __init__(self, lengths: list[int], open_part: Callable[[int], np.ndarray], vocab_size: int | None = None,
+                 where: str = "corpus", max_open: int = MAX_OPEN_SHARDS):
+        self.lengths = [int(n) for n in lengths]
+        self.offsets = np.cumsum([0] + self.lengths)
+        self.part = functools.lru_cache(maxsize=max_open)(open_part)
         self.vocab_size, self.where = vocab_size, where
+
+    @property
+    def open_shards(self) -> int:
+        return self.part.cache_info().currsize
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -161,8 +201,8 @@ class TokenStream:
         part = int(np.searchsorted(self.offsets, start, side="right")) - 1
         while filled < length:
             local = pos - int(self.offsets[part])
-            take = min(length - filled, len(self.parts[part]) - local)
-            out[filled : filled + take] = self.parts[part][local : local + take]
+            take = min(length - filled, self.lengths[part] - local)
+            out[filled : filled + take] = self.part(part)[local : local + take]
             filled, pos, part = filled + take, pos + take, part + 1
         if self.vocab_size is not None and length and (out.min() < 0 or out.max() >= self.vocab_size):
             raise KilnError(f"{self.where}: tokens [{start}, {start + length}) hold an id outside the vocabulary "

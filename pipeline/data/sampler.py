@@ -144,15 +144,36 @@ def open_corpora(cfg: DataConfig, verify: bool = True) -> list[PreparedCorpus]:
 
 
 class TrainData:
-    """The corpora of `data.paths`, opened and verified once per process."""
+    """The corpora of `data.paths`, opened once per process and verified once across the ranks."""
 
-    def __init__(self, cfg: DataConfig, block_size: int, seed: int, verify: bool = True):
-        self.corpora = open_corpora(cfg, verify)
+    def __init__(self, cfg: DataConfig, block_size: int, seed: int, verify: bool = True, rank: int = 0,
+                 world: int = 1):
+        """`verify`: check the shards against their manifests, split over `world` ranks (a collective when
+        world > 1: every rank must construct its TrainData). Nothing else here opens a shard: streams open
+        them on demand, at most data.max_open_shards at a time per corpus split."""
+        self.corpora = open_corpora(cfg, verify=False)
+        if verify:
+            self.verify(rank, world)
         self.vocab_size = self.corpora[0].vocab_size
         self.block_size = block_size
+        self.max_open = cfg.max_open_shards
         weights = cfg.weights or [1.0] * len(self.corpora)
-        self.train = BlendedSamples([Windows(c.stream("train"), block_size) for c in self.corpora], weights, seed)
+        self.train = BlendedSamples([Windows(c.stream("train", self.max_open), block_size) for c in self.corpora],
+                                    weights, seed)
         self.val = self._val_windows(cfg.val_tokens)
+
+    def verify(self, rank: int = 0, world: int = 1) -> None:
+        """Size, header and fingerprint of every shard (PreparedCorpus.verify), rank r checking shards r::world
+        of each corpus; every rank raises the first problem any rank found."""
+        problem = None
+        try:
+            for c in self.corpora:
+                c.verify(rank, world)
+        except KilnError as err:
+            problem = str(err)
+        except OSError as err:  # unreadable (permissions, I/O): still one line on every rank, not a hang
+            problem = f"{err.filename or 'a shard'}: cannot read ({err.strerror or err}); refusing this corpus"
+        raise_first(problem, world)
 
     def _val_windows(self, val_tokens: int) -> list[tuple[Windows, int]]:
         """The first val_tokens worth of windows of every corpus' val split, in order (no shuffle).
@@ -164,7 +185,7 @@ class TrainData:
             if not per or not c.shards("val"):
                 continue
             try:
-                w = Windows(c.stream("val"), self.block_size)
+                w = Windows(c.stream("val", self.max_open), self.block_size)
             except KilnError:
                 continue  # a val split shorter than one window: nothing to evaluate on
             self.val_available += len(w)
