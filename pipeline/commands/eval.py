@@ -46,6 +46,10 @@ def run(args) -> dict:
     if not args.model or not (cfg.data or cfg.tasks):
         raise ConfigError("kiln eval MODEL --data DIR and/or --tasks LIST (or data:/tasks: in --config; "
                           "or kiln eval --compare models:/NAME)")
+    if cfg.data:  # before the model is fetched or loaded
+        from pipeline.data.corpus import check_prep_dir
+
+        check_prep_dir(cfg.data)
     tracker = common.tracker(args, must_exist=str(args.model).startswith("models:/"), cfg=cfg)
     result: dict = {"model": args.model}
     if cfg.data:
