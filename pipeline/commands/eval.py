@@ -57,7 +57,8 @@ def run(args) -> dict:
 
         result = evaluate_model(args.model, cfg.data, cfg.split, cfg.max_tokens, tracker=tracker)
         kv_table(f"kiln eval {args.model} on {cfg.data} ({cfg.split})",
-                 {k: result[k] for k in ("tokens", "perplexity", "bits_per_token", "bits_per_byte", "tokens_per_s")})
+                 {k: result[k] for k in ("tokens", "perplexity", "bits_per_token", "bits_per_byte", "tokens_per_s",
+                                         "device", "threads", "batch_size")})
     if cfg.tasks:
         result["lm_eval"] = _tasks(args.model, cfg, tracker)
     return result
