@@ -98,8 +98,9 @@ def compute_optimal(flops: float, tokens_per_param: float = 20.0) -> dict[str, f
 
 
 def shipped_models(config_dir: Path = CONFIG_DIR, vocab_size: int = DEFAULT_VOCAB) -> dict[str, ModelConfig]:
+    """The GPT-3 table sizes and, for budgets a CPU spends, the demo model (not the test shapes)."""
     out = {}
-    for path in sorted(config_dir.glob("[0-9]*.yaml")):  # the GPT-3 table sizes, not test shapes
+    for path in [config_dir / "demo.yaml", *sorted(config_dir.glob("[0-9]*.yaml"))]:
         data = load_yaml(path).get("model", {})
         data.setdefault("vocab_size", vocab_size)
         out[path.stem] = ModelConfig.model_validate(data)

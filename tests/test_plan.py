@@ -192,6 +192,7 @@ def test_a_small_budget_prints_its_counts_not_zero_billions(capsys):
     assert main(["plan", "--flops", "1e14"]) == 0
     table = capsys.readouterr().err
     assert "912,871" in table and "18.3 M" in table and "0.00 B" not in table and "│ 0 B" not in table
+    assert "configs/model/demo.yaml (11.4 M params)" in table  # the nearest: the CPU demo model, not 125m
 
 
 def test_cpu_plan_with_the_users_vocabulary(tmp_path, monkeypatch, capsys):
