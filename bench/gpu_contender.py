@@ -70,8 +70,8 @@ def measure_peak(dry: bool) -> None:
     import torch
 
     from bench.train_throughput import emit
+    from pipeline.device import time_matmul_peak
     from pipeline.plan import gpu_peak_flops
-    from pipeline.train import time_matmul_peak
 
     if dry:
         info = {"device": "cpu (dry run)", "torch": torch.__version__}

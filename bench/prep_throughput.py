@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
 
-from data_prep import buckets, readers, stages  # noqa: E402
+from data_prep import buckets, partitions, stages  # noqa: E402
 from data_prep.demo_corpus import write_demo_corpus  # noqa: E402
 from data_prep.steps.minhash_dedup import keep_first  # noqa: E402
 from data_prep.tokenizer import train_tokenizer  # noqa: E402
@@ -51,7 +51,7 @@ def main() -> None:
     cfg = load_config("prep", ROOT / "configs/prep/demo.yaml", base={"workers": args.workers})
 
     # 1. clean + dedup, one core, no Ray
-    _, parts = readers.plan(files, cfg.shard_docs)
+    _, parts = partitions.plan(files, cfg.shard_docs, cfg.partition_bytes)
     stages.clean_partition(parts[0], cfg, str(tmp / "warm"))  # load langid model etc. once, untimed
     times = []
     for rep in range(3):  # best of 3: the machine is shared and noisy

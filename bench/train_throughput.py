@@ -30,10 +30,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from pipeline.config import load_config  # noqa: E402
+from pipeline.device import time_matmul_peak  # noqa: E402
 from pipeline.families import family  # noqa: E402
 from pipeline.model.flops import flops_per_token  # noqa: E402
 from pipeline.model.gpt import GPT, Block  # noqa: E402
-from pipeline.train import time_matmul_peak  # noqa: E402
 
 
 def emit(bench: str, value: float, unit: str, reference: float | None = None, **extra) -> dict:

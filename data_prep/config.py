@@ -76,6 +76,9 @@ class PrepConfig(Strict):
     decontaminate: DecontaminateConfig = Field(default_factory=DecontaminateConfig)
     minhash: MinHashConfig = Field(default_factory=MinHashConfig)
     shard_docs: int = Field(50_000, ge=1, description="documents per input partition / output shard")
+    partition_bytes: int | None = Field(None, ge=1, description="input bytes per partition (jsonl: at a line boundary; "
+                                        "parquet: row groups, a large one cut into row ranges); default the inputs' "
+                                        "size / 64, at least 1 MiB, so a small corpus still spreads over --workers")
     seed: int = 1234
     tokenizer_threads: int = Field(2, ge=1, description="sentencepiece training threads (fixed: part of the result)")
     tokenizer_sample_chars: int = Field(500_000_000, ge=1000, description="cap on characters fed to training")

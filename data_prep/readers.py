@@ -6,9 +6,8 @@ bounded memory: compressed text is decompressed block by block, parquet row grou
 by row group, Arrow record batch by batch. Every record becomes either a
 `Document` or a `BadRecord` with a reason — nothing is dropped silently.
 
-Partitions depend only on the files and `docs_per_part`, never on the worker
-count: plain jsonl is cut at line boundaries every `docs_per_part` lines, parquet
-at row-group boundaries, compressed files and Arrow files are one partition each.
+A partition (data_prep/partitions.py) is a byte range of a plain jsonl file, a row-group
+range or one group's row range of a parquet file, or a whole compressed or Arrow file.
 
 Inputs are written by strangers, so reading is bounded: a line longer than
 MAX_RECORD_BYTES is quarantined as `record_too_large` without being held in memory,
@@ -20,7 +19,6 @@ single call can produce more than FEED x the format's maximum ratio (~32 MiB for
 from __future__ import annotations
 
 import glob
-import hashlib
 import json
 import os
 import zlib
@@ -29,7 +27,6 @@ from functools import partial
 from itertools import repeat, starmap
 from pathlib import Path
 
-import numpy as np
 import zstandard
 
 from data_prep.confine import escapes, read_confined
@@ -134,56 +131,6 @@ def printable(name: str) -> str:
     The name goes into record sources, fallback ids and reports, which are written as UTF-8.
     """
     return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-
-
-def plan(files: list[Path], docs_per_part: int) -> tuple[list[dict], list[dict]]:
-    """Hash every input and cut it into partitions; return (inputs, partitions).
-
-    One streamed pass per file: sha256 plus (for plain jsonl) the byte offsets
-    of every `docs_per_part`-th line, so partitions start on line boundaries and
-    know their first line number.
-    """
-    base = Path(os.path.commonpath([str(p.parent) for p in files]))
-    inputs, parts = [], []
-    for path in files:
-        kind = file_kind(path)
-        rel = printable(path.relative_to(base).as_posix())
-        sha = hashlib.sha256()
-        cuts = [(0, 1)]  # (byte offset, first line)
-        with open(path, "rb") as f:
-            offset, lines = 0, 0
-            for block in iter(lambda: f.read(BLOCK), b""):
-                sha.update(block)
-                if kind == "jsonl":
-                    newlines = np.flatnonzero(np.frombuffer(block, np.uint8) == 10)
-                    # the line after newline number k*docs_per_part starts a partition
-                    ks = np.arange(((lines // docs_per_part) + 1) * docs_per_part, lines + len(newlines) + 1, docs_per_part)
-                    for k in ks:
-                        cuts.append((offset + int(newlines[k - lines - 1]) + 1, int(k) + 1))
-                    lines += len(newlines)
-                offset += len(block)
-        size = offset
-        inputs.append({"path": str(path), "rel": rel, "sha256": sha.hexdigest(), "bytes": size})
-        if kind == "jsonl":
-            cuts = [c for c in cuts if c[0] < size] or [(0, 1)]
-            for i, (start, first) in enumerate(cuts):
-                end = cuts[i + 1][0] if i + 1 < len(cuts) else size
-                parts.append(dict(path=str(path), rel=rel, kind=kind, start=start, end=end, first_line=first))
-        elif kind == "parquet":
-            import pyarrow.parquet as pq
-
-            meta = pq.ParquetFile(path).metadata
-            start, rows, first = 0, 0, 1
-            for g in range(meta.num_row_groups):
-                rows += meta.row_group(g).num_rows
-                if rows >= docs_per_part or g == meta.num_row_groups - 1:
-                    parts.append(dict(path=str(path), rel=rel, kind=kind, start=start, end=g + 1, first_line=first))
-                    start, first, rows = g + 1, first + rows, 0
-        else:
-            parts.append(dict(path=str(path), rel=rel, kind=kind, start=0, end=size, first_line=1))
-    for i, p in enumerate(parts):
-        p["index"] = i
-    return inputs, parts
 
 
 # --------------------------------------------------------------------------- streaming lines
@@ -353,14 +300,27 @@ def _arrow_batches(part: dict, *fields: str):
         pf = pq.ParquetFile(part["path"])
         names = set(pf.schema_arrow.names)
         cols = [c for c in fields if c in names] or None
+        lo, hi = part.get("rows") or (0, None)  # a row range of one large group, or whole groups
         for g in range(part["start"], part["end"]):
             if bomb := _row_group_bomb(pf.metadata.row_group(g)):
-                yield bomb  # (reason, rows): the group is skipped, never decoded
+                yield bomb[0], (hi if hi is not None else bomb[1]) - lo  # (reason, rows): skipped, never decoded
                 continue
-            yield from pf.iter_batches(row_groups=[g], columns=cols, batch_size=8192)
+            yield from _row_range(pf.iter_batches(row_groups=[g], columns=cols, batch_size=8192), lo, hi)
     else:
         with pa.memory_map(part["path"]) as source:
             yield from pa.ipc.open_stream(source)
+
+
+def _row_range(batches, lo: int, hi: int | None):
+    """Rows [lo, hi) of a row group's batches (hi None: to its end)."""
+    at = 0
+    for batch in batches:
+        begin, end = max(lo - at, 0), batch.num_rows if hi is None else min(hi - at, batch.num_rows)
+        at += batch.num_rows
+        if end > begin:
+            yield batch.slice(begin, end - begin)
+        if hi is not None and at >= hi:
+            return
 
 
 def _row_group_bomb(group) -> tuple[str, int] | None:

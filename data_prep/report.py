@@ -28,7 +28,13 @@ def finish(out: Path, cfg, in_info, parts, clean, drops, tok, vocab, tok_sha, ex
         quarantined.update(s["quarantined"])
         cut_chars.update(s.get("removed_chars", {}))
         cut_lines.update(s.get("removed_lines", {}))
-    removed.update(r for _, r, *_ in drops["removed"])
+    reason = {u: r for u, r, *_ in drops["removed"]}
+    removed.update(reason.values())
+    for r in tok:  # what dedup removed, counted where the tokenize stage skipped it
+        for pos, chars, lines in r.get("duplicates", []):
+            rule = reason[(r["part"] << PART_BITS) | pos]
+            cut_chars[rule] += chars
+            cut_lines[rule] += lines
     removed.update(d["reason"] for r in tok for d in r["removed"])
     write_reports(out, clean, drops, tok)
     shards = [r["shards"][split] for split in ("train", "val") for r in tok if split in r["shards"]]

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep import buckets, outdir, readers, report, stages
+from data_prep import buckets, outdir, partitions, readers, report, stages
 from data_prep.config import PrepConfig
 from data_prep.errors import ConfigError, KilnError, first_line
 from data_prep.eval_texts import read_sources
@@ -160,7 +160,7 @@ def prep(inputs: list[str], out: str | Path, cfg: PrepConfig, progress=None, tab
     given_tokenizer = check_tokenizer(cfg.tokenizer)[1] if cfg.tokenizer else None
     files = [f for f in readers.resolve_inputs(inputs, exclude=out) if outdir.staging_dir(out).resolve() not in f.parents]
     evals = read_sources(cfg.decontaminate.paths, cfg.decontaminate.max_bytes)
-    in_info, parts = readers.plan(files, cfg.shard_docs)
+    in_info, parts = partitions.plan(files, cfg.shard_docs, cfg.partition_bytes)
     if len(parts) >= 2**31:
         raise KilnError("too many partitions; raise shard_docs")
     fingerprint = outdir.fingerprint(cfg, in_info, given_tokenizer, evals)

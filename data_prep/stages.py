@@ -132,9 +132,10 @@ def boilerplate_step(cfg, work: str | Path) -> Boilerplate | None:
 
 
 def surviving(work: str | Path, part: int, skip: Callable[[int], bool],
-              boilerplate: Boilerplate | None) -> Iterator[tuple[int, Document]]:
+              boilerplate: Boilerplate | None, skipped: list | None = None) -> Iterator[tuple[int, Document]]:
     """(position, document) for a partition's documents not skipped (by dedup, by sampling), boilerplate
-    lines stripped; a document with nothing but boilerplate comes marked as removed."""
+    lines stripped; a document with nothing but boilerplate comes marked as removed. `skipped`, if given,
+    collects [position, characters, lines] of each skipped document (what dedup removed, for the report)."""
 
     def read():
         keys = ragged_rows(work, part, "units") if boilerplate else None
@@ -147,6 +148,9 @@ def surviving(work: str | Path, part: int, skip: Callable[[int], bool],
                     if hits is not None:
                         meta["boilerplate"] = hits if hits.any() else None
                     yield Document(d["id"], d["text"], meta=meta)
+                elif skipped is not None:
+                    text = json.loads(line)["text"]
+                    skipped.append([pos, len(text), text.count("\n") + 1])
 
     docs = boilerplate(read()) if boilerplate else read()
     for doc in docs:
@@ -169,10 +173,10 @@ def tokenize_partition(part: int, drop: np.ndarray, tokenizer: str, cfg, work: s
     boilerplate = boilerplate_step(cfg, work)
     writers = {s: IndexedWriter(Path(out) / "shards" / f"{s}_{part:05d}", dtype) for s in ("train", "val")}
     langs = {"train": Counter(), "val": Counter()}
-    chars, removed = Counter(), []
+    chars, removed, duplicates = Counter(), [], []
     try:
         batch: list[tuple[str, str, str]] = []
-        for _, doc in surviving(work, part, set(drop.tolist()).__contains__, boilerplate):
+        for _, doc in surviving(work, part, set(drop.tolist()).__contains__, boilerplate, duplicates):
             if doc.removed is not None:
                 removed.append({"id": doc.id, "reason": doc.removed, "detail": doc.detail})
                 continue
@@ -181,7 +185,8 @@ def tokenize_partition(part: int, drop: np.ndarray, tokenizer: str, cfg, work: s
                 _encode(batch, sp, eos, val_cut, writers, langs, chars)
                 batch = []
         _encode(batch, sp, eos, val_cut, writers, langs, chars)
-        result = {"part": part, "shards": {}, "removed": removed, "edits": edits([boilerplate] if boilerplate else [])}
+        result = {"part": part, "shards": {}, "removed": removed, "edits": edits([boilerplate] if boilerplate else []),
+                  "duplicates": duplicates}  # [position, characters, lines] of each document dedup removed
         for split, w in writers.items():
             if w.sizes:
                 info = w.close()

@@ -12,6 +12,7 @@ import gc
 import json
 import os
 import sys
+import time
 
 from pipeline.commands import (
     demo,
@@ -96,10 +97,26 @@ MAX_ERROR_LINES = 20  # a config error prints one line per problem; a flood of t
 def _error(prog: str, text: str) -> None:
     """Error lines on stderr: credentials redacted, each line clipped, at most MAX_ERROR_LINES."""
     lines = redact(text).splitlines() or [""]
-    for line in lines[:MAX_ERROR_LINES]:
-        print(f"{prog}: error: {clip(line)}", file=sys.stderr)
+    shown = [f"{prog}: error: {clip(line)}" for line in lines[:MAX_ERROR_LINES]]
     if len(lines) > MAX_ERROR_LINES:
-        print(f"{prog}: error: … and {len(lines) - MAX_ERROR_LINES} more", file=sys.stderr)
+        shown.append(f"{prog}: error: … and {len(lines) - MAX_ERROR_LINES} more")
+    print("\n".join(shown), file=sys.stderr)
+    _tell_torchrun("\n".join(shown))
+
+
+def _tell_torchrun(message: str) -> None:
+    """Under torchrun (`torchrun ... kiln train`), also write the error lines where torchrun looks for a worker's
+    error (TORCHELASTIC_ERROR_FILE): its closing "Root Cause" block then shows them in place of "To enable
+    traceback see ...", at the end of its own traceback. (`kiln launch` refuses such configs before any worker.)"""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    extra = {"py_callstack": message, "timestamp": str(int(time.time()))}
+    try:
+        with open(path, "w") as f:
+            json.dump({"message": {"message": message, "extraInfo": extra}}, f)
+    except OSError:
+        pass  # the error is on stderr already
 
 
 if __name__ == "__main__":

@@ -31,6 +31,16 @@ class _Redacted(logging.Filter):
         return True
 
 
+class _MissingKernels(logging.Filter):
+    """torchao's "Failed to load .../_C_*.so" at import: optional CUDA kernels a CPU install (or another Python)
+    lacks, not actionable. Only that message is dropped (shown with -v); torchao's other warnings pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        return not (text.startswith("Failed to load ") and ".so" in text.split(":", 1)[0]) \
+            or logging.getLogger("kiln").isEnabledFor(logging.DEBUG)
+
+
 # Human-facing output goes to stderr so that stdout stays clean for `--json`.
 console = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
 log = logging.getLogger("kiln")
@@ -48,8 +58,10 @@ def setup_logging(verbose: bool = False) -> None:
     root.setLevel(logging.WARNING)
     log.setLevel(level)
     # optional CUDA/triton kernels that a CPU install lacks: not actionable, only noise
-    for noisy in ("torchao", "torch.utils._pytree", "torch._dynamo"):
+    for noisy in ("torch.utils._pytree", "torch._dynamo"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    torchao = logging.getLogger("torchao")
+    torchao.filters[:] = [f for f in torchao.filters if not isinstance(f, _MissingKernels)] + [_MissingKernels()]
 
 
 def is_main_process() -> bool:

@@ -25,7 +25,9 @@ import torch.nn.functional as F
 from pipeline.config import KilnError
 from pipeline.console import progress
 from pipeline.data.corpus import PreparedCorpus, TokenStream
-from pipeline.device import autocast, default_device
+from pipeline.device import autocast, default_device, describe, use_cpu_threads
+
+SPEED_SETUP = ("device", "threads", "batch_size")  # what a tokens/s figure depends on besides the model
 
 
 def sliding_windows(n_tokens: int, block_size: int, stride: int) -> list[tuple[int, int, int]]:
@@ -142,6 +144,10 @@ def evaluate(model: torch.nn.Module, data_dir: str | Path, split: str = "val", m
         "bytes": n_bytes,
         "bits_per_byte": bits_per_byte(res["nll"], n_bytes) if n_bytes else None,
         "tokens_per_s": res["tokens"] / res["forward_s"] if res["forward_s"] > 0 else None,
+        # how tokens_per_s was measured: speeds compare only where these agree (`kiln eval --compare`)
+        "device": describe(device or next(model.parameters()).device),
+        "threads": torch.get_num_threads(),
+        "batch_size": batch_size,
         "wall_s": wall,
         "block_size": block_size,
         "stride": res["stride"],
@@ -164,6 +170,8 @@ def evaluate_model(model: str | Path, data_dir: str | Path, split: str = "val", 
     from pipeline.model.io import load_model_dir
 
     device = device or default_device()
+    if torch.device(device).type == "cpu":
+        use_cpu_threads()
     local = tracker.materialize(model) if tracker is not None else Path(model)
     net, config = load_model_dir(local, device=device)
     block = int(config.get("model", {}).get("block_size") or net.cfg.block_size)
@@ -173,6 +181,7 @@ def evaluate_model(model: str | Path, data_dir: str | Path, split: str = "val", 
         numeric = {k: v for k, v in result.items() if k in ("loss", "perplexity", "bits_per_token",
                                                             "bits_per_byte", "tokens", "tokens_per_s")
                    and v is not None}
+        setup = {k: result[k] for k in SPEED_SETUP}
         result["tracking"] = tracker.attach_eval(model if str(model).startswith("models:/") else local,
-                                                 numeric, split, data_dir)
+                                                 numeric, split, data_dir, setup)
     return result

@@ -10,6 +10,7 @@ parallelism; 2*s*b*h with full recomputation).
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 from pipeline.config import ConfigError, ModelConfig, load_yaml
@@ -45,6 +46,36 @@ def human_count(n: float) -> str:
     return f"{n:,.0f}"
 
 
+CPU = "cpu"  # `--gpu cpu`: this machine, its peak measured (there is no spec sheet to read)
+
+
+def known_devices() -> str:
+    return ", ".join([*sorted(GPU_PEAK_FLOPS), CPU])
+
+
+def peak_of(gpu: str) -> tuple[float, str]:
+    """(FLOP/s of one device, where that number comes from). A GPU: its bf16 spec. The CPU: an fp32 matmul
+    measured here, on the threads a Kiln process would use, an estimate for this machine only."""
+    if gpu == CPU:
+        from pipeline.device import measured_peak_flops, use_cpu_threads
+
+        threads = use_cpu_threads()
+        peak = measured_peak_flops()
+        return peak, f"CPU estimate: fp32 matmul measured on this machine, {threads} thread(s)"
+    if gpu not in GPU_PEAK_FLOPS:
+        raise ConfigError(f"--gpu {gpu}: unknown GPU; known: {known_devices()}")
+    return GPU_PEAK_FLOPS[gpu], f"{gpu} bf16 dense spec"
+
+
+def device_memory_gib(gpu: str) -> float:
+    """Memory of one device: a GPU's from the table; the CPU's is this machine's RAM."""
+    if gpu == CPU:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
+    if gpu not in GPU_MEMORY_GIB:
+        raise ConfigError(f"--gpu {gpu}: unknown GPU; known: {known_devices()}")
+    return GPU_MEMORY_GIB[gpu]
+
+
 def gpu_peak_flops(device_name: str) -> float | None:
     """The spec peak of a GPU from its device name (e.g. "NVIDIA H100 80GB HBM3"), or None if unknown."""
     name = device_name.lower()
@@ -53,11 +84,9 @@ def gpu_peak_flops(device_name: str) -> float | None:
 
 def budget_flops(gpus: int, hours: float, gpu: str = "h100", mfu: float = 0.4) -> float:
     """Training FLOPs a cluster delivers: GPUs x seconds x peak x achieved MFU."""
-    if gpu not in GPU_PEAK_FLOPS:
-        raise ConfigError(f"--gpu {gpu}: unknown GPU; known: {', '.join(sorted(GPU_PEAK_FLOPS))}")
     if gpus <= 0 or hours <= 0 or not 0 < mfu <= 1:
         raise ConfigError("--gpus and --hours must be positive and --mfu in (0, 1]")
-    return gpus * hours * 3600.0 * GPU_PEAK_FLOPS[gpu] * mfu
+    return gpus * hours * 3600.0 * peak_of(gpu)[0] * mfu
 
 
 def compute_optimal(flops: float, tokens_per_param: float = 20.0) -> dict[str, float]:
@@ -69,8 +98,9 @@ def compute_optimal(flops: float, tokens_per_param: float = 20.0) -> dict[str, f
 
 
 def shipped_models(config_dir: Path = CONFIG_DIR, vocab_size: int = DEFAULT_VOCAB) -> dict[str, ModelConfig]:
+    """The GPT-3 table sizes and, for budgets a CPU spends, the demo model (not the test shapes)."""
     out = {}
-    for path in sorted(config_dir.glob("[0-9]*.yaml")):  # the GPT-3 table sizes, not test shapes
+    for path in [config_dir / "demo.yaml", *sorted(config_dir.glob("[0-9]*.yaml"))]:
         data = load_yaml(path).get("model", {})
         data.setdefault("vocab_size", vocab_size)
         out[path.stem] = ModelConfig.model_validate(data)
@@ -154,9 +184,7 @@ def memory_per_gpu(
 
 def memory_budget(gpu: str) -> float:
     """Bytes of one GPU's memory a layout may fill (MEMORY_BUDGET of it); an unknown GPU is a config error."""
-    if gpu not in GPU_MEMORY_GIB:
-        raise ConfigError(f"--gpu {gpu}: unknown GPU; known: {', '.join(sorted(GPU_MEMORY_GIB))}")
-    return MEMORY_BUDGET * GPU_MEMORY_GIB[gpu] * GIB
+    return MEMORY_BUDGET * device_memory_gib(gpu) * GIB
 
 
 def recommend_layout(cfg: ModelConfig, gpus: int, gpu: str = "h100", precision: str = "bf16") -> dict:
@@ -200,30 +228,41 @@ def make_plan(
     tokens_per_param: float = 20.0,
     model: str | None = None,
     layout: dict | None = None,
+    data: str | Path | None = None,
 ) -> dict:
-    """Everything `kiln plan` prints, as one dict."""
+    """Everything `kiln plan` prints, as one dict. `data`: a `kiln prep` output, whose tokenizer's vocabulary
+    the model gets (as `kiln train` gives it), so the parameter counts are those of the model to be trained."""
+    vocab, vocab_from = DEFAULT_VOCAB, "the default; --data DIR gives your tokenizer's"
+    if data is not None:
+        from pipeline.data.corpus import PreparedCorpus
+
+        vocab, vocab_from = PreparedCorpus(data, verify=False).vocab_size, f"{data}'s tokenizer"
+    memory_budget(gpu)  # an unknown GPU is refused as such, before anything is measured or searched
+    peak, peak_note = peak_of(gpu)
     if flops is None:
         if gpus is None or hours is None:
             raise ConfigError("kiln plan: give --flops, or --gpus and --hours")
         flops = budget_flops(gpus, hours, gpu, mfu)
     optimum = compute_optimal(flops, tokens_per_param)
-    name, cfg, n = nearest_model(optimum["params"])
+    name, cfg, n = nearest_model(optimum["params"], vocab)
     if model:
         path = Path(model)
         if not path.exists():
             path = CONFIG_DIR / f"{model}.yaml"
-        data = load_yaml(path).get("model", {})
-        data.setdefault("vocab_size", DEFAULT_VOCAB)
-        name, cfg = path.stem, ModelConfig.model_validate(data)
+        spec = load_yaml(path).get("model", {})
+        if spec.get("vocab_size"):
+            vocab, vocab_from = spec["vocab_size"], f"{path}'s model.vocab_size"
+        spec["vocab_size"] = vocab
+        name, cfg = path.stem, ModelConfig.model_validate(spec)
         n = param_counts(cfg)["total"]
     active = param_counts(cfg)["active"]
     recommended, fits = layout is None, None
-    memory_budget(gpu)  # an unknown GPU is refused as such, not searched for
+    precision = "fp32" if gpu == CPU else "bf16"  # Kiln trains fp32 on CPUs (configs/train/*-cpu.yaml)
     if recommended:  # a memory failure is an answer, not an exit: say how many GPUs it takes instead
         try:
-            layout = recommend_layout(cfg, gpus or 1, gpu)
+            layout = recommend_layout(cfg, gpus or 1, gpu, precision)
         except ConfigError as e:
-            fits = smallest_fit(cfg, gpu)
+            fits = smallest_fit(cfg, gpu, precision)
             if fits is None:
                 raise ConfigError(f"{e}; no layout fits up to 16384 x {gpu} either") from None
             layout = fits[1]
@@ -242,6 +281,12 @@ def make_plan(
         "layout": layout,
         "layout_recommended": recommended,
         "memory_gib": {k: v / GIB for k, v in mem.items()},
+        "vocab_size": vocab,
+        "vocab_from": vocab_from,
+        "gpu": gpu,
+        "peak_flops": peak,
+        "peak_from": peak_note,
+        "hours_on_one": flops / (peak * mfu) / 3600.0,  # the budget's time on one device at --mfu
     }
     if fits:
         plan["fits"] = {"gpus_given": gpus or 1, "gpus_needed": fits[0], "gpu": gpu,

@@ -33,6 +33,7 @@ from pipeline.checkpoint import (
 from pipeline.config import ConfigError, KilnError, RunConfig, first_line
 from pipeline.console import log, progress
 from pipeline.data.sampler import TrainData, rank_slice
+from pipeline.device import measured_peak_flops, use_cpu_threads
 from pipeline.evaluate import bits_per_byte
 from pipeline.model.flops import flops_per_token
 from pipeline.model.io import save_model_dir
@@ -42,43 +43,6 @@ from pipeline.parallel.topology import init_distributed, make_layout
 from pipeline.plan import gpu_peak_flops
 from pipeline.preflight import check_resume, check_vocab
 from pipeline.schedule import lr_of, on_resume, schedule_of
-
-PEAK_CACHE = Path.home() / ".cache" / "kiln" / "peak_flops.json"
-
-
-def time_matmul_peak(dtype: torch.dtype = torch.float32, n: int = 1024, device: str = "cpu", repeats: int = 5) -> float:
-    """Best-of-`repeats` FLOP/s of an n x n matmul, after a warm-up (no caching)."""
-    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
-    for _ in range(3):
-        a @ b
-    best = 0.0
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(4):
-            a @ b
-        if device == "cuda":
-            torch.cuda.synchronize()
-        best = max(best, 4 * 2 * n**3 / (time.perf_counter() - t0))
-    return best
-
-
-def measured_peak_flops(dtype: torch.dtype = torch.float32, n: int = 1024, device: str = "cpu") -> float:
-    """Matmul FLOP/s of this machine (all threads), measured once and cached per device/dtype/threads."""
-    key = f"{device}:{dtype}:{torch.get_num_threads()}"
-    try:
-        cache = json.loads(PEAK_CACHE.read_text())
-    except (OSError, ValueError):
-        cache = {}
-    if key in cache:
-        return float(cache[key])
-    best = time_matmul_peak(dtype, n, device)
-    cache[key] = best
-    try:
-        PEAK_CACHE.parent.mkdir(parents=True, exist_ok=True)
-        PEAK_CACHE.write_text(json.dumps(cache))
-    except OSError:
-        pass
-    return best
 
 
 def peak_flops(cfg: RunConfig, world: int) -> float:
@@ -92,7 +56,8 @@ def peak_flops(cfg: RunConfig, world: int) -> float:
         return measured_peak_flops(torch.float32 if cfg.train.precision == "fp32" else torch.bfloat16,
                                    4096, "cuda") * world
     # CPU: one process's measured peak, times the processes the cores can run side by side
-    procs = max(1, min(world, (os.cpu_count() or 1) // torch.get_num_threads()))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    procs = max(1, min(world, cores // torch.get_num_threads()))
     return measured_peak_flops() * procs
 
 
@@ -202,6 +167,8 @@ def train(
     if cfg.train.precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("train.precision: fp16 needs a GPU (DeepSpeed's CPU accelerator has no fp16); use bf16 or fp32")
     init_distributed(cfg.train.collective_timeout_s)
+    if not torch.cuda.is_available():  # the node's cores shared out over its processes (or OMP_NUM_THREADS)
+        use_cpu_threads(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     try:
         return _train(cfg, on_log, on_checkpoint, on_end)
     except RuntimeError as err:
@@ -265,9 +232,10 @@ def _train(cfg: RunConfig, on_log, on_checkpoint, on_end) -> dict:
     peak = _broadcast(peak_flops(cfg, layout.world) if rank0 else None)  # measured once, not by every rank at once
     base_state = {"config": cfg.model_dump(mode="json"), "data_digests": data.digests,
                   "layout": _layout_key(cfg, layout.world), "global_batch": global_batch, "schedule": schedule}
-    log.info("%s | %s params | global batch %d x %d tokens | %d steps", layout.describe(),
+    log.info("%s | %s params | global batch %d x %d tokens | %d steps%s", layout.describe(),
              f"{sum(p.numel() for p in engine.engine.module.parameters()):,} local", global_batch,
-             cfg.model.block_size, t.steps)
+             cfg.model.block_size, t.steps,
+             "" if torch.cuda.is_available() else f" | {torch.get_num_threads()} CPU thread(s) per process")
 
     # val_bpb: the windows' summed loss (mean x target tokens) over their UTF-8 bytes, counted once (rank 0 logs)
     val_tokens = eval_batches * t.micro_batch_size * layout.dp * cfg.model.block_size
@@ -324,7 +292,8 @@ def _train(cfg: RunConfig, on_log, on_checkpoint, on_end) -> dict:
                 tps = tokens_last / max(t_done - t_last, 1e-9)
                 last = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                         "tokens": consumed * cfg.model.block_size, "tokens_per_s": tps, "mfu": fpt * tps / peak,
-                        "elapsed_s": elapsed0 + now - t_start, "memory_gb": memory_gb()}
+                        "elapsed_s": elapsed0 + now - t_start, "memory_gb": memory_gb(),
+                        "threads": torch.get_num_threads()}  # the CPU threads tokens_per_s was measured with
                 if val_loss is not None:
                     last["val_loss"] = val_loss
                     if val_bytes:

@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 
-from data_prep import buckets, readers, stages
+from data_prep import buckets, partitions, stages
 from data_prep.config import PrepConfig
 from data_prep.document import Document
 from data_prep.steps import Boilerplate
@@ -54,7 +54,7 @@ def test_bucket_counts_only_documents_that_dedup_kept(tmp_path):
     path = tmp_path / "in.jsonl"
     path.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in enumerate(texts)))
     cfg = PrepConfig(filters=[], dedup_buckets=3, near_dedup=False, boilerplate={"max_docs": 2})
-    _, parts = readers.plan([path], 100)
+    _, parts = partitions.plan([path], 100)
     stages.clean_partition(parts[0], cfg, str(tmp_path))
     np.save(tmp_path / "dropped.npy", np.array([], np.int64))
     got = np.concatenate([buckets.boilerplate_bucket(b, [0], str(tmp_path), 2) for b in range(3)])
@@ -69,7 +69,7 @@ def test_tokenize_side_strips_with_the_keys_the_clean_stage_stored(tmp_path, mon
     path = tmp_path / "in.jsonl"
     path.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in enumerate(texts)))
     cfg = PrepConfig(filters=[], near_dedup=False, shard_docs=2)  # two key chunks
-    _, parts = readers.plan([path], 100)
+    _, parts = partitions.plan([path], 100)
     stages.clean_partition(parts[0], cfg, str(tmp_path))
     np.save(tmp_path / "boilerplate.npy", np.array([unit_key(FOOTER)], np.uint64))
     step = stages.boilerplate_step(cfg, tmp_path)

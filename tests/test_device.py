@@ -107,3 +107,20 @@ def test_prune_loads_onto_the_gpu_when_there_is_one(monkeypatch):
         with pytest.raises(RuntimeError, match="stop here"):
             prune.prune("parent", PruneConfig(), "out")
     assert asked == ["cuda", "cpu"]
+
+
+def test_cpu_threads_come_from_the_cores_this_process_may_use(monkeypatch):
+    """Not the machine's core count: the affinity mask (a cgroup or taskset share), split over the node's
+    processes; OMP_NUM_THREADS, when the user set it, wins."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(device_mod.os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(device_mod.os, "sched_getaffinity", lambda pid: {3, 4, 5, 6, 7, 8}, raising=False)
+    assert device_mod.cpu_threads() == 6 and device_mod.cpu_threads(processes=4) == 1
+    assert device_mod.cpu_threads(processes=100) == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert device_mod.cpu_threads() == 2 and device_mod.cpu_threads(processes=4) == 2
+    old = torch.get_num_threads()
+    try:
+        assert device_mod.use_cpu_threads() == 2 == torch.get_num_threads()
+    finally:
+        torch.set_num_threads(old)

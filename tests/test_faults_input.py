@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from data_prep import readers
+from data_prep import partitions, readers
 from data_prep.document import BadRecord, Document
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,7 +29,7 @@ HUGE_LINE_MB = 100  # the issue's size, for the memory-bound reading test
 
 
 def records(path: Path, docs_per_part: int = 1000):
-    _, parts = readers.plan([path], docs_per_part)
+    _, parts = partitions.plan([path], docs_per_part)
     return [r for p in parts for r in readers.read_partition(p)]
 
 
@@ -157,9 +157,9 @@ def _huge_file(path: Path, copies: int) -> None:
 
 READ_PEAK = """
 import json, resource, sys
-from data_prep import readers
+from data_prep import partitions, readers
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-_, parts = readers.plan([readers.Path(sys.argv[1])], 1000)
+_, parts = partitions.plan([readers.Path(sys.argv[1])], 1000)
 seen = []
 for p in parts:
     for r in readers.read_partition(p):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from factories import dedup_texts
 
-from data_prep import buckets, readers, stages
+from data_prep import buckets, partitions, stages
 from data_prep.config import PrepConfig
 from data_prep.steps.minhash_dedup import MinHasher, candidate_pairs, keep_first, sketch_jaccard
 
@@ -91,7 +91,7 @@ def test_twins_that_filters_make_diverge_are_still_found(tmp_path):
     # one paragraph a line: a line without its stop is a line of its own, not one wrapped into the next
     path.write_text("".join(json.dumps({"id": i, "text": "\n\n".join(t)}) + "\n" for i, t in enumerate([lines, twin])))
     cfg = PrepConfig(filters=["c4"], filter_enable=["c4:terminal_punct"], dedup_buckets=2, boilerplate={"enabled": False})
-    _, parts = readers.plan([path], 100)
+    _, parts = partitions.plan([path], 100)
     stats = stages.clean_partition(parts[0], cfg, str(tmp_path / "work"))
     assert stats["kept"] == 2
     kept = [json.loads(x)["text"] for x in (tmp_path / "work/clean/00000/docs.jsonl").read_text().splitlines()]

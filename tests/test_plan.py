@@ -192,3 +192,34 @@ def test_a_small_budget_prints_its_counts_not_zero_billions(capsys):
     assert main(["plan", "--flops", "1e14"]) == 0
     table = capsys.readouterr().err
     assert "912,871" in table and "18.3 M" in table and "0.00 B" not in table and "│ 0 B" not in table
+    assert "configs/model/demo.yaml (11.4 M params)" in table  # the nearest: the CPU demo model, not 125m
+
+
+def test_cpu_plan_with_the_users_vocabulary(tmp_path, monkeypatch, capsys):
+    """`--gpu cpu`: this machine's measured fp32 matmul peak (said to be a CPU estimate) and the time the budget
+    takes on it; `--data DIR`: the model gets the prep output's vocabulary, as kiln train gives it, so the demo
+    model with a 4,096 vocabulary counts 2.56 M parameters, not the 11.4 M of the default 50,304."""
+    import torch
+
+    from data_prep.synthetic import fake_corpus
+    from pipeline.cli import main
+
+    data = fake_corpus(tmp_path / "prepped", vocab_size=4096, train_docs=8, val_docs=2)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    old = torch.get_num_threads()
+    try:
+        assert main(["plan", "--flops", "1e14", "--gpu", "cpu", "--model", "demo", "--data", str(data), "--json"]) == 0
+    finally:
+        torch.set_num_threads(old)
+    printed = capsys.readouterr()
+    plan = json.loads(printed.out.strip().splitlines()[-1])
+    demo = load_config("train", ROOT / "configs/model/demo.yaml").model
+    demo.vocab_size = 4096
+    assert plan["model_params"] == param_counts(demo)["total"] == 2_557_632 and plan["vocab_size"] == 4096
+    assert plan["peak_flops"] > 0 and plan["hours_on_one"] == pytest.approx(1e14 / (plan["peak_flops"] * 0.4) / 3600)
+    assert plan["layout"]["precision"] == "fp32"
+    table = " ".join(printed.err.replace("│", " ").split())  # the table's wrapped cells, read as one text
+    assert plan["peak_from"] == "CPU estimate: fp32 matmul measured on this machine, 1 thread(s)"
+    assert "GFLOP/s (CPU estimate:" in table and "2.6 M params" in table and "4,096 (" in table
+    assert main(["plan", "--flops", "1e14", "--gpu", "tpu"]) == 2
+    assert "known: a100, a10g, b200, h100, h200, l40s, v100, cpu" in capsys.readouterr().err

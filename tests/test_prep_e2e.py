@@ -281,27 +281,37 @@ def tree_bytes(root: Path) -> dict[str, bytes]:
 
 def test_wrapped_text_keeps_its_characters_and_the_report_says_what_went(ray_local, tmp_path, capsys):
     """Man-page-like text (hard-wrapped at 70 columns, `{` in prose and examples) under the default filters:
-    at least 90% of its characters reach the shards; each rule's documents, lines and characters are reported,
-    and a rule over warn_removed_share is named at the end with the key that turns it off."""
+    at least 90% of its characters reach the shards; each rule's documents, lines and characters are reported
+    (dedup's too), and a rule over warn_removed_share is named at the end with the key that turns it off.
+    The corpus has far fewer documents than shard_docs, and is cut by bytes: both --workers get a partition."""
     from factories import manpage_texts
 
     from pipeline.cli import main
 
     texts = manpage_texts(40)
-    (tmp_path / "man.jsonl").write_text("".join(json.dumps({"id": f"man{i}", "text": t}) + "\n" for i, t in enumerate(texts)))
+    lines = [json.dumps({"id": f"man{i}", "text": t}) + "\n" for i, t in enumerate(texts)]
+    lines.append(json.dumps({"id": "copy", "text": texts[0]}) + "\n")  # an exact duplicate of man0
+    (tmp_path / "man.jsonl").write_text("".join(lines))
     out = tmp_path / "out"
+    half = sum(len(line.encode()) for line in lines) // 2
     assert main(["prep", str(tmp_path / "man.jsonl"), "--out", str(out), "--vocab-size", "400", "--workers", "2",
-                 "--set", "tracking.enabled=false", "--set", "warn_removed_share=0.03", "--json"]) == 0
+                 "--set", "tracking.enabled=false", "--set", "warn_removed_share=0.03",
+                 "--set", f"partition_bytes={half}", "--json"]) == 0
     captured = capsys.readouterr()
     summary = json.loads(captured.out.strip().splitlines()[-1])
     c = summary["counts"]
-    assert c["documents_kept"] == len(texts) and c["removed"] == {}
+    assert c["documents_kept"] == len(texts) and c["removed"] == {"exact_dup": 1}
+    # the duplicate's characters as dedup saw them: after the line rules had cut its short lines
+    assert 0.9 * len(texts[0]) < c["removed_chars"]["exact_dup"] <= len(texts[0]) and c["removed_lines"]["exact_dup"] > 5
     assert c["characters"]["kept"] >= 0.9 * sum(map(len, texts)), c
     cut = c["removed_chars"]["c4:min_words_per_line"]  # headings and option names: short lines
     assert 0 < cut < 0.1 * c["characters"]["in"] and c["removed_lines"]["c4:min_words_per_line"] >= 3 * len(texts)
     [warning] = summary["warnings"]
     assert warning.startswith("c4:min_words_per_line removed") and "filter_disable: [c4:min_words_per_line]" in warning
     assert warning in " ".join(captured.err.split())
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert {sh["path"] for sh in manifest["shards"] if sh["split"] == "train"} == {"shards/train_00000", "shards/train_00001"}
+    assert sorted(p.name for p in (out / "work" / "clean").iterdir()) == ["00000", "00001"]  # both partitions ran
 
 
 def test_rerun_into_a_finished_output_refuses_and_a_failed_overwrite_keeps_it(reference, corpus, tmp_path, capsys):

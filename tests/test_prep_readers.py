@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from data_prep import buckets, readers, stages
+from data_prep import buckets, partitions, readers, stages
 from data_prep.document import BadRecord, Document
 from data_prep.tokenizer import check_tokenizer, train_tokenizer
 from pipeline.config import ConfigError, KilnError, PrepConfig
 
 
 def records(path: Path, docs_per_part: int = 1000, **fields):
-    _, parts = readers.plan([path], docs_per_part)
+    _, parts = partitions.plan([path], docs_per_part)
     return [r for p in parts for r in readers.read_partition(p, **fields)], parts
 
 
@@ -86,7 +86,7 @@ def test_field_mapping_parquet_and_hf_dir(tmp_path):
     DatasetDict({"train": ds, "test": ds.select([0])}).save_to_disk(str(tmp_path / "hf"))
     files = readers.resolve_inputs([str(tmp_path / "hf")])
     assert all(f.suffix == ".arrow" for f in files) and len(files) == 2
-    _, parts = readers.plan(files, 10)
+    _, parts = partitions.plan(files, 10)
     texts = [r.text for p in parts for r in readers.read_partition(p)]
     assert sorted(texts) == ["one", "one", "three", "two"]
 
@@ -135,7 +135,7 @@ def test_clean_partition_publishes_once_and_is_reused(tmp_path):
             "The chair thanked the volunteers who had prepared the figures for the meeting.")
     path = tmp_path / "in.jsonl"
     path.write_text("\n".join(json.dumps({"id": i, "text": text if i != 2 else "tiny"}) for i in range(3)) + "\n{bad\n")
-    _, parts = readers.plan([path], 100)
+    _, parts = partitions.plan([path], 100)
     cfg = PrepConfig(filter_params={"gopher_quality": {"min_words": 10}})
     stats = stages.clean_partition(parts[0], cfg, str(tmp_path / "work"))
     assert stats["records"] == 4 and stats["kept"] == 2 and stats["quarantined"] == {"malformed_json": 1}
@@ -175,7 +175,7 @@ def test_one_big_compressed_file_flushes_keys_in_chunks(tmp_path):
     texts = [base.format(i=i) for i in range(4)] + [base.format(i=0)]
     path = tmp_path / "big.jsonl.gz"
     path.write_bytes(gzip.compress("".join(json.dumps({"id": f"d{i}", "text": t}) + "\n" for i, t in enumerate(texts)).encode()))
-    _, parts = readers.plan([path], 2)
+    _, parts = partitions.plan([path], 2)
     assert len(parts) == 1
     cfg = PrepConfig(filter_params={"gopher_quality": {"min_words": 10}}, shard_docs=2, dedup_buckets=3)
     assert stages.clean_partition(parts[0], cfg, str(tmp_path / "w"))["kept"] == 5
@@ -191,3 +191,43 @@ def test_output_dir_inside_the_input_dir_is_not_read(tmp_path):
     (tmp_path / "data" / "prepped" / "report" / "removed.jsonl").write_text('{"id": "x"}\n')
     got = readers.resolve_inputs([str(tmp_path / "data")], exclude=tmp_path / "data" / "prepped")
     assert [p.name for p in got] == ["a.jsonl"]
+
+
+@pytest.mark.parametrize("docs_per_part,part_bytes", [(1000, 100), (3, 70), (1000, 1), (1000, 10**9)])
+def test_jsonl_partitions_by_bytes_cut_at_line_ends(tmp_path, docs_per_part, part_bytes):
+    """Cut at the first line end past part_bytes or docs_per_part lines: every line once, line numbers right."""
+    path = tmp_path / "x.jsonl"
+    data = b"".join(json.dumps({"id": f"r{i}", "text": "w " * (i % 37)}).encode() + b"\n" for i in range(60))
+    path.write_bytes(data)
+    _, parts = partitions.plan([path], docs_per_part, part_bytes)
+    got = [r for p in parts for r in readers.read_partition(p)]
+    assert [r.source for r in got] == [f"x.jsonl:{i}" for i in range(1, 61)]
+    for p in parts[:-1]:
+        assert data[p["start"] - 1:p["start"]] in (b"", b"\n")
+        chunk = data[p["start"]:p["end"]].splitlines(keepends=True)
+        assert sum(map(len, chunk[:-1])) < part_bytes and len(chunk) <= docs_per_part  # cut no earlier than due
+        assert len(chunk) == docs_per_part or sum(map(len, chunk)) >= part_bytes  # nor later
+    assert (len(parts) > 1) == (part_bytes < len(data) or docs_per_part < 60)
+
+
+def test_default_partition_size_spreads_a_corpus_over_64_parts(tmp_path, monkeypatch):
+    """No partition_bytes: the inputs' size / PARTS, at least MIN_PART_BYTES; a single parquet row group is cut
+    into row ranges that read back every row once, in order."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({"id": [f"r{i}" for i in range(500)], "text": [f"row {i} " * 20 for i in range(500)]})
+    pq.write_table(table, tmp_path / "one_group.parquet", row_group_size=500)
+    got, parts = records(tmp_path / "one_group.parquet", docs_per_part=50_000)
+    assert len(parts) == 1  # 1 MiB floor: a small file stays whole
+    path = tmp_path / "x.jsonl"
+    path.write_bytes(lines(640))
+    assert partitions.part_size([path], None) == partitions.MIN_PART_BYTES
+    monkeypatch.setattr(partitions, "MIN_PART_BYTES", 1)
+    assert partitions.part_size([path], None) == -(-path.stat().st_size // 64)
+    assert len(partitions.plan([path], 50_000)[1]) == 64
+    _, parts = partitions.plan([tmp_path / "one_group.parquet"], 50_000, 2000)
+    assert len(parts) > 2 and all(p["start"] == 0 and p["end"] == 1 for p in parts)
+    rows = [r for p in parts for r in readers.read_partition(p)]
+    assert [r.text for r in rows] == table.column("text").to_pylist() == [r.text for r in got]
+    assert [r.source for r in rows] == [f"one_group.parquet:{i}" for i in range(1, 501)]

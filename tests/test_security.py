@@ -188,9 +188,9 @@ def gz_bomb(path: Path, total: int, first: bytes = b"") -> Path:
 READ_BOUNDED = """
 import json, resource, sys
 resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))  # the shared test box must survive an unfixed reader
-from data_prep import readers
+from data_prep import partitions, readers
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-_, parts = readers.plan([readers.Path(p) for p in sys.argv[1:]], 1000)
+_, parts = partitions.plan([readers.Path(p) for p in sys.argv[1:]], 1000)
 seen = [getattr(r, "reason", None) or r.id for p in parts for r in readers.read_partition(p)]
 print(json.dumps({"seen": seen, "peak_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024}))
 """

@@ -135,6 +135,38 @@ def test_fetch_eval_lineage_end_to_end(pipeline, server, tmp_path, monkeypatch, 
     assert [p["run_id"] for p in ds["prep_runs"]] == [pipeline["run_ids"][0]]
 
 
+def test_compare_puts_speeds_side_by_side_only_when_measured_alike(pipeline, server, monkeypatch, capsys):
+    """Each eval records the device, CPU threads and batch size of its tokens/s (run params and version tags);
+    `kiln eval --compare` gives a speed ratio only when the aliases' agree, else one line saying what differs."""
+    import torch
+
+    uri = ["--tracking-uri", server.uri]
+    old = torch.get_num_threads()
+    try:
+        for alias, threads in (("champion", "1"), ("int8", "1"), ("int8", "2")):
+            monkeypatch.setenv("OMP_NUM_THREADS", threads)  # the user's choice wins over the affinity mask
+            assert main(["eval", f"models:/kiln-tiny@{alias}", "--data", str(pipeline["corpus"]), "--max-tokens",
+                         "64", "--json", *uri]) == 0
+            ev = _last_json(capsys)
+            assert (ev["device"], ev["threads"], ev["batch_size"]) == ("cpu", int(threads), 8)
+            if threads == "1":
+                assert main(["eval", "--compare", "models:/kiln-tiny", "--json", *uri]) == 0
+                printed = capsys.readouterr()
+                out = json.loads(printed.out.strip().splitlines()[-1])
+                assert out["speed_notes"] == [] or alias == "champion", out["speed_notes"]
+        run = pipeline["tracker"].client.get_run(ev["tracking"]["run_id"])
+        assert run.data.params["threads"] == "2" and run.data.params["device"] == "cpu"
+        assert "val.tokens_per_s / champion's" in " ".join(printed.err.split())  # alike: the ratio row
+        assert main(["eval", "--compare", "models:/kiln-tiny", "--json", *uri]) == 0
+        printed = capsys.readouterr()
+        notes = json.loads(printed.out.strip().splitlines()[-1])["speed_notes"]
+        assert notes == ["val.tokens_per_s: not compared, measured with different threads "
+                         "(champion: threads 1; int8: threads 2)"]
+        assert notes[0] in " ".join(printed.err.split()) and "/ champion's" not in printed.err
+    finally:
+        torch.set_num_threads(old)
+
+
 def test_register_cli_reuses_the_logged_model_of_the_same_weights(pipeline, server, capsys):
     uri = ["--tracking-uri", server.uri, "--set", "tracking.experiment=e2e"]
     assert main(["register", str(pipeline["model_dir"]), "--name", "kiln-other", "--alias", "best", "--json", *uri]) == 0

@@ -203,15 +203,21 @@ def test_kill9_and_rerun_equals_uninterrupted_bit_for_bit(tmp_path):
     assert all(torch.equal(a[k], c[k]) for k in a)
 
     # extending the finished run: one line says what the schedule does before step one, and the rate does not jump
+    # (run on one core, OMP_NUM_THREADS unset: the thread count comes from the affinity mask, not the machine)
     cmd = kiln_train_cmd(out, f"data.paths=[{corpus}]", "train.steps=30", "checkpoint.every=6", "train.eval_every=6")
-    res = subprocess.run(cmd, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    one_core = min(os.sched_getaffinity(0))
+    res = subprocess.run(cmd, env={k: v for k, v in ENV.items() if k != "OMP_NUM_THREADS"}, cwd=ROOT,
+                         capture_output=True, text=True, timeout=300, preexec_fn=lambda: os.sched_setaffinity(0, {one_core}))
     assert res.returncode == 0, res.stderr[-3000:]
     err = " ".join(res.stderr.split())
+    assert "| 1 CPU thread(s) per process" in err
     assert "resuming at step 24: the learning rate continues the checkpoint's schedule" in err, err[-2000:]
     assert err.index("resuming at step 24") < err.index("step 25/30")
     lrs = {m["step"]: m["lr"] for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
     assert sorted(lrs) == list(range(1, 31)) and all(lrs[s] == pytest.approx(1e-4) for s in range(25, 31))
     assert max(lrs[s] for s in range(25, 31)) <= lrs[24]
+    rows = list(map(json.loads, (out / "metrics.jsonl").read_text().splitlines()))
+    assert {m["threads"] for m in rows} == {1}  # every tokens/s with the threads it was measured on
 
 
 def test_train_config_errors_are_one_line(tmp_path):

@@ -46,6 +46,10 @@ def run(args) -> dict:
     if not args.model or not (cfg.data or cfg.tasks):
         raise ConfigError("kiln eval MODEL --data DIR and/or --tasks LIST (or data:/tasks: in --config; "
                           "or kiln eval --compare models:/NAME)")
+    if cfg.data:  # before the model is fetched or loaded
+        from pipeline.data.corpus import check_prep_dir
+
+        check_prep_dir(cfg.data)
     tracker = common.tracker(args, must_exist=str(args.model).startswith("models:/"), cfg=cfg)
     result: dict = {"model": args.model}
     if cfg.data:
@@ -53,7 +57,8 @@ def run(args) -> dict:
 
         result = evaluate_model(args.model, cfg.data, cfg.split, cfg.max_tokens, tracker=tracker)
         kv_table(f"kiln eval {args.model} on {cfg.data} ({cfg.split})",
-                 {k: result[k] for k in ("tokens", "perplexity", "bits_per_token", "bits_per_byte", "tokens_per_s")})
+                 {k: result[k] for k in ("tokens", "perplexity", "bits_per_token", "bits_per_byte", "tokens_per_s",
+                                         "device", "threads", "batch_size")})
     if cfg.tasks:
         result["lm_eval"] = _tasks(args.model, cfg, tracker)
     return result
@@ -77,12 +82,48 @@ def _tasks(model: str, cfg, tracker) -> dict:
 
 
 def _compare(args, cfg) -> dict:
-    from pipeline.console import print_table
+    from pipeline.console import log, print_table
 
     rows = common.tracker(args, must_exist=True, cfg=cfg).eval_table(args.compare)
     # one column per alias, one row per measurement: stays readable however many tasks were run
     aliases = [row["alias"] for row in rows]
     keys = list(dict.fromkeys(k for row in rows for k in row if k != "alias"))
     table = [{"measurement": key, **{row["alias"]: row.get(key) for row in rows}} for key in keys]
+    notes = []
+    for key in [k for k in keys if k.endswith("tokens_per_s")]:
+        ratio, note = speed_ratio(rows, key)
+        if ratio:
+            table.append({"measurement": f"{key} / {aliases[0]}'s", **ratio})
+        if note:
+            notes.append(note)
     print_table(f"kiln eval --compare {args.compare}", table, ["measurement", *aliases])
-    return {"name": args.compare, "rows": rows}
+    for note in notes:
+        log.info("%s", note)
+    return {"name": args.compare, "rows": rows, "speed_notes": notes}
+
+
+def speed_ratio(rows: list[dict], key: str) -> tuple[dict | None, str | None]:
+    """Each alias's `key` (a tokens/s) over the first alias's, when every one was measured alike: the same
+    device, CPU threads and batch size (the `.device`/`.threads`/`.batch_size` beside it). Otherwise no ratio,
+    and one line saying why: a speed measured on 2 threads against one on 1 is not a property of the model."""
+    from pipeline.evaluate import SPEED_SETUP
+
+    split = key[: -len("tokens_per_s")]
+    measured = [row for row in rows if row.get(key) is not None]
+    if len(measured) < 2:
+        return None, None
+    setups = {row["alias"]: tuple(row.get(split + k) for k in SPEED_SETUP) for row in measured}
+    if any(None in setup for setup in setups.values()):
+        old = ", ".join(a for a, setup in setups.items() if None in setup)
+        return None, f"{key}: not compared; {old} recorded no device/threads/batch size with it (rerun kiln eval)"
+    differ = [i for i in range(len(SPEED_SETUP)) if len({setup[i] for setup in setups.values()}) > 1]
+    if differ:
+        def text(v) -> str:
+            return f"{v:g}" if isinstance(v, float) else str(v)
+
+        shown = "; ".join(f"{alias}: " + ", ".join(f"{SPEED_SETUP[i]} {text(setup[i])}" for i in differ)
+                          for alias, setup in setups.items())
+        return None, (f"{key}: not compared, measured with different {' and '.join(SPEED_SETUP[i] for i in differ)} "
+                      f"({shown})")
+    base = measured[0][key]
+    return {row["alias"]: f"{row[key] / base:.2f}x" for row in measured}, None

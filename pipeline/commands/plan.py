@@ -18,7 +18,10 @@ def add_arguments(p) -> None:
     budget.add_argument("--flops", type=float, help="total training FLOPs")
     budget.add_argument("--gpus", type=int, help="GPU count (with --hours)")
     p.add_argument("--hours", type=float)
-    p.add_argument("--gpu", default="h100", help="h100, h200, b200, a100, l40s, a10g, v100")
+    p.add_argument("--gpu", default="h100", help="h100, h200, b200, a100, l40s, a10g, v100, or cpu (this machine: "
+                   "its fp32 matmul peak measured, its RAM as the memory; --gpus counts such machines)")
+    p.add_argument("--data", metavar="DIR", help="a kiln prep output: the model gets its tokenizer's vocabulary "
+                   "(default 50,304), as kiln train gives it")
     p.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilization")
     p.add_argument("--tokens-per-param", type=float, default=20.0)
     p.add_argument("--model", help="a configs/model name or YAML file for the memory estimate (default: nearest)")
@@ -52,8 +55,9 @@ def run(args) -> dict:
         layout.update({k: v for k, v in given.items() if v is not None})
     plan = make_plan(
         flops=args.flops, gpus=args.gpus, hours=args.hours, gpu=args.gpu, mfu=args.mfu,
-        tokens_per_param=args.tokens_per_param, model=args.model, layout=layout,
+        tokens_per_param=args.tokens_per_param, model=args.model, layout=layout, data=args.data,
     )
+    unit = f"1 x {plan['gpu']}"
     shown = {
         "compute budget": f"{plan['flops']:.3e} FLOPs",
         "compute-optimal params (Chinchilla)": human_count(plan["optimal_params"]),
@@ -62,6 +66,10 @@ def run(args) -> dict:
                                   + (f", {human_count(plan['model_active_params'])} active)"
                                      if plan["model_active_params"] != plan["model_params"] else ")"),
         "tokens that config gets from the budget": human_count(plan["tokens_for_model"]),
+        "vocabulary": f"{plan['vocab_size']:,} ({plan['vocab_from']})",
+        f"peak of {unit}": (f"{plan['peak_flops'] / 1e9:,.1f} GFLOP/s" if plan["peak_flops"] < 1e12
+                            else f"{plan['peak_flops'] / 1e12:,.0f} TFLOP/s") + f" ({plan['peak_from']})",
+        f"the budget's time on {unit}": f"{plan['hours_on_one']:,.3g} h at MFU {args.mfu:g}",
         "recommended layout" if plan["layout_recommended"] else "layout":
             ", ".join(f"{k}={v}" for k, v in plan["layout"].items() if v is not None),
     }

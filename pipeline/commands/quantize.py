@@ -27,6 +27,10 @@ def add_arguments(p) -> None:
 def run(args) -> dict:
     cfg = load(args, "quantize", {"method": args.method, "bits": args.bits, "group_size": args.group_size,
                                   "calib": args.calib})
+    if cfg.calib:
+        from pipeline.data.corpus import check_prep_dir
+
+        check_prep_dir(cfg.calib)
     from pipeline.post.quantize import quantize
     from pipeline.tracking import Tracker
 

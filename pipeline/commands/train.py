@@ -24,7 +24,11 @@ def config(args):
 
 
 def run(args) -> dict:
+    from pipeline.data.corpus import check_prep_dir
+
     cfg = config(args)  # refused before the heavy imports
+    for path in cfg.data.paths:
+        check_prep_dir(path)
     from pipeline.plot import plot
     from pipeline.tracking import Tracker
     from pipeline.train import train

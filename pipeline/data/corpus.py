@@ -28,17 +28,24 @@ TOKENIZER_MAX = 64 << 20  # bytes of a sentencepiece model (a 256k vocabulary is
 MAX_OPEN_SHARDS = 64  # shards a TokenStream keeps mapped at once (one memory map each); data.max_open_shards
 
 
+def check_prep_dir(directory: str | Path) -> Path:
+    """A raw corpus file given where a `kiln prep` output belongs (--data, data.paths, --calib) is refused in one
+    line naming the command that prepares it: the commands call this before their heavy imports."""
+    path = Path(directory)
+    if path.is_file():
+        raise KilnError(f"{path}: a file, not a `kiln prep` output directory; prepare it first "
+                        f"(kiln prep {path} --out DIR) and pass DIR")
+    return path
+
+
 class PreparedCorpus:
     """manifest.json + shards of one prep output directory."""
 
     def __init__(self, directory: str | Path, verify: bool = True):
         """`verify`: check every shard against the manifest by size, header and fingerprint (fast: a few
         reads per shard, whatever its size). `verify_full` hashes every byte."""
-        self.dir = Path(directory)
+        self.dir = check_prep_dir(directory)
         path = self.dir / "manifest.json"
-        if self.dir.is_file():
-            raise KilnError(f"{self.dir}: a file, not a `kiln prep` output directory; prepare it first "
-                            f"(kiln prep {self.dir} --out DIR) and pass DIR")
         try:
             self.manifest = json.loads(read_confined(self.dir, "manifest.json", str(self.dir), MANIFEST_MAX))
         except FileNotFoundError:

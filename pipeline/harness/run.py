@@ -15,6 +15,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import subprocess
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -22,6 +25,28 @@ import torch
 from pipeline.config import ConfigError, KilnError
 
 TASKS_DIR = Path(__file__).with_name("tasks")
+
+
+@contextmanager
+def quiet_git():
+    """lm-eval records `git describe --always` of the working directory in its results, and git says "fatal: not
+    a git repository" on stderr wherever that is not one. The same call with git's stderr discarded (lm-eval
+    falls back to its own lookup either way); nothing else of lm-eval's is touched."""
+    import lm_eval.evaluator as evaluator
+    from lm_eval.loggers.utils import get_commit_from_path
+
+    def git_hash() -> str | None:
+        try:
+            return subprocess.check_output(["git", "describe", "--always"], stderr=subprocess.DEVNULL).strip().decode()
+        except (subprocess.CalledProcessError, FileNotFoundError):
+            return get_commit_from_path(os.getcwd())
+
+    saved = evaluator.get_git_commit_hash
+    evaluator.get_git_commit_hash = git_hash
+    try:
+        yield
+    finally:
+        evaluator.get_git_commit_hash = saved
 
 
 def _import_lm_eval():
@@ -130,8 +155,9 @@ def run_tasks(model_dir: str | Path, tasks: list[str], include_path: list[str] |
     manager = task_manager(tasks, include_path, trusted_include_path)
     sandbox_templates()
     lm = make_lm(Path(model_dir), batch_size, device)
-    res = simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit, num_fewshot=num_fewshot,
-                          log_samples=True, bootstrap_iters=0, batch_size=batch_size)
+    with quiet_git():
+        res = simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit, num_fewshot=num_fewshot,
+                              log_samples=True, bootstrap_iters=0, batch_size=batch_size)
     if res is None:
         raise KilnError("lm-eval returned no results")
     return {"results": flatten(res["results"]), "datasets": datasets(res), "n_samples": res.get("n-samples", {}),

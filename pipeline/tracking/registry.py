@@ -328,11 +328,12 @@ def materialize(tracker: Tracker, model: str | Path) -> Path:
 
 
 def attach_eval(tracker: Tracker, model: str | Path, metrics: dict[str, float], split: str,
-                data_dir: str | Path | None = None) -> dict | None:
-    """Log eval numbers in an `eval` run, on the logged model, and as tags of its registry version."""
+                data_dir: str | Path | None = None, setup: dict | None = None) -> dict | None:
+    """Log eval numbers in an `eval` run, on the logged model, and as tags of its registry version; `setup`
+    (device, threads, batch_size: how tokens/s was measured) as the run's params and beside them as tags."""
     if not tracker.enabled:
         return None
-    with tracker.stage_run("eval", params={"model": str(model), "split": split}) as run:
+    with tracker.stage_run("eval", params={"model": str(model), "split": split, **(setup or {})}) as run:
         if not run.run_id:
             return None
         model_id = run.safe(model_id_for, tracker, model)
@@ -344,7 +345,7 @@ def attach_eval(tracker: Tracker, model: str | Path, metrics: dict[str, float], 
         if str(model).startswith("models:/") and model_id:
             ref = run.safe(resolve, tracker, str(model))
             if ref and ref.version:
-                for key, value in metrics.items():
+                for key, value in {**metrics, **(setup or {})}.items():
                     run.safe(tracker.client.set_model_version_tag, ref.name, ref.version,
                              f"kiln.eval.{split}.{key}", str(value))
         return {"run_id": run.run_id, "model_id": model_id}

@@ -141,8 +141,8 @@ class Tracker:
         return registry.materialize(self, model)
 
     def attach_eval(self, model: str | Path, metrics: dict[str, float], split: str,
-                    data_dir: str | Path | None = None) -> dict | None:
-        return registry.attach_eval(self, model, metrics, split, data_dir)
+                    data_dir: str | Path | None = None, setup: dict | None = None) -> dict | None:
+        return registry.attach_eval(self, model, metrics, split, data_dir, setup)
 
     def attach_harness(self, model: str, local_dir: str, result: dict, params: dict) -> dict | None:
         return evals.attach_harness(self, model, local_dir, result, params)
