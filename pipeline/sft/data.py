@@ -28,7 +28,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from data_prep.document import BadRecord
-from data_prep.readers import plan, read_records, resolve_inputs
+from data_prep.partitions import plan
+from data_prep.readers import read_records, resolve_inputs
 from data_prep.stages import id_hash
 from pipeline.chat import ChatTokenizer, problem
 from pipeline.config import SftDataConfig
