@@ -1,0 +1,95 @@
+"""The MODEL dir at the end of a multi-rank run, written by every rank at once.
+
+One rank streaming every weight into one file is O(model) while the others wait in a collective under
+its timeout: at 70B that is ~140 GB in bf16 and most likely longer than the timeout. So the tensors are
+assigned whole to ranks, balanced by bytes (`assign`: the same answer on every rank, from names and shapes
+alone), and each rank reads its tensors from the last checkpoint's slices (open_weights) and writes and
+hashes its own shard, model-0000r-of-0000N.safetensors: ~1/world of the bytes per rank. Then one small
+all_gather_object of {file: sha256} (or the error a rank hit, so every rank fails together rather than
+waiting), after which rank 0 writes the small files (the index, config.json, the tokenizer, SHA256SUMS)
+and renames the temp dir into place: a reader never sees half a MODEL dir, and a crash leaves the old one.
+
+The index is the one transformers writes, plus in its metadata each shard's sha256 (io.SHARD_SUMS, checked
+against SHA256SUMS by verify_sums) and the rank that wrote it (WRITERS).
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from pipeline.config import KilnError, ModelConfig, first_line
+from pipeline.model.io import FORMAT_VERSION, SHARD_SUMS, finish_model_dir, new_temp_dir, save_model_dir
+from pipeline.model.weights import INDEX, Weights, shard_name, write_index, write_tensors
+
+WRITERS = "kiln_written_by"  # in the index's metadata: {shard file: the rank that wrote it}
+
+
+def assign(sizes: dict[str, int], n: int) -> list[list[str]]:
+    """Tensor names (with their bytes, in model order) -> n lists, balanced by bytes: largest first, each to
+    the least-loaded list (ties: the lowest index); each list keeps model order. Deterministic."""
+    load, out = [0] * n, [[] for _ in range(n)]
+    order = {name: i for i, name in enumerate(sizes)}
+    for name in sorted(sizes, key=lambda k: (-sizes[k], order[k])):
+        i = min(range(n), key=lambda j: (load[j], j))
+        load[i] += sizes[name]
+        out[i].append(name)
+    return [sorted(names, key=order.__getitem__) for names in out]
+
+
+def save_model_dir_parallel(weights: Weights, cfg: ModelConfig, out: str | Path, tokenizer: str | Path | None,
+                            meta: dict | None, dtype: torch.dtype | None = None) -> Path:
+    """Every rank calls this with the same `weights` (lazy: read only where this rank writes); `meta` and
+    `tokenizer` are read on rank 0 only. One process (no process group, or world 1): model.safetensors."""
+    out = Path(out)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    names = weights.names()
+    n = min(world, len(names))
+    if n <= 1:
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            save_model_dir(weights, cfg, out, tokenizer, meta, dtype=dtype)
+        return out
+    rank = dist.get_rank()
+    dtype_of = {name: dtype or weights.dtype(name) for name in names}
+    shape_of = {name: weights.shape(name) for name in names}
+    sizes = {name: math.prod(shape_of[name]) * dtype_of[name].itemsize for name in names}
+    shards = assign(sizes, n)
+    files = [shard_name(i, n) for i in range(n)]
+
+    box = [str(new_temp_dir(out)) if rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)  # all ranks arrive here together, at the end of training
+    tmp = Path(box[0])
+    mine: dict = {}
+    if rank < n:
+        try:
+            items = ((name, weights.get(name).to(dtype_of[name])) for name in shards[rank])
+            entries = [(name, dtype_of[name], shape_of[name]) for name in shards[rank]]
+            mine = {"file": files[rank], "sha256": write_tensors(
+                tmp / files[rank], items, entries,
+                {"format": "pt", "kiln_format": str(FORMAT_VERSION), "kiln_writer_rank": str(rank)})}
+        except Exception as err:  # every rank must reach the gather, or the others wait out the timeout
+            mine = {"error": f"rank {rank}: {files[rank]}: {first_line(err)}"}
+    results: list = [None] * world
+    dist.all_gather_object(results, mine)  # {file, sha256} per writing rank: a few bytes each
+    errors = [r["error"] for r in results if "error" in r]
+    written = {r["file"]: (i, r["sha256"]) for i, r in enumerate(results) if "file" in r}
+    if not errors and set(written) != set(files):
+        errors = [f"{tmp}: no rank reported writing {sorted(set(files) - set(written))[0]}"]
+    if errors:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise KilnError(f"{out}: the MODEL dir was not written ({errors[0]})")
+    if rank == 0:
+        try:
+            digests = {f: sha for f, (_, sha) in written.items()}
+            write_index(tmp / INDEX, dict(zip(files, shards, strict=True)), sum(sizes.values()),
+                        {SHARD_SUMS: digests, WRITERS: {f: r for f, (r, _) in written.items()}})
+            finish_model_dir(tmp, out, cfg, tokenizer, meta, digests)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return out
