@@ -67,6 +67,7 @@ def sharded(tmp_path_factory) -> Path:
     return base / "model"
 
 
+@pytest.mark.slow
 def test_each_rank_writes_a_shard_of_about_half_the_bytes(sharded):
     files = sorted(p.name for p in sharded.iterdir())
     assert files == [SUMS, "config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
@@ -78,6 +79,7 @@ def test_each_rank_writes_a_shard_of_about_half_the_bytes(sharded):
     assert not [p for p in sharded.parent.iterdir() if p.name.startswith(".model.")]  # no temp dir left
 
 
+@pytest.mark.slow
 def test_sharded_model_dir_loads_the_same_weights_in_bf16(sharded):
     model, config = load_model_dir(sharded)
     assert config["kiln"] == {"stage": "pretrain"}
@@ -87,6 +89,7 @@ def test_sharded_model_dir_loads_the_same_weights_in_bf16(sharded):
     assert torch.equal(model.state_dict()["embed.wte.weight"], want["embed.wte.weight"])
 
 
+@pytest.mark.slow
 def test_sharded_model_dir_exports_and_identifies(sharded, tmp_path):
     from pipeline.export import export
     from pipeline.model.io import sha256_file
@@ -100,6 +103,19 @@ def test_sharded_model_dir_exports_and_identifies(sharded, tmp_path):
     assert weights_sha256(sharded) == sha256_file(sharded / INDEX)
 
 
+@pytest.mark.slow
+def test_a_bf16_sharded_model_dir_quantizes_with_its_index_as_parent_digest(sharded, tmp_path):
+    from pipeline.config import QuantizeConfig
+    from pipeline.model.io import read_config, sha256_file
+    from pipeline.post.quantize import quantize
+
+    quantize(sharded, QuantizeConfig(method="rtn", group_size=0, eval_windows=0), tmp_path / "q")
+    model, config = load_model_dir(tmp_path / "q")
+    assert read_config(tmp_path / "q")["kiln"]["parent_sha256"] == sha256_file(sharded / INDEX)
+    assert torch.isfinite(model(torch.arange(8)[None])[0]).all()
+
+
+@pytest.mark.slow
 def test_a_shard_swapped_with_its_sums_line_is_refused(sharded, tmp_path):
     """SHA256SUMS rewritten to match a changed shard: the index (the weights' identity) still disagrees."""
     import shutil
@@ -117,6 +133,7 @@ def test_a_shard_swapped_with_its_sums_line_is_refused(sharded, tmp_path):
         load_model_dir(copy)
 
 
+@pytest.mark.slow
 def test_a_shard_holding_other_tensors_than_the_index_says_is_refused(sharded, tmp_path):
     import shutil
 
