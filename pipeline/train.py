@@ -326,11 +326,11 @@ def _train(cfg: RunConfig, on_log, on_checkpoint, on_end) -> dict:
 
     # ---------------------------------------------------------------- the MODEL dir
     # Every rank writes ~1/world of it, streamed tensor by tensor from the last checkpoint's weight slices
-    # (model/parallel_save.py); the collectives there wait for no rank's O(model) work.
+    # (model/parallel_save.py): no rank does O(model) work while the others wait in a collective.
     model_dir = out / "model"
     engine.close()
     tok = data.tokenizer
-    save_model_dir_parallel(open_weights(newest), cfg.model, model_dir, tok,
+    save_model_dir_parallel(newest, cfg.model, model_dir, tok,  # (newest: rank 0's path; it tells the others)
                             pretrain_meta(read_state(newest), tok) if rank0 else None,
                             dtype=torch.float32 if t.model_dtype == "fp32" else None)
     if rank0:

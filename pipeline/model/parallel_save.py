@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from pipeline.config import KilnError, ModelConfig, first_line
 from pipeline.model.io import FORMAT_VERSION, SHARD_SUMS, finish_model_dir, new_temp_dir, save_model_dir
-from pipeline.model.weights import INDEX, Weights, shard_name, write_index, write_tensors
+from pipeline.model.weights import INDEX, Weights, open_weights, shard_name, write_index, write_tensors
 
 WRITERS = "kiln_written_by"  # in the index's metadata: {shard file: the rank that wrote it}
 
@@ -41,28 +41,28 @@ def assign(sizes: dict[str, int], n: int) -> list[list[str]]:
     return [sorted(names, key=order.__getitem__) for names in out]
 
 
-def save_model_dir_parallel(weights: Weights, cfg: ModelConfig, out: str | Path, tokenizer: str | Path | None,
-                            meta: dict | None, dtype: torch.dtype | None = None) -> Path:
-    """Every rank calls this with the same `weights` (lazy: read only where this rank writes); `meta` and
-    `tokenizer` are read on rank 0 only. One process (no process group, or world 1): model.safetensors."""
+def save_model_dir_parallel(source: Weights | str | Path | None, cfg: ModelConfig, out: str | Path,
+                            tokenizer: str | Path | None, meta: dict | None, dtype: torch.dtype | None = None) -> Path:
+    """Every rank calls this. `source`: the weights (the same on every rank; lazy, read only where this rank
+    writes), or rank 0's checkpoint dir to read them from (the other ranks may pass None: they learn it here,
+    after rank 0 has published it). `meta` and `tokenizer` are used on rank 0 only. One process (no process
+    group, or world 1): model.safetensors."""
     out = Path(out)
-    world = dist.get_world_size() if dist.is_initialized() else 1
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return save_model_dir(source if isinstance(source, Weights) else open_weights(source), cfg, out, tokenizer,
+                              meta, dtype=dtype)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    box = [str(new_temp_dir(out)), None if isinstance(source, Weights) else str(source)] if rank == 0 else [None, None]
+    dist.broadcast_object_list(box, src=0)  # all ranks arrive here together, at the end of training
+    tmp = Path(box[0])
+    weights = source if isinstance(source, Weights) else open_weights(box[1])
     names = weights.names()
     n = min(world, len(names))
-    if n <= 1:
-        if not dist.is_initialized() or dist.get_rank() == 0:
-            save_model_dir(weights, cfg, out, tokenizer, meta, dtype=dtype)
-        return out
-    rank = dist.get_rank()
     dtype_of = {name: dtype or weights.dtype(name) for name in names}
     shape_of = {name: weights.shape(name) for name in names}
     sizes = {name: math.prod(shape_of[name]) * dtype_of[name].itemsize for name in names}
     shards = assign(sizes, n)
     files = [shard_name(i, n) for i in range(n)]
-
-    box = [str(new_temp_dir(out)) if rank == 0 else None]
-    dist.broadcast_object_list(box, src=0)  # all ranks arrive here together, at the end of training
-    tmp = Path(box[0])
     mine: dict = {}
     if rank < n:
         try:
