@@ -40,7 +40,7 @@ class FailingOnRank1(DictWeights):
 def _worker(rank: int, port: int, out: str, errors) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
-        with pytest.raises(KilnError, match=r"model: the MODEL dir was not written \(rank 1: model-00002-of-00002"):
+        with pytest.raises(KilnError, match=r"model: the MODEL dir was not written \(rank 1: No space left on device"):
             save_model_dir_parallel(FailingOnRank1(bf16_state()), CFG, Path(out) / "model", None, {"kiln": {}})
         meta = {"kiln": {"stage": "pretrain"}} if rank == 0 else None  # only rank 0's is used
         if rank == 0:  # as in training: rank 0 knows where the weights are (its newest checkpoint), rank 1 not yet

@@ -55,24 +55,22 @@ def save_model_dir_parallel(source: Weights | str | Path | None, cfg: ModelConfi
     box = [str(new_temp_dir(out)), None if isinstance(source, Weights) else str(source)] if rank == 0 else [None, None]
     dist.broadcast_object_list(box, src=0)  # all ranks arrive here together, at the end of training
     tmp = Path(box[0])
-    weights = source if isinstance(source, Weights) else open_weights(box[1])
-    names = weights.names()
-    n = min(world, len(names))
-    dtype_of = {name: dtype or weights.dtype(name) for name in names}
-    shape_of = {name: weights.shape(name) for name in names}
-    sizes = {name: math.prod(shape_of[name]) * dtype_of[name].itemsize for name in names}
-    shards = assign(sizes, n)
-    files = [shard_name(i, n) for i in range(n)]
     mine: dict = {}
-    if rank < n:
-        try:
+    try:  # any failure is reported in the gather below: every rank must reach it, or the others wait it out
+        weights = source if isinstance(source, Weights) else open_weights(box[1])
+        dtype_of = {name: dtype or weights.dtype(name) for name in weights.names()}
+        shape_of = {name: weights.shape(name) for name in dtype_of}
+        sizes = {name: math.prod(shape_of[name]) * dtype_of[name].itemsize for name in dtype_of}
+        shards = assign(sizes, min(world, len(sizes)))
+        files = [shard_name(i, len(shards)) for i in range(len(shards))]
+        if rank < len(shards):
             items = ((name, weights.get(name).to(dtype_of[name])) for name in shards[rank])
             entries = [(name, dtype_of[name], shape_of[name]) for name in shards[rank]]
             mine = {"file": files[rank], "sha256": write_tensors(
                 tmp / files[rank], items, entries,
                 {"format": "pt", "kiln_format": str(FORMAT_VERSION), "kiln_writer_rank": str(rank)})}
-        except Exception as err:  # every rank must reach the gather, or the others wait out the timeout
-            mine = {"error": f"rank {rank}: {files[rank]}: {first_line(err)}"}
+    except Exception as err:
+        mine = {"error": f"rank {rank}: {first_line(err)}"}
     results: list = [None] * world
     dist.all_gather_object(results, mine)  # {file, sha256} per writing rank: a few bytes each
     errors = [r["error"] for r in results if "error" in r]
