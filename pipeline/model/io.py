@@ -31,9 +31,9 @@ from pipeline.model.weights import (
     SHARDS_DIR,
     WEIGHTS,
     DictWeights,
-    IndexedWeights,
     Weights,
     open_model_weights,
+    read_index,
     save_weights,
     weights_file,
 )
@@ -122,8 +122,10 @@ def verify_sums(directory: str | Path) -> None:
     the shard digests a Kiln weight index records agree with it (the index's digest then names every weight)."""
     listed = read_sums(directory)
     if INDEX in listed:
-        recorded = IndexedWeights(directory).metadata.get(SHARD_SUMS) or {}
-        for name, digest in (recorded.items() if isinstance(recorded, dict) else [(str(recorded), None)]):
+        recorded = read_index(Path(directory))[1].get(SHARD_SUMS) or {}
+        if not isinstance(recorded, dict):
+            raise KilnError(f"{Path(directory) / INDEX}: {SHARD_SUMS} is not a {{shard file: sha256}} object")
+        for name, digest in recorded.items():
             if listed.get(name) != digest:
                 raise KilnError(f"{Path(directory) / INDEX}: {SHARD_SUMS} of {name} disagrees with {SUMS}")
     check_sums(directory, listed)

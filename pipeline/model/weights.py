@@ -210,6 +210,22 @@ class FileWeights(Weights):
         return self.file.get_tensor(name)
 
 
+def read_index(directory: Path) -> tuple[dict, dict]:
+    """(weight_map, metadata) of a directory's model.safetensors.index.json, read confined and bounded."""
+    where = directory / INDEX
+    try:
+        index = json.loads(read_confined(directory, INDEX, f"{directory}:", INDEX_MAX))
+    except FileNotFoundError:
+        raise KilnError(f"{where}: missing") from None
+    except ValueError:
+        index = None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    metadata = index.get("metadata") or {} if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map or not isinstance(metadata, dict):
+        raise KilnError(f"{where}: not a weight index (a JSON object with a non-empty weight_map)")
+    return weight_map, metadata
+
+
 class IndexedWeights(Weights):
     """Whole tensors in shard files named by model.safetensors.index.json (someone else's file: the shards
     must be named as transformers names them, and each must hold exactly the tensors the index maps to it)."""
@@ -217,16 +233,7 @@ class IndexedWeights(Weights):
     def __init__(self, directory: str | Path):
         self.dir = Path(directory)
         where = self.dir / INDEX
-        try:
-            index = json.loads(read_confined(self.dir, INDEX, f"{self.dir}:", INDEX_MAX))
-        except FileNotFoundError:
-            raise KilnError(f"{where}: missing") from None
-        except ValueError:
-            index = None
-        weight_map = index.get("weight_map") if isinstance(index, dict) else None
-        self.metadata = index.get("metadata") or {} if isinstance(index, dict) else None
-        if not isinstance(weight_map, dict) or not weight_map or not isinstance(self.metadata, dict):
-            raise KilnError(f"{where}: not a weight index (a JSON object with a non-empty weight_map)")
+        weight_map, self.metadata = read_index(self.dir)
         self.where: dict[str, str] = {}
         for name, file in weight_map.items():
             if not isinstance(file, str) or not _SHARD_NAME.fullmatch(file):
