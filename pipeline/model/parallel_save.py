@@ -4,7 +4,8 @@ One rank streaming every weight into one file is O(model) while the others wait 
 its timeout: at 70B that is ~140 GB in bf16 and most likely longer than the timeout. So the tensors are
 assigned whole to ranks, balanced by bytes (`assign`: the same answer on every rank, from names and shapes
 alone), and each rank reads its tensors from the last checkpoint's slices (open_weights) and writes and
-hashes its own shard, model-0000r-of-0000N.safetensors: ~1/world of the bytes per rank. Then one small
+hashes its own shard, model-0000r-of-0000N.safetensors: ~1/world of the bytes per rank (at least the
+largest tensor: bench/model_dir_shares.py). Then one small
 all_gather_object of {file: sha256} (or the error a rank hit, so every rank fails together rather than
 waiting), after which rank 0 writes the small files (the index, config.json, the tokenizer, SHA256SUMS)
 and renames the temp dir into place: a reader never sees half a MODEL dir, and a crash leaves the old one.
