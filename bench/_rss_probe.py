@@ -82,6 +82,8 @@ def install() -> None:
     train.save_checkpoint = phase("checkpoint", train.save_checkpoint)
     if hasattr(train, "save_model_dir"):
         train.save_model_dir = phase("model_dir", train.save_model_dir)
+    if hasattr(train, "save_model_dir_parallel"):  # every rank writes its shard
+        train.save_model_dir_parallel = phase("model_dir", train.save_model_dir_parallel)
     if hasattr(train, "write_model_dir"):
         train.write_model_dir = phase("model_dir", train.write_model_dir)
 

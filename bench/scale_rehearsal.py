@@ -75,7 +75,8 @@ def report(case: str, width: str, ranks: list[dict], base: list[dict]) -> None:
                 "local_params": r["local_params"], "share_gib": round(share / GIB, 3),
                 "init_s": round(r["seconds"].get("init", 0), 1),
                 "checkpoint_s_per_gb": round(r["seconds"].get("checkpoint", 0) / (r["checkpoint_bytes"] / 1e9), 2),
-                "checkpoint_gb": round(r["checkpoint_bytes"] / 1e9, 2)}
+                "checkpoint_gb": round(r["checkpoint_bytes"] / 1e9, 2),
+                "model_dir_s": round(r["seconds"].get("model_dir", 0), 1)}
         worst = 0.0
         for phase in ("build", "init", "step", "checkpoint", "model_dir"):
             if phase in r["peak_bytes"]:

@@ -156,6 +156,9 @@ class TrainConfig(_Strict):
     beta2: float = Field(0.95, gt=0, lt=1)
     grad_clip: float = Field(1.0, ge=0)
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    model_dtype: Literal["auto", "fp32"] = Field(
+        "auto", description="the dtype of the MODEL dir written at the end: `auto` the weights' training dtype "
+        "(bf16 stays bf16: fp32 would add bytes, not precision), `fp32` widened")
     seed: int = 1234
     activation_checkpointing: Literal["none", "selective", "full"] = Field(
         "none", description="recompute in backward: `selective` the cheap element-wise ops (norms, rotary, "

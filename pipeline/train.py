@@ -36,7 +36,7 @@ from pipeline.data.sampler import TrainData, rank_slice
 from pipeline.device import measured_peak_flops, use_cpu_threads
 from pipeline.evaluate import bits_per_byte
 from pipeline.model.flops import flops_per_token
-from pipeline.model.io import save_model_dir
+from pipeline.model.parallel_save import save_model_dir_parallel
 from pipeline.model.weights import open_weights
 from pipeline.parallel.engine import Engine
 from pipeline.parallel.topology import init_distributed, make_layout
@@ -312,13 +312,15 @@ def _train(cfg: RunConfig, on_log, on_checkpoint, on_end) -> dict:
                 t_last, tokens_last = time.perf_counter(), 0
 
     # ---------------------------------------------------------------- the MODEL dir
+    # Every rank writes ~1/world of it, streamed tensor by tensor from the last checkpoint's weight slices
+    # (model/parallel_save.py): no rank does O(model) work while the others wait in a collective.
     model_dir = out / "model"
     engine.close()
-    if rank0:  # streamed tensor by tensor from the last checkpoint's weight slices: nothing is gathered
-        weights = open_weights(newest)
-        tok = data.tokenizer
-        save_model_dir(weights, cfg.model, model_dir, tokenizer=tok, meta=pretrain_meta(read_state(newest), tok),
-                       as_float32=True)
+    tok = data.tokenizer
+    save_model_dir_parallel(newest, cfg.model, model_dir, tok,  # (newest: rank 0's path; it tells the others)
+                            pretrain_meta(read_state(newest), tok) if rank0 else None,
+                            dtype=torch.float32 if t.model_dtype == "fp32" else None)
+    if rank0:
         log.info("model written to %s", model_dir)
         if on_end:
             on_end(model_dir)

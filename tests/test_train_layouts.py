@@ -23,11 +23,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from pipeline.data.corpus import PreparedCorpus
 from pipeline.evaluate import count_bytes, evaluate_windows
-from pipeline.model.io import load_model_dir
+from pipeline.model.io import load_model_dir, verify_sums
+from pipeline.model.parallel_save import WRITERS
+from pipeline.model.weights import INDEX, open_weights
 from tests.factories import TRAIN_ENV, fake_corpus, launcher, small_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -101,6 +102,12 @@ def copy_step5(src: Path, dst: Path) -> None:
     shutil.copy(src / "metrics.jsonl", dst / "metrics.jsonl")
 
 
+def model_weights(out: Path) -> dict[str, torch.Tensor]:
+    """The run's MODEL dir, verified: one file (1 process) or one shard per rank."""
+    verify_sums(out / "model")
+    return open_weights(out / "model").to_dict()
+
+
 def metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
@@ -159,8 +166,10 @@ def test_layout_matches_one_process(runs, name):
         assert g.get("val_bpb", -1) == pytest.approx(r.get("val_bpb", -1), abs=2e-5), (name, r["step"])
     assert all("val_loss" in got[s] and "val_bpb" in got[s] for s in (4, 9))
     assert ref[-1]["loss"] < ref[0]["loss"] - 0.3  # it learns
-    a, b = load_file(str(runs / ref_name / "model/model.safetensors")), load_file(str(runs / name / "model/model.safetensors"))
+    a, b = model_weights(runs / ref_name), model_weights(runs / name)
     assert a.keys() == b.keys()  # consolidated from TP shards / ZeRO partitions / stages
+    index = json.loads((runs / name / "model" / INDEX).read_text())  # each rank wrote a shard of it
+    assert sorted(index["metadata"][WRITERS].values()) == list(range(LAYOUTS[name][0])), index["metadata"]
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=2e-5, msg=f"{name} {k}")
 
@@ -186,8 +195,7 @@ def test_multi_rank_zero3_resume_continues_exactly(runs):
     full, resumed = metrics(runs / "dp2_zero3"), metrics(runs / "zero3_resumed")
     assert [m["step"] for m in resumed] == list(range(1, 11))
     assert [m["loss"] for m in resumed] == [m["loss"] for m in full]
-    a = load_file(str(runs / "dp2_zero3/model/model.safetensors"))
-    b = load_file(str(runs / "zero3_resumed/model/model.safetensors"))
+    a, b = model_weights(runs / "dp2_zero3"), model_weights(runs / "zero3_resumed")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 

@@ -26,7 +26,7 @@ from pipeline.config import KilnError, ModelConfig
 from pipeline.console import log
 from pipeline.hf.tokenizer import write_hf_tokenizer
 from pipeline.model.io import TOKENIZER, WEIGHTS, read_config, verify_sums, write_sums
-from pipeline.model.weights import FileWeights, Weights
+from pipeline.model.weights import INDEX, Weights, open_model_weights, shard_name, write_index
 
 HF_DIR = "hf"  # where a logged model keeps its transformers form, next to the Kiln MODEL dir
 EXPORT_META = "kiln_export.json"
@@ -99,15 +99,12 @@ def save_hf(weights: Weights | dict[str, torch.Tensor], cfg: ModelConfig, out: s
         if shards[-1] and sum(size[n] for n in shards[-1]) + size[name] > max_shard_bytes:
             shards.append([])
         shards[-1].append(name)
-    files = [WEIGHTS if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-             for i in range(len(shards))]
+    files = [WEIGHTS if len(shards) == 1 else shard_name(i, len(shards)) for i in range(len(shards))]
     for file, names in zip(files, shards, strict=True):
         write_tensors(out / file, ((n, hf.get(n)) for n in names), [(n, hf.dtype(n), hf.shape(n)) for n in names],
                       {"format": "pt"})
     if len(shards) > 1:
-        index = {"metadata": {"total_size": sum(size.values())},
-                 "weight_map": {n: f for f, names in zip(files, shards, strict=True) for n in names}}
-        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        write_index(out / INDEX, dict(zip(files, shards, strict=True)), sum(size.values()))
     config = transformers_config(cfg)
     config.architectures = [hf_form(cfg).model_class]
     config.dtype = str(hf.dtype(hf.names()[0])).removeprefix("torch.")
@@ -127,7 +124,7 @@ def export_model_dir(model_dir: str | Path, out: str | Path) -> dict:
     meta = {k: v for k, v in config.items() if k not in ("model", "format_version")}
     method = (config.get("quantization") or {}).get("method")
     if method is None:
-        info = save_hf(FileWeights(model_dir / WEIGHTS), cfg, out, tok, meta)
+        info = save_hf(open_model_weights(model_dir), cfg, out, tok, meta)
     else:
         info = format_of(config, model_dir / "config.json").to_hf(model_dir, config, out) | finish(out, cfg, tok, meta)
     return {"out": str(out), "format": "hf", "style": cfg.style, "quantization": method, **info}

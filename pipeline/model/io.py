@@ -1,4 +1,5 @@
-"""The MODEL directory every later stage reads: model.safetensors + config.json + tokenizer.model
+"""The MODEL directory every later stage reads: model.safetensors (or, from a multi-rank run, shards
+model-0000N-of-0000M.safetensors named by model.safetensors.index.json) + config.json + tokenizer.model
 (+ tokenizer.json / tokenizer_config.json, its transformers form, checked against it).
 
 Weights cross machines and people, so they are only ever stored as safetensors
@@ -25,7 +26,17 @@ from safetensors.torch import load_file
 from data_prep.confine import escapes, open_confined, read_confined
 from pipeline.config import KilnError, ModelConfig, first_line
 from pipeline.model.gpt import GPT
-from pipeline.model.weights import SHARDS_DIR, WEIGHTS, DictWeights, Weights, save_weights
+from pipeline.model.weights import (
+    INDEX,
+    SHARDS_DIR,
+    WEIGHTS,
+    DictWeights,
+    Weights,
+    open_model_weights,
+    read_index,
+    save_weights,
+    weights_file,
+)
 from pipeline.quant_methods import load_quantized
 
 CONFIG = "config.json"
@@ -36,6 +47,7 @@ FETCH_MARKER = ".kiln-fetched.json"  # written by `kiln fetch` next to what it v
 # is the run record a stage whose --out is a MODEL dir (quantize, prune) writes there (pipeline/tracking/common.py).
 UNLISTED_OK = {SUMS, FETCH_MARKER, "mlflow_run.json"}
 FORMAT_VERSION = 1
+SHARD_SUMS = "kiln_sha256"  # in a weight index's metadata: {shard file: sha256}, as each rank hashed it writing
 # Loads a quantized MODEL dir by the format its config.json names; a layer above this one, imported when needed.
 _SUMS_LINE = re.compile(r"([0-9a-f]{64}) [ *](.+)")  # sha256sum's text and binary forms
 
@@ -106,8 +118,17 @@ def check_sums(directory: str | Path, entries: dict[str, str]) -> None:
 
 
 def verify_sums(directory: str | Path) -> None:
-    """Check every file SHA256SUMS lists (checkpoint.verify checks a part, split over the ranks)."""
-    check_sums(directory, read_sums(directory))
+    """Check every file SHA256SUMS lists (checkpoint.verify checks a part, split over the ranks), and that
+    the shard digests a Kiln weight index records agree with it (the index's digest then names every weight)."""
+    listed = read_sums(directory)
+    if INDEX in listed:
+        recorded = read_index(Path(directory))[1].get(SHARD_SUMS) or {}
+        if not isinstance(recorded, dict):
+            raise KilnError(f"{Path(directory) / INDEX}: {SHARD_SUMS} is not a {{shard file: sha256}} object")
+        for name, digest in recorded.items():
+            if listed.get(name) != digest:
+                raise KilnError(f"{Path(directory) / INDEX}: {SHARD_SUMS} of {name} disagrees with {SUMS}")
+    check_sums(directory, listed)
 
 
 def load_safetensors(path: str | Path, device: str = "cpu") -> dict[str, torch.Tensor]:
@@ -163,40 +184,54 @@ def save_model_dir(
     tokenizer: str | Path | None = None,
     meta: dict | None = None,
     as_float32: bool = False,
+    dtype: torch.dtype | None = None,
 ) -> Path:
     """Write a MODEL dir atomically (temp dir + rename): a reader never sees half of one.
 
     `state` may be lazy (`Weights`, e.g. a sharded checkpoint): the weights then stream through tensor by
-    tensor, stored as they are given, or as float32 when the source is a checkpoint (`as_float32`)."""
+    tensor, stored as they are given, or as `dtype` (float32 with `as_float32`). The end of a multi-rank
+    run writes its MODEL dir with every rank at once instead (model/parallel_save.py)."""
     out = Path(out)
     if isinstance(state, torch.nn.Module):
         state = unique_state_dict(state)
     if isinstance(state, dict):
         state = DictWeights(state)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = new_temp_dir(out)
     try:
         known = {WEIGHTS: save_weights(state, tmp / WEIGHTS, {"format": "pt", "kiln_format": str(FORMAT_VERSION)},
-                                       dtype=torch.float32 if as_float32 else None)}
-        config = {"format_version": FORMAT_VERSION, "model": cfg.model_dump(mode="json"), **(meta or {})}
-        (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        if tokenizer:
-            shutil.copyfile(tokenizer, tmp / TOKENIZER)
-            from pipeline.hf.tokenizer import write_hf_tokenizer  # tokenizer.json: what AutoTokenizer loads
-
-            write_hf_tokenizer(tmp / TOKENIZER, tmp, cfg.block_size, strict=False)
-        write_sums(tmp, known)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+                                       dtype=torch.float32 if as_float32 else dtype)}
+        finish_model_dir(tmp, out, cfg, tokenizer, meta, known)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def new_temp_dir(out: Path) -> Path:
+    """An empty directory next to `out`, where its next version is written before `finish_model_dir`."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+
+
+def finish_model_dir(tmp: Path, out: Path, cfg: ModelConfig, tokenizer: str | Path | None, meta: dict | None,
+                     known: dict[str, str]) -> None:
+    """config.json, the tokenizer files and SHA256SUMS next to the weights in `tmp` (`known`: their digests,
+    computed while they were written), then `tmp` renamed to `out`, replacing any old one."""
+    config = {"format_version": FORMAT_VERSION, "model": cfg.model_dump(mode="json"), **(meta or {})}
+    (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if tokenizer:
+        shutil.copyfile(tokenizer, tmp / TOKENIZER)
+        from pipeline.hf.tokenizer import write_hf_tokenizer  # tokenizer.json: what AutoTokenizer loads
+
+        write_hf_tokenizer(tmp / TOKENIZER, tmp, cfg.block_size, strict=False)
+    write_sums(tmp, known)
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
 
 
 def read_config(path: str | Path) -> dict:
@@ -245,7 +280,7 @@ def load_model_dir(path: str | Path, verify: bool = True, device: str = "cpu") -
         return model.eval(), config
     cfg = ModelConfig.model_validate(config["model"])
     model = GPT(cfg)
-    load_checked(model, load_safetensors(path / WEIGHTS, device=device), path / WEIGHTS)
+    load_checked(model, open_model_weights(path).to_dict(), path / weights_file(path))
     return model.to(device).eval(), config
 
 

@@ -3,6 +3,8 @@
 Three places hold a model's plain (consolidated-name) weights:
 
     MODEL dir        model.safetensors                 every tensor whole
+    MODEL dir        model-0000N-of-0000M.safetensors  every tensor whole, each in one shard (written by one
+                     + model.safetensors.index.json    rank at the end of a multi-rank run; transformers' layout)
     checkpoint       weights/rank_NNNNN.safetensors    each rank's own slices (TP shard, ZeRO-3 partition)
     old checkpoint   model.safetensors                 (written by Kiln before sharded checkpoints)
 
@@ -23,6 +25,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import struct
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
@@ -30,11 +33,15 @@ from pathlib import Path
 
 import torch
 
+from data_prep.confine import read_confined
 from pipeline.config import KilnError, first_line
 
 SLICES = "kiln_slices"
 SHARDS_DIR = "weights"
 WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"  # {"metadata": {...}, "weight_map": {tensor: shard file}}
+_SHARD_NAME = re.compile(r"model-(\d{5})-of-(\d{5})\.safetensors")
+INDEX_MAX = 64 << 20  # bytes of an index read whole
 
 _DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
            torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
@@ -114,6 +121,18 @@ def write_shard(path: str | Path, slices: list[tuple[str, torch.Tensor, dict]]) 
     return write_tensors(path, ((name, t) for name, t, _ in slices), entries, meta)
 
 
+def shard_name(i: int, n: int) -> str:
+    """The i-th (0-based) of n weight shards, as transformers names them."""
+    return f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+
+
+def write_index(path: str | Path, shards: dict[str, list[str]], total_size: int, metadata: dict | None = None) -> None:
+    """model.safetensors.index.json for `shards` ({file: tensor names}), the layout transformers reads."""
+    index = {"metadata": {"total_size": total_size, **(metadata or {})},
+             "weight_map": {n: f for f, names in shards.items() for n in names}}
+    Path(path).write_text(json.dumps(index, indent=2) + "\n")
+
+
 # --------------------------------------------------------------------------- reading
 
 
@@ -189,6 +208,59 @@ class FileWeights(Weights):
 
     def get(self, name: str) -> torch.Tensor:
         return self.file.get_tensor(name)
+
+
+def read_index(directory: Path) -> tuple[dict, dict]:
+    """(weight_map, metadata) of a directory's model.safetensors.index.json, read confined and bounded."""
+    where = directory / INDEX
+    try:
+        index = json.loads(read_confined(directory, INDEX, f"{directory}:", INDEX_MAX))
+    except FileNotFoundError:
+        raise KilnError(f"{where}: missing") from None
+    except ValueError:
+        index = None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    metadata = index.get("metadata") or {} if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map or not isinstance(metadata, dict):
+        raise KilnError(f"{where}: not a weight index (a JSON object with a non-empty weight_map)")
+    return weight_map, metadata
+
+
+class IndexedWeights(Weights):
+    """Whole tensors in shard files named by model.safetensors.index.json (someone else's file: the shards
+    must be named as transformers names them, and each must hold exactly the tensors the index maps to it)."""
+
+    def __init__(self, directory: str | Path):
+        self.dir = Path(directory)
+        where = self.dir / INDEX
+        weight_map, self.metadata = read_index(self.dir)
+        self.where: dict[str, str] = {}
+        for name, file in weight_map.items():
+            if not isinstance(file, str) or not _SHARD_NAME.fullmatch(file):
+                raise KilnError(f"{where}: {name} maps to {file!r}, not a model-NNNNN-of-NNNNN.safetensors shard")
+            self.where[name] = file
+        self.files = {}
+        for file in sorted(set(self.where.values())):
+            if (self.dir / file).is_symlink():
+                raise KilnError(f"{self.dir / file}: a symlink; refusing it")
+            self.files[file] = _open(self.dir / file)
+            held, mapped = set(self.files[file].keys()), {n for n, f in self.where.items() if f == file}
+            if held != mapped:
+                odd = sorted(held ^ mapped)[0]
+                raise KilnError(f"{self.dir / file}: holds {sorted(held)[:3]}..., {where} maps {sorted(mapped)[:3]}... "
+                                f"to it (first difference: {odd})")
+
+    def names(self) -> list[str]:
+        return list(self.where)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.files[self.where[name]].get_slice(name).get_shape())
+
+    def dtype(self, name: str) -> torch.dtype:
+        return _TORCH[self.files[self.where[name]].get_slice(name).get_dtype()]
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.files[self.where[name]].get_tensor(name)
 
 
 class ShardedWeights(Weights):
@@ -267,14 +339,28 @@ class ShardedWeights(Weights):
         return torch.cat(flat).view(shape)
 
 
+def weights_file(directory: str | Path) -> str:
+    """The file that names a MODEL dir's weights: model.safetensors, or the index of its shards (the index
+    records each shard's sha256, so its digest identifies every weight)."""
+    return INDEX if not (Path(directory) / WEIGHTS).exists() and (Path(directory) / INDEX).exists() else WEIGHTS
+
+
+def open_model_weights(directory: str | Path) -> Weights:
+    """A MODEL dir's plain weights (one file or index + shards), read lazily."""
+    directory = Path(directory)
+    if weights_file(directory) == INDEX:
+        return IndexedWeights(directory)
+    return FileWeights(directory / WEIGHTS)
+
+
 def open_weights(directory: str | Path) -> Weights:
     """The plain weights of a checkpoint (sharded or old) or a MODEL dir, read lazily."""
     directory = Path(directory)
     if (directory / SHARDS_DIR).is_dir():
         return ShardedWeights(directory / SHARDS_DIR)
-    if (directory / WEIGHTS).exists():
-        return FileWeights(directory / WEIGHTS)
-    raise KilnError(f"{directory}: no {SHARDS_DIR}/ or {WEIGHTS}; expected a checkpoint or MODEL directory")
+    if (directory / WEIGHTS).exists() or (directory / INDEX).exists():
+        return open_model_weights(directory)
+    raise KilnError(f"{directory}: no {SHARDS_DIR}/, {WEIGHTS} or {INDEX}; expected a checkpoint or MODEL directory")
 
 
 def save_weights(weights: Weights, path: str | Path, metadata: dict[str, str] | None = None,

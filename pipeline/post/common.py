@@ -14,7 +14,8 @@ import torch
 
 from pipeline.config import KilnError
 from pipeline.data.corpus import PreparedCorpus, Windows
-from pipeline.model.io import TOKENIZER, WEIGHTS, load_model_dir, sha256_file
+from pipeline.model.io import TOKENIZER, load_model_dir, sha256_file
+from pipeline.model.weights import weights_file
 
 
 def model_path(ref: str | Path) -> Path:
@@ -35,7 +36,7 @@ def load_parent(ref: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, 
 
 def lineage(parent: Path, stage: str, method: str, **extra) -> dict:
     """The `kiln` block of config.json: stage, parent path and the sha256 of the parent's weights."""
-    return {"kiln": {"stage": stage, "parent_model": str(parent), "parent_sha256": sha256_file(parent / WEIGHTS),
+    return {"kiln": {"stage": stage, "parent_model": str(parent), "parent_sha256": sha256_file(parent / weights_file(parent)),
                      "method": method, **extra}}
 
 

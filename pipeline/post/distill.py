@@ -33,7 +33,8 @@ from pipeline.console import log, progress
 from pipeline.device import autocast
 from pipeline.evaluate import evaluate_windows
 from pipeline.model.gpt import GPT
-from pipeline.model.io import WEIGHTS, save_model_dir, sha256_file
+from pipeline.model.io import save_model_dir, sha256_file
+from pipeline.model.weights import weights_file
 from pipeline.post.common import batch_at, lineage, load_parent, parent_tokenizer, windows
 from pipeline.schedule import lr_of, schedule_of
 
@@ -133,7 +134,7 @@ def distill(teacher_ref: str | Path, student_yaml: str | Path, data_dir: str | P
     student = GPT(scfg)
     used = init_from_teacher(student, teacher, cfg.layer_stride)
     optimizer = torch.optim.AdamW(student.parameters(), lr=tc.lr, betas=(tc.beta1, tc.beta2), weight_decay=tc.weight_decay)
-    identity = {"teacher_sha256": sha256_file(parent / WEIGHTS), "student": scfg.model_dump(mode="json"),
+    identity = {"teacher_sha256": sha256_file(parent / weights_file(parent)), "student": scfg.model_dump(mode="json"),
                 "seed": tc.seed, "data": str(data_dir)}
     ckpt_dir, start = out / "checkpoints", 0
     metrics = out / "metrics.jsonl"

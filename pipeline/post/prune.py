@@ -18,7 +18,8 @@ from pipeline.config import KilnError, PruneConfig
 from pipeline.console import log
 from pipeline.device import default_device
 from pipeline.evaluate import evaluate_windows
-from pipeline.model.io import WEIGHTS, save_model_dir, sha256_file
+from pipeline.model.io import save_model_dir, sha256_file
+from pipeline.model.weights import weights_file
 from pipeline.post.common import block_linears, lineage, load_parent, nonzero_params, parent_tokenizer
 from pipeline.post.finetune import train_steps
 
@@ -78,7 +79,7 @@ def prune(model_ref: str | Path, cfg: PruneConfig, out: str | Path) -> dict:
     if cfg.data and cfg.eval_windows:
         summary["pruned_perplexity"] = evaluate_windows(model, cfg.data, cfg.eval_windows)["perplexity"]
     if t.steps:
-        identity = {"parent_sha256": sha256_file(parent / WEIGHTS), "sparsity": cfg.sparsity, "pattern": cfg.pattern,
+        identity = {"parent_sha256": sha256_file(parent / weights_file(parent)), "sparsity": cfg.sparsity, "pattern": cfg.pattern,
                     "train": t.model_dump(mode="json"), "data": str(cfg.data)}
         losses = train_steps(model, cfg.data, t.steps, lr=t.lr, batch_size=t.micro_batch_size * (t.grad_accum or 1),
                              seed=t.seed, min_lr=t.min_lr, warmup=t.warmup_steps, weight_decay=t.weight_decay,

@@ -66,15 +66,18 @@ def file_sha(model_dir: Path, name: str) -> str | None:
 
 
 def weights_sha256(model_dir: Path) -> str:
-    """Digest of model.safetensors: the identity of a MODEL dir across copies and fetches."""
-    from pipeline.model.io import WEIGHTS, sha256_file
+    """Digest of model.safetensors (or of the index naming its shards, which records their digests): the
+    identity of a MODEL dir across copies and fetches."""
+    from pipeline.model.io import sha256_file
+    from pipeline.model.weights import weights_file
 
-    listed = file_sha(model_dir, WEIGHTS)
+    name = weights_file(model_dir)
+    listed = file_sha(model_dir, name)
     if listed:
         return listed
-    if not (model_dir / WEIGHTS).exists():
-        raise KilnError(f"{model_dir / WEIGHTS}: not found; is {model_dir} a MODEL directory?")
-    return sha256_file(model_dir / WEIGHTS)
+    if not (model_dir / name).exists():
+        raise KilnError(f"{model_dir / name}: not found; is {model_dir} a MODEL directory?")
+    return sha256_file(model_dir / name)
 
 
 def resolve(tracker: Tracker, uri: str) -> ModelRef:
@@ -306,12 +309,12 @@ def _download(tracker: Tracker, ref: ModelRef, artifact_uri: str, dst) -> str:
 def _check_weights_tag(tracker: Tracker, ref: ModelRef, got: Path) -> None:
     """The logged model's kiln.weights_sha256 tag (registry metadata) must agree with the downloaded
     artifacts (artifact store): both would have to be changed to swap the weights."""
-    from pipeline.model.io import WEIGHTS
+    from pipeline.model.weights import weights_file
 
     lm = tracker.strict(ref.uri, tracker.client.get_logged_model, ref.model_id)
     tagged = lm.tags.get("kiln.weights_sha256")
-    if tagged and tagged != file_sha(got, WEIGHTS):
-        raise KilnError(f"{ref.uri}: the downloaded {WEIGHTS} is not the one logged model {ref.model_id} records "
+    if tagged and tagged != file_sha(got, weights_file(got)):
+        raise KilnError(f"{ref.uri}: the downloaded {weights_file(got)} is not the one logged model {ref.model_id} records "
                         "(kiln.weights_sha256); refusing it")
 
 
