@@ -15,7 +15,7 @@ from factories import free_port
 from pipeline.cli import main
 from pipeline.commands.launch import launched_train_config
 from pipeline.config import ConfigError, KilnError
-from pipeline.launcher import common, deepspeed_job, slurm_job, torchrun_job
+from pipeline.launcher import common, deepspeed_job, node_env, slurm_job, torchrun_job
 from pipeline.launcher.hostfile import parse_hostfile, select
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,13 +55,15 @@ def test_hostfile_parsing_and_selection(hosts, tmp_path):
 def test_deepspeed_dry_run_2x8(hosts):
     job = deepspeed_job.plan(TRAIN, str(hosts), master_port=29600, train=launched_train_config(TRAIN))
     assert job["world_size"] == 16 and job["nodes"] == {"node0": 8, "node1": 8}
+    # each rank starts by loading the environment file (values kept off the command line: node_env.py)
+    ranks = " ".join([*node_env.wrap([], Path.cwd() / node_env.ENV_FILE), *TRAIN])
     assert job["command"] == (f"deepspeed --hostfile {hosts} --master_addr node0 --master_port 29600 "
-                              f"--no_python --no_local_rank {' '.join(TRAIN)}")
+                              f"--no_python --no_local_rank {ranks}")
     world_info = "eyJub2RlMCI6IFswLCAxLCAyLCAzLCA0LCA1LCA2LCA3XSwgIm5vZGUxIjogWzAsIDEsIDIsIDMsIDQsIDUsIDYsIDddfQ=="
     for rank, host in enumerate(["node0", "node1"]):
         assert job["per_node"][host] == (
             f"python -u -m deepspeed.launcher.launch --world_info={world_info} --node_rank={rank} "
-            f"--master_addr=node0 --master_port=29600 --no_python --no_local_rank {' '.join(TRAIN)}")
+            f"--master_addr=node0 --master_port=29600 --no_python --no_local_rank {ranks}")
     assert "PYTHONUNBUFFERED" in job["deepspeed_env"]
 
 

@@ -1,7 +1,7 @@
 """The second audit's classes of defect (issue 30) where the first round left them open: a config's
-`extends:` from a shared folder, YAML merge keys, Parquet dictionaries, credentials on the nodes'
-command line, and a download larger than the free space. Through the real `kiln` commands;
-docs/security.md lists them. `pytest -m security` selects them."""
+`extends:` from a shared folder, YAML merge keys, Parquet dictionaries, and a download larger than the
+free space (credentials on the nodes' command line: test_security_audit2.py, beside the launch it
+shares). Through the real `kiln` commands; docs/security.md lists them. `pytest -m security` selects them."""
 
 from __future__ import annotations
 
