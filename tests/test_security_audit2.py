@@ -412,22 +412,28 @@ rows = [{"id": "ok", "text": "a fine record"}] + [{"id": f"z{i}", "text": "z" * 
 pq.write_table(pa.Table.from_pylist(rows[:1]), sys.argv[1] + "/a.parquet")
 pq.write_table(pa.Table.from_pylist(rows[1:]), sys.argv[1] + "/b.parquet", compression="zstd",
                use_dictionary=False)  # 270 MiB of pages from a few KB
+from test_security import parquet_dictionary_bomb
+parquet_dictionary_bomb(sys.argv[1] + "/c.parquet")  # 300 MiB from 2 KB, by a metadata of 0.5 MiB
 """
 
 
 def test_c2_a_parquet_row_group_is_bounded_before_it_is_decoded(tmp_path):
     """A Parquet file whose one row group decodes to 270 MiB from a few KB of zstd pages (an unfixed
-    reader decoded it whole): quarantined as a decompression bomb, by its metadata, in bounded memory."""
+    reader decoded it whole): quarantined as a decompression bomb, by its metadata, in bounded memory.
+    And one whose metadata is honest (0.5 MiB) but whose dictionary page holds one 512 KiB value that
+    600 rows point to (an unfixed reader decoded 8192 rows at a time, here 300 MiB): counted from the
+    indices, refused before a row is decoded."""
     from factories import TRAIN_ENV
     from test_security import READ_BOUNDED
 
-    subprocess.run([sys.executable, "-c", PARQUET_BOMB, str(tmp_path)], env=TRAIN_ENV, check=True, timeout=300)
-    assert (tmp_path / "b.parquet").stat().st_size < 200_000
-    res = subprocess.run([sys.executable, "-c", READ_BOUNDED, str(tmp_path / "a.parquet"), str(tmp_path / "b.parquet")],
+    env = {**TRAIN_ENV, "PYTHONPATH": f"{TRAIN_ENV['PYTHONPATH']}:{Path(__file__).parent}"}
+    subprocess.run([sys.executable, "-c", PARQUET_BOMB, str(tmp_path)], env=env, check=True, timeout=300)
+    assert (tmp_path / "b.parquet").stat().st_size < 200_000 and (tmp_path / "c.parquet").stat().st_size < 10_000
+    res = subprocess.run([sys.executable, "-c", READ_BOUNDED, *(str(tmp_path / f"{n}.parquet") for n in "abc")],
                          env=TRAIN_ENV, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     out = json.loads(res.stdout)
-    assert out["seen"] == ["ok", "decompression_bomb"] and out["peak_mb"] < 150, out
+    assert out["seen"] == ["ok", "decompression_bomb", "decompression_bomb"] and out["peak_mb"] < 150, out
 
 
 def test_c2_a_registered_file_is_size_checked_before_it_is_downloaded(registry, tmp_path, capsys):

@@ -87,3 +87,27 @@ def test_c2_yaml_merge_keys_are_bounded_while_parsing(tmp_path, capsys):
         code = main(["train", "--config", str(bomb), "--out", str(tmp_path / "run")])
     line = one_error(capsys.readouterr().err)
     assert code == 2 and "expands to more than 100,000 values" in line, line
+
+
+# --------------------------------------------------------------------------- a download larger than the disk
+
+
+def test_c2_a_download_is_refused_when_it_does_not_fit_the_free_space(registry, tmp_path, capsys, monkeypatch):
+    """Registered files larger than the free space at `--out` (a stranger can register a large model under an
+    alias you fetch): `kiln fetch` refuses before the first byte, in one line, and leaves nothing behind.
+    The disk is made small by `shutil.disk_usage` answering 1 KB free, as a full disk would."""
+    import shutil
+    from collections import namedtuple
+
+    from test_security import model_dir, publish
+
+    from pipeline.cli import main
+
+    publish(registry, model_dir(tmp_path / "real", seed=13), "roomy")
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda where: usage(1 << 40, (1 << 40) - 1024, 1024))
+    fetches = tmp_path / "fetches"
+    code = main(["fetch", "models:/roomy@champion", "--out", str(fetches / "out"), "--tracking-uri", registry.uri])
+    line = one_error(capsys.readouterr().err)
+    assert code == 1 and "more than the 1,024 bytes free at" in line and "refusing to download them" in line, line
+    assert list(fetches.iterdir()) == []
