@@ -88,16 +88,37 @@ SHELL_WORDS = ["--set", "data.note=$(touch {m})", "`touch {m}`", "a b $(touch {m
 def two_node_launch(tmp_path_factory) -> dict:
     """One real `kiln launch deepspeed` (DeepSpeed's own runner) over the two stand-in nodes, from a shell with
     MLFLOW_TRACKING_PASSWORD set, of a command whose words hold shell syntax; each rank prints its words
-    and a digest of the password it got. Shared by the tests of what reaches the nodes (one launch: ~10 s)."""
-    from factories import TRAIN_ENV
+    and a digest of the password it got. Shared by the tests of what reaches the nodes (one launch), its
+    output caught at the file descriptors (the runner and the ranks are subprocesses)."""
+    import contextlib
+    import io
+    import tempfile
+
+    from pipeline.cli import main
 
     tmp = tmp_path_factory.mktemp("nodes")
-    env = {**TRAIN_ENV, **stand_in_nodes(tmp), "MLFLOW_TRACKING_PASSWORD": f"pa ss-{SECRET.decode()}$(touch {tmp}/pwned)'"}
+    password = f"pa ss-{SECRET.decode()}$(touch {tmp}/pwned)'"
     words = [w.format(m=tmp / "pwned") for w in SHELL_WORDS]
-    res = subprocess.run([sys.executable, "-m", "pipeline.cli", *launch_words(tmp, "nodea"), "--", sys.executable, "-c",
-                          NODE_PRINTS, *words], cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
-    lines = res.stdout.splitlines()
-    return {"tmp": tmp, "res": res, "words": words, "password": env["MLFLOW_TRACKING_PASSWORD"],
+    said = io.StringIO()  # what kiln itself prints
+    with pytest.MonkeyPatch.context() as mp, tempfile.TemporaryFile("w+") as fds:
+        stand_in_nodes(tmp, mp)
+        mp.setenv("MLFLOW_TRACKING_PASSWORD", password)
+        mp.chdir(tmp)
+        saved = os.dup(1), os.dup(2)
+        os.dup2(fds.fileno(), 1)
+        os.dup2(fds.fileno(), 2)
+        try:
+            with contextlib.redirect_stdout(said), contextlib.redirect_stderr(said):
+                code = main([*launch_words(tmp, "nodea"), "--", sys.executable, "-c", NODE_PRINTS, *words])
+        finally:
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+        fds.seek(0)
+        output = fds.read() + said.getvalue()
+    lines = output.splitlines()
+    return {"tmp": tmp, "code": code, "output": output, "words": words, "password": password,
             "argv": [json.loads(x.split("ARGV ", 1)[1]) for x in lines if "ARGV " in x],
             "digests": [x.split("DIGEST ", 1)[1] for x in lines if "DIGEST " in x],
             "pdsh_argv": (tmp / "stubs" / "pdsh-argv.jsonl").read_text()}
@@ -110,7 +131,7 @@ def test_a4_shell_words_in_a_deepspeed_launch_do_not_run_on_the_nodes(two_node_l
 
     run = two_node_launch
     assert not (run["tmp"] / "pwned").exists()
-    assert run["res"].returncode == 0 and run["argv"] == [run["words"]], run["res"].stdout[-2000:] + run["res"].stderr[-2000:]
+    assert run["code"] == 0 and run["argv"] == [run["words"]], run["output"][-3000:]
 
     stand_in_nodes(tmp_path, monkeypatch)
     marker = tmp_path / "pwned"
@@ -130,10 +151,10 @@ def test_c3_credentials_reach_the_nodes_without_a_command_line(two_node_launch):
     value is in no argv and no output, each rank gets it exactly (shell syntax and all), and the private
     file that carried it is gone when the job ends."""
     run = two_node_launch
-    assert run["res"].returncode == 0, run["res"].stderr[-2000:]
+    assert run["code"] == 0, run["output"][-3000:]
     assert run["digests"] == [hashlib.sha256(run["password"].encode()).hexdigest()]
     assert "deepspeed.launcher.launch" in run["pdsh_argv"] and SECRET.decode() not in run["pdsh_argv"]
-    assert SECRET.decode() not in run["res"].stdout + run["res"].stderr
+    assert SECRET.decode() not in run["output"]
     assert not (run["tmp"] / "pwned").exists() and not list(run["tmp"].glob(".kiln-node-env*"))
 
 
