@@ -329,3 +329,19 @@ def test_two_node_training_equals_single_node(tmp_path):
     assert [s for s, _ in two_nodes] == [s for s, _ in one]
     for (_, a), (_, b) in zip(one, two_nodes, strict=True):
         assert abs(a - b) < 1e-5, (one, two_nodes)
+
+
+def test_the_node_env_file_is_read_only_when_private(tmp_path):
+    """`.kiln-node-env` carries credentials to the ranks: written 0600, read only when it is a regular file of
+    this user's that nobody else may read (a file others could have written or read is refused)."""
+    path = tmp_path / node_env.ENV_FILE
+    node_env.write({"MLFLOW_TRACKING_PASSWORD": "p$(x) 'q'"}, path)
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert node_env.read(str(path)) == {"MLFLOW_TRACKING_PASSWORD": "p$(x) 'q'"}
+    path.chmod(0o644)
+    with pytest.raises(SystemExit, match="not a private regular file of this user's"):
+        node_env.read(str(path))
+    link = tmp_path / "link"
+    link.symlink_to(path)
+    with pytest.raises(SystemExit, match="cannot open"):
+        node_env.read(str(link))
