@@ -353,9 +353,10 @@ def _arrow_groups(part: dict, text_field: str, id_field: str):
     pf = pq.ParquetFile(part["path"], metadata=meta, read_dictionary=cols)
     cols = cols or None
     packed_file = sum(_packed(pf.metadata.row_group(g)) for g in range(pf.metadata.num_row_groups))
+    size = os.path.getsize(part["path"])
     for g in range(part["start"], part["end"]):
         group = pf.metadata.row_group(g)
-        budget = _row_group_budget(group, packed_file)
+        budget = _row_group_budget(group, packed_file, size)
         declared = max(group.total_byte_size, sum(group.column(i).total_uncompressed_size for i in range(group.num_columns)))
         if declared > budget:  # by its own metadata: refused before pyarrow allocates it
             yield f"decompression_bomb: a row group of {declared} bytes from {_packed(group)}", group.num_rows, None
@@ -384,11 +385,12 @@ def _packed(group) -> int:
     return sum(group.column(i).total_compressed_size for i in range(group.num_columns))
 
 
-def _row_group_budget(group, packed_file: int) -> int:
-    """What a row group may decode to: MAX_EXPANSION x its compressed size, or its share of the file's
-    EXPANSION_FLOOR (so that a file of many row groups gets the floor once, as a compressed jsonl does)."""
+def _row_group_budget(group, packed_file: int, size: int) -> int:
+    """What a row group may decode to: MAX_EXPANSION x its compressed size (as the metadata says, but no more
+    than the file's `size`), or its share of the file's EXPANSION_FLOOR (so that a file of many row groups
+    gets the floor once, as a compressed jsonl does)."""
     packed = _packed(group)
-    return max(MAX_EXPANSION * packed, EXPANSION_FLOOR * packed // max(packed_file, 1))
+    return max(MAX_EXPANSION * min(packed, size), EXPANSION_FLOOR * packed // max(packed_file, 1))
 
 
 def _decoded_sizes(batch, fields: tuple[str, ...]) -> np.ndarray:
