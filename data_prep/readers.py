@@ -27,6 +27,7 @@ from functools import partial
 from itertools import repeat, starmap
 from pathlib import Path
 
+import numpy as np
 import zstandard
 
 from data_prep.confine import escapes, read_confined
@@ -34,6 +35,8 @@ from data_prep.document import BadRecord, Document
 from data_prep.errors import ConfigError, KilnError
 
 BLOCK = 1 << 20
+BATCH_ROWS = 8192  # Parquet/Arrow rows per record batch
+BATCH_BYTES = 64 << 20  # a batch decoding to more is turned into records row by row
 MAX_RECORD_BYTES = 128 << 20  # one jsonl line; a 100 MB document still fits
 MAX_EXPANSION = 100  # decompressed / compressed; real text compresses 3-10x
 EXPANSION_FLOOR = 256 << 20  # small files may expand more, up to this many bytes
@@ -290,25 +293,39 @@ def parse_line(line: bytes, source: str, text_field: str, id_field: str) -> Docu
     return Document(_make_id(obj.get(id_field), source), text, source)
 
 
-def _arrow_batches(part: dict, *fields: str):
-    """Record batches of a parquet partition (only the named columns it has; all when it has none) or an
-    Arrow file; a row group refused as a decompression bomb comes as (reason, rows) instead."""
+def _arrow_groups(part: dict, fields: tuple[str, ...]):
+    """(budget, rows, batches) per Parquet row group, or once for an Arrow file: the decoded bytes its rows may
+    come to, its row count, its record batches. A row group whose metadata already declares more is refused
+    unread: (reason, rows, None). Flat columns among `fields` are read as dictionaries where Parquet stores
+    them so (`read_dictionary`): a batch then holds each distinct value once, not once per row. A partition may
+    be a row range [lo, hi) of one large group (`part["rows"]`, data_prep/partitions.py)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    if part["kind"] == "parquet":
-        pf = pq.ParquetFile(part["path"])
-        names = set(pf.schema_arrow.names)
-        cols = [c for c in fields if c in names] or None
-        lo, hi = part.get("rows") or (0, None)  # a row range of one large group, or whole groups
-        for g in range(part["start"], part["end"]):
-            if bomb := _row_group_bomb(pf.metadata.row_group(g)):
-                yield bomb[0], (hi if hi is not None else bomb[1]) - lo  # (reason, rows): skipped, never decoded
-                continue
-            yield from _row_range(pf.iter_batches(row_groups=[g], columns=cols, batch_size=8192), lo, hi)
-    else:
+    if part["kind"] != "parquet":
         with pa.memory_map(part["path"]) as source:
-            yield from pa.ipc.open_stream(source)
+            yield max(MAX_EXPANSION * source.size(), EXPANSION_FLOOR), None, pa.ipc.open_stream(source)
+        return
+    meta = pq.read_metadata(part["path"])
+    schema = meta.schema.to_arrow_schema()
+    cols = [c for c in fields if c in schema.names]
+    strings = [c for c in cols if not pa.types.is_nested(schema.field(c).type)]  # (SFT's messages are nested)
+    pf = pq.ParquetFile(part["path"], metadata=meta, read_dictionary=strings)
+    packed_file = sum(_packed(pf.metadata.row_group(g)) for g in range(pf.metadata.num_row_groups))
+    size = os.path.getsize(part["path"])
+    lo, hi = part.get("rows") or (0, None)  # a row range of one large group, or whole groups
+    for g in range(part["start"], part["end"]):
+        group = pf.metadata.row_group(g)
+        rows = (hi if hi is not None else group.num_rows) - lo
+        budget = _row_group_budget(group, packed_file, size)
+        declared = max(group.total_byte_size, sum(group.column(i).total_uncompressed_size for i in range(group.num_columns)))
+        if declared > budget:  # by its own metadata: refused before pyarrow allocates it
+            yield f"decompression_bomb: a row group of {declared} bytes from {_packed(group)}", rows, None
+        elif (decoded := _dictionary_decoded(pf, g, strings, budget)) > budget:
+            yield f"decompression_bomb: a row group decoding to {decoded}+ bytes from {_packed(group)}", rows, None
+        else:
+            batches = pf.iter_batches(row_groups=[g], columns=cols or None, batch_size=BATCH_ROWS)
+            yield budget, rows, _row_range(batches, lo, hi)
 
 
 def _row_range(batches, lo: int, hi: int | None):
@@ -323,17 +340,52 @@ def _row_range(batches, lo: int, hi: int | None):
             return
 
 
-def _row_group_bomb(group) -> tuple[str, int] | None:
-    """A Parquet row group whose pages and dictionaries would decode to more than max(MAX_EXPANSION x its
-    compressed size, EXPANSION_FLOOR) bytes, by its own metadata, is a decompression bomb: refused before
-    pyarrow allocates it."""
-    columns = [group.column(i) for i in range(group.num_columns)]
-    packed = sum(c.total_compressed_size for c in columns)
-    declared = max(group.total_byte_size, sum(c.total_uncompressed_size for c in columns))
-    budget = max(MAX_EXPANSION * packed, EXPANSION_FLOOR)
-    if declared > budget:
-        return f"decompression_bomb: a row group of {declared} bytes from {packed}", group.num_rows
-    return None
+def _dictionary_decoded(pf, g: int, cols: list[str], budget: int) -> int:
+    """What row group `g`'s dictionary-encoded columns among `cols` decode to, counted from their indices
+    (stopping past `budget`): a dictionary page holds each value once, so a few KB of metadata can stand
+    for one large value repeated on every row. Columns stored plain are bounded by their metadata."""
+    group = pf.metadata.row_group(g)
+    paths = {group.column(i).path_in_schema: group.column(i) for i in range(group.num_columns)}
+    encoded = [c for c in cols if c in paths and paths[c].has_dictionary_page]
+    total = 0
+    for batch in pf.iter_batches(row_groups=[g], columns=encoded, batch_size=BATCH_ROWS) if encoded else ():
+        total += int(_decoded_sizes(batch, tuple(encoded)).sum())
+        if total > budget:
+            break
+    return total
+
+
+def _packed(group) -> int:
+    return sum(group.column(i).total_compressed_size for i in range(group.num_columns))
+
+
+def _row_group_budget(group, packed_file: int, size: int) -> int:
+    """What a row group may decode to: MAX_EXPANSION x its compressed size (as the metadata says, but no more
+    than the file's `size`), or its share of the file's EXPANSION_FLOOR (so that a file of many row groups
+    gets the floor once, as a compressed jsonl does)."""
+    packed = _packed(group)
+    return max(MAX_EXPANSION * min(packed, size), EXPANSION_FLOOR * packed // max(packed_file, 1))
+
+
+def _decoded_sizes(batch, fields: tuple[str, ...]) -> np.ndarray:
+    """Bytes each row of `batch` decodes to in `fields`, counted without decoding (a dictionary column's
+    value lengths are taken by its indices), plus 1 per row (as a newline counts in jsonl)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    sizes = np.ones(batch.num_rows, dtype=np.int64)
+    for name in (f for f in fields if f in batch.schema.names):
+        col = batch.column(batch.schema.names.index(name))
+        values = col.dictionary if pa.types.is_dictionary(col.type) else col
+        if pa.types.is_string(values.type) or pa.types.is_binary(values.type) or \
+                pa.types.is_large_string(values.type) or pa.types.is_large_binary(values.type):
+            lengths = pc.binary_length(values)
+            if values is not col:
+                lengths = lengths.take(col.indices)
+            sizes += lengths.fill_null(0).to_numpy(zero_copy_only=False)
+        else:  # numbers, lists: their buffers, spread over the rows
+            sizes += col.nbytes // max(batch.num_rows, 1)
+    return sizes
 
 
 def _line_record(rel: str, text_field: str, id_field: str, lineno: int, line: bytes,
@@ -352,24 +404,71 @@ def read_partition(part: dict, text_field: str = "text", id_field: str = "id") -
         records = starmap(partial(_line_record, rel, text_field, id_field), iter_lines(part))
         yield from filter(lambda rec: rec is not None, records)
         return
-    row = part["first_line"]
-    for batch in _arrow_batches(part, text_field, id_field):
-        if isinstance(batch, tuple):  # a refused row group
-            yield BadRecord(f"{rel}:{row}", batch[0].split(":")[0], batch[0])
-            row += batch[1]
+    for item in _budgeted_batches(part, (text_field, id_field)):
+        if isinstance(item, BadRecord):
+            yield item
+        else:
+            yield from _arrow_records(rel, item[1], item[0], text_field, id_field, item[2])
+
+
+def _budgeted_batches(part: dict, fields: tuple[str, ...]):
+    """(first row, batch, decoded bytes per row) of a Parquet/Arrow partition's batches, within their row
+    group's budget, or a BadRecord where a group (by its metadata) or the rest of a group (past its budget)
+    is refused undecoded; in file order."""
+    rel, row = part["rel"], part["first_line"]
+    for budget, rows, batches in _arrow_groups(part, fields):
+        if batches is None:  # refused by its metadata
+            yield BadRecord(f"{rel}:{row}", budget.split(":")[0], budget)
+            row += rows
             continue
-        names = batch.schema.names
-        texts = batch.column(names.index(text_field)).to_pylist() if text_field in names else None
-        ids = batch.column(names.index(id_field)).to_pylist() if id_field in names else [None] * batch.num_rows
+        start, spent = row, 0
+        for batch in batches:
+            sizes = _decoded_sizes(batch, fields)
+            if spent + int(sizes.sum()) > budget:  # the rest of the group is not decoded
+                over = int(np.argmax(spent + np.cumsum(sizes) > budget))
+                if over:
+                    yield row, batch.slice(0, over), sizes[:over]
+                row += over
+                yield BadRecord(f"{rel}:{row}", "decompression_bomb",
+                                f"decompression_bomb: rows from here on decode to more than {budget} bytes")
+                row = start + rows if rows is not None else row + 1
+                break
+            spent += int(sizes.sum())
+            yield row, batch, sizes
+            row += batch.num_rows
+
+
+def _arrow_records(rel: str, batch, row: int, text_field: str, id_field: str, sizes: np.ndarray):
+    """Documents and BadRecords of one record batch whose decoded size is within budget. The batch is
+    decoded at once when it comes to at most BATCH_BYTES, else row by row; a row over MAX_RECORD_BYTES is
+    refused without being decoded."""
+    names = batch.schema.names
+    if text_field not in names:
         for i in range(batch.num_rows):
-            source = f"{rel}:{row}"
-            row += 1
-            raw = lambda i=i, b=batch: json.dumps({k: b.column(k)[i].as_py() for k in b.schema.names}, default=str)  # noqa: E731
-            if texts is None:
-                yield BadRecord(source, "missing_text_field", raw())
-                continue
-            bad = _check_text(texts[i], source, raw)
-            yield bad or Document(_make_id(ids[i], source), texts[i], source)
+            yield BadRecord(f"{rel}:{row + i}", "missing_text_field", _arrow_raw(batch, i))
+        return
+    texts, ids = (batch.column(names.index(f)) if f in names else _nulls(batch.num_rows) for f in (text_field, id_field))
+    whole = int(sizes.sum()) <= BATCH_BYTES
+    if whole:
+        texts, ids = texts.to_pylist(), ids.to_pylist()
+    for i in range(batch.num_rows):
+        source = f"{rel}:{row + i}"
+        if sizes[i] > MAX_RECORD_BYTES:
+            yield BadRecord(source, "record_too_large", f"{int(sizes[i])} bytes")
+            continue
+        text, rid = (texts[i], ids[i]) if whole else (texts[i].as_py(), ids[i].as_py())
+        bad = _check_text(text, source, lambda i=i: _arrow_raw(batch, i))
+        yield bad or Document(_make_id(rid, source), text, source)
+
+
+def _nulls(n: int):
+    import pyarrow as pa
+
+    return pa.nulls(n)
+
+
+def _arrow_raw(batch, i: int) -> str:
+    return json.dumps({k: batch.column(k)[i].as_py() for k in batch.schema.names}, default=str)
 
 
 def read_records(part: dict, fields: tuple[str, ...]) -> Iterator[tuple[str, dict] | BadRecord]:
@@ -385,13 +484,14 @@ def read_records(part: dict, fields: tuple[str, ...]) -> Iterator[tuple[str, dic
             elif (parsed := json_object(line, source)) is not None:
                 yield (source, parsed[0]) if isinstance(parsed, tuple) else parsed
         return
-    row = part["first_line"]
-    for batch in _arrow_batches(part, *fields):
-        if isinstance(batch, tuple):  # a refused row group
-            yield BadRecord(f"{rel}:{row}", batch[0].split(":")[0], batch[0])
-            row += batch[1]
+    for item in _budgeted_batches(part, fields):
+        if isinstance(item, BadRecord):
+            yield item
             continue
-        columns = {name: batch.column(name).to_pylist() for name in fields if name in batch.schema.names}
+        row, batch, sizes = item
+        names = [name for name in fields if name in batch.schema.names]
         for i in range(batch.num_rows):
-            yield f"{rel}:{row}", {name: values[i] for name, values in columns.items()}
-            row += 1
+            if sizes[i] > MAX_RECORD_BYTES:
+                yield BadRecord(f"{rel}:{row + i}", "record_too_large", f"{int(sizes[i])} bytes")
+            else:
+                yield f"{rel}:{row + i}", {name: batch.column(name)[i].as_py() for name in names}

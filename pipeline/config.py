@@ -1,4 +1,5 @@
-"""Typed configuration for every stage: YAML files, `extends:`, `--set` overrides.
+"""Typed configuration for every stage: schemas, `--set` overrides, one-line errors (YAML files and
+`extends:` are read by pipeline/config_yaml.py).
 
 Config mistakes should surface before a single process starts, as one line that
 names the file and the key. Pydantic does the checking; this module turns its
@@ -12,7 +13,6 @@ import difflib
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 # The errors and the prep schema live in data_prep (the bottom layer); re-exported for the rest of the code.
@@ -20,12 +20,11 @@ from data_prep.config import BoilerplateConfig, DecontaminateConfig, MinHashConf
 from data_prep.config import PrepConfig as _PrepSchema
 from data_prep.config import Strict as _Strict
 from data_prep.errors import MAX_ERROR_CHARS, ConfigError, KilnError, clip, first_line  # noqa: F401
+from pipeline.config_yaml import MAX_YAML_BYTES, MAX_YAML_VALUES, load_yaml, parse_override, safe_yaml  # noqa: F401
+from pipeline.config_yaml import deep_merge as _deep_merge
 from pipeline.credentials import has_credentials
 from pipeline.families import FAMILIES
 from pipeline.quant_methods import ALIASES, METHODS, bits_note
-
-MAX_YAML_BYTES = 1 << 20  # a config file or --set value
-MAX_YAML_VALUES = 100_000  # scalars + containers after alias expansion (a "billion laughs" stops here)
 
 # --------------------------------------------------------------------------- model / training
 
@@ -517,83 +516,6 @@ SCHEMAS: dict[str, type[BaseModel]] = {
 
 
 # --------------------------------------------------------------------------- loading
-
-
-def _deep_merge(base: dict, top: dict) -> dict:
-    out = copy.deepcopy(base)
-    for key, value in top.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
-def load_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
-    """Read a YAML mapping, resolving `extends:` (a path or list, relative to the file)."""
-    path = Path(path)
-    if path.resolve() in _seen:
-        raise ConfigError(f"{path}: extends: cycle through {' -> '.join(str(p) for p in _seen)}")
-    try:
-        with open(path, "rb") as f:
-            text = f.read(MAX_YAML_BYTES + 1)
-    except (FileNotFoundError, NotADirectoryError):
-        raise ConfigError(f"{path}: no such config file") from None
-    data = _safe_yaml(text, str(path)) or {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
-    parents = data.pop("extends", None) or []
-    if isinstance(parents, str):
-        parents = [parents]
-    merged: dict = {}
-    for parent in parents:
-        merged = _deep_merge(merged, load_yaml(path.parent / parent, _seen + (path.resolve(),)))
-    return _deep_merge(merged, data)
-
-
-def parse_override(item: str) -> tuple[list[str], Any]:
-    """`a.b.c=value` -> (["a","b","c"], yaml-parsed value)."""
-    key, sep, raw = item.partition("=")
-    if not sep or not key.strip():
-        raise ConfigError(f"--set {item}: expected key=value")
-    try:
-        value = _safe_yaml(raw.encode(), f"--set {key.strip()}") if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    return key.strip().split("."), value
-
-
-def _safe_yaml(text: bytes, where: str) -> Any:
-    """yaml.safe_load with bounds: input size, nesting, and the number of values after aliases are
-    expanded (a few hundred bytes of nested aliases would otherwise stand for billions of values)."""
-    if len(text) > MAX_YAML_BYTES:
-        raise ConfigError(f"{where}: larger than {MAX_YAML_BYTES >> 10} KiB; not a config")
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        if where.startswith("--set"):
-            raise
-        mark = getattr(err, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark else ""
-        raise ConfigError(clip(f"{where}{line}: not valid YAML: {getattr(err, 'problem', err)}")) from None
-    except RecursionError:
-        raise ConfigError(f"{where}: nested too deeply; not a config") from None
-    seen, stack = 0, [data]
-    while stack:  # counts a value once per reference, as everything that walks the data later would
-        value = stack.pop()
-        seen += 1
-        if seen > MAX_YAML_VALUES:
-            raise ConfigError(f"{where}: expands to more than {MAX_YAML_VALUES:,} values (YAML aliases?); "
-                              "not a config")
-        if isinstance(value, dict):
-            stack.extend(value.keys())
-            stack.extend(value.values())
-        elif isinstance(value, list):
-            stack.extend(value)
-    return data
-
-
-safe_yaml = _safe_yaml  # for YAML that is not a config (pipeline/harness/includes.py)
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> tuple[dict, dict[str, str]]:

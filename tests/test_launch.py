@@ -15,7 +15,7 @@ from factories import free_port
 from pipeline.cli import main
 from pipeline.commands.launch import launched_train_config
 from pipeline.config import ConfigError, KilnError
-from pipeline.launcher import common, deepspeed_job, slurm_job, torchrun_job
+from pipeline.launcher import common, deepspeed_job, node_env, slurm_job, torchrun_job
 from pipeline.launcher.hostfile import parse_hostfile, select
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,13 +55,15 @@ def test_hostfile_parsing_and_selection(hosts, tmp_path):
 def test_deepspeed_dry_run_2x8(hosts):
     job = deepspeed_job.plan(TRAIN, str(hosts), master_port=29600, train=launched_train_config(TRAIN))
     assert job["world_size"] == 16 and job["nodes"] == {"node0": 8, "node1": 8}
+    # each rank starts by loading the environment file (values kept off the command line: node_env.py)
+    ranks = " ".join([*node_env.wrap([], Path.cwd() / node_env.ENV_FILE), *TRAIN])
     assert job["command"] == (f"deepspeed --hostfile {hosts} --master_addr node0 --master_port 29600 "
-                              f"--no_python --no_local_rank {' '.join(TRAIN)}")
+                              f"--no_python --no_local_rank {ranks}")
     world_info = "eyJub2RlMCI6IFswLCAxLCAyLCAzLCA0LCA1LCA2LCA3XSwgIm5vZGUxIjogWzAsIDEsIDIsIDMsIDQsIDUsIDYsIDddfQ=="
     for rank, host in enumerate(["node0", "node1"]):
         assert job["per_node"][host] == (
             f"python -u -m deepspeed.launcher.launch --world_info={world_info} --node_rank={rank} "
-            f"--master_addr=node0 --master_port=29600 --no_python --no_local_rank {' '.join(TRAIN)}")
+            f"--master_addr=node0 --master_port=29600 --no_python --no_local_rank {ranks}")
     assert "PYTHONUNBUFFERED" in job["deepspeed_env"]
 
 
@@ -327,3 +329,19 @@ def test_two_node_training_equals_single_node(tmp_path):
     assert [s for s, _ in two_nodes] == [s for s, _ in one]
     for (_, a), (_, b) in zip(one, two_nodes, strict=True):
         assert abs(a - b) < 1e-5, (one, two_nodes)
+
+
+def test_the_node_env_file_is_read_only_when_private(tmp_path):
+    """`.kiln-node-env` carries credentials to the ranks: written 0600, read only when it is a regular file of
+    this user's that nobody else may read (a file others could have written or read is refused)."""
+    path = tmp_path / node_env.ENV_FILE
+    node_env.write({"MLFLOW_TRACKING_PASSWORD": "p$(x) 'q'"}, path)
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert node_env.read(str(path)) == {"MLFLOW_TRACKING_PASSWORD": "p$(x) 'q'"}
+    path.chmod(0o644)
+    with pytest.raises(SystemExit, match="not a private regular file of this user's"):
+        node_env.read(str(path))
+    link = tmp_path / "link"
+    link.symlink_to(path)
+    with pytest.raises(SystemExit, match="cannot open"):
+        node_env.read(str(link))

@@ -185,6 +185,18 @@ def gz_bomb(path: Path, total: int, first: bytes = b"") -> Path:
     return path
 
 
+def parquet_dictionary_bomb(path: Path | str, rows: int = 600, value: int = 512 << 10) -> Path:
+    """A Parquet file of `rows` rows whose text is one `value`-byte string in the dictionary page (2 KB on disk,
+    an honest 0.5 MiB in the metadata, 300 MiB decoded)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    text = pa.DictionaryArray.from_arrays(pa.array([0] * rows, pa.int32()), pa.array(["z" * value]))
+    ids = pa.array([f"dict{i}" for i in range(rows)])
+    pq.write_table(pa.table({"id": ids, "text": text}), path, compression="zstd")
+    return Path(path)
+
+
 READ_BOUNDED = """
 import json, resource, sys
 resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))  # the shared test box must survive an unfixed reader
@@ -218,15 +230,19 @@ def test_3_decompression_bombs_and_huge_records_are_quarantined_in_bounded_memor
 @pytest.mark.slow
 @pytest.mark.fault  # bad input too: docs/reliability.md lists it
 def test_3_kiln_prep_quarantines_a_bomb_and_keeps_the_rest(tmp_path):
+    """A zstd bomb, and a Parquet file whose dictionary page stands for 300 MiB (issue 30; an unfixed reader
+    decoded it): each is one quarantined record, the rest of the corpus is prepared."""
     raw = raw_corpus(tmp_path / "raw")
     zst_bomb(raw / "b_bomb.jsonl.zst", 320 << 20)
+    parquet_dictionary_bomb(raw / "c_dictionary.parquet")
     out = tmp_path / "out"
     res = subprocess.run(prep_cmd(raw, out), cwd=ROOT, env=prep_env(), capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     quarantine = [json.loads(x) for x in (out / "report" / "quarantine.jsonl").read_text().splitlines()]
-    assert [(q["source"], q["reason"]) for q in quarantine] == [("b_bomb.jsonl.zst:1", "decompression_bomb")]
+    assert sorted((q["source"], q["reason"]) for q in quarantine) == [("b_bomb.jsonl.zst:1", "decompression_bomb"),
+                                                                      ("c_dictionary.parquet:1", "decompression_bomb")]
     counts = json.loads((out / "manifest.json").read_text())["counts"]
-    assert counts["quarantined"] == {"decompression_bomb": 1} and counts["documents_kept"] == 30
+    assert counts["quarantined"] == {"decompression_bomb": 2} and counts["documents_kept"] == 30
 
 
 # --------------------------------------------------------------------------- 4. SHA256SUMS entries

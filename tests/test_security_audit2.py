@@ -46,8 +46,10 @@ def test_a3_a_planted_symlink_at_the_out_lock_is_not_followed(tmp_path, capsys, 
 PDSH = r'''#!/usr/bin/env python3
 """Stand-in pdsh: `pdsh -S -f N -w h1,h2 WORDS...` joins WORDS with spaces and runs them in a host's shell,
 with %n the host's rank, as pdsh's ssh module and sshd (`$SHELL -c`) do (the first host only: they all
-get the same line)."""
-import subprocess, sys
+get the same line). Its argv (what `ps` shows on the nodes) is appended to pdsh-argv.jsonl beside it."""
+import json, os, subprocess, sys
+with open(os.path.join(os.path.dirname(__file__), "pdsh-argv.jsonl"), "a") as log:
+    log.write(json.dumps(sys.argv) + "\n")
 args = sys.argv[1:]
 while args[0] in ("-S", "-f", "-w"):
     hosts = args[1].split(",") if args[0] == "-w" else locals().get("hosts")
@@ -55,11 +57,13 @@ while args[0] in ("-S", "-f", "-w"):
 line = " ".join(args)
 sys.exit(subprocess.call(["sh", "-c", line.replace("%n", "0")]))
 '''
-PRINT_ARGV = "import json, sys; print('ARGV', json.dumps(sys.argv[1:]))"
+NODE_PRINTS = ("import hashlib, json, os, sys; print('ARGV', json.dumps(sys.argv[1:])); "
+               "print('DIGEST', hashlib.sha256(os.environ.get('MLFLOW_TRACKING_PASSWORD', '').encode()).hexdigest())")
 
 
-def stand_in_nodes(tmp_path: Path, monkeypatch) -> None:
-    """PATH with a stand-in ssh (DeepSpeed's reachability check) and pdsh; a hostfile of two nodes."""
+def stand_in_nodes(tmp_path: Path, monkeypatch=None) -> dict:
+    """PATH with a stand-in ssh (DeepSpeed's reachability check) and pdsh; a hostfile of two nodes. Returns
+    the environment to run `kiln` in (and sets it with `monkeypatch`)."""
     stubs = tmp_path / "stubs"
     stubs.mkdir()
     (stubs / "ssh").write_text("#!/bin/sh\nexit 0\n")
@@ -67,36 +71,91 @@ def stand_in_nodes(tmp_path: Path, monkeypatch) -> None:
     for stub in stubs.iterdir():
         stub.chmod(0o755)
     (tmp_path / "hosts").write_text("nodea slots=1\nnodeb slots=1\n")
-    monkeypatch.setenv("PATH", f"{stubs}:{os.environ['PATH']}")
+    if monkeypatch:
+        monkeypatch.setenv("PATH", f"{stubs}:{os.environ['PATH']}")
+    return {"PATH": f"{stubs}:{os.environ['PATH']}"}
 
 
-def test_a4_shell_words_in_a_deepspeed_launch_do_not_run_on_the_nodes(tmp_path, capfd, monkeypatch):
+def launch_words(tmp_path: Path, addr: str) -> list[str]:  # nothing listens: the stand-in nodes run no rendezvous
+    return ["launch", "deepspeed", "--hostfile", str(tmp_path / "hosts"), "--master-addr", addr,
+            "--master-port", "29999"]
+
+
+SHELL_WORDS = ["--set", "data.note=$(touch {m})", "`touch {m}`", "a b $(touch {m}) 'q'", "x;y"]
+
+
+@pytest.fixture(scope="module")
+def two_node_launch(tmp_path_factory) -> dict:
+    """One real `kiln launch deepspeed` (DeepSpeed's own runner) over the two stand-in nodes, from a shell with
+    MLFLOW_TRACKING_PASSWORD set, of a command whose words hold shell syntax; each rank prints its words
+    and a digest of the password it got. Shared by the tests of what reaches the nodes (one launch), its
+    output caught at the file descriptors (the runner and the ranks are subprocesses)."""
+    import contextlib
+    import io
+    import tempfile
+
+    from pipeline.cli import main
+
+    tmp = tmp_path_factory.mktemp("nodes")
+    password = f"pa ss-{SECRET.decode()}$(touch {tmp}/pwned)'"
+    words = [w.format(m=tmp / "pwned") for w in SHELL_WORDS]
+    said = io.StringIO()  # what kiln itself prints
+    with pytest.MonkeyPatch.context() as mp, tempfile.TemporaryFile("w+") as fds:
+        stand_in_nodes(tmp, mp)
+        mp.setenv("MLFLOW_TRACKING_PASSWORD", password)
+        mp.chdir(tmp)
+        saved = os.dup(1), os.dup(2)
+        os.dup2(fds.fileno(), 1)
+        os.dup2(fds.fileno(), 2)
+        try:
+            with contextlib.redirect_stdout(said), contextlib.redirect_stderr(said):
+                code = main([*launch_words(tmp, "nodea"), "--", sys.executable, "-c", NODE_PRINTS, *words])
+        finally:
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+        fds.seek(0)
+        output = fds.read() + said.getvalue()
+    lines = output.splitlines()
+    return {"tmp": tmp, "code": code, "output": output, "words": words, "password": password,
+            "argv": [json.loads(x.split("ARGV ", 1)[1]) for x in lines if "ARGV " in x],
+            "digests": [x.split("DIGEST ", 1)[1] for x in lines if "DIGEST " in x],
+            "pdsh_argv": (tmp / "stubs" / "pdsh-argv.jsonl").read_text()}
+
+
+def test_a4_shell_words_in_a_deepspeed_launch_do_not_run_on_the_nodes(two_node_launch, tmp_path, capfd, monkeypatch):
     """Through DeepSpeed's real runner and a stand-in pdsh/ssh; then the master address and the working
     directory, which DeepSpeed sends unquoted, are refused."""
     from pipeline.cli import main
 
+    run = two_node_launch
+    assert not (run["tmp"] / "pwned").exists()
+    assert run["code"] == 0 and run["argv"] == [run["words"]], run["output"][-3000:]
+
     stand_in_nodes(tmp_path, monkeypatch)
     marker = tmp_path / "pwned"
-    words = ["--set", f"data.note=$(touch {marker})", f"`touch {marker}`", f"a b $(touch {marker}) 'q'", "x;y"]
-
-    def launch(addr: str) -> list[str]:  # nothing listens: the stand-in nodes run no rendezvous
-        return ["launch", "deepspeed", "--hostfile", str(tmp_path / "hosts"), "--master-addr", addr,
-                "--master-port", "29999"]
-
-    monkeypatch.chdir(tmp_path)  # where .deepspeed_env is written
-    code = main([*launch("nodea"), "--", sys.executable, "-c", PRINT_ARGV, *words])
-    out, err = capfd.readouterr()
-    assert not marker.exists()
-    got = [json.loads(line.split("ARGV ", 1)[1]) for line in out.splitlines() if "ARGV " in line]
-    assert code == 0 and got == [words], out[-2000:] + err[-2000:]
-
     for option, addr, cwd in (("--master-addr", f"$(touch {marker})", tmp_path),
                               ("the working directory", "nodea", tmp_path / "w$(touch pwned)")):
         cwd.mkdir(exist_ok=True)
         monkeypatch.chdir(cwd)
-        assert main([*launch(addr), "--dry-run", "--", "echo"]) == 2
+        assert main([*launch_words(tmp_path, addr), "--dry-run", "--", "echo"]) == 2
         line = one_error(capfd.readouterr().err)
         assert option in line and "shell would interpret" in line, line
+
+
+def test_c3_credentials_reach_the_nodes_without_a_command_line(two_node_launch):
+    """`kiln launch deepspeed` over two hosts from a shell with MLFLOW_TRACKING_PASSWORD set: DeepSpeed's pdsh
+    runner wrote `export MLFLOW_TRACKING_PASSWORD=...;` into pdsh's argv (shown by `ps` on every node, printed
+    in DeepSpeed's log). Through DeepSpeed's real runner and the stand-in pdsh, which records its argv: the
+    value is in no argv and no output, each rank gets it exactly (shell syntax and all), and the private
+    file that carried it is gone when the job ends."""
+    run = two_node_launch
+    assert run["code"] == 0, run["output"][-3000:]
+    assert run["digests"] == [hashlib.sha256(run["password"].encode()).hexdigest()]
+    assert "deepspeed.launcher.launch" in run["pdsh_argv"] and SECRET.decode() not in run["pdsh_argv"]
+    assert SECRET.decode() not in run["output"]
+    assert not (run["tmp"] / "pwned").exists() and not list(run["tmp"].glob(".kiln-node-env*"))
 
 
 # --------------------------------------------------------------------------- 2. a version's source
@@ -374,22 +433,28 @@ rows = [{"id": "ok", "text": "a fine record"}] + [{"id": f"z{i}", "text": "z" * 
 pq.write_table(pa.Table.from_pylist(rows[:1]), sys.argv[1] + "/a.parquet")
 pq.write_table(pa.Table.from_pylist(rows[1:]), sys.argv[1] + "/b.parquet", compression="zstd",
                use_dictionary=False)  # 270 MiB of pages from a few KB
+from test_security import parquet_dictionary_bomb
+parquet_dictionary_bomb(sys.argv[1] + "/c.parquet")  # 300 MiB from 2 KB, by a metadata of 0.5 MiB
 """
 
 
 def test_c2_a_parquet_row_group_is_bounded_before_it_is_decoded(tmp_path):
     """A Parquet file whose one row group decodes to 270 MiB from a few KB of zstd pages (an unfixed
-    reader decoded it whole): quarantined as a decompression bomb, by its metadata, in bounded memory."""
+    reader decoded it whole): quarantined as a decompression bomb, by its metadata, in bounded memory.
+    And one whose metadata is honest (0.5 MiB) but whose dictionary page holds one 512 KiB value that
+    600 rows point to (an unfixed reader decoded 8192 rows at a time, here 300 MiB): counted from the
+    indices, refused before a row is decoded."""
     from factories import TRAIN_ENV
     from test_security import READ_BOUNDED
 
-    subprocess.run([sys.executable, "-c", PARQUET_BOMB, str(tmp_path)], env=TRAIN_ENV, check=True, timeout=300)
-    assert (tmp_path / "b.parquet").stat().st_size < 200_000
-    res = subprocess.run([sys.executable, "-c", READ_BOUNDED, str(tmp_path / "a.parquet"), str(tmp_path / "b.parquet")],
+    env = {**TRAIN_ENV, "PYTHONPATH": f"{TRAIN_ENV['PYTHONPATH']}:{Path(__file__).parent}"}
+    subprocess.run([sys.executable, "-c", PARQUET_BOMB, str(tmp_path)], env=env, check=True, timeout=300)
+    assert (tmp_path / "b.parquet").stat().st_size < 200_000 and (tmp_path / "c.parquet").stat().st_size < 10_000
+    res = subprocess.run([sys.executable, "-c", READ_BOUNDED, *(str(tmp_path / f"{n}.parquet") for n in "abc")],
                          env=TRAIN_ENV, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     out = json.loads(res.stdout)
-    assert out["seen"] == ["ok", "decompression_bomb"] and out["peak_mb"] < 150, out
+    assert out["seen"] == ["ok", "decompression_bomb", "decompression_bomb"] and out["peak_mb"] < 150, out
 
 
 def test_c2_a_registered_file_is_size_checked_before_it_is_downloaded(registry, tmp_path, capsys):

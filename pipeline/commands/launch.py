@@ -134,7 +134,9 @@ def _ray(args, command: list[str], env: dict[str, str]) -> dict:
 
 # name: (summary, example, its options, start it: (args, command words, env) -> the job's summary)
 LAUNCHERS = {
-    "deepspeed": ("DeepSpeed launcher over a hostfile (`hostname slots=N` lines); writes .deepspeed_env.",
+    "deepspeed": ("DeepSpeed launcher over a hostfile (`hostname slots=N` lines); writes .deepspeed_env, and over "
+                  "several hosts .kiln-node-env (0600: your MLFLOW_*/PYTHON*/NCCL_* values, kept off the nodes' "
+                  "command line).",
                   "kiln launch deepspeed --hostfile hosts.txt --num-nodes 2 --gpus-per-node 8 --dry-run -- kiln train "
                   "--config configs/train/1.3b-2x8.yaml", _deepspeed_options, _deepspeed),
     "torchrun": ("torchrun on this node (static or c10d rendezvous); run the same on every node with its --node-rank.",

@@ -11,18 +11,25 @@ spaces for each node's shell (sshd runs `$SHELL -c`), after `cd CWD;` and `--mas
 none of them quoted; DeepSpeed only wraps a word holding a space in double quotes. So the quoting is
 Kiln's (`node_words`): every word is handed over already quoted for that shell, and the master address
 and working directory must be words no shell would change. The dry run prints the words each node runs.
+
+The same line would carry every MLFLOW_*/PYTHON*/NCCL_* variable of the launching shell, credentials
+included, as `export NAME=VALUE;`: over several hosts those travel in a private file instead
+(pipeline/launcher/node_env.py), and only its name is on the command line.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
 from pipeline.config import ConfigError, RunConfig
-from pipeline.launcher.common import check_master, check_train, launch_env, run
+from pipeline.launcher import node_env
+from pipeline.launcher.common import check_master, check_train, launch_env
 from pipeline.launcher.hostfile import parse_hostfile, select
 
 SAFE_VALUE = re.compile(r"[\w@%+=:,./^-]*")  # DeepSpeed's own "no quoting needed" set, plus ^ (NCCL's ^lo,docker)
@@ -72,7 +79,8 @@ def plan(
 ) -> dict:
     """Everything the launch will do: the deepspeed command, per-node commands, .deepspeed_env. `train`:
     the RunConfig of the `kiln train` being launched (None: another command), checked against the world."""
-    from deepspeed.launcher.runner import encode_world_info
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.launcher.runner import EXPORT_ENVS, encode_world_info
 
     active = select(parse_hostfile(hostfile), include, exclude, num_nodes, gpus_per_node)
     world = sum(len(s) for s in active.values())
@@ -91,12 +99,16 @@ def plan(
         ds += ["--num_gpus", str(gpus_per_node)]
     if single_local:
         ds += ["--no_ssh_check"]
-    words = command
+    ds_env, user_command = launch_env(env or {}), command
+    carried: dict[str, str] = {}
     if len(hosts) > 1:  # DeepSpeed's runner goes through pdsh and each node's shell
         check_shell_word("--master-addr", master)
         check_shell_word("the working directory", str(Path.cwd()))
         check_shell_word("this Python", sys.executable)
-        words = node_words(command)
+        carried = node_env.carried(dict(os.environ), EXPORT_ENVS + get_accelerator().export_envs(), ds_env)
+        ds_env = {k: v for k, v in ds_env.items() if k not in carried}
+        command = node_env.wrap(command, Path.cwd() / node_env.ENV_FILE)
+    words = node_words(command) if len(hosts) > 1 else command
     ds += ["--no_python", "--no_local_rank", *words]
     world_info = encode_world_info({h: s for h, s in active.items()})
     per_node = {  # the words each node runs (node_words makes its shell get exactly these)
@@ -112,19 +124,25 @@ def plan(
         "master": f"{master}:{master_port}",
         "command": shlex.join(ds),
         "argv": ds,
-        "user_command": command,
+        "user_command": user_command,
         "per_node": per_node,
-        "deepspeed_env": check_deepspeed_env(launch_env(env or {})),
+        "deepspeed_env": check_deepspeed_env(ds_env),
+        "node_env": sorted(carried),  # names only: the job is printed (--json)
+        "_node_env": carried,  # the values, taken out by launch()
     }
 
 
 def launch(job: dict, dry_run: bool, train: RunConfig | None = None) -> dict:
+    carried = job.pop("_node_env")
     if dry_run:
         print(f"# deepspeed launcher ({job['world_size']} processes on {len(job['nodes'])} nodes)")
         print(job["command"])
         print("# .deepspeed_env (exported on every node; defaults from launch/env.sh as detected on this node)")
         for k, v in job["deepspeed_env"].items():
             print(f"{k}={v}")
+        if job["node_env"]:
+            print(f"# {node_env.ENV_FILE} (private to you, read by each rank, values not shown): "
+                  + " ".join(job["node_env"]))
         for host, cmd in job["per_node"].items():
             print(f"# on {host}:")
             print(cmd)
@@ -139,5 +157,14 @@ def launch(job: dict, dry_run: bool, train: RunConfig | None = None) -> dict:
         check_master(master, int(port), 0)
     argv = list(job["argv"])
     argv[0] = str(Path(sys.executable).with_name("deepspeed"))
-    job["returncode"] = run(argv, job["deepspeed_env"])
+    environ = {k: v for k, v in {**os.environ, **job["deepspeed_env"]}.items() if k not in carried}
+    if len(job["nodes"]) == 1:
+        job["returncode"] = subprocess.call(argv, env=environ)
+        return job
+    env_file = Path.cwd() / node_env.ENV_FILE
+    node_env.write(carried, env_file)  # always (an empty one too): every rank starts by reading it
+    try:
+        job["returncode"] = subprocess.call(argv, env=environ)
+    finally:
+        env_file.unlink(missing_ok=True)
     return job
