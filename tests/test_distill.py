@@ -14,13 +14,13 @@ from test_post_common import shared_teacher
 
 from pipeline.checkpoint import TorchState
 from pipeline.cli import main
-from pipeline.config import ConfigError, DistillConfig, ModelConfig, RunConfig, TrainConfig
+from pipeline.config import ConfigError, DistillConfig, ModelConfig, TrainConfig
 from pipeline.evaluate import evaluate_windows
 from pipeline.model.gpt import GPT
 from pipeline.model.io import load_model_dir
-from pipeline.parallel.engine import lr_at
 from pipeline.post.distill import distill, distill_loss, init_from_teacher
 from pipeline.post.finetune import train_steps
+from pipeline.schedule import lr_of, schedule_of
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +75,8 @@ def test_interrupted_or_corrupt_checkpoints_resume_to_the_same_result(setup, mon
     c = cfg(10, checkpoint={"every": 5, "keep": 2}, hidden_weight=0.5, eval_windows=0)
     distill(teacher, student, data, root / "full", c)
     ref = weights(root / "full")
-    sched = RunConfig(train=c.train)
-    assert [m["lr"] for m in metrics(root / "full")] == [lr_at(4, sched), lr_at(9, sched)]
+    sched = schedule_of(c.train.model_dump())
+    assert [m["lr"] for m in metrics(root / "full")] == [lr_of(4, sched), lr_of(9, sched)]
 
     real_save = TorchState.save
 
