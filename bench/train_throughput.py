@@ -34,6 +34,7 @@ from pipeline.device import time_matmul_peak  # noqa: E402
 from pipeline.families import family  # noqa: E402
 from pipeline.model.flops import flops_per_token  # noqa: E402
 from pipeline.model.gpt import GPT, Block  # noqa: E402
+from pipeline.schedule import lr_of, schedule_of  # noqa: E402
 
 
 def emit(bench: str, value: float, unit: str, reference: float | None = None, **extra) -> dict:
@@ -143,19 +144,19 @@ class KilnStep:
 
     def __init__(self, cfg, data):
         from pipeline.data.sampler import rank_slice
-        from pipeline.parallel.engine import Engine, lr_at
+        from pipeline.parallel.engine import Engine
         from pipeline.parallel.topology import init_distributed, make_layout
 
         init_distributed()
         self.layout = make_layout(cfg)
         self.data = data
         self.engine = Engine(cfg, self.layout)
-        self.cfg, self.step, self.lr_at, self.rank_slice, self.loss = cfg, 0, lr_at, rank_slice, None
+        self.cfg, self.step, self.schedule, self.rank_slice, self.loss = cfg, 0, schedule_of(cfg.train.model_dump()), rank_slice, None
 
     def __call__(self) -> None:
         t = self.cfg.train
         g = t.micro_batch_size * self.engine.accum * self.layout.dp
-        self.engine.set_lr(self.lr_at(self.step, self.cfg))
+        self.engine.set_lr(lr_of(self.step, self.schedule))
         batches = [self.data.train.batch(s, c) for s, c in
                    self.rank_slice(self.step * g, g, self.layout.dp, self.layout.dp_rank, t.micro_batch_size)]
         self.loss, _ = self.engine.train_step(batches)

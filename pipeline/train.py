@@ -239,10 +239,14 @@ def _train(cfg: RunConfig, on_log, on_checkpoint, on_end) -> dict:
 
     # val_bpb: the windows' summed loss (mean x target tokens) over their UTF-8 bytes, counted once (rank 0 logs)
     val_tokens = eval_batches * t.micro_batch_size * layout.dp * cfg.model.block_size
-    val_bytes = data.val_bytes(val_tokens // cfg.model.block_size) if rank0 and eval_batches else None
+    val_bytes, why = None, "no tokenizer file in the corpus: no val_bpb"
     if rank0 and eval_batches:
+        try:
+            val_bytes = data.val_bytes(val_tokens // cfg.model.block_size)
+        except (RuntimeError, OSError) as err:  # a metric never ends the run: sentencepiece could not read it
+            why = f"the corpus's tokenizer is unreadable ({first_line(err)}): no val_bpb"
         log.info("validation: %d windows, %s target tokens, %s", val_tokens // cfg.model.block_size, f"{val_tokens:,}",
-                 f"{val_bytes:,} bytes" if val_bytes else "no tokenizer file in the corpus: no val_bpb")
+                 f"{val_bytes:,} bytes" if val_bytes else why)
 
     def evaluate() -> float:
         """Mean loss over the first val windows, the same whatever the layout (each DP rank takes a slice)."""

@@ -163,7 +163,8 @@ def test_eval_reads_its_config_and_flags_win(tmp_path, monkeypatch, no_registry,
 
     def evaluate_model(model, data, split, max_tokens, tracker):
         seen.append((model, data, split, max_tokens))
-        return {"tokens": 1, "perplexity": 2.0, "bits_per_token": 1.0, "bits_per_byte": 0.5, "tokens_per_s": 1.0}
+        return {"tokens": 1, "perplexity": 2.0, "bits_per_token": 1.0, "bits_per_byte": 0.5, "tokens_per_s": 1.0,
+                "device": "cpu", "threads": 1, "batch_size": 8}
 
     monkeypatch.setattr("pipeline.evaluate.evaluate_model", evaluate_model)
     cfg = tmp_path / "suite.yaml"
