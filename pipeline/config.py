@@ -151,6 +151,9 @@ class TrainConfig(_Strict):
                            "scales it as it scales lr)")
     muon_momentum: float = Field(0.95, gt=0, lt=1, description="muon: Nesterov momentum of the hidden matrices")
     muon_weight_decay: float = Field(0.0, ge=0, description="muon: decoupled weight decay of the hidden matrices")
+    muon_ns_precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="muon at zero_stage 0: Newton-Schulz arithmetic; auto: bf16 where the device multiplies "
+        "it natively (GPUs, CPUs with AVX512-BF16/AMX: about half the time), else fp32")
     beta1: float = Field(0.9, gt=0, lt=1)
     beta2: float = Field(0.95, gt=0, lt=1)
     grad_clip: float = Field(1.0, ge=0)

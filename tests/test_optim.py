@@ -50,12 +50,15 @@ def test_newton_schulz_orthogonalizes_tall_and_wide():
     g = torch.Generator().manual_seed(0)
     for shape in ((48, 16), (16, 48), (32, 32), (16, 96), (96, 16)):  # the last two: the Gram-matrix form
         m = torch.randn(*shape, generator=g, dtype=torch.float64).float()
-        o = newton_schulz(m)
+        o = newton_schulz(m, dtype=torch.float32)
         s = torch.linalg.svdvals(o)
         assert o.shape == shape and s.min() > 0.5 and s.max() < 1.3, (shape, s)  # ~U V^T: singular values near 1
         wide = m if shape[0] <= shape[1] else m.mT
         expect = plain_newton_schulz(wide.double()).float()
         torch.testing.assert_close(o if shape[0] <= shape[1] else o.mT, expect, rtol=0, atol=2e-5)
+        # bf16 (the default where the device multiplies it natively): the same matrix to bf16's precision
+        half = newton_schulz(m, dtype=torch.bfloat16)
+        assert half.dtype == torch.float32 and (half - o).norm() < 0.06 * o.norm(), (shape, (half - o).norm())  # ~3%
 
 
 def test_muon_steps_block_matrices_and_adamw_the_rest():

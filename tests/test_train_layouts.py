@@ -70,7 +70,8 @@ LAYOUTS = {
 }
 OPTIONS = ["model.qk_norm=true", "model.mlp=relu2", "model.logit_softcap=2.0", "model.zero_init_proj=true"]
 MOE = ["model.style=mixtral", "model.n_experts=4", "model.ffn_hidden=64"]  # (a shared expert: tests/test_tp.py)
-MUON = ["train.optimizer=muon", "train.muon_lr=0.02", "train.grad_clip=0", "train.schedule=wsd"]
+MUON = ["train.optimizer=muon", "train.muon_lr=0.02", "train.grad_clip=0", "train.schedule=wsd",
+        "train.muon_ns_precision=fp32"]  # bf16 rounding would swamp a layout's last-digit differences
 
 
 ENV = {**TRAIN_ENV, "TORCHDYNAMO_DISABLE": "1"}  # DeepSpeed compiles its Muon kernels: minutes on a CPU test box
