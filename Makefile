@@ -13,7 +13,7 @@ GPTQ_LOADER := gptqmodel optimum pypcre tokenicer logbar device-smi defuser
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt torch==2.13.0
-	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[dev,eval]"
+	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[dev,eval,sft]"
 	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps -c constraints.txt $(GPTQ_LOADER)
 	touch $(STAMP)
 

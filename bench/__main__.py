@@ -42,6 +42,16 @@ def machine() -> dict:
     return info
 
 
+def append_result(results: Path, name: str, record: dict) -> str:
+    """One bench's record as a JSON line appended to RESULTS/NAME.jsonl (made if missing), and printed."""
+    results.mkdir(parents=True, exist_ok=True)
+    line = json.dumps(record)
+    with open(results / f"{name}.jsonl", "a") as f:
+        f.write(line + "\n")
+    print(line, flush=True)
+    return line
+
+
 def main(words: list[str]) -> int:
     if words[:1] == ["gpu"]:
         from bench import gpu

@@ -30,8 +30,8 @@ from test_post_common import CORPUS, markov_corpus, train_teacher  # noqa: E402
 from pipeline.config import DistillConfig, ModelConfig, PruneConfig, QuantizeConfig, TrainConfig  # noqa: E402
 from pipeline.model.gpt import GPT  # noqa: E402
 from pipeline.model.io import save_model_dir  # noqa: E402
+from pipeline.post.common import train_steps  # noqa: E402
 from pipeline.post.distill import distill  # noqa: E402
-from pipeline.post.finetune import train_steps  # noqa: E402
 from pipeline.post.prune import prune  # noqa: E402
 from pipeline.post.quantize import quantize  # noqa: E402
 from pipeline.post.report import compare  # noqa: E402

@@ -2,9 +2,9 @@
 
 Rows of `--seq` tokens holding conversations of random lengths (pipeline/sft/packing.py's segments), fp32:
 
-    causal        SDPA is_causal: position resets alone (pipeline/sft/packing.py `positions`) cost nothing over
+    causal        SDPA is_causal: position resets alone (`Packing.positions`) cost nothing over
                   plain causal attention, but attention still crosses conversations   <- the reference
-    doc_mask      SDPA with the block-diagonal causal boolean mask of `document_mask`, built per batch (exact)
+    doc_mask      SDPA with the block-diagonal causal boolean mask of `Packing` (pipeline/model/layers.py), built per batch (exact)
     flex          torch's flex_attention with a block mask from the segments (exact; skips whole blocks that
                   cross conversations), eager — on CPU without compilation it may be refused or slow
 
@@ -24,7 +24,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from pipeline.sft.packing import document_mask
+from pipeline.model.layers import Packing
 
 
 def segments(batch: int, seq: int, mean: int, seed: int = 0) -> torch.Tensor:
@@ -42,7 +42,7 @@ def step(variant: str, q, k, v, seg) -> None:
     if variant == "causal":
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
     elif variant == "doc_mask":
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=document_mask(seg))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=Packing(seg).mask)
     else:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 

@@ -46,7 +46,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT)]
 
-from bench.__main__ import machine  # noqa: E402
+from bench.__main__ import append_result, machine  # noqa: E402
 from bench.moe_quality import kiln, prepped  # noqa: E402
 from bench.train_throughput import nanogpt_loop  # noqa: E402
 from pipeline.config import KilnError, RunConfig  # noqa: E402
@@ -286,10 +286,7 @@ def run(argv: list[str] | None) -> int:
                    png, "training wall-clock (s)", "validation loss (nats/token)",
                    f"time to quality, N = {args.steps}", {"nanoGPT's final val loss": record["target_val_loss"]})
         record["png"] = str(png)
-    line = json.dumps(record)
-    with open(args.results / "time_to_quality.jsonl", "a") as f:
-        f.write(line + "\n")
-    print(line, flush=True)
+    append_result(args.results, "time_to_quality", record)
     return 0
 
 

@@ -88,6 +88,24 @@ def write_demo_corpus(out: str | Path, max_bytes: int | None = None, shards: int
     return paths
 
 
+def write_demo_chats(out: str | Path, limit: int | None = None) -> Path:
+    """Supervised fine-tuning data for the demo (`kiln sft`): per standard-library module with a docstring, the
+    question "What is the NAME module for?" answered by the first line of its docstring, as {"prompt",
+    "completion"} records in one jsonl file."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    n = 0
+    with out.open("w", encoding="utf-8") as f:
+        for doc_id, text in stdlib_docstrings(min_chars=40):
+            if not doc_id.startswith("module:") or (limit is not None and n >= limit):
+                continue
+            answer = text.strip().splitlines()[0].strip()
+            if 10 <= len(answer) <= 160:
+                f.write(json.dumps({"prompt": f"What is the {doc_id[7:]} module for?", "completion": answer}) + "\n")
+                n += 1
+    return out
+
+
 def _all_docs() -> Iterator[tuple[str, str]]:
     seen: set[str] = set()
     for doc_id, text in (*pydoc_topics(), *stdlib_docstrings(), *package_descriptions()):

@@ -22,6 +22,7 @@ stops at `<|end|>` (`ChatTokenizer.stop_ids`, with the document EOS).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from data_prep.errors import KilnError
@@ -42,6 +43,13 @@ def _template() -> str:
 
 
 CHAT_TEMPLATE = _template()
+MARKER_SPLIT = re.compile("(" + "|".join(re.escape(m) for m in CHAT_MARKERS) + ")")
+
+
+def render_text(messages: list[dict], add_generation_prompt: bool = False) -> str:
+    """The string CHAT_TEMPLATE renders (what lm-eval's --apply_chat_template hands a model to encode)."""
+    text = "".join(ROLE_MARKERS[m["role"]] + m["content"] + END_OF_TURN for m in messages)
+    return text + (ROLE_MARKERS["assistant"] if add_generation_prompt else "")
 
 
 def problem(messages, training: bool = True) -> str | None:
@@ -108,6 +116,18 @@ class ChatTokenizer:
     def stop_ids(self) -> list[int]:
         """What ends generation: the end of a turn, and the document EOS a base model may still emit."""
         return [self.end_id, *([self.sp.eos_id()] if self.sp.eos_id() >= 0 else [])]
+
+    def encode_text(self, text: str) -> list[int]:
+        """A rendered string's ids as transformers' tokenizer gives them: the markers are matched whole, and each
+        piece between them is encoded alone."""
+        ids: list[int] = []
+        marker_ids = {**{m: self.role_ids[r] for r, m in ROLE_MARKERS.items()}, END_OF_TURN: self.end_id}
+        for part in MARKER_SPLIT.split(text):
+            if part in marker_ids:
+                ids.append(marker_ids[part])
+            elif part:
+                ids += self.sp.encode(part)
+        return ids
 
     def render(self, messages: list[dict], add_generation_prompt: bool = False) -> Rendered:
         """The ids of `messages` (checked by `problem` beforehand; a marker in content raises here too)."""

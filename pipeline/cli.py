@@ -29,6 +29,7 @@ from pipeline.commands import (
     prune,
     quantize,
     register,
+    sft,
     track,
     train,
     verify,
@@ -37,7 +38,7 @@ from pipeline.config import ConfigError, KilnError, clip, first_line
 from pipeline.credentials import redact
 
 # `kiln --help` lists them in this order; each module owns its arguments and its run (pipeline/commands/)
-COMMANDS = [prep, train, verify, export, quantize, distill, prune, eval, generate, register, fetch, lineage, plot,
+COMMANDS = [prep, train, verify, export, quantize, distill, prune, sft, eval, generate, register, fetch, lineage, plot,
             track, plan, launch, demo]
 
 

@@ -469,6 +469,8 @@ class EvalConfig(_Strict):
                                             "their !function hooks run")
     limit: float | None = Field(None, gt=0, description="documents per task (a fraction when below 1)")
     num_fewshot: int | None = Field(None, ge=0)
+    apply_chat_template: bool = Field(False, description="lm-eval renders each request in the model's chat format "
+                                      "(a `kiln sft` model, or a transformers dir with a chat template)")
     batch_size: int = Field(8, ge=1)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
@@ -488,6 +490,8 @@ class GenerateConfig(_Strict):
     top_p: float = Field(1.0, gt=0, le=1)
     repetition_penalty: float = Field(1.0, gt=0)
     seed: int = 0
+    chat: bool = Field(False, description="the prompt is a user turn of the chat format; the reply ends at the end "
+                       "of turn (a `kiln sft` model)")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
 
@@ -495,7 +499,7 @@ class GenerateConfig(_Strict):
 
 
 class SftDataConfig(_Strict):
-    """Supervised fine-tuning data (pipeline/sft/data.py); the `data` section of the coming `kiln sft` schema."""
+    """Supervised fine-tuning data (pipeline/sft/data.py); the `data` section of `kiln sft`'s config."""
 
     paths: list[str] = Field(default_factory=list, description="SFT jsonl[.gz|.zst] / parquet files or dirs: "
                              '{"messages": [...]} or {"prompt", "completion"} records')
@@ -507,6 +511,46 @@ class SftDataConfig(_Strict):
     decontaminate: DecontaminateConfig = Field(default_factory=DecontaminateConfig)
 
 
+class SftTrainConfig(TrainConfig):
+    """Supervised fine-tuning's steps (pipeline/post/loop.py): train's fields, defaults for adapting a pretrained
+    model (micro-batches are packed rows of model.block_size ids)."""
+
+    steps: int = Field(200, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    min_lr: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(10, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    seed: int = 0
+
+
+class SftLoraConfig(_Strict):
+    """LoRA for `kiln sft` (pipeline/sft/lora.py, PEFT); rank 0 is full fine-tuning."""
+
+    rank: int = Field(0, ge=0, description="0: full fine-tuning; > 0: LoRA adapters of this rank on the blocks' "
+                      "linear layers, merged into the MODEL dir written at the end")
+    alpha: float = Field(16.0, gt=0, description="the adapters' scale is alpha / rank")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    targets: list[str] = Field(default_factory=list, description="the linear layers adapted, by name (wq, wk, wv, "
+                               "wo, w1, w2, w3, fc, proj); default: every linear layer of the blocks")
+    train_embeddings: bool = Field(True, description="the embedding and head train too (the chat markers' rows "
+                                   "start alike and must be learned)")
+
+
+class SftConfig(_Strict):
+    """What `kiln sft BASE --data FILE... --out DIR` reads."""
+
+    data: SftDataConfig = Field(default_factory=SftDataConfig)
+    train: SftTrainConfig = Field(default_factory=SftTrainConfig)
+    lora: SftLoraConfig = Field(default_factory=SftLoraConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @model_validator(mode="after")
+    def _loop(self) -> SftConfig:
+        _adamw_loop(self.train, "kiln sft", ("cosine", "wsd"))
+        return self
+
+
 SCHEMAS: dict[str, type[BaseModel]] = {
     "train": RunConfig,
     "prep": PrepConfig,
@@ -515,6 +559,7 @@ SCHEMAS: dict[str, type[BaseModel]] = {
     "prune": PruneConfig,
     "eval": EvalConfig,
     "generate": GenerateConfig,
+    "sft": SftConfig,
 }
 
 

@@ -2,6 +2,7 @@
 
 corpus -> kiln prep (Ray, 2 workers) -> kiln train (2 processes, TP=2, DeepSpeed on gloo)
 -> kiln export (HF) -> kiln quantize (int8, gptq4) -> kiln distill (a 2-layer student)
+-> kiln sft (questions about the standard library's modules, answered by their docstrings)
 -> registered in MLflow with aliases (and their transformers forms) -> kiln fetch by alias -> eval table
 (perplexity + one lm-evaluation-harness task per alias, `kiln eval --compare`) -> kiln generate.
 
@@ -27,6 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"
 NAME = "kiln-demo"
 PROMPTS = ["The tokenizer", "A list is", "Return the"]
+CHAT_PROMPT = "What is the json module for?"  # a question of the demo's SFT data (data_prep/demo_corpus.py)
 LM_EVAL_TASK = "kiln_stdlib_mc"  # pipeline/harness/tasks: multiple choice over the stdlib's docstrings
 
 
@@ -76,7 +78,7 @@ def _short(summary) -> str:
 
 def run_demo(out: str | Path = "demo_out", quick: bool = False) -> dict:
     """Run everything; `quick` shrinks corpus and steps (the end-to-end test uses it)."""
-    from data_prep.demo_corpus import write_demo_corpus
+    from data_prep.demo_corpus import write_demo_chats, write_demo_corpus
     from pipeline.post.report import compare
     from pipeline.tracking import Tracker
 
@@ -92,6 +94,7 @@ def run_demo(out: str | Path = "demo_out", quick: bool = False) -> dict:
     started = time.time()
     train_steps = 40 if quick else 300
     distill_steps = 20 if quick else 120
+    sft_steps = 20 if quick else 150
     windows = 16 if quick else 64  # val windows each eval scores (the eval table, GPTQ and distill before/after)
     tracker = Tracker(TrackingConfig(experiment="kiln-demo"))
     with tracker.pipeline_run("demo", params={"quick": quick, "train_steps": train_steps}):
@@ -118,6 +121,12 @@ def run_demo(out: str | Path = "demo_out", quick: bool = False) -> dict:
                   "--config", str(CONFIGS / "post/distill.yaml"), "--set", f"train.steps={distill_steps}",
                   "--set", f"eval_windows={windows}",
                   *reg, "--set", "tracking.alias=student")
+        chats = demo.step("sft data", write_demo_chats, out / "chats.jsonl")
+        demo.kiln("sft", "sft", champion, "--data", str(chats), "--out", "sft", "--steps", str(sft_steps),
+                  "--config", str(CONFIGS / "post/sft.yaml"), "--set", "train.lr=5e-4", *reg, "--set", "tracking.alias=sft")
+        demo.kiln("fetch @sft", "fetch", f"models:/{NAME}@sft", "--out", "fetched/sft")
+        reply = demo.kiln("generate --chat", "generate", str(out / "fetched/sft"), "--chat", "--prompt", CHAT_PROMPT,
+                          "--temperature", "0", "--max-new-tokens", "40")
         fetched = {}
         for alias in ("champion", "int8", "gptq4", "student"):
             demo.kiln(f"fetch @{alias}", "fetch", f"models:/{NAME}@{alias}", "--out", f"fetched/{alias}")
@@ -145,13 +154,14 @@ def run_demo(out: str | Path = "demo_out", quick: bool = False) -> dict:
     summary = {
         "out": str(out), "wall_s": round(wall, 1), "val_loss": trained.get("val_loss"),
         "ln_vocab": math.log(prepped["vocab_size"]), "eval": table, "samples": samples,
-        "curves_png": str(out / "train" / "curves.png"),
+        "curves_png": str(out / "train" / "curves.png"), "chat": {"prompt": CHAT_PROMPT, "reply": reply.get("text")},
         "mlflow_ui": f"mlflow ui --backend-store-uri sqlite:///{out / 'mlflow.db'} --host 127.0.0.1",
         # MLflow 3.17's UI picks GenAI vs model-training view from the URL (else the browser's last choice)
         "mlflow_ui_page": f"/#/experiments/{tracker.experiment_id()}?workflowType=machine_learning",
     }
     for prompt, text in zip(PROMPTS, samples, strict=False):
         console.print(f"[bold]{prompt}[/bold]{text}")
+    console.print(f"[bold][user][/bold] {CHAT_PROMPT}\n[bold][assistant][/bold] {reply.get('text', '').strip()}")
     console.print(f"[bold]done in {wall / 60:.1f} min[/bold]; loss curves: {summary['curves_png']}")
     console.print(f"look at runs, datasets, models and lineage: [bold]{summary['mlflow_ui']}[/bold], then open "
                   f"http://127.0.0.1:5000{summary['mlflow_ui_page']}")

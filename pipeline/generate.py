@@ -11,7 +11,7 @@ context each step. This file only samples.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 
 import torch
@@ -69,8 +69,11 @@ def next_token(logits: torch.Tensor, temperature: float, top_k: int, top_p: floa
 
 def generate_ids(model: torch.nn.Module, prompt: list[int], max_new_tokens: int, temperature: float = 1.0,
                  top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int = 0,
-                 eos_id: int | None = None, block_size: int | None = None, use_cache: bool = True) -> Iterator[int]:
-    """Yield new token ids one at a time; stops at EOS or after max_new_tokens."""
+                 eos_id: int | Collection[int] | None = None, block_size: int | None = None,
+                 use_cache: bool = True) -> Iterator[int]:
+    """Yield new token ids one at a time; stops after an `eos_id` (one id, or several: a chat model's end of
+    turn and EOS) or after max_new_tokens."""
+    stop = set() if eos_id is None else {eos_id} if isinstance(eos_id, int) else set(eos_id)
     if not prompt:
         raise KilnError("the prompt encodes to zero tokens")
     block_size = block_size or model.cfg.block_size
@@ -95,7 +98,7 @@ def generate_ids(model: torch.nn.Module, prompt: list[int], max_new_tokens: int,
             logits = apply_repetition_penalty(logits, torch.tensor(sorted(set(ids))), repetition_penalty)
             token = next_token(logits, temperature, top_k, top_p, generator)
             yield token
-            if eos_id is not None and token == eos_id:
+            if token in stop:
                 return
             ids.append(token)
 
@@ -125,8 +128,9 @@ class StreamingDecoder:
 def generate(model_dir: str | Path, prompt: str, max_new_tokens: int = 64, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int = 0,
              on_text: Callable[[str], None] | None = None, use_cache: bool = True,
-             device: str | None = None) -> dict:
-    """Generate from a MODEL dir (its tokenizer.model); `on_text` receives text as it is produced."""
+             device: str | None = None, chat: bool = False) -> dict:
+    """Generate from a MODEL dir (its tokenizer.model); `on_text` receives text as it is produced. With `chat`
+    the prompt is one user turn of the chat format (pipeline/chat.py) and the reply ends at the end of turn."""
     import sentencepiece as spm
 
     from pipeline.model.io import TOKENIZER, load_model_dir
@@ -136,16 +140,25 @@ def generate(model_dir: str | Path, prompt: str, max_new_tokens: int = 64, tempe
         raise KilnError(f"{model_dir / TOKENIZER}: not found; generation needs the model's tokenizer")
     model, config = load_model_dir(model_dir, device=device or default_device())
     sp = spm.SentencePieceProcessor(model_file=str(model_dir / TOKENIZER))
-    prompt_ids = sp.encode(prompt)
-    eos = sp.eos_id() if sp.eos_id() >= 0 else None
+    if chat:
+        from pipeline.chat import ChatTokenizer, problem
+
+        messages = [{"role": "user", "content": prompt}]
+        if reason := problem(messages, training=False):
+            raise KilnError(f"--chat prompt refused: {reason}")
+        talker = ChatTokenizer(sp, f"{model_dir / TOKENIZER}")
+        prompt_ids, stops = talker.render(messages, add_generation_prompt=True).ids, talker.stop_ids
+    else:
+        prompt_ids = sp.encode(prompt)
+        stops = [sp.eos_id()] if sp.eos_id() >= 0 else []
     block = int(config["model"]["block_size"])
     decoder = StreamingDecoder(sp, prompt_ids)
     t0 = time.perf_counter()
     out: list[int] = []
     for token in generate_ids(model, prompt_ids, max_new_tokens, temperature, top_k, top_p,
-                              repetition_penalty, seed, eos, block, use_cache):
+                              repetition_penalty, seed, stops, block, use_cache):
         out.append(token)
-        if token == eos:
+        if token in stops:
             break
         piece = decoder.add(token)
         if piece and on_text:
@@ -155,6 +168,6 @@ def generate(model_dir: str | Path, prompt: str, max_new_tokens: int = 64, tempe
         on_text(rest)
     elapsed = time.perf_counter() - t0
     return {"prompt": prompt, "text": decoder.emitted, "tokens": out, "new_tokens": len(out),
-            "stopped_at_eos": bool(out) and out[-1] == eos, "seconds": elapsed,
+            "stopped_at_eos": bool(out) and out[-1] in stops, "seconds": elapsed, "chat": chat,
             "tokens_per_s": len(out) / elapsed if elapsed > 0 else None, "seed": seed,
             "temperature": temperature, "top_k": top_k, "top_p": top_p, "kv_cache": use_cache}

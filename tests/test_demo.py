@@ -31,6 +31,8 @@ def test_quick_demo_end_to_end(tmp_path):
     for alias in ("champion", "int8", "gptq4", "student"):
         assert (out / "fetched" / alias / "SHA256SUMS").exists()
     assert (out / "export-hf" / "config.json").exists()
+    sft = json.loads((out / "fetched" / "sft" / "config.json").read_text())["kiln"]  # `kiln sft` -> @sft -> fetch
+    assert sft["stage"] == "sft" and isinstance(summary["chat"]["reply"], str)
     assert "made from" in res.stderr and "dataset prep digest" in res.stderr  # the lineage tree reached the corpus
     scored = {row["model"]: row.get("kiln_stdlib_mc.acc") for row in summary["eval"]}  # the quick demo: int8 only
     assert 0 <= scored.pop("int8") <= 1 and set(scored.values()) == {None}, scored

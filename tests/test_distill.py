@@ -18,8 +18,8 @@ from pipeline.config import ConfigError, DistillConfig, ModelConfig, TrainConfig
 from pipeline.evaluate import evaluate_windows
 from pipeline.model.gpt import GPT
 from pipeline.model.io import load_model_dir
+from pipeline.post.common import train_steps
 from pipeline.post.distill import distill, distill_loss, init_from_teacher
-from pipeline.post.finetune import train_steps
 from pipeline.schedule import lr_of, schedule_of
 
 

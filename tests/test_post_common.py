@@ -24,9 +24,9 @@ from pipeline.post.common import (
     lineage,
     model_path,
     nonzero_params,
+    train_steps,
     windows,
 )
-from pipeline.post.finetune import train_steps
 from pipeline.schedule import lr_of, schedule_of, warmup_cosine
 
 TEACHER = dict(style="llama", n_layer=2, n_head=4, n_embd=128, block_size=64)
@@ -149,9 +149,9 @@ def test_shipped_post_configs_validate(root):
     from pipeline.config import load_config
 
     paths = sorted((root / "configs" / "post").glob("*.yaml"))
-    assert {p.stem for p in paths} >= {"int8", "gptq4", "rtn4", "distill", "prune"}
+    assert {p.stem for p in paths} >= {"int8", "gptq4", "rtn4", "distill", "prune", "sft"}
     for path in paths:
-        kind = {"distill": "distill", "prune": "prune"}.get(path.stem, "quantize")
+        kind = {"distill": "distill", "prune": "prune", "sft": "sft"}.get(path.stem, "quantize")
         calib = ["calib=data/prepped"] if path.stem.startswith("gptq") else []  # gptq needs calibration data
         cfg = load_config(kind, path, calib)
         if kind == "quantize":  # each file configures the method and bits it is named for

@@ -1,5 +1,6 @@
 """Loss targets and packing (pipeline/sft/packing.py): the mask is exact — a packed row's loss is the sum of its
-conversations' losses computed one by one, with a small attention model that reads positions."""
+conversations' losses computed one by one, through Kiln's GPT (rotary and learned positions) and a small
+attention model."""
 
 import random
 
@@ -7,7 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.sft.packing import IGNORE, document_mask, pack, positions, targets, tensors
+from pipeline.config import ModelConfig
+from pipeline.model.gpt import GPT
+from pipeline.model.layers import Packing
+from pipeline.sft.packing import IGNORE, pack, targets, tensors
 
 VOCAB, BLOCK, D = 40, 32, 16
 
@@ -63,17 +67,34 @@ def test_packed_loss_equals_the_sum_of_unpacked_losses():
     assert all(len(r.ids) == BLOCK for r in rows) and len(rows) < len(exs)  # really packed
     assert [x for r in rows for x, s in zip(r.ids, r.segments, strict=True) if s >= 0] == [t for x, _ in exs for t in x]
     batch = tensors(rows)
-    packed = summed_loss(model(batch["ids"], batch["positions"], batch["mask"]), batch["targets"])
+    packing = Packing(batch["segments"])
+    packed = summed_loss(model(batch["ids"], packing.positions, packing.mask), batch["targets"])
     alone = sum(summed_loss(model(torch.tensor([x]), torch.arange(len(x))[None],
                                   torch.ones(len(x), len(x), dtype=torch.bool).tril()), torch.tensor([y]))
                 for x, y in exs)
     assert torch.allclose(packed, alone, rtol=1e-10), (packed.item(), alone.item())
 
 
+@pytest.mark.parametrize("style", ["llama", "gpt2"])  # rotary positions; learned positions
+def test_kiln_gpt_scores_a_packed_row_as_its_conversations_alone(style):
+    torch.manual_seed(0)
+    cfg = ModelConfig.model_validate({"style": style, "n_layer": 2, "n_head": 2, "n_embd": 16, "block_size": BLOCK,
+                                      "vocab_size": VOCAB, "dropout": 0.0})
+    model = GPT(cfg).double().eval()
+    exs = examples(16, seed=2)
+    batch = tensors(pack(exs, BLOCK, pad_id=0))
+    logits, _ = model(batch["ids"], segments=batch["segments"])
+    packed = summed_loss(logits, batch["targets"])
+    alone = sum(summed_loss(model(torch.tensor([x]))[0], torch.tensor([y])) for x, y in exs)
+    assert torch.allclose(packed, alone, rtol=1e-10), (packed.item(), alone.item())
+    mean = model(batch["ids"], batch["targets"], segments=batch["segments"])[1]  # the loss SFT steps on
+    assert torch.allclose(mean.double() * (batch["targets"] != IGNORE).sum(), alone, rtol=1e-6)  # fp32 loss
+
+
 def test_positions_and_mask_of_a_row():
-    seg = torch.tensor([[0, 0, 0, 1, 1, -1, -1]])
-    assert positions(seg).tolist() == [[0, 1, 2, 0, 1, 0, 1]]
-    m = document_mask(seg)[0, 0].int().tolist()
+    packing = Packing(torch.tensor([[0, 0, 0, 1, 1, -1, -1]]))
+    assert packing.positions.tolist() == [[0, 1, 2, 0, 1, 0, 1]]
+    m = packing.mask[0, 0].int().tolist()
     assert m[4] == [0, 0, 0, 1, 1, 0, 0]  # conversation 1 sees itself only
     assert m[2] == [1, 1, 1, 0, 0, 0, 0]  # causal
     assert m[6] == [0, 0, 0, 0, 0, 1, 1]  # padding: its own run, never an empty row

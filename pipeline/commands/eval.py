@@ -31,6 +31,8 @@ def add_arguments(p) -> None:
                         "names still may not collide")
     p.add_argument("--limit", type=float, metavar="N", help="documents per task (a fraction when below 1)")
     p.add_argument("--num-fewshot", type=int)
+    p.add_argument("--apply-chat-template", action="store_true", default=None,
+                   help="lm-eval's option: requests in the model's chat format (a `kiln sft` model)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--compare", metavar="models:/NAME", help="print the recorded evals of every alias of NAME")
 
@@ -72,11 +74,12 @@ def _tasks(model: str, cfg, tracker) -> dict:
     local = tracker.materialize(model)
     limit = int(cfg.limit) if cfg.limit is not None and cfg.limit >= 1 else cfg.limit
     result = run_tasks(local, tasks, cfg.include_path, limit, cfg.batch_size, num_fewshot=cfg.num_fewshot,
-                       trusted_include_path=cfg.trusted_include_path)
+                       trusted_include_path=cfg.trusted_include_path, apply_chat_template=cfg.apply_chat_template)
     rows = [{"task": task, "metric": k, "value": v, "docs": result["datasets"][task]["docs"]}
             for task, metrics in result["results"].items() for k, v in metrics.items()]
     print_table(f"kiln eval {model}: lm-eval", rows, ["task", "metric", "value", "docs"])
-    params = {"tasks": ",".join(tasks), "limit": limit, "num_fewshot": cfg.num_fewshot}
+    params = {"tasks": ",".join(tasks), "limit": limit, "num_fewshot": cfg.num_fewshot,
+              "apply_chat_template": cfg.apply_chat_template}
     result["tracking"] = tracker.attach_harness(str(model), str(local), result, params)
     return result
 

@@ -22,6 +22,8 @@ def add_arguments(p) -> None:
     p.add_argument("--top-p", type=float)
     p.add_argument("--repetition-penalty", type=float)
     p.add_argument("--seed", type=int)
+    p.add_argument("--chat", action="store_true", default=None,
+                   help="the prompt is a user turn, the reply stops at the end of turn (a `kiln sft` model)")
 
 
 def run(args) -> dict:
@@ -37,9 +39,9 @@ def run(args) -> dict:
         sys.stdout.write(text)
         sys.stdout.flush()
 
-    emit(cfg.prompt)
+    emit(f"[user] {cfg.prompt}\n[assistant] " if cfg.chat else cfg.prompt)
     result = generate(local, cfg.prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p,
-                      cfg.repetition_penalty, cfg.seed, on_text=emit)
+                      cfg.repetition_penalty, cfg.seed, on_text=emit, chat=cfg.chat)
     emit("\n")
     kv_table("kiln generate", {k: result[k] for k in ("new_tokens", "stopped_at_eos", "tokens_per_s", "seed")})
     result["model"] = args.model

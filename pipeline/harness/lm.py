@@ -7,7 +7,10 @@ continuation split, rolling windows); this class scores token ids and decodes gr
 
     loglikelihood          sum log p(continuation | context), and whether it is the greedy choice
     loglikelihood_rolling  a whole text in windows of block_size, each token scored once
-    generate_until         greedy decoding until a stop string or max_gen_toks
+    generate_until         greedy decoding until a stop string, the end of a turn (a chat model) or max_gen_toks
+
+With `--apply-chat-template` lm-eval renders each request in the chat format (pipeline/chat.py) as a string;
+`tok_encode` reads the markers in it as their ids, as the model's transformers tokenizer does.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ import torch.nn.functional as F
 from lm_eval.api.model import TemplateLM
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
+from pipeline.chat import CHAT_TEMPLATE, ChatTokenizer, missing_markers, render_text
+from pipeline.config import KilnError
 from pipeline.generate import generate_ids
 
 
@@ -32,13 +37,30 @@ class KilnLM(TemplateLM):
         self.model, self.batch_size, self._device = model.eval(), int(batch_size), device
         self.sp = spm.SentencePieceProcessor(model_file=str(tokenizer))
         self.max_length = model.cfg.block_size
+        self.tokenizer_file = Path(tokenizer)
+        self.chat = None if missing_markers(self.sp) else ChatTokenizer(self.sp, str(tokenizer))
+        self.stops = set(self.chat.stop_ids) if self.chat else {self.eot_token_id}
 
     @property
     def eot_token_id(self) -> int:
         return self.sp.eos_id()  # also the prefix of an empty context: every Kiln document follows an EOS
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
-        return self.sp.encode(string)
+        return self.chat.encode_text(string) if self.chat else self.sp.encode(string)
+
+    # --apply-chat-template (a `kiln sft` model): lm-eval renders each request with the chat format
+    @property
+    def tokenizer_name(self) -> str:
+        return self.tokenizer_file.name
+
+    def chat_template(self, chat_template: bool | str = False) -> str:
+        return CHAT_TEMPLATE if self.chat else ""
+
+    def apply_chat_template(self, chat_history: list[dict], add_generation_prompt: bool = True) -> str:
+        if self.chat is None:
+            raise KilnError(f"{self.tokenizer_file}: no chat markers; --apply-chat-template needs a chat model "
+                            "(`kiln sft`)")
+        return render_text(chat_history, add_generation_prompt)
 
     def tok_decode(self, tokens: list[int]) -> str:
         return self.sp.decode(tokens)
@@ -85,8 +107,8 @@ class KilnLM(TemplateLM):
             prompt = self.tok_encode(context)[-self.max_length:] or [self.eot_token_id]
             new: list[int] = []
             text = ""
-            for token in generate_ids(self.model, prompt, max_new, temperature=0.0, eos_id=self.eot_token_id):
-                if token == self.eot_token_id:
+            for token in generate_ids(self.model, prompt, max_new, temperature=0.0, eos_id=self.stops):
+                if token in self.stops:
                     break
                 new.append(token)
                 text = self.tok_decode(new)

@@ -138,7 +138,8 @@ def datasets(res: dict) -> dict[str, dict]:
 
 def run_tasks(model_dir: str | Path, tasks: list[str], include_path: list[str] | None = None,
               limit: float | None = None, batch_size: int = 8, device: str | None = None,
-              num_fewshot: int | None = None, trusted_include_path: list[str] | None = None) -> dict:
+              num_fewshot: int | None = None, trusted_include_path: list[str] | None = None,
+              apply_chat_template: bool = False) -> dict:
     """{"results": {task: {metric: value}}, "datasets": {task: record}, "n_samples": {...}}."""
     _import_lm_eval()
     from lm_eval import simple_evaluate
@@ -157,7 +158,8 @@ def run_tasks(model_dir: str | Path, tasks: list[str], include_path: list[str] |
     lm = make_lm(Path(model_dir), batch_size, device)
     with quiet_git():
         res = simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit, num_fewshot=num_fewshot,
-                              log_samples=True, bootstrap_iters=0, batch_size=batch_size)
+                              log_samples=True, bootstrap_iters=0, batch_size=batch_size,
+                              apply_chat_template=apply_chat_template)
     if res is None:
         raise KilnError("lm-eval returned no results")
     return {"results": flatten(res["results"]), "datasets": datasets(res), "n_samples": res.get("n-samples", {}),

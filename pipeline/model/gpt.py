@@ -24,7 +24,7 @@ from torch import nn
 
 from pipeline.config import ModelConfig
 from pipeline.families import family
-from pipeline.model.layers import Attention, KVCache, LayerKV, make_mlp, make_norm, sub_blocks
+from pipeline.model.layers import Attention, KVCache, LayerKV, Packing, make_mlp, make_norm, sub_blocks
 from pipeline.model.loss import softcap
 
 
@@ -39,8 +39,8 @@ class Block(nn.Module):
         self.mlp = make_mlp(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, cache: LayerKV | None = None) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.norm1(x), cache))
+    def forward(self, x: torch.Tensor, cache: LayerKV | None = None, packing: Packing | None = None) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.norm1(x), cache, packing))
         return x + self.drop(self.mlp(self.norm2(x)))
 
 
@@ -54,10 +54,12 @@ class Embedding(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.tp_output = nn.Identity()  # sequence parallelism: this rank's 1/tp of the sequence
 
-    def forward(self, idx: torch.Tensor, start: int = 0) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, start: int | torch.Tensor = 0) -> torch.Tensor:
+        """idx (B, T) at positions start.. (an int), or at the positions (B, T) given."""
         x = self.wte(idx)
         if self.wpe is not None:
-            x = x + self.wpe(torch.arange(start, start + idx.size(1), device=idx.device))
+            pos = start if isinstance(start, torch.Tensor) else torch.arange(start, start + idx.size(1), device=idx.device)
+            x = x + self.wpe(pos)
         return self.tp_output(self.drop(x))
 
 
@@ -142,16 +144,21 @@ class GPT(nn.Module):
                 for name, kind, std in init_plan(self, cfg, skip=("head.lm_head",) if cfg.tie_embeddings else ()):
                     params[name].copy_(initial_value(kind, std, params[name].shape))
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None):
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
+                segments: torch.Tensor | None = None):
         """Return logits (B, T, V), and the mean loss when targets are given (then logits are None if the
         loss is chunked: `hidden_loss`). With a cache, `idx` are the tokens after the cached ones, and
-        their keys/values join the cache."""
+        their keys/values join the cache. `segments` (B, T): the document of each position of packed rows
+        (layers.py `Packing`: positions restart and attention stays within each document)."""
         start = cache.pos if cache is not None else 0
         if start + idx.size(1) > self.cfg.block_size:
             raise ValueError(f"sequence length {start + idx.size(1)} exceeds model.block_size {self.cfg.block_size}")
-        x = self.embed(idx, start)
+        if segments is not None and cache is not None:
+            raise ValueError("packed rows (segments) are for training and scoring, not for decoding with a cache")
+        packing = Packing(segments) if segments is not None else None
+        x = self.embed(idx, packing.positions if packing is not None else start)
         for i, block in enumerate(self.blocks):
-            x = block(x) if cache is None else block(x, cache.layers[i])
+            x = block(x, None, packing) if cache is None else block(x, cache.layers[i])
         if cache is not None:
             cache.pos += idx.size(1)
         if targets is not None and self.hidden_loss is not None:

@@ -43,9 +43,13 @@ class Rotary(nn.Module):
             self.cos.copy_(emb.cos())
             self.sin.copy_(emb.sin())
 
-    def forward(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:  # x: (B, H, T, D) at positions start..
-        t = x.size(-2)
-        cos, sin = self.cos[start:start + t].to(x.dtype), self.sin[start:start + t].to(x.dtype)
+    def forward(self, x: torch.Tensor, start: int | torch.Tensor = 0) -> torch.Tensor:
+        """x: (B, H, T, D) at positions start.. (an int), or at the positions (B, T) given (packed rows)."""
+        if isinstance(start, torch.Tensor):
+            cos, sin = self.cos[start].unsqueeze(1).to(x.dtype), self.sin[start].unsqueeze(1).to(x.dtype)
+        else:
+            t = x.size(-2)
+            cos, sin = self.cos[start:start + t].to(x.dtype), self.sin[start:start + t].to(x.dtype)
         x1, x2 = x.chunk(2, dim=-1)
         return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
@@ -74,9 +78,24 @@ class LayerKV:
         return k, v
 
 
+class Packing:
+    """Several documents packed in one row (supervised fine-tuning): `segments` (B, T) names the document of
+    each position (padding -1). Each document's positions restart at 0 and it attends only to itself, causally,
+    so it looks to the model as it would alone."""
+
+    def __init__(self, segments: torch.Tensor):
+        t = torch.arange(segments.size(-1), device=segments.device).expand_as(segments)
+        starts = torch.ones_like(segments, dtype=torch.bool)
+        starts[..., 1:] = segments[..., 1:] != segments[..., :-1]
+        self.positions = t - torch.where(starts, t, torch.zeros_like(t)).cummax(dim=-1).values  # (B, T)
+        causal = torch.ones(t.size(-1), t.size(-1), dtype=torch.bool, device=segments.device).tril()
+        # (B, 1, T, T): j <= i within one segment (a run of padding is a segment: no row is empty)
+        self.mask = (causal & (segments.unsqueeze(-1) == segments.unsqueeze(-2))).unsqueeze(1)
+
+
 class Attention(nn.Module):
     """Causal self-attention, grouped-query when n_kv_heads < n_head; rotary positions on q and k if the family
-    uses them. With model.qk_norm each head's queries and keys are RMS-normalized (one learned weight of
+    uses them (within each document of a packed row: `Packing`). With model.qk_norm each head's queries and keys are RMS-normalized (one learned weight of
     head_dim each, shared by all heads) before rotary, as Qwen3 does: attention logits stay bounded.
     PER_HEAD names those norms: they act within a head, so tensor parallelism keeps them whole on every rank and
     sums their gradients over the group (each rank's heads contribute their part)."""
@@ -99,20 +118,20 @@ class Attention(nn.Module):
         self.dropout = cfg.dropout
         self.tp_input = nn.Identity()  # tensor parallelism: the one input-gradient all-reduce for q, k and v
 
-    def forward(self, x: torch.Tensor, cache: LayerKV | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: LayerKV | None = None, packing: Packing | None = None) -> torch.Tensor:
         x = self.tp_input(x)  # (under sequence parallelism: the whole sequence gathered from 1/tp of it)
         b, t, _ = x.shape
         # -1: the number of (query or key/value) heads on this rank (all of them unless tensor-parallel)
         q, k, v = (w(x).view(b, t, -1, self.head_dim).transpose(1, 2) for w in (self.wq, self.wk, self.wv))
-        start = cache.owner.pos if cache is not None else 0
+        start = cache.owner.pos if cache is not None else packing.positions if packing is not None else 0
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rotary is not None:
             q, k = self.rotary(q, start), self.rotary(k, start)
         if cache is not None:
             k, v = cache.extend(k, v)
-        mask = None  # causal among the new tokens; each also sees every cached one
-        if start and t > 1:
+        mask = packing.mask if packing is not None else None  # else causal; with a cache, also every cached token
+        if cache is not None and start and t > 1:
             mask = torch.ones(t, start + t, dtype=torch.bool, device=x.device).tril(diagonal=start)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and t > 1,
                                            dropout_p=self.dropout if self.training else 0.0,

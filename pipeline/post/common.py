@@ -65,6 +65,46 @@ def batch_at(win: Windows, step: int, batch_size: int, seed: int, rank: int = 0,
     return stack(win, idx[rank * batch_size:(rank + 1) * batch_size])
 
 
+class WindowsTask:
+    """Plain language-model training for pipeline/post/loop.py: random windows of a prepared corpus's train
+    split, the batch of a step drawn from (seed, step) alone (`batch_at`)."""
+
+    def __init__(self, data_dir: str | Path, block_size: int, micro_batch: int, accum: int, seed: int,
+                 identity: dict | None = None):
+        self.win, self.micro, self.accum, self.seed = windows(data_dir, "train", block_size), micro_batch, accum, seed
+        self.identity = identity
+
+    def micro_batches(self, step: int, rank: int, world: int) -> list[dict]:
+        x, y = batch_at(self.win, step, self.micro * self.accum, self.seed, rank, world)
+        return [{"x": xm, "y": ym} for xm, ym in zip(x.chunk(self.accum), y.chunk(self.accum), strict=True)]
+
+    def loss(self, model, batch: dict):
+        return model(batch["x"], batch["y"])[1], {}
+
+    def tokens(self, batch: dict) -> int:
+        return batch["y"].numel()
+
+
+def train_steps(model: torch.nn.Module, data_dir: str | Path, steps: int, lr: float = 1e-3, batch_size: int = 8,
+                seed: int = 0, min_lr: float | None = None, warmup: int = 0, weight_decay: float = 0.0,
+                grad_clip: float = 1.0, masks: dict[str, torch.Tensor] | None = None, betas=(0.9, 0.95),
+                checkpoints: str | Path | None = None, every: int = 100, keep: int = 3,
+                identity: dict | None = None) -> list[float]:
+    """Train `model` in place on random windows for `steps` steps of the post-training loop (cosine to
+    `min_lr`, lr/10 by default): pruning's recovery, and the from-scratch baselines distillation and
+    quantization are measured against. Returns every step's loss (those before a resume too)."""
+    from pipeline.config import TrainConfig
+    from pipeline.post import loop
+
+    torch.manual_seed(seed)
+    train = TrainConfig(steps=steps, lr=lr, min_lr=lr / 10 if min_lr is None else min_lr, warmup_steps=warmup,
+                        weight_decay=weight_decay, grad_clip=grad_clip, beta1=betas[0], beta2=betas[1],
+                        micro_batch_size=batch_size, grad_accum=1, seed=seed, log_every=max(1, steps))
+    task = WindowsTask(data_dir, model.cfg.block_size, batch_size, 1, seed, identity)
+    return loop.run(model, task, train, checkpoints=Path(checkpoints) if checkpoints else None, every=every,
+                    keep=keep, masks=masks).losses
+
+
 def calib_tokens(data_dir: str | Path, n: int, seq_len: int, seed: int = 0) -> torch.Tensor:
     """N calibration windows (train split), drawn without replacement when the split has enough."""
     win = windows(data_dir, "train", seq_len)

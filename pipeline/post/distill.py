@@ -3,9 +3,9 @@
 loss = α·T²·KL(softmax(teacher/T) ‖ softmax(student/T)) + (1−α)·CE(student, data)
        + hidden_weight·(1 − cos(student final hidden, teacher final hidden))
 (Hinton et al. 2015; DistilBERT/DistilGPT2 add the cosine term and start the student from every
-k-th teacher layer.) The same code runs in one CPU process (tests) or many with `accelerate launch`
-or torchrun: every step's global batch depends only on (seed, step), each rank takes its slice, so
-resuming from OUT/checkpoints continues exactly where the run stopped.
+k-th teacher layer.) The steps are the post-training loop's (pipeline/post/loop.py): one CPU process (tests)
+or many with `accelerate launch` or torchrun; every step's global batch depends only on (seed, step), each
+rank takes its slice, so resuming from OUT/checkpoints continues exactly where the run stopped.
 
 Output layout, like training: OUT/model (the MODEL dir), OUT/checkpoints/step_NNNNNNN (training's kill-safe,
 checksummed protocol: pipeline/checkpoint.py), OUT/metrics.jsonl.
@@ -13,30 +13,21 @@ checksummed protocol: pipeline/checkpoint.py), OUT/metrics.jsonl.
 
 from __future__ import annotations
 
-import json
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from pipeline.checkpoint import (
-    TorchState,
-    find_checkpoint,
-    read_state,
-    restore_rng,
-    save_checkpoint,
-    trim_metrics,
-)
-from pipeline.config import ConfigError, DistillConfig, KilnError, ModelConfig, build, load_yaml
-from pipeline.console import log, progress
+from pipeline.config import ConfigError, DistillConfig, ModelConfig, build, load_yaml
+from pipeline.console import log
 from pipeline.device import autocast
 from pipeline.evaluate import evaluate_windows
 from pipeline.model.gpt import GPT
 from pipeline.model.io import save_model_dir, sha256_file
 from pipeline.model.weights import weights_file
+from pipeline.post import loop
 from pipeline.post.common import batch_at, lineage, load_parent, parent_tokenizer, windows
-from pipeline.schedule import lr_of, schedule_of
+from pipeline.post.loop import accelerator_for
 
 
 def student_config(path: str | Path, teacher: ModelConfig) -> ModelConfig:
@@ -110,22 +101,45 @@ def distill_loss(s_logits, t_logits, targets, alpha: float, temperature: float, 
     return loss, parts
 
 
-# --------------------------------------------------------------------------- the loop
+# --------------------------------------------------------------------------- the task the loop steps
+
+
+class DistillTask:
+    """pipeline/post/loop.py's task: random windows of the corpus (from (seed, step)), the student's loss
+    against the teacher's soft targets and the data."""
+
+    def __init__(self, cfg: DistillConfig, teacher: GPT, student: GPT, data_dir: str | Path, identity: dict):
+        self.cfg, self.teacher, self.identity = cfg, teacher, identity
+        self.win = windows(data_dir, "train", student.cfg.block_size)
+        self.s_hidden, self.t_hidden = FinalHidden(student), FinalHidden(teacher)
+
+    def micro_batches(self, step: int, rank: int, world: int) -> list[dict]:
+        t = self.cfg.train
+        accum = t.grad_accum or 1
+        x, y = batch_at(self.win, step, t.micro_batch_size * accum, t.seed, rank, world)
+        return [{"x": xm, "y": ym} for xm, ym in zip(x.chunk(accum), y.chunk(accum), strict=True)]
+
+    def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
+        t_logits = teacher_logits(self.teacher, batch["x"])
+        s_logits, _ = model(batch["x"])
+        c = self.cfg
+        return distill_loss(s_logits, t_logits, batch["y"], c.alpha, c.temperature, self.s_hidden.value,
+                            self.t_hidden.value, c.hidden_weight)
+
+    def tokens(self, batch: dict) -> int:
+        return batch["y"].numel()
 
 
 def distill(teacher_ref: str | Path, student_yaml: str | Path, data_dir: str | Path, out: str | Path,
             cfg: DistillConfig) -> dict:
     """Distil, checkpointing to OUT/checkpoints (resumed when present); returns the summary dict."""
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     tc = cfg.train
-    mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[tc.precision]
-    accelerator = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available())
-    device = accelerator.device
+    accelerator = accelerator_for(tc.precision)
     out = Path(out)
     teacher, _, parent = load_parent(teacher_ref)  # safetensors wants "cpu", not accelerate's "cpu:0"
-    teacher = teacher.to(device)
+    teacher = teacher.to(accelerator.device)
     teacher.requires_grad_(False)
     scfg = student_config(student_yaml, teacher.cfg)
     if cfg.hidden_weight > 0 and scfg.n_embd != teacher.cfg.n_embd:
@@ -133,73 +147,22 @@ def distill(teacher_ref: str | Path, student_yaml: str | Path, data_dir: str | P
     set_seed(tc.seed)
     student = GPT(scfg)
     used = init_from_teacher(student, teacher, cfg.layer_stride)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=tc.lr, betas=(tc.beta1, tc.beta2), weight_decay=tc.weight_decay)
     identity = {"teacher_sha256": sha256_file(parent / weights_file(parent)), "student": scfg.model_dump(mode="json"),
-                "seed": tc.seed, "data": str(data_dir)}
-    ckpt_dir, start = out / "checkpoints", 0
-    metrics = out / "metrics.jsonl"
-    resume = find_checkpoint(ckpt_dir, collective=True)  # newest whose checksums verify; a broken one is skipped
-    if resume is not None:
-        state = read_state(resume)
-        if any(state.get(k) != v for k, v in identity.items() if k != "data"):
-            raise KilnError(f"{resume}: checkpoint is from a different teacher/student/seed; use another --out")
-        TorchState(student, optimizer).load(resume)
-        restore_rng(resume)
-        start = state["step"]
-        log.info("resuming from %s (step %d)", resume, start)
-    if accelerator.is_main_process:  # lines logged after the checkpoint are logged again; a fresh start has none
-        trim_metrics(metrics, start)
-    student, optimizer = accelerator.prepare(student, optimizer)
-    s_hidden, t_hidden = FinalHidden(accelerator.unwrap_model(student)), FinalHidden(teacher)
-
-    win = windows(data_dir, "train", scfg.block_size)
-    rank, world = accelerator.process_index, accelerator.num_processes
-    out.mkdir(parents=True, exist_ok=True)
-    t0, last = time.perf_counter(), {}
-    accum = tc.grad_accum or 1
-    tokens = start * tc.micro_batch_size * accum * world * scfg.block_size  # counted from step 0
-    student.train()
-    schedule = schedule_of(tc.model_dump())
-    with progress("distill", total=tc.steps - start, unit="step", disable=not accelerator.is_main_process) as advance:
-        for step in range(start, tc.steps):
-            lr = lr_of(step, schedule)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            x, y = batch_at(win, step, tc.micro_batch_size * accum, tc.seed, rank, world)
-            optimizer.zero_grad(set_to_none=True)
-            for xm, ym in zip(x.chunk(accum), y.chunk(accum), strict=True):
-                xm, ym = xm.to(device), ym.to(device)
-                t_logits = teacher_logits(teacher, xm)
-                with accelerator.autocast():
-                    s_logits, _ = student(xm)
-                loss, parts = distill_loss(s_logits, t_logits, ym, cfg.alpha, cfg.temperature, s_hidden.value,
-                                           t_hidden.value, cfg.hidden_weight)
-                accelerator.backward(loss / accum)
-            if tc.grad_clip:
-                accelerator.clip_grad_norm_(student.parameters(), tc.grad_clip)
-            optimizer.step()
-            tokens += y.numel() * world
-            last = {"step": step + 1, "loss": loss.item(), **parts, "lr": lr, "tokens": tokens,
-                    "elapsed_s": round(time.perf_counter() - t0, 3)}
-            if accelerator.is_main_process and ((step + 1) % tc.log_every == 0 or step + 1 == tc.steps):
-                with metrics.open("a") as f:
-                    f.write(json.dumps(last) + "\n")
-            done = step + 1
-            if done % cfg.checkpoint.every == 0 or done == tc.steps:  # collective: every rank writes its RNG
-                save_checkpoint(TorchState(accelerator.unwrap_model(student), optimizer), ckpt_dir, done, identity,
-                                cfg.checkpoint.keep)
-            advance(1)
-    accelerator.wait_for_everyone()
-    final = accelerator.unwrap_model(student).eval()
+                "seed": tc.seed}
+    task = DistillTask(cfg, teacher, student, data_dir, identity)
+    result = loop.run(student, task, tc, accelerator=accelerator, checkpoints=out / "checkpoints",
+                      every=cfg.checkpoint.every, keep=cfg.checkpoint.keep, metrics=out / "metrics.jsonl",
+                      name="distill")
     summary = {"out": str(out), "model": str(out / "model"), "teacher": str(parent), "steps": tc.steps,
-               "resumed_from": start, "processes": world, "init_layers": used, "params": final.num_params(), "teacher_params": teacher.num_params()}
-    if accelerator.is_main_process:
+               "resumed_from": result.start, "processes": result.world, "init_layers": used,
+               "params": student.num_params(), "teacher_params": teacher.num_params()}
+    if result.is_main:
         meta = lineage(parent, "distilled", "kd", alpha=cfg.alpha, temperature=cfg.temperature,
                        hidden_weight=cfg.hidden_weight, layer_stride=cfg.layer_stride, init_layers=used,
                        steps=tc.steps, seed=tc.seed, data=str(data_dir))
-        save_model_dir(final, scfg, out / "model", parent_tokenizer(parent), meta)
+        save_model_dir(student, scfg, out / "model", parent_tokenizer(parent), meta)
         if cfg.eval_windows:
-            summary["val_loss"] = evaluate_windows(final, data_dir, cfg.eval_windows)["loss"]  # on the device
+            summary["val_loss"] = evaluate_windows(student, data_dir, cfg.eval_windows)["loss"]  # on the device
             summary["teacher_val_loss"] = evaluate_windows(teacher, data_dir, cfg.eval_windows)["loss"]
-        summary.update({k: last[k] for k in ("loss", "kl", "ce") if k in last})
+        summary.update({k: result.last[k] for k in ("loss", "kl", "ce") if k in result.last})
     return summary

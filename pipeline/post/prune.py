@@ -20,8 +20,14 @@ from pipeline.device import default_device
 from pipeline.evaluate import evaluate_windows
 from pipeline.model.io import save_model_dir, sha256_file
 from pipeline.model.weights import weights_file
-from pipeline.post.common import block_linears, lineage, load_parent, nonzero_params, parent_tokenizer
-from pipeline.post.finetune import train_steps
+from pipeline.post.common import (
+    block_linears,
+    lineage,
+    load_parent,
+    nonzero_params,
+    parent_tokenizer,
+    train_steps,
+)
 
 
 def unstructured_mask(w: torch.Tensor, sparsity: float) -> torch.Tensor:

@@ -7,11 +7,12 @@ conversation has no target, so a target never points into the next conversation 
 
 Examples are packed into rows of `block_size` ids, in order (a row is closed when the next example does not
 fit; the rest is padding, never learned). In a row, a conversation must not see the ones before it, and
-must look the same to the model as it would alone. Two pieces give that:
-- `positions`: each conversation's positions restart at 0 (rotary or learned positions see it alone);
-- `document_mask`: attention is causal and within one conversation (a block-diagonal causal mask).
-With both, a packed row's summed loss is the sum of its conversations' losses computed one by one
-(tests/test_sft_packing.py proves it with a small model, and fails when attention may cross).
+must look the same to the model as it would alone. The model does that from each position's segment
+(pipeline/model/layers.py `Packing`): positions restart at 0 per conversation, and attention is causal within
+one conversation (a block-diagonal causal mask). A packed row's summed loss is then the sum of its
+conversations' losses computed one by one (tests/test_sft_packing.py, through Kiln's GPT: it fails when
+attention may cross or a position is shifted). Document masking was chosen over position resets alone
+(which leak across conversations) and over one row per conversation (padding): bench/sft_packing_cost.py.
 """
 
 from __future__ import annotations
@@ -66,26 +67,7 @@ def pack(examples: list[tuple[list[int], list[int]]], block_size: int, pad_id: i
     return rows
 
 
-def positions(segments: torch.Tensor) -> torch.Tensor:
-    """(B, T) position ids restarting at 0 where each segment starts (padding counts on from its own start)."""
-    t = torch.arange(segments.shape[-1], device=segments.device).expand_as(segments)
-    starts = torch.ones_like(segments, dtype=torch.bool)
-    starts[..., 1:] = segments[..., 1:] != segments[..., :-1]
-    start_at = torch.where(starts, t, torch.zeros_like(t)).cummax(dim=-1).values
-    return t - start_at
-
-
-def document_mask(segments: torch.Tensor) -> torch.Tensor:
-    """(B, 1, T, T) boolean attention mask, True where query i may attend key j: j <= i, same segment.
-    Padding (segment -1) attends within its own run of padding, so no row of the mask is empty."""
-    t = segments.shape[-1]
-    causal = torch.ones(t, t, dtype=torch.bool, device=segments.device).tril()
-    same = segments.unsqueeze(-1) == segments.unsqueeze(-2)
-    return (causal & same).unsqueeze(1)
-
-
 def tensors(rows: list[Row]) -> dict[str, torch.Tensor]:
-    """Rows as a batch: ids, targets, positions and the document mask."""
-    segments = torch.tensor([r.segments for r in rows])
+    """Rows as a batch: ids, targets and segments (what GPT(ids, targets, segments=...) takes)."""
     return {"ids": torch.tensor([r.ids for r in rows]), "targets": torch.tensor([r.targets for r in rows]),
-            "positions": positions(segments), "mask": document_mask(segments)}
+            "segments": torch.tensor([r.segments for r in rows])}

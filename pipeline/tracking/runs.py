@@ -157,6 +157,16 @@ class StageRun:
         input_tags = [InputTag("mlflow.data.context", context), *(InputTag(k, str(v)) for k, v in (tags or {}).items())]
         self.safe(self.tracker.client.log_inputs, self.run_id, datasets=[DatasetInput(ds, input_tags)])
 
+    def log_sft_data(self, digest: str, paths: list[str], counts: dict) -> None:
+        """Supervised fine-tuning's conversations as a run input: digest = `kiln sft`'s data digest (every input
+        file's sha256 and the loss mask), source = the paths given."""
+        self.data_digests.append(digest)
+        if not self.active:
+            return
+        self.log_input_dataset("sft-data", digest, {"uris": [str(p) for p in paths]}, counts,
+                               "supervised fine-tuning", {"kiln.data_digest": digest})
+        self.set_tags({"kiln.data_digest": ",".join(dict.fromkeys(self.data_digests))})
+
     def log_corpus_output(self, prep_dir: str | Path) -> None:
         """For `kiln prep`: mark this run as the producer of the corpus (lineage finds it by digest)."""
         from pipeline.data.corpus import PreparedCorpus
