@@ -129,9 +129,9 @@ def no_registry(monkeypatch):
 def test_generate_reads_its_config_and_flags_win(tmp_path, monkeypatch, no_registry, capsys):
     seen = {}
 
-    def generate(local, prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, on_text):
+    def generate(local, prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, on_text, chat):
         seen.update(prompt=prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                    top_p=top_p, repetition_penalty=repetition_penalty, seed=seed)
+                    top_p=top_p, repetition_penalty=repetition_penalty, seed=seed, chat=chat)
         return {"new_tokens": 0, "stopped_at_eos": True, "tokens_per_s": 0.0, "seed": seed}
 
     monkeypatch.setattr("pipeline.generate.generate", generate)
@@ -139,10 +139,11 @@ def test_generate_reads_its_config_and_flags_win(tmp_path, monkeypatch, no_regis
     cfg.write_text("prompt: From the file\ntemperature: 0\ntop_k: 5\nseed: 7\ntracking: {experiment: gen}\n")
     assert main(["generate", "m", "--config", str(cfg), "--seed", "3", "--set", "top_p=0.5"]) == 0
     assert seen == {"prompt": "From the file", "max_new_tokens": 64, "temperature": 0.0, "top_k": 5, "top_p": 0.5,
-                    "repetition_penalty": 1.0, "seed": 3}  # file, flag over file, --set, schema default
+                    "repetition_penalty": 1.0, "seed": 3, "chat": False}  # file, flag over file, --set, schema default
     assert no_registry[-1].tracking.experiment == "gen"
     assert main(["generate", "m", "--config", str(cfg), "--prompt", "From the flag"]) == 0
     assert seen["prompt"] == "From the flag" and seen["seed"] == 7
+    assert main(["generate", "m", "--config", str(cfg), "--chat"]) == 0 and seen["chat"] is True
 
 
 @pytest.mark.parametrize("argv, line", [
