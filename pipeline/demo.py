@@ -78,6 +78,8 @@ def _short(summary) -> str:
 
 def run_demo(out: str | Path = "demo_out", quick: bool = False) -> dict:
     """Run everything; `quick` shrinks corpus and steps (the end-to-end test uses it)."""
+    from rich.markup import escape
+
     from data_prep.demo_corpus import write_demo_chats, write_demo_corpus
     from pipeline.post.report import compare
     from pipeline.tracking import Tracker
@@ -161,7 +163,7 @@ def run_demo(out: str | Path = "demo_out", quick: bool = False) -> dict:
     }
     for prompt, text in zip(PROMPTS, samples, strict=False):
         console.print(f"[bold]{prompt}[/bold]{text}")
-    console.print(f"[bold][user][/bold] {CHAT_PROMPT}\n[bold][assistant][/bold] {reply.get('text', '').strip()}")
+    console.print(f"[bold]user:[/bold] {escape(CHAT_PROMPT)}\n[bold]assistant:[/bold] {escape(reply.get('text', '').strip())}")
     console.print(f"[bold]done in {wall / 60:.1f} min[/bold]; loss curves: {summary['curves_png']}")
     console.print(f"look at runs, datasets, models and lineage: [bold]{summary['mlflow_ui']}[/bold], then open "
                   f"http://127.0.0.1:5000{summary['mlflow_ui_page']}")
