@@ -159,7 +159,7 @@ class GPT(nn.Module):
         x = self.embed(idx, packing.positions if packing is not None else start)
         for i, block in enumerate(self.blocks):
             # (plain `block(x)` otherwise: activation checkpointing and compilation wrap that call)
-            x = block(x, cache.layers[i]) if cache is not None else block(x, packing=packing) if packing else block(x)
+            x = block(x, cache.layers[i]) if cache is not None else block(x, packing=packing) if packing is not None else block(x)
         if cache is not None:
             cache.pos += idx.size(1)
         if targets is not None and self.hidden_loss is not None:

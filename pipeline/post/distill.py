@@ -26,7 +26,7 @@ from pipeline.model.gpt import GPT
 from pipeline.model.io import save_model_dir, sha256_file
 from pipeline.model.weights import weights_file
 from pipeline.post import loop
-from pipeline.post.common import batch_at, lineage, load_parent, parent_tokenizer, windows
+from pipeline.post.common import WindowsTask, lineage, load_parent, parent_tokenizer
 from pipeline.post.loop import accelerator_for
 
 
@@ -104,20 +104,15 @@ def distill_loss(s_logits, t_logits, targets, alpha: float, temperature: float, 
 # --------------------------------------------------------------------------- the task the loop steps
 
 
-class DistillTask:
-    """pipeline/post/loop.py's task: random windows of the corpus (from (seed, step)), the student's loss
-    against the teacher's soft targets and the data."""
+class DistillTask(WindowsTask):
+    """pipeline/post/loop.py's task: the random windows of plain training (WindowsTask: from (seed, step)), the
+    student's loss against the teacher's soft targets and the data."""
 
     def __init__(self, cfg: DistillConfig, teacher: GPT, student: GPT, data_dir: str | Path, identity: dict):
-        self.cfg, self.teacher, self.identity = cfg, teacher, identity
-        self.win = windows(data_dir, "train", student.cfg.block_size)
+        t = cfg.train
+        super().__init__(data_dir, student.cfg.block_size, t.micro_batch_size, t.grad_accum or 1, t.seed, identity)
+        self.cfg, self.teacher = cfg, teacher
         self.s_hidden, self.t_hidden = FinalHidden(student), FinalHidden(teacher)
-
-    def micro_batches(self, step: int, rank: int, world: int) -> list[dict]:
-        t = self.cfg.train
-        accum = t.grad_accum or 1
-        x, y = batch_at(self.win, step, t.micro_batch_size * accum, t.seed, rank, world)
-        return [{"x": xm, "y": ym} for xm, ym in zip(x.chunk(accum), y.chunk(accum), strict=True)]
 
     def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
         t_logits = teacher_logits(self.teacher, batch["x"])
@@ -125,9 +120,6 @@ class DistillTask:
         c = self.cfg
         return distill_loss(s_logits, t_logits, batch["y"], c.alpha, c.temperature, self.s_hidden.value,
                             self.t_hidden.value, c.hidden_weight)
-
-    def tokens(self, batch: dict) -> int:
-        return batch["y"].numel()
 
 
 def distill(teacher_ref: str | Path, student_yaml: str | Path, data_dir: str | Path, out: str | Path,

@@ -27,7 +27,7 @@ import torch
 from data_prep.errors import KilnError
 from pipeline.chat import ChatTokenizer
 from pipeline.config import SftConfig
-from pipeline.console import log
+from pipeline.console import is_main_process, log
 from pipeline.model.io import TOKENIZER, save_model_dir, sha256_file
 from pipeline.model.weights import weights_file
 from pipeline.post import loop
@@ -116,8 +116,9 @@ def sft(base_ref: str | Path, cfg: SftConfig, out: str | Path) -> dict:
     data = prepare(cfg.data, chat, model.cfg.block_size)
     digest = data_digest(data, cfg.data.loss_on)
     out.mkdir(parents=True, exist_ok=True)
-    write_report(out, data, digest)
-    if data.counts["left_out"]:
+    if is_main_process():  # every rank reads the same data; one writes what it found
+        write_report(out, data, digest)
+    if data.counts["left_out"] and is_main_process():
         log.warning("%d of %d records left out (reasons and sources in %s)", data.counts["left_out"],
                     data.counts["records"], out / "quarantine.jsonl")
     if not data.train:
