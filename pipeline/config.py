@@ -408,6 +408,14 @@ def _adamw_loop(train: TrainConfig, stage: str, schedules: tuple[str, ...]) -> N
         raise ValueError(f"train.schedule: {train.schedule}: {stage}'s loop follows {' or '.join(schedules)}")
 
 
+class PostParallelConfig(_Strict):
+    """Data parallelism of the post-training loop (pipeline/post/zero.py) over the processes it is launched with."""
+
+    zero_stage: Literal[0, 1, 2] = Field(0, description="0: every process holds AdamW's state (DDP); 1: it is "
+                                         "partitioned over the processes (DeepSpeed through Accelerate); 2: the "
+                                         "gradients too")
+
+
 class DistillConfig(_Strict):
     alpha: float = Field(0.5, ge=0, le=1)
     temperature: float = Field(2.0, gt=0)
@@ -416,6 +424,7 @@ class DistillConfig(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     eval_windows: int = Field(64, ge=0, description="val windows scored at the end; 0 skips")
+    parallel: PostParallelConfig = Field(default_factory=PostParallelConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @model_validator(mode="after")
@@ -543,6 +552,7 @@ class SftConfig(_Strict):
     train: SftTrainConfig = Field(default_factory=SftTrainConfig)
     lora: SftLoraConfig = Field(default_factory=SftLoraConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    parallel: PostParallelConfig = Field(default_factory=PostParallelConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @model_validator(mode="after")

@@ -252,9 +252,7 @@ class Engine:
         """Collective. Write DeepSpeed's state under `directory/ds` and this rank's weight slices under
         `directory/weights/`; return {path relative to directory: sha256} of the files this rank wrote."""
         directory = Path(directory)
-        written: dict[str, str] = {}
-        with _hashing_saves(self.engine, directory, written):
-            self.engine.save_checkpoint(str(directory), tag="ds", save_latest=False)
+        written = save_deepspeed(self.engine, directory)
         slices = local_slices(self.engine.module, self.layout, self.zero3)
         if slices:
             rel = f"{SHARDS_DIR}/rank_{self.layout.rank:05d}.safetensors"
@@ -271,12 +269,25 @@ class Engine:
         gc.collect()
 
     def load(self, directory) -> None:
-        """DeepSpeed unpickles its state files with weights_only=False; Kiln forces weights-only loading and
-        admits just the few plain DeepSpeed types those files hold, so a planted pickle is refused."""
-        with weights_only_loads(f"{directory}/ds", deepspeed_state_types()):
-            path, _ = self.engine.load_checkpoint(str(directory), tag="ds", load_lr_scheduler_states=False)
-        if path is None:
-            raise KilnError(f"{directory}/ds: DeepSpeed found no loadable checkpoint there")
+        load_deepspeed(self.engine, directory)
+
+
+def save_deepspeed(engine, directory: Path) -> dict[str, str]:
+    """Collective. DeepSpeed's state of `engine` under `directory/ds`: {path relative to directory: sha256}
+    of the files this rank wrote, hashed while written."""
+    written: dict[str, str] = {}
+    with _hashing_saves(engine, directory, written):
+        engine.save_checkpoint(str(directory), tag="ds", save_latest=False)
+    return written
+
+
+def load_deepspeed(engine, directory) -> None:
+    """DeepSpeed unpickles its state files with weights_only=False; Kiln forces weights-only loading and
+    admits just the few plain DeepSpeed types those files hold, so a planted pickle is refused."""
+    with weights_only_loads(f"{directory}/ds", deepspeed_state_types()):
+        path, _ = engine.load_checkpoint(str(directory), tag="ds", load_lr_scheduler_states=False)
+    if path is None:
+        raise KilnError(f"{directory}/ds: DeepSpeed found no loadable checkpoint there")
 
 
 class _HashWriter:

@@ -27,7 +27,7 @@ from pipeline.model.io import save_model_dir, sha256_file
 from pipeline.model.weights import weights_file
 from pipeline.post import loop
 from pipeline.post.common import WindowsTask, lineage, load_parent, parent_tokenizer
-from pipeline.post.loop import accelerator_for
+from pipeline.post.zero import accelerator_for
 
 
 def student_config(path: str | Path, teacher: ModelConfig) -> ModelConfig:
@@ -128,7 +128,7 @@ def distill(teacher_ref: str | Path, student_yaml: str | Path, data_dir: str | P
     from accelerate.utils import set_seed
 
     tc = cfg.train
-    accelerator = accelerator_for(tc.precision)
+    accelerator = accelerator_for(tc, cfg.parallel.zero_stage)
     out = Path(out)
     teacher, _, parent = load_parent(teacher_ref)  # safetensors wants "cpu", not accelerate's "cpu:0"
     teacher = teacher.to(accelerator.device)
@@ -140,7 +140,7 @@ def distill(teacher_ref: str | Path, student_yaml: str | Path, data_dir: str | P
     student = GPT(scfg)
     used = init_from_teacher(student, teacher, cfg.layer_stride)
     identity = {"teacher_sha256": sha256_file(parent / weights_file(parent)), "student": scfg.model_dump(mode="json"),
-                "seed": tc.seed}
+                "seed": tc.seed, "zero_stage": cfg.parallel.zero_stage}
     task = DistillTask(cfg, teacher, student, data_dir, identity)
     result = loop.run(student, task, tc, accelerator=accelerator, checkpoints=out / "checkpoints",
                       every=cfg.checkpoint.every, keep=cfg.checkpoint.keep, metrics=out / "metrics.jsonl",

@@ -2,11 +2,15 @@
 
 A stage hands it a model and a `Task` — what a step's micro-batches are and what their loss is — and the
 loop does the rest the same way for all of them, on Accelerate (one CPU process in tests; `accelerate
-launch` or torchrun for data parallelism, bf16 autocast with `train.precision: bf16` on a GPU):
+launch` or torchrun for data parallelism, bf16 autocast with `train.precision: bf16` on a GPU; ZeRO-1/2
+through Accelerate's DeepSpeed plugin with `zero_stage`, pipeline/post/zero.py):
 
 - AdamW over the trainable parameters at the schedule of `train` (pipeline/schedule.py: cosine or wsd);
 - `grad_accum` micro-batches per step, each rank its own slice of the step's global batch: a task draws
   the batch of step k from (seed, k) alone, so a resume, or another process count, sees the same data;
+- the step's loss is the mean over every token it learns from, on all ranks: each micro-batch's mean is
+  weighted by its share of the step's tokens (one all-reduce of a count), so micro-batches and ranks with
+  more learned tokens (packed conversations) count for more, and 2 ranks x N rows give 1 rank x 2N's step;
 - gradient clipping; `masks` (pruning) keep masked weights at zero through the gradient and the step, so
   AdamW's decoupled weight decay cannot revive them;
 - training's kill-safe, checksummed checkpoints (pipeline/checkpoint.py) every `checkpoint.every` steps and
@@ -35,6 +39,7 @@ from pipeline.checkpoint import (
 )
 from pipeline.config import KilnError, TrainConfig
 from pipeline.console import log, progress
+from pipeline.post.zero import DeepSpeedState, accelerator_for, uses_deepspeed
 from pipeline.schedule import lr_of, schedule_of
 
 Batch = dict[str, torch.Tensor]
@@ -63,25 +68,21 @@ class Result:
     is_main: bool = True
 
 
-def accelerator_for(precision: str):
-    """The Accelerator a post-training stage runs on: bf16/fp16 autocast where asked and a GPU is there."""
-    from accelerate import Accelerator
-
-    cuda = torch.cuda.is_available()
-    mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision] if cuda else "no"
-    return Accelerator(mixed_precision=mixed, cpu=not cuda)
-
-
-def run(model: torch.nn.Module, task: Task, train: TrainConfig, *, accelerator=None, checkpoints: Path | None = None,
-        every: int = 100, keep: int = 3, metrics: Path | None = None, name: str = "train",
-        masks: dict[str, torch.Tensor] | None = None) -> Result:
+def run(model: torch.nn.Module, task: Task, train: TrainConfig, *, accelerator=None, zero_stage: int = 0,
+        checkpoints: Path | None = None, every: int = 100, keep: int = 3, metrics: Path | None = None,
+        name: str = "train", masks: dict[str, torch.Tensor] | None = None) -> Result:
     """Train `model` in place for `train.steps` steps of `task`; the unwrapped model is left in eval mode."""
-    accelerator = accelerator or accelerator_for(train.precision)
+    accelerator = accelerator or accelerator_for(train, zero_stage)
+    deepspeed = uses_deepspeed(accelerator)
+    if masks and deepspeed:
+        raise KilnError("pruning masks need the plain loop: DeepSpeed steps inside the backward, where the "
+                        "masks cannot reach the gradients")
     params = dict(model.named_parameters())
     optimizer = torch.optim.AdamW([p for p in params.values() if p.requires_grad], lr=train.lr,
                                   betas=(train.beta1, train.beta2), weight_decay=train.weight_decay)
+    wrapped, optimizer = accelerator.prepare(model, optimizer)
     result = Result(start=0, world=accelerator.num_processes, is_main=accelerator.is_main_process)
-    state = TorchState(model, optimizer)
+    state = DeepSpeedState(wrapped) if deepspeed else TorchState(model, optimizer)
     if checkpoints is not None and (resume := find_checkpoint(checkpoints, collective=result.world > 1)):
         saved = read_state(resume)
         if saved.get("identity") != task.identity:
@@ -94,9 +95,12 @@ def run(model: torch.nn.Module, task: Task, train: TrainConfig, *, accelerator=N
     if metrics is not None and result.is_main:
         trim_metrics(metrics, result.start)
         metrics.parent.mkdir(parents=True, exist_ok=True)
-    wrapped, optimizer = accelerator.prepare(model, optimizer)
     schedule = schedule_of(train.model_dump())
     rank, world = accelerator.process_index, accelerator.num_processes
+
+    def summed(x: float) -> float:  # over the ranks
+        return accelerator.reduce(torch.tensor([float(x)], device=accelerator.device), "sum").item() if world > 1 else x
+
     t0 = time.perf_counter()
     wrapped.train()
     with progress(name, total=train.steps - result.start, unit="step", disable=not result.is_main) as advance:
@@ -105,26 +109,29 @@ def run(model: torch.nn.Module, task: Task, train: TrainConfig, *, accelerator=N
             for group in optimizer.param_groups:
                 group["lr"] = lr
             batches = task.micro_batches(step, rank, world)
+            counts = [task.tokens(batch) for batch in batches]
+            learned = summed(sum(counts))  # the step's learned tokens, all ranks
             optimizer.zero_grad(set_to_none=True)
             total, parts = 0.0, {}
-            for batch in batches:
+            for batch, count in zip(batches, counts, strict=True):
                 batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-                with accelerator.autocast():
+                with accelerator.accumulate(wrapped), accelerator.autocast():
                     loss, parts = task.loss(wrapped, batch)
-                accelerator.backward(loss / len(batches))
-                total += loss.item() / len(batches)
-                result.tokens += task.tokens(batch) * world  # (this rank's, times the ranks)
+                    # the gradient averages over ranks and micro-batches: weigh this one's mean by its tokens
+                    accelerator.backward(loss * (count * world * len(batches) / learned))
+                total += loss.item() * count
             if masks:
                 for key, mask in masks.items():
                     params[key].grad.mul_(mask)
-            if train.grad_clip:
+            if train.grad_clip and not deepspeed:  # (DeepSpeed clipped in the last backward, where it stepped)
                 accelerator.clip_grad_norm_(wrapped.parameters(), train.grad_clip)
             optimizer.step()
             if masks:
                 with torch.no_grad():
                     for key, mask in masks.items():
                         params[key].mul_(mask)
-            done = step + 1
+            done, total = step + 1, summed(total) / learned
+            result.tokens += int(learned)
             result.losses.append(total)
             result.last = {"step": done, "loss": total, **parts, "lr": lr, "tokens": result.tokens,
                            "elapsed_s": round(time.perf_counter() - t0, 3)}

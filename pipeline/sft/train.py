@@ -128,14 +128,14 @@ def sft(base_ref: str | Path, cfg: SftConfig, out: str | Path) -> dict:
     train_rows, val_rows = rows_of(data.train, cfg.data.loss_on, block), rows_of(data.val, cfg.data.loss_on, block)
     identity = {"base_sha256": sha256_file(base / weights_file(base)), "data_sha256": digest,
                 "vocab_size": model.cfg.vocab_size, "train": t.model_dump(mode="json"),
-                "lora": cfg.lora.model_dump(mode="json")}
+                "lora": cfg.lora.model_dump(mode="json"), "zero_stage": cfg.parallel.zero_stage}
     torch.manual_seed(t.seed)
     before = packed_loss(model, val_rows)
     trained = with_lora(model, cfg.lora) if cfg.lora.rank else model
     params = trainable(trained)
     task = SftTask(train_rows, t.micro_batch_size, t.grad_accum or 1, t.seed, identity)
-    result = loop.run(trained, task, t, checkpoints=out / "checkpoints", every=cfg.checkpoint.every,
-                      keep=cfg.checkpoint.keep, metrics=out / "metrics.jsonl", name="sft")
+    result = loop.run(trained, task, t, zero_stage=cfg.parallel.zero_stage, checkpoints=out / "checkpoints",
+                      every=cfg.checkpoint.every, keep=cfg.checkpoint.keep, metrics=out / "metrics.jsonl", name="sft")
     model = merged(trained) if cfg.lora.rank else model
     summary = {"out": str(out), "model": str(out / "model"), "base": str(base), "steps": t.steps,
                "resumed_from": result.start, "processes": result.world, "conversations_train": len(data.train),

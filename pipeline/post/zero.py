@@ -1,0 +1,87 @@
+"""The post-training loop's Accelerator: plain (DDP over the processes) or ZeRO through Accelerate's DeepSpeed plugin.
+
+`parallel.zero_stage` 1 partitions AdamW's state over the data-parallel processes, 2 the gradients too (what
+lets a model whose optimizer state does not fit one device be fine-tuned on several). DeepSpeed then owns the
+step: it sums a step's micro-batches, reduce-scatters the gradients, clips them and steps AdamW inside the
+backward of the step's last micro-batch (Accelerate's `accumulate`). Stage 3 (the weights partitioned too) is
+not offered: the loop's stages read and write their model whole on every rank.
+
+On a CPU (tests) DeepSpeed runs with `DS_ACCELERATOR=cpu` over gloo; on GPUs over NCCL, with bf16 weights and
+fp32 master weights, gradient sums and reductions under `train.precision: bf16` (as `kiln train` does).
+
+`DeepSpeedState` is the `engine` pipeline/checkpoint.py's save_checkpoint takes: every rank writes DeepSpeed's
+files for its partition under `ds/`, each hashed while written; loading admits only DeepSpeed's plain state
+types (a planted pickle is refused).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from pipeline.config import TrainConfig
+from pipeline.parallel.engine import BUCKET_ELEMENTS, load_deepspeed, save_deepspeed
+
+MIXED = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+
+
+def ds_config(train: TrainConfig, zero_stage: int, gpu: bool) -> dict:
+    accum = train.grad_accum or 1
+    bf16 = gpu and train.precision == "bf16"
+    config = {
+        "train_micro_batch_size_per_gpu": train.micro_batch_size,
+        "gradient_accumulation_steps": accum,
+        "gradient_clipping": train.grad_clip,
+        "zero_optimization": {"stage": zero_stage, "reduce_bucket_size": BUCKET_ELEMENTS,
+                              "allgather_bucket_size": BUCKET_ELEMENTS, "contiguous_gradients": zero_stage >= 2,
+                              "overlap_comm": gpu},
+        "bf16": {"enabled": bf16},
+        "fp16": {"enabled": gpu and train.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+    if bf16:
+        config["data_types"] = {"grad_accum_dtype": "fp32"}
+        config["communication_data_type"] = "fp32"
+    return config
+
+
+def accelerator_for(train: TrainConfig, zero_stage: int = 0):
+    """The Accelerator a post-training stage runs on: autocast (or DeepSpeed's bf16) where asked and a GPU is
+    there, fp32 on a CPU; `train.grad_accum` micro-batches a step."""
+    from accelerate import Accelerator
+    from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
+
+    gpu = torch.cuda.is_available()
+    mixed = MIXED[train.precision] if gpu else "no"
+    accum = train.grad_accum or 1
+    if not zero_stage:
+        return Accelerator(mixed_precision=mixed, cpu=not gpu, gradient_accumulation_steps=accum)
+    # (Accelerate runs DeepSpeed only with cpu=False; without a GPU it then picks no process group
+    # backend at all and counts one process: name gloo)
+    handlers = [] if gpu else [InitProcessGroupKwargs(backend="gloo")]
+    return Accelerator(mixed_precision=mixed, gradient_accumulation_steps=accum, kwargs_handlers=handlers,
+                       deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=ds_config(train, zero_stage, gpu)))
+
+
+def uses_deepspeed(accelerator) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
+class DeepSpeedState:
+    """Checkpoint state of a DeepSpeed engine Accelerate prepared: its module, and this rank's partition of the
+    optimizer (collective)."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def save(self, directory: Path) -> dict[str, str]:
+        return save_deepspeed(self.engine, Path(directory))
+
+    def load(self, directory: Path) -> None:
+        load_deepspeed(self.engine, directory)
