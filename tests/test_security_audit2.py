@@ -4,6 +4,7 @@ proves the refusal; docs/security.md lists them. `pytest -m security` selects th
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -156,6 +157,38 @@ def test_c3_credentials_reach_the_nodes_without_a_command_line(two_node_launch):
     assert "deepspeed.launcher.launch" in run["pdsh_argv"] and SECRET.decode() not in run["pdsh_argv"]
     assert SECRET.decode() not in run["output"]
     assert not (run["tmp"] / "pwned").exists() and not list(run["tmp"].glob(".kiln-node-env*"))
+
+
+def test_c3_the_credentials_file_goes_when_the_launcher_is_killed(tmp_path):
+    """The launching `kiln` SIGKILLed while its two-node job runs (so its own `finally` never runs): the
+    private file that carries the credentials to the ranks is removed anyway, by the watchdog waiting on the
+    launcher's exit; the ranks had read it."""
+    import time
+
+    env = {**os.environ, **stand_in_nodes(tmp_path), "MLFLOW_TRACKING_PASSWORD": SECRET.decode(),
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    started = tmp_path / "rank-started"
+    rank = f"import os, pathlib, time; pathlib.Path({str(started)!r}).write_text(os.environ['MLFLOW_TRACKING_PASSWORD']); time.sleep(120)"
+    argv = [sys.executable, "-m", "pipeline.cli", *launch_words(tmp_path, "nodea"), "--", sys.executable, "-c", rank]
+    kiln = subprocess.Popen(argv, env=env, cwd=tmp_path, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    env_file = tmp_path / ".kiln-node-env"
+    try:
+        for _ in range(1200):  # the rank runs: it read the file (a loaded box may take a while)
+            if started.exists() or kiln.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert started.exists() and started.read_text() == SECRET.decode() and env_file.exists()
+        kiln.send_signal(signal.SIGKILL)  # the launcher alone: the job's other processes live on
+        kiln.wait()
+        for _ in range(600):
+            if not env_file.exists():
+                break
+            time.sleep(0.1)
+        assert not list(tmp_path.glob(".kiln-node-env*"))
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(kiln.pid, signal.SIGKILL)  # the stand-in nodes' rank, still sleeping
 
 
 # --------------------------------------------------------------------------- 2. a version's source

@@ -164,7 +164,12 @@ def launch(job: dict, dry_run: bool, train: RunConfig | None = None) -> dict:
     env_file = Path.cwd() / node_env.ENV_FILE
     node_env.write(carried, env_file)  # always (an empty one too): every rank starts by reading it
     try:
-        job["returncode"] = subprocess.call(argv, env=environ)
+        watchdog = node_env.guard(env_file)  # removes it should this process be killed first
+        try:
+            job["returncode"] = subprocess.call(argv, env=environ)
+        finally:
+            watchdog.kill()
+            watchdog.wait()
     finally:
         env_file.unlink(missing_ok=True)
     return job

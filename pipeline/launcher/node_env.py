@@ -9,7 +9,9 @@ node, and that pdsh, sshd and DeepSpeed's own log print. `MLFLOW_TRACKING_PASSWO
 So for a launch over several hosts Kiln takes every such variable (except PYTHONPATH, which names
 directories and which the node's Python needs to find Kiln) out of the runner's environment and writes
 them to ENV_FILE in the working directory, which every node `cd`s to (DeepSpeed assumes it is shared):
-created by this user alone, mode 0600, replaced atomically, removed when the job ends. Each rank
+created by this user alone, mode 0600, replaced atomically, removed when the job ends — and, should the
+launching `kiln` be killed (SIGKILL included) before it can remove it, by a watchdog process in its own
+session that waits on the launcher's exit (`guard`). Each rank
 starts as `python -m pipeline.launcher.node_env FILE -- COMMAND...`, which reads the file only if it
 is a regular file of this user's that nobody else may read, sets the values and execs COMMAND.
 What stays on the command line is `.deepspeed_env` (Kiln-checked values, no credentials) and PYTHONPATH.
@@ -19,7 +21,9 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import stat
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -74,7 +78,36 @@ def read(path: str) -> dict[str, str]:
     return data
 
 
+def guard(path: Path) -> subprocess.Popen:
+    """A watchdog that removes `path` once this process has exited, however it ended, unless `path` was
+    replaced meanwhile (another launch's file). In its own session: a kill of the launcher's process group
+    does not take it along. Stop it when `path` is removed the ordinary way."""
+    st = os.lstat(path)
+    return subprocess.Popen([sys.executable, "-m", "pipeline.launcher.node_env", "--remove-after", str(os.getpid()),
+                             f"{st.st_dev}:{st.st_ino}", str(path)], start_new_session=True,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def remove_after(pid: int, identity: str, path: str) -> None:
+    """Wait until process `pid` has exited (a pidfd: no polling, no pid reuse), then unlink `path` if it is
+    still the file `identity` (st_dev:st_ino) names."""
+    try:
+        fd = os.pidfd_open(pid)
+        select.select([fd], [], [])
+    except ProcessLookupError:
+        pass  # gone already
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if f"{st.st_dev}:{st.st_ino}" == identity:
+        os.unlink(path)
+
+
 def main(argv: list[str]) -> None:
+    if len(argv) == 4 and argv[0] == "--remove-after":
+        remove_after(int(argv[1]), argv[2], argv[3])
+        return
     if len(argv) < 3 or argv[1] != "--":
         raise SystemExit("usage: python -m pipeline.launcher.node_env FILE -- COMMAND...")
     os.environ.update(read(argv[0]))
