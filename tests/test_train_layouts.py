@@ -136,7 +136,10 @@ def runs(tmp_path_factory) -> Path:
                                              {"copy": [str(base / "moe_ep2_zero1"), str(base / "moe_ep_off")]},
                                              spec("moe_ep2_zero1", f"out={base / 'moe_ep_off'}", "parallel.ep=1"),
                                              {"copy": [str(base / "muon_dp2_zero1"), str(base / "muon_zero1_resumed")]},
-                                             spec("muon_dp2_zero1", f"out={base / 'muon_zero1_resumed'}")])
+                                             spec("muon_dp2_zero1", f"out={base / 'muon_zero1_resumed'}"),
+                                             # TP=2 x PP=2's step 5 at TP=2: each rank reads its TP slices only
+                                             {"copy": [str(base / "tp2_pp2"), str(base / "tp2_pp2_at_tp2")]},
+                                             spec("tp2", f"out={base / 'tp2_pp2_at_tp2'}")])
     # layout change: the TP=2 x PP=2 run's checkpoint at step 5, continued by 1 process
     moved = base / "moved"
     copy_step5(base / "tp2_pp2", moved)
@@ -236,6 +239,17 @@ def test_checkpoint_from_tp2_pp2_continues_at_tp1(runs):
               if "was saved with layout" in ln and "moe_moved" not in ln and "muon_tp2" not in ln]
     assert len(warned) == 1, warned
     assert str(runs / "moved/checkpoints/step_0000005") in warned[0] and "optimizer state starts fresh" in warned[0]
+
+
+@pytest.mark.slow
+@pytest.mark.fault
+def test_checkpoint_from_tp2_pp2_continues_at_tp2(runs):
+    """Its ranks rebuild their slices from the rows they hold alone (Weights.rows), vocabulary padding too."""
+    before, after = metrics(runs / "tp2_pp2"), metrics(runs / "tp2_pp2_at_tp2")
+    assert [m["step"] for m in after] == list(range(1, 11))
+    assert after[5]["loss"] == pytest.approx(before[5]["loss"], abs=2e-5)
+    for b, a in zip(before[6:], after[6:], strict=True):
+        assert abs(a["loss"] - b["loss"]) < 0.05
 
 
 @pytest.mark.slow

@@ -151,6 +151,12 @@ class Weights(ABC):
     @abstractmethod
     def get(self, name: str) -> torch.Tensor: ...
 
+    def rows(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
+        """[start, stop) along `dim` of tensor `name` (within its length there): a rank's tensor-parallel slice.
+        Files read only those bytes (safetensors slices), so a rank rebuilding its slices at another layout
+        reads its share of the model, not all of it."""
+        return self.get(name).narrow(dim, start, stop - start).contiguous()
+
     def __contains__(self, name: str) -> bool:
         return name in set(self.names())
 
@@ -178,6 +184,11 @@ class DictWeights(Weights):
 
     def get(self, name: str) -> torch.Tensor:
         return self.state[name]
+
+
+def _read_rows(handle, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
+    """Rows [start, stop) along `dim` of one tensor of an open safetensors file, reading just those bytes."""
+    return handle.get_slice(name)[(slice(None),) * dim + (slice(start, stop),)].contiguous()
 
 
 def _open(path: Path):
@@ -208,6 +219,9 @@ class FileWeights(Weights):
 
     def get(self, name: str) -> torch.Tensor:
         return self.file.get_tensor(name)
+
+    def rows(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
+        return _read_rows(self.file, name, dim, start, stop)
 
 
 def read_index(directory: Path) -> tuple[dict, dict]:
@@ -262,6 +276,9 @@ class IndexedWeights(Weights):
     def get(self, name: str) -> torch.Tensor:
         return self.files[self.where[name]].get_tensor(name)
 
+    def rows(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
+        return _read_rows(self.files[self.where[name]], name, dim, start, stop)
+
 
 class ShardedWeights(Weights):
     """The per-rank slice files of a checkpoint, assembled one tensor at a time."""
@@ -291,9 +308,10 @@ class ShardedWeights(Weights):
         f, _ = self.index[name][0]
         return _TORCH[self.files[f].get_slice(name).get_dtype()]
 
-    def get(self, name: str) -> torch.Tensor:
-        pieces = self.index[name]
-        shape = self.shape(name)
+    def _slices(self, name: str) -> tuple[int | None, list[tuple[int, int, list[tuple[Path, dict]]]]]:
+        """(the TP dim or None, [(start, stop, the files holding that TP slice)] in order), checked to tile the
+        tensor's padded length exactly."""
+        shape, pieces = self.shape(name), self.index[name]
         tp = pieces[0][1].get("tp")
         by_tp: dict[tuple | None, list[tuple[Path, dict]]] = {}
         for f, spec in pieces:
@@ -301,42 +319,70 @@ class ShardedWeights(Weights):
                 raise KilnError(f"{f}: {name} is sliced differently from the other shards")
             by_tp.setdefault(tuple(spec["tp"]) if spec.get("tp") else None, []).append((f, spec))
         if tp is None:
-            return self._local(name, shape, by_tp[None])
+            return None, [(0, shape[0] if shape else 0, by_tp[None])]
         dim, padded = tp[0], tp[3]
-        parts, at = [], 0
+        out, at = [], 0
         for (_, start, stop, _), group in sorted(by_tp.items(), key=lambda kv: kv[0][1]):
             if start != at:
                 raise KilnError(f"{self.dir}: {name}: rows {at}..{start} of dim {dim} are in no shard")
-            local = list(shape)
-            local[dim] = stop - start
-            parts.append(self._local(name, tuple(local), group))
+            out.append((start, stop, group))
             at = stop
         if at != padded:
             raise KilnError(f"{self.dir}: {name}: rows {at}..{padded} of dim {dim} are in no shard")
-        return torch.cat(parts, dim=dim).narrow(dim, 0, shape[dim]).contiguous()
+        return dim, out
 
-    def _local(self, name: str, shape: tuple[int, ...], group: list[tuple[Path, dict]]) -> torch.Tensor:
-        """One TP slice: whole in one file, or a ZeRO-3 partition per rank (flat ranges, concatenated)."""
+    def get(self, name: str) -> torch.Tensor:
+        return self.rows(name, 0, 0, self.shape(name)[0]) if self.shape(name) else self._local(name, (), self._slices(name)[1][0][2])
+
+    def rows(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
+        """Only the TP slices that hold rows of [start, stop) are read (along the slicing dim), and of each only
+        those rows (safetensors slices); a ZeRO-3 partition along dim 0 reads just its elements in the range."""
+        shape = self.shape(name)
+        tdim, slices = self._slices(name)
+        if tdim is None:
+            return self._local(name, shape, slices[0][2], (dim, start, stop))
+        parts = []
+        for a, b, group in slices:
+            local = list(shape)
+            local[tdim] = b - a
+            if tdim != dim:
+                parts.append(self._local(name, tuple(local), group, (dim, start, stop)))
+            elif max(start, a) < min(stop, b):
+                parts.append(self._local(name, tuple(local), group, (dim, max(start, a) - a, min(stop, b) - a)))
+        out = torch.cat(parts, dim=tdim)
+        return (out.narrow(tdim, 0, shape[tdim]) if tdim != dim else out).contiguous()
+
+    def _local(self, name: str, shape: tuple[int, ...], group: list[tuple[Path, dict]],
+               span: tuple[int, int, int] | None = None) -> torch.Tensor:
+        """One TP slice of `shape` (rows [start, stop) along dim of it with `span` = (dim, start, stop)): whole in
+        one file, or a ZeRO-3 partition per rank (flat ranges, concatenated)."""
+        dim, start, stop = span or (0, 0, shape[0] if shape else 0)
         if group[0][1].get("flat") is None:
-            t = self.files[group[0][0]].get_tensor(name)
-            if tuple(t.shape) != shape:
-                raise KilnError(f"{group[0][0]}: {name} has shape {tuple(t.shape)}, expected {shape}")
-            return t
+            f = group[0][0]
+            if tuple(self.files[f].get_slice(name).get_shape()) != shape:
+                raise KilnError(f"{f}: {name} has shape {tuple(self.files[f].get_slice(name).get_shape())}, "
+                                f"expected {shape}")
+            return _read_rows(self.files[f], name, dim, start, stop) if shape else self.files[f].get_tensor(name)
+        row = math.prod(shape[1:]) if dim == 0 else math.prod(shape)  # (other dims: the whole slice, then cut)
+        lo, hi = (start * row, stop * row) if dim == 0 else (0, math.prod(shape))
         flat, at = [], 0
         for f, spec in sorted(group, key=lambda fs: fs[1]["flat"][0]):
-            start, stop = spec["flat"]
-            if start < at:
+            a, b = spec["flat"]
+            if a < at:
                 continue  # the same range twice (a replica)
-            if start != at:
-                raise KilnError(f"{self.dir}: {name}: elements {at}..{start} are in no shard")
-            piece = self.files[f].get_tensor(name)
-            if piece.numel() != stop - start:
-                raise KilnError(f"{f}: {name} holds {piece.numel()} elements, its range says {stop - start}")
-            flat.append(piece)
-            at = stop
+            if a != at:
+                raise KilnError(f"{self.dir}: {name}: elements {at}..{a} are in no shard")
+            if self.files[f].get_slice(name).get_shape() != [b - a]:
+                raise KilnError(f"{f}: {name} holds {self.files[f].get_slice(name).get_shape()} elements, its "
+                                f"range says {b - a}")
+            if max(a, lo) < min(b, hi):
+                flat.append(self.files[f].get_slice(name)[max(a, lo) - a:min(b, hi) - a])
+            at = b
         if at != math.prod(shape):
             raise KilnError(f"{self.dir}: {name}: elements {at}..{math.prod(shape)} are in no shard")
-        return torch.cat(flat).view(shape)
+        if dim == 0:
+            return torch.cat(flat).view((stop - start, *shape[1:]))
+        return torch.cat(flat).view(shape).narrow(dim, start, stop - start).contiguous()
 
 
 def weights_file(directory: str | Path) -> str:

@@ -7,10 +7,12 @@ each rank allocates and fills only its own slice of each parameter. The values c
                seeded by (train.seed, part), in `gpt.init_plan` order: a pipeline stage that holds blocks
                3..5, a TP rank that holds half of each matrix, a ZeRO-3 rank that holds 1/dp of it all get
                exactly the weights of the 1-process model;
-    weights    a checkpoint or MODEL dir (`train.init_from`, a resume at another layout), read tensor by tensor.
+    weights    a checkpoint or MODEL dir (`train.init_from`, a resume at another layout), read tensor by tensor,
+               and of each tensor only the rows this rank's TP slice holds (`Weights.rows`: safetensors
+               slices; of a checkpoint's per-rank files, only those holding those rows).
 
-Only one full tensor exists at a time (it is cut to this rank's slice at once), so init memory is the
-rank's share plus the largest tensor. Under ZeRO-3 each parameter is handed to DeepSpeed's partitioner
+Only one full tensor exists at a time when drawing from the seed (it is cut to this rank's slice at once),
+none when reading weights, so init memory is the rank's share plus the largest tensor. Under ZeRO-3 each parameter is handed to DeepSpeed's partitioner
 as soon as it is filled (data-parallel rank 0 fills it; DeepSpeed broadcasts and keeps 1/dp per rank).
 
 `local_slices` is the way back: the slices this rank holds, named by the plain model, for its weight shard
@@ -77,15 +79,25 @@ def _allocate(module: nn.Module, device, dtype: torch.dtype, params: bool = True
             m.reset_buffers()
 
 
-def _full(prefix: str, name: str, kind: str, std: float, shape, gen, source: Weights | None, where: str):
+def _slice(prefix: str, name: str, kind: str, std: float, shape, gen, source: Weights | None, where: str, shard):
+    """This rank's slice (`shard`: its TPShard, or None for the whole tensor) of one parameter: drawn whole from
+    the seed and cut, or read from `source` as just the rows the slice holds (zero rows past the real length)."""
     if source is None:
-        return initial_value(kind, std, shape, gen)
+        return take_shard(initial_value(kind, std, shape, gen), shard)
     key = prefix + name
     if key not in source:
         raise KilnError(f"{where}: the weights have no {key}; the model config differs")
     if tuple(source.shape(key)) != tuple(shape):
         raise KilnError(f"{where}: {key} has shape {tuple(source.shape(key))}, the model config needs {tuple(shape)}")
-    return source.get(key)
+    if shard is None:
+        return source.get(key)
+    start, stop = min(shard.start, shard.length), min(shard.stop, shard.length)
+    got = source.rows(key, shard.dim, start, stop)
+    if (pad := shard.stop - shard.start - (stop - start)) > 0:  # vocabulary padding
+        size = list(got.shape)
+        size[shard.dim] = pad
+        got = torch.cat([got, got.new_zeros(size)], dim=shard.dim)
+    return got
 
 
 def materialize(module: nn.Module, seed: int, device, dtype: torch.dtype, source: Weights | None = None,
@@ -118,10 +130,10 @@ def materialize(module: nn.Module, seed: int, device, dtype: torch.dtype, source
                     holder._parameters[key] = new
                 p = new
             if fills:
-                full = _full(prefix, name, kind, std, shape, gen, source, where)
+                value = _slice(prefix, name, kind, std, shape, gen, source, where, getattr(p, "tp_shard", None))
                 with torch.no_grad():
-                    p.copy_(take_shard(full, getattr(p, "tp_shard", None)).to(dtype))
-                del full
+                    p.copy_(value.to(dtype))
+                del value
             if zero3 is not None:
                 zero3._convert_to_zero_parameters([p])  # broadcast from DP rank 0, keep 1/dp, free the rest
     return module
