@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import zstandard
 
+from data_prep.columnar_bounds import ipc_refusal, parquet_pages_refusal
 from data_prep.confine import escapes, read_confined
 from data_prep.document import BadRecord, Document
 from data_prep.errors import ConfigError, KilnError
@@ -296,15 +297,20 @@ def parse_line(line: bytes, source: str, text_field: str, id_field: str) -> Docu
 def _arrow_groups(part: dict, fields: tuple[str, ...]):
     """(budget, rows, batches) per Parquet row group, or once for an Arrow file: the decoded bytes its rows may
     come to, its row count, its record batches. A row group whose metadata already declares more is refused
-    unread: (reason, rows, None). Flat columns among `fields` are read as dictionaries where Parquet stores
-    them so (`read_dictionary`): a batch then holds each distinct value once, not once per row. A partition may
-    be a row range [lo, hi) of one large group (`part["rows"]`, data_prep/partitions.py)."""
+    unread: (reason, rows, None), as is one whose page headers declare more, or an Arrow file whose compressed
+    buffers do (data_prep/columnar_bounds.py). Flat columns among `fields` are read as dictionaries where
+    Parquet stores them so (`read_dictionary`): a batch then holds each distinct value once, not once per row.
+    A partition may be a row range [lo, hi) of one large group (`part["rows"]`, data_prep/partitions.py)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     if part["kind"] != "parquet":
         with pa.memory_map(part["path"]) as source:
-            yield max(MAX_EXPANSION * source.size(), EXPANSION_FLOOR), None, pa.ipc.open_stream(source)
+            budget = max(MAX_EXPANSION * source.size(), EXPANSION_FLOOR)
+            if refused := ipc_refusal(source, budget):  # compressed buffers' declared sizes, none decompressed
+                yield refused, 0, None
+            else:
+                yield budget, None, pa.ipc.open_stream(source)
         return
     meta = pq.read_metadata(part["path"])
     schema = meta.schema.to_arrow_schema()
@@ -321,6 +327,8 @@ def _arrow_groups(part: dict, fields: tuple[str, ...]):
         declared = max(group.total_byte_size, sum(group.column(i).total_uncompressed_size for i in range(group.num_columns)))
         if declared > budget:  # by its own metadata: refused before pyarrow allocates it
             yield f"decompression_bomb: a row group of {declared} bytes from {_packed(group)}", rows, None
+        elif refused := parquet_pages_refusal(part["path"], group, size, budget):  # by its pages' headers
+            yield refused, rows, None
         elif (decoded := _dictionary_decoded(pf, g, strings, budget)) > budget:
             yield f"decompression_bomb: a row group decoding to {decoded}+ bytes from {_packed(group)}", rows, None
         else:
