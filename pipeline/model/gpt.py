@@ -24,6 +24,7 @@ from torch import nn
 
 from pipeline.config import ModelConfig
 from pipeline.families import family
+from pipeline.model.init import initial_value
 from pipeline.model.layers import Attention, KVCache, LayerKV, Packing, make_mlp, make_norm, sub_blocks
 from pipeline.model.loss import softcap
 
@@ -109,13 +110,6 @@ def init_plan(module: nn.Module, cfg: ModelConfig, skip: tuple[str, ...] = ()) -
             if getattr(m, "bias", None) is not None:
                 plan.append((pre + "bias", "zeros", 0.0))
     return plan
-
-
-def initial_value(kind: str, std: float, shape, generator: torch.Generator | None = None) -> torch.Tensor:
-    """One parameter's starting value (fp32, CPU) as `init_plan` describes it."""
-    if kind == "normal":
-        return torch.randn(shape, generator=generator) * std
-    return torch.ones(shape) if kind == "ones" else torch.zeros(shape)
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

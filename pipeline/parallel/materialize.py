@@ -3,16 +3,16 @@
 A model is built on the meta device (nothing allocated), parallelized there, then materialized:
 each rank allocates and fills only its own slice of each parameter. The values come from
 
-    a seed     every part (embedding = 0, block i = i+1, head = n_layer+1) draws from its own generator,
-               seeded by (train.seed, part), in `gpt.init_plan` order: a pipeline stage that holds blocks
-               3..5, a TP rank that holds half of each matrix, a ZeRO-3 rank that holds 1/dp of it all get
-               exactly the weights of the 1-process model;
+    a seed     each rank draws only its own slice of each parameter, on its device, from generators seeded
+               by (train.seed, the parameter's name, a block of it) (pipeline/model/init.py): a pipeline stage
+               that holds blocks 3..5, a TP rank that holds half of each matrix, a ZeRO-3 rank that holds
+               1/dp of it all get exactly the weights of the 1-process model;
     weights    a checkpoint or MODEL dir (`train.init_from`, a resume at another layout), read tensor by tensor,
                and of each tensor only the rows this rank's TP slice holds (`Weights.rows`: safetensors
                slices; of a checkpoint's per-rank files, only those holding those rows).
 
-Only one full tensor exists at a time when drawing from the seed (it is cut to this rank's slice at once),
-none when reading weights, so init memory is the rank's share plus the largest tensor. Under ZeRO-3 each parameter is handed to DeepSpeed's partitioner
+No full tensor is ever made (a TP-whole parameter aside), so init memory is the rank's share plus one
+parameter's slice. Under ZeRO-3 each parameter is handed to DeepSpeed's partitioner
 as soon as it is filled (data-parallel rank 0 fills it; DeepSpeed broadcasts and keeps 1/dp per rank).
 
 `local_slices` is the way back: the slices this rank holds, named by the plain model, for its weight shard
@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from pipeline.config import KilnError, ModelConfig
-from pipeline.model.gpt import GPT, init_plan, initial_value
-from pipeline.model.tensor_parallel import take_shard
+from pipeline.model.gpt import GPT, init_plan
+from pipeline.model.init import initial_slice
 from pipeline.model.weights import Weights
 
 
@@ -79,20 +79,22 @@ def _allocate(module: nn.Module, device, dtype: torch.dtype, params: bool = True
             m.reset_buffers()
 
 
-def _slice(prefix: str, name: str, kind: str, std: float, shape, gen, source: Weights | None, where: str, shard):
-    """This rank's slice (`shard`: its TPShard, or None for the whole tensor) of one parameter: drawn whole from
-    the seed and cut, or read from `source` as just the rows the slice holds (zero rows past the real length)."""
-    if source is None:
-        return take_shard(initial_value(kind, std, shape, gen), shard)
-    key = prefix + name
-    if key not in source:
-        raise KilnError(f"{where}: the weights have no {key}; the model config differs")
-    if tuple(source.shape(key)) != tuple(shape):
-        raise KilnError(f"{where}: {key} has shape {tuple(source.shape(key))}, the model config needs {tuple(shape)}")
+def _slice(key: str, kind: str, std: float, shape, seed: int, source: Weights | None, where: str, shard, device):
+    """This rank's slice (`shard`: its TPShard, or None for the whole tensor) of the parameter `key` (its plain
+    name): just those rows, drawn from the seed (pipeline/model/init.py) or read from `source`, with zero rows
+    past the real length (vocabulary padding)."""
+    if source is not None:
+        if key not in source:
+            raise KilnError(f"{where}: the weights have no {key}; the model config differs")
+        if tuple(source.shape(key)) != tuple(shape):
+            raise KilnError(f"{where}: {key} has shape {tuple(source.shape(key))}, the model config needs {tuple(shape)}")
     if shard is None:
-        return source.get(key)
+        return source.get(key) if source is not None else initial_slice(kind, std, shape, f"{seed}:{key}", None, device)
     start, stop = min(shard.start, shard.length), min(shard.stop, shard.length)
-    got = source.rows(key, shard.dim, start, stop)
+    if source is not None:
+        got = source.rows(key, shard.dim, start, stop)
+    else:
+        got = initial_slice(kind, std, shape, f"{seed}:{key}", (shard.dim, start, stop), device)
     if (pad := shard.stop - shard.start - (stop - start)) > 0:  # vocabulary padding
         size = list(got.shape)
         size[shard.dim] = pad
@@ -115,13 +117,10 @@ def materialize(module: nn.Module, seed: int, device, dtype: torch.dtype, source
             if q is not None:
                 holders.setdefault(id(q), []).append((m, key))
     for part in parts(module):
-        index, prefix, plan = part.kiln_part
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + index) if source is None and fills else None
+        _, prefix, plan = part.kiln_part
         for name, kind, std, shape in plan:
             p = _param(part, name)
-            if p is None:  # held by another rank: its seeded values are drawn all the same (the stream stays aligned)
-                if gen is not None:
-                    initial_value(kind, std, shape, gen)
+            if p is None:  # held by another rank (an expert under expert parallelism)
                 continue
             if zero3 is not None:
                 new = nn.Parameter(torch.empty(p.shape, dtype=dtype, device=device), requires_grad=p.requires_grad)
@@ -130,7 +129,8 @@ def materialize(module: nn.Module, seed: int, device, dtype: torch.dtype, source
                     holder._parameters[key] = new
                 p = new
             if fills:
-                value = _slice(prefix, name, kind, std, shape, gen, source, where, getattr(p, "tp_shard", None))
+                value = _slice(prefix + name, kind, std, shape, seed, source, where, getattr(p, "tp_shard", None),
+                               p.device)
                 with torch.no_grad():
                     p.copy_(value.to(dtype))
                 del value
