@@ -3,6 +3,7 @@ Prints one JSON line per probe.
 
     python tests/engine_probe.py accum STAGE...   # bf16 ZeRO stages: optimizer, grad dtype after 2 micro-batches
     python tests/engine_probe.py pipe             # (torchrun, 2 ranks) the same for PP=2 after one step
+    python tests/engine_probe.py partition        # (torchrun, 2 ranks) bf16, 1 micro-batch: gradients held per rank
     python tests/engine_probe.py syncs OUT CORPUS # train 6 steps (log every 3): where Kiln reads device values
     python tests/engine_probe.py accum 1 2 3 + syncs OUT CORPUS   # several in one process (one start-up)
 """
@@ -70,6 +71,39 @@ def pipe() -> None:
     engine.close()
 
 
+def partition() -> None:
+    """(2 ranks) bf16, one micro-batch a step, no pipeline, stages 1 and 2 after one backward: the optimizer, the
+    dtype and size of the gradients each rank holds, and whether DeepSpeed's throughput timer is off."""
+    import torch.distributed as dist
+
+    init_distributed()
+    for stage in (1, 2):
+        cfg = load_config("train", TINY, [f"parallel.zero_stage={stage}", "train.precision=bf16", "train.grad_accum=1",
+                                          f"model.vocab_size={VOCAB}"])
+        engine = Engine(cfg, make_layout(cfg))
+        ds = engine.engine
+        x, y = batch(cfg, dist.get_rank())
+        ds.backward(ds(x, y)[1])
+        opt = ds.optimizer
+        held = [g for grads in getattr(opt, "averaged_gradients", {}).values() for g in grads if g is not None]
+        params = list(ds.module.parameters())
+        row = ({"partition_stage": stage, "rank": dist.get_rank(), "optimizer": type(opt).__name__,
+                          "params": sum(p.numel() for p in params),
+                          "partition": sum(p.numel() for p in opt.single_partition_of_fp32_groups),
+                          "grad_elements": sum(g.numel() for g in held) if held else
+                          sum(p.grad.numel() for p in params if p.grad is not None),
+                          "grad_dtypes": sorted({str(g.dtype) for g in held} | {str(p.grad.dtype) for p in params
+                                                                                 if p.grad is not None}),
+                          "fp32_accum_buffers": sum(hasattr(p, "grad_accum") and p.grad_accum is not None for p in params),
+                          "throughput_timer": ds.tput_timer.config.enabled})
+        rows = [None] * dist.get_world_size()
+        dist.all_gather_object(rows, row)
+        if dist.get_rank() == 0:
+            print("\n".join(json.dumps(r) for r in rows), flush=True)
+        ds.step()
+        engine.close()
+
+
 def syncs(out: str, corpus: str) -> None:
     """Count the device-to-host reads (Tensor.item / float(tensor)) made by Kiln's training code, per step."""
     import pipeline.parallel.engine as engine_mod
@@ -113,7 +147,8 @@ if __name__ == "__main__":
     # the imports' objects never become garbage: DeepSpeed's forced memory reports (a full gc.collect each)
     # then skip them
     gc.freeze()
-    probes = {"accum": lambda *stages: accum([int(s) for s in stages]), "pipe": pipe, "syncs": syncs}
+    probes = {"accum": lambda *stages: accum([int(s) for s in stages]), "pipe": pipe, "syncs": syncs,
+              "partition": partition}
     argv = sys.argv[1:]
     while argv:  # several probes in one process: `accum 1 2 + syncs OUT CORPUS`
         cut = argv.index("+") if "+" in argv else len(argv)

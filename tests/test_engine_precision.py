@@ -1,5 +1,6 @@
-"""Issue 15: bf16 trains with fp32 master weights and fp32 gradient sums (every ZeRO stage and PP); the training
-loop reads device values (a host sync) on log steps only; the global batch is stated in tokens."""
+"""Issue 15: bf16 trains with fp32 master weights and fp32 gradient sums (every ZeRO stage and PP), and with one
+micro-batch a step keeps only its partition of the gradients, in bf16 (issue 26); the training loop reads device
+values (a host sync) on log steps only; the global batch is stated in tokens."""
 
 from __future__ import annotations
 
@@ -41,18 +42,41 @@ def test_bf16_sums_gradients_in_fp32_at_every_zero_stage(one_rank):
         assert r["grad_dtypes"] == ["torch.float32"] and r["grads"] == r["params"] and r["nonzero"], r
 
 
+@pytest.fixture(scope="module")
+def two_ranks() -> list[dict]:
+    """The 2-rank probes in one process group: PP=2 in bf16, then bf16 at one micro-batch a step."""
+    return probe("pipe", "+", "partition", ranks=2)
+
+
 @pytest.mark.slow
-def test_bf16_pipeline_parallel_uses_the_fp32_master_optimizer():
-    (r,) = probe("pipe", ranks=2)
+def test_bf16_pipeline_parallel_uses_the_fp32_master_optimizer(two_ranks):
+    (r,) = [r for r in two_ranks if "loss" in r]
     assert r["optimizer"] == "BF16_Optimizer" and r["grad_dtypes"] == ["torch.float32"], r
     assert 0 < r["loss"] < 10
 
 
+@pytest.mark.slow
+def test_bf16_at_one_micro_batch_keeps_half_the_gradients_in_bf16_per_rank(two_ranks):
+    """With nothing to sum over micro-batches, no fp32 gradient buffer (BF16_Optimizer's was the whole model's
+    per rank): after backward each of 2 ranks holds exactly its partition of the gradients, in bf16, at stage 1
+    and 2; and DeepSpeed's synchronizing throughput timer is off."""
+    rows = [r for r in two_ranks if "partition_stage" in r]
+    assert sorted((r["partition_stage"], r["rank"]) for r in rows) == [(1, 0), (1, 1), (2, 0), (2, 1)]
+    for r in rows:
+        assert r["optimizer"] == "DeepSpeedZeroOptimizer" and r["grad_dtypes"] == ["torch.bfloat16"], r
+        assert r["grad_elements"] == r["partition"] <= -(-r["params"] // 2) + 64, r  # (DeepSpeed pads a little)
+        assert r["fp32_accum_buffers"] == 0 and r["throughput_timer"] is False, r
+
+
 def test_ds_config_asks_for_fp32_sums_and_overlap():
-    cfg = load_config("train", TINY_TRAIN, ["parallel.zero_stage=1", "train.precision=bf16"])
+    cfg = load_config("train", TINY_TRAIN, ["parallel.zero_stage=1", "train.precision=bf16", "train.grad_accum=2"])
     on_gpu, on_cpu = ds_config(cfg, 2, gpu=True), ds_config(cfg, 2)
     assert on_gpu["data_types"] == {"grad_accum_dtype": "fp32"} and on_gpu["communication_data_type"] == "fp32"
     assert on_gpu["zero_optimization"]["overlap_comm"] and not on_cpu["zero_optimization"]["overlap_comm"]
+    assert on_gpu["timers"]["throughput"] == {"enabled": False, "synchronized": False}
+    one = ds_config(load_config("train", TINY_TRAIN, ["parallel.zero_stage=1", "train.precision=bf16",
+                                                      "train.grad_accum=1"]), 2, gpu=True)
+    assert one["data_types"] == {"grad_accum_dtype": "bf16"} and one["communication_data_type"] == "fp32"
     fp32 = ds_config(load_config("train", TINY_TRAIN, []), 1, gpu=True)
     assert "data_types" not in fp32 and not fp32["zero_optimization"]["overlap_comm"]  # stage 0: nothing to overlap
 

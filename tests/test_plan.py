@@ -82,6 +82,11 @@ def test_memory_zero_stages_shrink_per_gpu_state():
     assert m2["grads"] == pytest.approx(6 * psi / 8)
     assert m3["weights"] == pytest.approx(2 * psi / 8)
     assert m0["total"] > m1["total"] > m2["total"] > m3["total"]
+    # one micro-batch a step, no pipeline: no fp32 sum (engine.ds_config keeps the gradients bf16), 2 bytes a
+    # parameter, 1/dp of them at stage 2; a pipeline still sums its micro-batches
+    assert memory_per_gpu(cfg, dp=8, zero_stage=1, grad_accum=1)["grads"] == pytest.approx(2 * psi)
+    assert memory_per_gpu(cfg, dp=8, zero_stage=2, grad_accum=1)["grads"] == pytest.approx(2 * psi / 8)
+    assert memory_per_gpu(cfg, pp=2, dp=8, zero_stage=1, grad_accum=1)["grads"] == pytest.approx(6 * psi / 2)
     ckpt = memory_per_gpu(cfg, activation_checkpointing="full", micro_batch_size=4)
     full = memory_per_gpu(cfg, activation_checkpointing="none", micro_batch_size=4)
     assert ckpt["activations"] < full["activations"] / 5

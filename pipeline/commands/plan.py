@@ -32,6 +32,8 @@ def add_arguments(p) -> None:
     layout.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], help="default 1")
     layout.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="default bf16")
     layout.add_argument("--micro-batch-size", type=int, help="default 1")
+    layout.add_argument("--grad-accum", type=int, help="micro-batches per step; default: counted as several (in bf16 "
+                        "their fp32 sum takes 4 bytes a parameter, which --grad-accum 1 without a pipeline does not need)")
     layout.add_argument("--seq-len", type=int)
     layout.add_argument("--activation-checkpointing", nargs="?", const="full", default=None,
                         choices=get_args(TrainConfig.model_fields["activation_checkpointing"].annotation),
@@ -45,7 +47,7 @@ def run(args) -> dict:
     from pipeline.plan import human_count, make_plan
 
     given = {"tp": args.tp, "pp": args.pp, "dp": args.dp, "zero_stage": args.zero_stage, "precision": args.precision,
-             "micro_batch_size": args.micro_batch_size, "seq_len": args.seq_len,
+             "micro_batch_size": args.micro_batch_size, "grad_accum": args.grad_accum, "seq_len": args.seq_len,
              "activation_checkpointing": args.activation_checkpointing,
              "sequence_parallel": args.sequence_parallel or None}
     layout = None  # none given: make_plan recommends one

@@ -31,6 +31,9 @@ from pipeline.parallel.materialize import build_gpt, local_slices
 from pipeline.parallel.topology import Layout
 
 BUCKET_ELEMENTS = 50_000_000
+# DeepSpeed's throughput timer is on by default and synchronizes the device at the start and end of every
+# micro-batch's forward; Kiln times its own steps (and reads device values on log steps only)
+QUIET_TIMERS = {"throughput": {"enabled": False, "synchronized": False}}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -73,13 +76,17 @@ def ds_config(cfg: RunConfig, dp: int, gpu: bool = False) -> dict:
         "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
+        "timers": QUIET_TIMERS,
         "dump_state": False,
     }
     if t.precision == "bf16":
-        # bf16 weights, fp32 master weights, and gradients summed over micro-batches and reduced over DP in fp32
-        # (as Megatron does): stage 1 -> DeepSpeed's BF16_Optimizer, 2/3 -> ZeRO's fp32 accumulation buffers.
-        # Stage 0 has no such path in DeepSpeed; RunConfig refuses bf16 there.
-        config["data_types"] = {"grad_accum_dtype": "fp32"}
+        # bf16 weights, fp32 master weights, gradients reduced over DP in fp32 (as Megatron does), and summed over
+        # micro-batches in fp32: stage 1 -> DeepSpeed's BF16_Optimizer (a whole fp32 gradient buffer per rank),
+        # 2/3 -> ZeRO's fp32 accumulation. With one micro-batch a step (and no pipeline) there is no sum: the
+        # gradients stay bf16, so stage 1 keeps 2 bytes a parameter of them, not 6, and stage 2 reduce-scatters
+        # them into its 1/dp partition. Stage 0 has no such path in DeepSpeed; RunConfig refuses bf16 there.
+        summed = accum > 1 or p.pp > 1
+        config["data_types"] = {"grad_accum_dtype": "fp32" if summed else "bf16"}
         config["communication_data_type"] = "fp32"
     if p.sequence_parallel and p.pp > 1:
         # DeepSpeed's pipe sends each TP rank 1/tp of an activation it assumes all TP ranks share, and gathers it

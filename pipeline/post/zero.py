@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from pipeline.config import TrainConfig
-from pipeline.parallel.engine import BUCKET_ELEMENTS, load_deepspeed, save_deepspeed
+from pipeline.parallel.engine import BUCKET_ELEMENTS, QUIET_TIMERS, load_deepspeed, save_deepspeed
 
 MIXED = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
@@ -42,6 +42,7 @@ def ds_config(train: TrainConfig, zero_stage: int, gpu: bool) -> dict:
         "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
+        "timers": QUIET_TIMERS,
     }
     if bf16:
         config["data_types"] = {"grad_accum_dtype": "fp32"}
