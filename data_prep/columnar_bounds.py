@@ -142,10 +142,14 @@ def parquet_pages_refusal(path: str, group, size: int, budget: int) -> str | Non
             start, dictionary = col.data_page_offset, col.dictionary_page_offset if col.has_dictionary_page else None
             if dictionary and 0 < dictionary < start:  # where pyarrow starts reading the chunk
                 start = dictionary
-            end, pos, seen = start + col.total_compressed_size, start, 0
+            end, pos, seen, pages = start + col.total_compressed_size, start, 0, 0
             if start < 0 or not start < end <= size:
                 return f"corrupt_stream: column chunk {col.path_in_schema} lies outside the file"
             while pos < end:
+                pages += 1  # every data page holds a value; a dictionary and an index page, and an empty chunk's
+                if pages > col.num_values + 3:  # (so a chunk of millions of empty 7-byte pages is not walked)
+                    return (f"corrupt_stream: column chunk {col.path_in_schema} has more pages than its "
+                            f"{col.num_values} values")
                 try:
                     kind, raw, packed, values, length = _read_header(f, pos, end)
                 except ValueError as err:

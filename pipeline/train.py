@@ -38,7 +38,7 @@ from pipeline.evaluate import bits_per_byte
 from pipeline.model.flops import flops_per_token
 from pipeline.model.parallel_save import save_model_dir_parallel
 from pipeline.model.weights import open_weights
-from pipeline.parallel.engine import Engine
+from pipeline.parallel.engine import Engine, bf16_grads
 from pipeline.parallel.topology import init_distributed, make_layout
 from pipeline.plan import gpu_peak_flops
 from pipeline.preflight import check_resume, check_vocab
@@ -78,7 +78,10 @@ def _broadcast(obj):
 def _layout_key(cfg: RunConfig, world: int) -> dict:
     p = cfg.parallel
     ep = {"ep": p.ep} if p.ep > 1 else {}  # (checkpoints from before expert parallelism keep their key)
-    return {"tp": p.tp, "pp": p.pp, **ep, "zero_stage": p.zero_stage, "world": world, "precision": cfg.train.precision}
+    # bf16 gradients at one micro-batch pick another DeepSpeed optimizer than an fp32 sum: its state is another's
+    grads = {"grad_accum_dtype": "bf16"} if bf16_grads(cfg, world // (p.tp * p.pp)) else {}
+    return {"tp": p.tp, "pp": p.pp, **ep, "zero_stage": p.zero_stage, "world": world, "precision": cfg.train.precision,
+            **grads}
 
 
 def _open_data(cfg: RunConfig, layout) -> TrainData:

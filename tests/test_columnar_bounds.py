@@ -243,3 +243,20 @@ def test_kiln_prep_quarantines_page_and_buffer_bombs_and_keeps_the_rest(tmp_path
                      ("c_hf/data-00000-of-00001.arrow:1", "decompression_bomb")]
     counts = json.loads((out / "manifest.json").read_text())["counts"]
     assert counts["quarantined"]["decompression_bomb"] == 2, counts
+
+
+def test_a_chunk_of_many_empty_pages_is_refused_without_walking_them(tmp_path):
+    """7-byte page headers declaring nothing (no values, no bytes), 100,000 of them in a chunk that holds one
+    value: refused once the pages outnumber the values, not walked header by header."""
+    from types import SimpleNamespace
+
+    from data_prep.columnar_bounds import parquet_pages_refusal
+
+    page = b"\x15\x00\x15\x00\x15\x00\x00"  # type DATA_PAGE, uncompressed 0, compressed 0 (Thrift compact)
+    path = tmp_path / "pages.parquet"
+    path.write_bytes(b"PAR1" + page * 100_000)
+    col = SimpleNamespace(data_page_offset=4, has_dictionary_page=False, dictionary_page_offset=None,
+                          total_compressed_size=len(page) * 100_000, num_values=1, path_in_schema="text")
+    group = SimpleNamespace(num_columns=1, column=lambda i: col)
+    reason = parquet_pages_refusal(str(path), group, path.stat().st_size, 1 << 30)
+    assert reason and reason.startswith("corrupt_stream") and "more pages than its 1 values" in reason

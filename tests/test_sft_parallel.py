@@ -111,3 +111,12 @@ def test_two_zero2_ranks_killed_and_resumed_match_one_process_on_the_same_global
     for (name, a), b in zip(want.state_dict().items(), got.state_dict().values(), strict=True):
         torch.testing.assert_close(b, a, rtol=0, atol=2e-5, msg=name)
     assert not torch.equal(want.state_dict()["blocks.0.mlp.w2.weight"], base_model.state_dict()["blocks.0.mlp.w2.weight"])
+
+
+def test_one_process_without_a_launcher_runs_the_plain_loop_at_any_zero_stage(monkeypatch):
+    """Nothing to partition over one process: no DeepSpeed (which would look for MPI to make a process group)."""
+    from pipeline.config import TrainConfig
+    from pipeline.post.zero import accelerator_for, uses_deepspeed
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert not uses_deepspeed(accelerator_for(TrainConfig(), 2))

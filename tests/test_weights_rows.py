@@ -88,7 +88,8 @@ def test_rows_of_every_checkpoint_layout_are_the_full_tensors_rows(tmp_path, lay
     for name, full in FULL.items():
         assert torch.equal(weights.get(name), full)
         for d in range(full.dim()):
-            for start, stop in [(0, full.size(d)), (0, 1), (1, full.size(d) - 1), (full.size(d) // 2, full.size(d))]:
+            for start, stop in [(0, full.size(d)), (0, 1), (1, full.size(d) - 1), (full.size(d) // 2, full.size(d)),
+                                (full.size(d), full.size(d))]:  # (the last: a rank holding padding alone)
                 assert torch.equal(weights.rows(name, d, start, stop), full.narrow(d, start, stop - start)), (name, d, start)
 
 
@@ -109,3 +110,19 @@ def test_a_checkpoint_reads_only_the_slices_that_hold_the_rows(tmp_path):
     assert torch.equal(weights.rows("w", 1, 3, 6), FULL["w"][:, 3:]) and sum(log) == 10 * 3
     weights, log = counted(tp_checkpoint(tmp_path / "z3", 0, 1, flat=3))
     assert torch.equal(weights.rows("w", 0, 0, 2), FULL["w"][:2]) and sum(log) == 2 * 6
+
+
+def test_a_rank_whose_tp_slice_is_padding_alone_gets_zero_rows(tmp_path):
+    """Vocabulary 10 over 4 TP ranks padded to 16: rank 3 holds rows 12..16, all padding; rank 2 rows 8..10 and
+    two of padding. Read from weights and drawn from the seed alike."""
+    from pipeline.model.tensor_parallel import TPShard
+    from pipeline.parallel.materialize import _slice
+
+    path = tmp_path / "model.safetensors"
+    write_tensors(path, FULL.items(), [(n, t.dtype, tuple(t.shape)) for n, t in FULL.items()])
+    for source in (FileWeights(path), tp_checkpoint(tmp_path / "tp", 0, 2), None):
+        for rank, real in ((2, 2), (3, 0)):
+            got = _slice("w", "normal", 0.02, (10, 6), 0, source, "test", TPShard(0, rank, 4, 10, 16), "cpu")
+            assert got.shape == (4, 6) and torch.equal(got[real:], torch.zeros(4 - real, 6))
+            if source is not None:
+                assert torch.equal(got[:real], FULL["w"][8:8 + real])

@@ -164,12 +164,12 @@ def launch(job: dict, dry_run: bool, train: RunConfig | None = None) -> dict:
     env_file = Path.cwd() / node_env.ENV_FILE
     node_env.write(carried, env_file)  # always (an empty one too): every rank starts by reading it
     try:
-        watchdog = node_env.guard(env_file)  # removes it should this process be killed first
+        held = node_env.guard(env_file)  # a watchdog removes it should this process be killed first
         try:
             job["returncode"] = subprocess.call(argv, env=environ)
         finally:
-            watchdog.kill()
-            watchdog.wait()
+            env_file.unlink(missing_ok=True)
+            os.close(held)  # (the watchdog wakes, finds it gone, and exits)
     finally:
         env_file.unlink(missing_ok=True)
     return job

@@ -11,7 +11,7 @@ directories and which the node's Python needs to find Kiln) out of the runner's 
 them to ENV_FILE in the working directory, which every node `cd`s to (DeepSpeed assumes it is shared):
 created by this user alone, mode 0600, replaced atomically, removed when the job ends — and, should the
 launching `kiln` be killed (SIGKILL included) before it can remove it, by a watchdog process in its own
-session that waits on the launcher's exit (`guard`). Each rank
+session that waits for the launcher to end (`guard`: end-of-file on a pipe only the launcher holds). Each rank
 starts as `python -m pipeline.launcher.node_env FILE -- COMMAND...`, which reads the file only if it
 is a regular file of this user's that nobody else may read, sets the values and execs COMMAND.
 What stays on the command line is `.deepspeed_env` (Kiln-checked values, no credentials) and PYTHONPATH.
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import select
 import stat
 import subprocess
 import sys
@@ -78,24 +77,31 @@ def read(path: str) -> dict[str, str]:
     return data
 
 
-def guard(path: Path) -> subprocess.Popen:
-    """A watchdog that removes `path` once this process has exited, however it ended, unless `path` was
-    replaced meanwhile (another launch's file). In its own session: a kill of the launcher's process group
-    does not take it along. Stop it when `path` is removed the ordinary way."""
+def guard(path: Path) -> int:
+    """A watchdog that removes `path` once this process has ended, however it ended (SIGKILL included), unless
+    `path` was replaced meanwhile (another launch's file). It holds the read end of a pipe whose only write
+    end is the returned descriptor, open in this process alone: when this process dies, or closes it, the
+    watchdog reads end-of-file. In its own session: a kill of the launcher's process group does not take it
+    along (a kill of the whole cgroup, as a scheduler does, does)."""
     st = os.lstat(path)
-    return subprocess.Popen([sys.executable, "-m", "pipeline.launcher.node_env", "--remove-after", str(os.getpid()),
-                             f"{st.st_dev}:{st.st_ino}", str(path)], start_new_session=True,
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-def remove_after(pid: int, identity: str, path: str) -> None:
-    """Wait until process `pid` has exited (a pidfd: no polling, no pid reuse), then unlink `path` if it is
-    still the file `identity` (st_dev:st_ino) names."""
+    read_end, write_end = os.pipe()  # (not inherited by the job's processes: Python's fds are non-inheritable)
     try:
-        fd = os.pidfd_open(pid)
-        select.select([fd], [], [])
-    except ProcessLookupError:
-        pass  # gone already
+        subprocess.Popen([sys.executable, "-m", "pipeline.launcher.node_env", "--remove-after", str(read_end),
+                          f"{st.st_dev}:{st.st_ino}", str(path)], start_new_session=True, pass_fds=(read_end,),
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    except BaseException:
+        os.close(write_end)
+        raise
+    finally:
+        os.close(read_end)
+    return write_end
+
+
+def remove_after(fd: int, identity: str, path: str) -> None:
+    """Wait for end-of-file on `fd` (the launcher has ended or let go), then unlink `path` if it is still the
+    file `identity` (st_dev:st_ino) names."""
+    while os.read(fd, 1):
+        pass
     try:
         st = os.lstat(path)
     except FileNotFoundError:

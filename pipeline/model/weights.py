@@ -339,6 +339,8 @@ class ShardedWeights(Weights):
         those rows (safetensors slices); a ZeRO-3 partition along dim 0 reads just its elements in the range."""
         shape = self.shape(name)
         tdim, slices = self._slices(name)
+        if stop <= start:
+            return torch.empty((*shape[:dim], 0, *shape[dim + 1:]), dtype=self.dtype(name))
         if tdim is None:
             return self._local(name, shape, slices[0][2], (dim, start, stop))
         parts = []

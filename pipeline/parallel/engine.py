@@ -47,6 +47,14 @@ def deepspeed_state_types() -> list[type]:
     return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
 
 
+def bf16_grads(cfg: RunConfig, dp: int) -> bool:
+    """bf16 gradients with nothing to sum: one micro-batch a step, no pipeline. Kept to the layouts the probe of
+    tests/test_engine_precision.py covers (AdamW, no tensor or expert parallelism); the others sum in fp32."""
+    p = cfg.parallel
+    return (cfg.train.precision == "bf16" and grad_accum(cfg, dp) == 1 and p.pp == 1 and p.tp == 1 and p.ep == 1
+            and cfg.train.optimizer == "adamw")
+
+
 def ds_config(cfg: RunConfig, dp: int, gpu: bool = False) -> dict:
     """DeepSpeed's config for this run. `gpu`: overlap ZeRO's gradient reduction with backward (on CPU/gloo
     there is no second stream to overlap on)."""
@@ -85,8 +93,7 @@ def ds_config(cfg: RunConfig, dp: int, gpu: bool = False) -> dict:
         # 2/3 -> ZeRO's fp32 accumulation. With one micro-batch a step (and no pipeline) there is no sum: the
         # gradients stay bf16, so stage 1 keeps 2 bytes a parameter of them, not 6, and stage 2 reduce-scatters
         # them into its 1/dp partition. Stage 0 has no such path in DeepSpeed; RunConfig refuses bf16 there.
-        summed = accum > 1 or p.pp > 1
-        config["data_types"] = {"grad_accum_dtype": "fp32" if summed else "bf16"}
+        config["data_types"] = {"grad_accum_dtype": "bf16" if bf16_grads(cfg, dp) else "fp32"}
         config["communication_data_type"] = "fp32"
     if p.sequence_parallel and p.pp > 1:
         # DeepSpeed's pipe sends each TP rank 1/tp of an activation it assumes all TP ranks share, and gathers it

@@ -140,7 +140,7 @@ def distill(teacher_ref: str | Path, student_yaml: str | Path, data_dir: str | P
     student = GPT(scfg)
     used = init_from_teacher(student, teacher, cfg.layer_stride)
     identity = {"teacher_sha256": sha256_file(parent / weights_file(parent)), "student": scfg.model_dump(mode="json"),
-                "seed": tc.seed, "zero_stage": cfg.parallel.zero_stage}
+                "seed": tc.seed, **({"zero_stage": cfg.parallel.zero_stage} if cfg.parallel.zero_stage else {})}
     task = DistillTask(cfg, teacher, student, data_dir, identity)
     result = loop.run(student, task, tc, accelerator=accelerator, checkpoints=out / "checkpoints",
                       every=cfg.checkpoint.every, keep=cfg.checkpoint.keep, metrics=out / "metrics.jsonl",

@@ -39,7 +39,7 @@ from pipeline.checkpoint import (
 )
 from pipeline.config import KilnError, TrainConfig
 from pipeline.console import log, progress
-from pipeline.post.zero import DeepSpeedState, accelerator_for, uses_deepspeed
+from pipeline.post.zero import DeepSpeedState, accelerator_for, autocast, uses_deepspeed
 from pipeline.schedule import lr_of, schedule_of
 
 Batch = dict[str, torch.Tensor]
@@ -88,6 +88,9 @@ def run(model: torch.nn.Module, task: Task, train: TrainConfig, *, accelerator=N
         if saved.get("identity") != task.identity:
             raise KilnError(f"{resume}: checkpoint is from another run (different model, data or settings); "
                             f"remove {checkpoints} or write elsewhere")
+        if deepspeed and saved.get("world") != result.world:  # (its optimizer state is in world partitions)
+            raise KilnError(f"{resume}: written by {saved.get('world')} processes with ZeRO; resume it with as many "
+                            f"(this run has {result.world})")
         state.load(resume)
         restore_rng(resume)
         result.start, result.losses, result.tokens = saved["step"], list(saved["losses"]), saved.get("tokens", 0)
@@ -98,8 +101,10 @@ def run(model: torch.nn.Module, task: Task, train: TrainConfig, *, accelerator=N
     schedule = schedule_of(train.model_dump())
     rank, world = accelerator.process_index, accelerator.num_processes
 
-    def summed(x: float) -> float:  # over the ranks
-        return accelerator.reduce(torch.tensor([float(x)], device=accelerator.device), "sum").item() if world > 1 else x
+    def summed(x: float) -> float:  # over the ranks (float64: token counts stay exact)
+        if world == 1:
+            return x
+        return accelerator.reduce(torch.tensor([float(x)], dtype=torch.float64, device=accelerator.device), "sum").item()
 
     t0 = time.perf_counter()
     wrapped.train()
@@ -111,11 +116,13 @@ def run(model: torch.nn.Module, task: Task, train: TrainConfig, *, accelerator=N
             batches = task.micro_batches(step, rank, world)
             counts = [task.tokens(batch) for batch in batches]
             learned = summed(sum(counts))  # the step's learned tokens, all ranks
+            if not learned:
+                raise KilnError(f"{name}: step {step + 1} has no token to learn from on any process")
             optimizer.zero_grad(set_to_none=True)
             total, parts = 0.0, {}
             for batch, count in zip(batches, counts, strict=True):
                 batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-                with accelerator.accumulate(wrapped), accelerator.autocast():
+                with accelerator.accumulate(wrapped), autocast(accelerator, train):
                     loss, parts = task.loss(wrapped, batch)
                     # the gradient averages over ranks and micro-batches: weigh this one's mean by its tokens
                     accelerator.backward(loss * (count * world * len(batches) / learned))
@@ -140,8 +147,7 @@ def run(model: torch.nn.Module, task: Task, train: TrainConfig, *, accelerator=N
                     f.write(json.dumps(result.last) + "\n")
             if checkpoints is not None and (done % every == 0 or done == train.steps):  # collective
                 save_checkpoint(state, Path(checkpoints), done, {"identity": task.identity, "losses": result.losses,
-                                                                       "tokens": result.tokens},
-                                keep)
+                                                                       "tokens": result.tokens, "world": world}, keep)
             advance(1)
     accelerator.wait_for_everyone()
     model.eval()

@@ -6,8 +6,10 @@ step: it sums a step's micro-batches, reduce-scatters the gradients, clips them 
 backward of the step's last micro-batch (Accelerate's `accumulate`). Stage 3 (the weights partitioned too) is
 not offered: the loop's stages read and write their model whole on every rank.
 
-On a CPU (tests) DeepSpeed runs with `DS_ACCELERATOR=cpu` over gloo; on GPUs over NCCL, with bf16 weights and
-fp32 master weights, gradient sums and reductions under `train.precision: bf16` (as `kiln train` does).
+On a CPU (tests) DeepSpeed runs with `DS_ACCELERATOR=cpu` over gloo; on GPUs over NCCL. DeepSpeed keeps the
+weights fp32 (its bf16 mode would round the model itself to bf16 in place: LoRA's frozen base and the MODEL dir
+written with it) and `train.precision: bf16` is autocast around the forward (`autocast`), as without ZeRO.
+Run by one process without a launcher, there is nothing to partition: the plain Accelerator is used.
 
 `DeepSpeedState` is the `engine` pipeline/checkpoint.py's save_checkpoint takes: every rank writes DeepSpeed's
 files for its partition under `ds/`, each hashed while written; loading admits only DeepSpeed's plain state
@@ -16,6 +18,7 @@ types (a planted pickle is refused).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -27,27 +30,19 @@ MIXED = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
 
 def ds_config(train: TrainConfig, zero_stage: int, gpu: bool) -> dict:
-    accum = train.grad_accum or 1
-    bf16 = gpu and train.precision == "bf16"
-    config = {
+    return {
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
-        "gradient_accumulation_steps": accum,
+        "gradient_accumulation_steps": train.grad_accum or 1,
         "gradient_clipping": train.grad_clip,
         "zero_optimization": {"stage": zero_stage, "reduce_bucket_size": BUCKET_ELEMENTS,
                               "allgather_bucket_size": BUCKET_ELEMENTS, "contiguous_gradients": zero_stage >= 2,
                               "overlap_comm": gpu},
-        "bf16": {"enabled": bf16},
-        "fp16": {"enabled": gpu and train.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
         "timers": QUIET_TIMERS,
     }
-    if bf16:
-        config["data_types"] = {"grad_accum_dtype": "fp32"}
-        config["communication_data_type"] = "fp32"
-    return config
 
 
 def accelerator_for(train: TrainConfig, zero_stage: int = 0):
@@ -59,13 +54,21 @@ def accelerator_for(train: TrainConfig, zero_stage: int = 0):
     gpu = torch.cuda.is_available()
     mixed = MIXED[train.precision] if gpu else "no"
     accum = train.grad_accum or 1
-    if not zero_stage:
+    if not zero_stage or int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return Accelerator(mixed_precision=mixed, cpu=not gpu, gradient_accumulation_steps=accum)
     # (Accelerate runs DeepSpeed only with cpu=False; without a GPU it then picks no process group
     # backend at all and counts one process: name gloo)
     handlers = [] if gpu else [InitProcessGroupKwargs(backend="gloo")]
-    return Accelerator(mixed_precision=mixed, gradient_accumulation_steps=accum, kwargs_handlers=handlers,
+    return Accelerator(mixed_precision="no", gradient_accumulation_steps=accum, kwargs_handlers=handlers,
                        deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=ds_config(train, zero_stage, gpu)))
+
+
+def autocast(accelerator, train: TrainConfig):
+    """The forward's autocast: Accelerate's, or under DeepSpeed (whose weights stay fp32) torch's own."""
+    if not uses_deepspeed(accelerator):
+        return accelerator.autocast()
+    on = train.precision == "bf16" and accelerator.device.type == "cuda"  # (fp16 would need a loss scaler)
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=on)
 
 
 def uses_deepspeed(accelerator) -> bool:

@@ -128,7 +128,8 @@ def sft(base_ref: str | Path, cfg: SftConfig, out: str | Path) -> dict:
     train_rows, val_rows = rows_of(data.train, cfg.data.loss_on, block), rows_of(data.val, cfg.data.loss_on, block)
     identity = {"base_sha256": sha256_file(base / weights_file(base)), "data_sha256": digest,
                 "vocab_size": model.cfg.vocab_size, "train": t.model_dump(mode="json"),
-                "lora": cfg.lora.model_dump(mode="json"), "zero_stage": cfg.parallel.zero_stage}
+                "lora": cfg.lora.model_dump(mode="json"),
+                **({"zero_stage": cfg.parallel.zero_stage} if cfg.parallel.zero_stage else {})}  # (older runs: none)
     torch.manual_seed(t.seed)
     before = packed_loss(model, val_rows)
     trained = with_lora(model, cfg.lora) if cfg.lora.rank else model
