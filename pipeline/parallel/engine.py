@@ -90,9 +90,8 @@ def ds_config(cfg: RunConfig, dp: int, gpu: bool = False) -> dict:
     if t.precision == "bf16":
         # bf16 weights, fp32 master weights, gradients reduced over DP in fp32 (as Megatron does), and summed over
         # micro-batches in fp32: stage 1 -> DeepSpeed's BF16_Optimizer (a whole fp32 gradient buffer per rank),
-        # 2/3 -> ZeRO's fp32 accumulation. With one micro-batch a step (and no pipeline) there is no sum: the
-        # gradients stay bf16, so stage 1 keeps 2 bytes a parameter of them, not 6, and stage 2 reduce-scatters
-        # them into its 1/dp partition. Stage 0 has no such path in DeepSpeed; RunConfig refuses bf16 there.
+        # 2/3 -> ZeRO's fp32 accumulation. With one micro-batch a step there is no sum (`bf16_grads`): the
+        # gradients stay bf16, and after the reduction each rank keeps its 1/dp partition of them. Stage 0 has no such path in DeepSpeed; RunConfig refuses bf16 there.
         config["data_types"] = {"grad_accum_dtype": "bf16" if bf16_grads(cfg, dp) else "fp32"}
         config["communication_data_type"] = "fp32"
     if p.sequence_parallel and p.pp > 1:

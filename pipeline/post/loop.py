@@ -88,9 +88,11 @@ def run(model: torch.nn.Module, task: Task, train: TrainConfig, *, accelerator=N
         if saved.get("identity") != task.identity:
             raise KilnError(f"{resume}: checkpoint is from another run (different model, data or settings); "
                             f"remove {checkpoints} or write elsewhere")
-        if deepspeed and saved.get("world") != result.world:  # (its optimizer state is in world partitions)
-            raise KilnError(f"{resume}: written by {saved.get('world')} processes with ZeRO; resume it with as many "
-                            f"(this run has {result.world})")
+        zero = saved.get("deepspeed", False)  # its optimizer state is then in `world` partitions
+        if zero != deepspeed or (deepspeed and saved.get("world") != result.world):
+            was, now = (f"{n} process(es) {'with' if z else 'without'} ZeRO" for z, n in
+                        ((zero, saved.get("world")), (deepspeed, result.world)))
+            raise KilnError(f"{resume}: written by {was}; resume it as it was written (this run: {now})")
         state.load(resume)
         restore_rng(resume)
         result.start, result.losses, result.tokens = saved["step"], list(saved["losses"]), saved.get("tokens", 0)
@@ -147,7 +149,7 @@ def run(model: torch.nn.Module, task: Task, train: TrainConfig, *, accelerator=N
                     f.write(json.dumps(result.last) + "\n")
             if checkpoints is not None and (done % every == 0 or done == train.steps):  # collective
                 save_checkpoint(state, Path(checkpoints), done, {"identity": task.identity, "losses": result.losses,
-                                                                       "tokens": result.tokens, "world": world}, keep)
+                                                                       "tokens": result.tokens, "world": world, "deepspeed": deepspeed}, keep)
             advance(1)
     accelerator.wait_for_everyone()
     model.eval()

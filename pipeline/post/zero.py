@@ -46,8 +46,8 @@ def ds_config(train: TrainConfig, zero_stage: int, gpu: bool) -> dict:
 
 
 def accelerator_for(train: TrainConfig, zero_stage: int = 0):
-    """The Accelerator a post-training stage runs on: autocast (or DeepSpeed's bf16) where asked and a GPU is
-    there, fp32 on a CPU; `train.grad_accum` micro-batches a step."""
+    """The Accelerator a post-training stage runs on: bf16 autocast where asked and a GPU is there (under
+    DeepSpeed: `autocast` below), fp32 on a CPU; `train.grad_accum` micro-batches a step."""
     from accelerate import Accelerator
     from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
 
