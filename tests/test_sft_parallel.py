@@ -26,6 +26,8 @@ STEPS, KILL_AFTER = 6, 4
 SETS = ["train.lr=3e-3", "train.min_lr=3e-4", "train.warmup_steps=2", "data.val_fraction=0", "checkpoint.every=2",
         "checkpoint.keep=2", "tracking.enabled=false", f"train.steps={STEPS}", "train.log_every=1"]
 
+TWO_RANKS = ["train.micro_batch_size=2", "train.grad_accum=2", "parallel.zero_stage=2"]
+
 # Loaded by the torchrun workers (LOCAL_RANK set) when KILN_TEST_KILL=STEP: once the checkpoint of STEP is
 # complete, the whole job dies as a lost node would (torchrun and every worker, SIGKILL).
 HOOK = '''
@@ -72,7 +74,7 @@ def two_ranks(base: Path, data: Path, out: Path, kill: int | None = None) -> sub
     env.pop("KILN_TEST_KILL", None)
     if kill:
         env["KILN_TEST_KILL"] = str(kill)
-    sets = [*SETS, "train.micro_batch_size=2", "train.grad_accum=2", "parallel.zero_stage=2"]
+    sets = [*SETS, *TWO_RANKS]
     cmd = [*launcher(2), "-m", "pipeline.cli", "sft", str(base), "--data", str(data), "--out", str(out), "--json",
            *[a for s in sets for a in ("--set", s)]]
     return subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600, start_new_session=True)
@@ -111,6 +113,13 @@ def test_two_zero2_ranks_killed_and_resumed_match_one_process_on_the_same_global
     for (name, a), b in zip(want.state_dict().items(), got.state_dict().values(), strict=True):
         torch.testing.assert_close(b, a, rtol=0, atol=2e-5, msg=name)
     assert not torch.equal(want.state_dict()["blocks.0.mlp.w2.weight"], base_model.state_dict()["blocks.0.mlp.w2.weight"])
+
+    # its partitioned checkpoint, resumed by one process (no ZeRO there): one line, nothing trained
+    from data_prep.errors import KilnError
+
+    same = load_config("sft", None, [*SETS, *TWO_RANKS, f"data.paths=[{chats}]"])
+    with pytest.raises(KilnError, match=r"written by 2 process\(es\) with ZeRO; resume it as it was written"):
+        sft(base, same, out)
 
 
 def test_one_process_without_a_launcher_runs_the_plain_loop_at_any_zero_stage(monkeypatch):
