@@ -48,10 +48,11 @@ def deepspeed_state_types() -> list[type]:
 
 
 def bf16_grads(cfg: RunConfig, dp: int) -> bool:
-    """bf16 gradients with nothing to sum: one micro-batch a step, no pipeline. Kept to the layouts the probe of
-    tests/test_engine_precision.py covers (AdamW, no tensor or expert parallelism); the others sum in fp32."""
+    """bf16 gradients with nothing to sum: one micro-batch a step, no pipeline. Kept to the layouts checked so far
+    (AdamW; data parallelism: tests/test_engine_precision.py; TP=2 x DP=2 with clipping active: the same losses
+    and grad norms as the fp32 sum, to bf16's precision); expert parallelism and Muon sum in fp32."""
     p = cfg.parallel
-    return (cfg.train.precision == "bf16" and grad_accum(cfg, dp) == 1 and p.pp == 1 and p.tp == 1 and p.ep == 1
+    return (cfg.train.precision == "bf16" and grad_accum(cfg, dp) == 1 and p.pp == 1 and p.ep == 1
             and cfg.train.optimizer == "adamw")
 
 
