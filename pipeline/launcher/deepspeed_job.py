@@ -165,11 +165,12 @@ def launch(job: dict, dry_run: bool, train: RunConfig | None = None) -> dict:
     node_env.write(carried, env_file)  # always (an empty one too): every rank starts by reading it
     try:
         held = node_env.guard(env_file)  # a watchdog removes it should this process be killed first
-        try:
-            job["returncode"] = subprocess.call(argv, env=environ)
-        finally:
-            env_file.unlink(missing_ok=True)
-            os.close(held)  # (the watchdog wakes, finds it gone, and exits)
+    except BaseException:
+        env_file.unlink(missing_ok=True)
+        raise
+    try:
+        job["returncode"] = subprocess.call(argv, env=environ)
     finally:
         env_file.unlink(missing_ok=True)
+        os.close(held)  # (the watchdog wakes, finds it gone, and exits)
     return job

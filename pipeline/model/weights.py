@@ -332,7 +332,10 @@ class ShardedWeights(Weights):
         return dim, out
 
     def get(self, name: str) -> torch.Tensor:
-        return self.rows(name, 0, 0, self.shape(name)[0]) if self.shape(name) else self._local(name, (), self._slices(name)[1][0][2])
+        shape = self.shape(name)
+        if not shape:  # a scalar: whole in one file
+            return self._local(name, (), self._slices(name)[1][0][2])
+        return self.rows(name, 0, 0, shape[0])
 
     def rows(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
         """Only the TP slices that hold rows of [start, stop) are read (along the slicing dim), and of each only
