@@ -144,9 +144,10 @@ def memory_per_gpu(
     vocab = cfg.vocab_size or DEFAULT_VOCAB
     psi = param_counts(cfg, vocab)["total"] / (tp * pp)
     mixed = precision in ("bf16", "fp16")
-    # bf16: the bf16 gradients plus their fp32 sum over micro-batches (engine.ds_config's grad_accum_dtype), which
-    # one micro-batch a step (`grad_accum` 1; None: not known, counted) without a pipeline does not need
-    g_bytes = {"bf16": 2 if grad_accum == 1 and pp == 1 else 2 + 4, "fp16": 2}.get(precision, 4)
+    # bf16: the fp32 sum of the gradients over micro-batches (engine.ds_config's grad_accum_dtype; each bf16 gradient
+    # is added and freed as backward makes it, as in Megatron), or with one micro-batch a step (`grad_accum` 1;
+    # None: not known, counted) and no pipeline, just the bf16 gradients
+    g_bytes = {"bf16": 2 if grad_accum == 1 and pp == 1 else 4, "fp16": 2}.get(precision, 4)
     w_bytes, o_bytes = (2, 12) if mixed else (4, 8)
     weights, grads, optim = psi * w_bytes, psi * g_bytes, psi * o_bytes
     if zero_stage >= 1:

@@ -4,6 +4,9 @@ Prints one JSON line per probe.
     python tests/engine_probe.py accum STAGE...   # bf16 ZeRO stages: optimizer, grad dtype after 2 micro-batches
     python tests/engine_probe.py pipe             # (torchrun, 2 ranks) the same for PP=2 after one step
     python tests/engine_probe.py partition        # (torchrun, 2 ranks) bf16, 1 micro-batch: gradients held per rank
+    python tests/engine_probe.py zero3init        # (torchrun, 2 ranks) ZeRO-3 built from the seed: bytes broadcast
+    python tests/engine_probe.py scatter          # (torchrun, 2 ranks) bf16 fp32 sums, DP=2 and PP=2: Kiln's reduce-
+                                                  #   scatter against DeepSpeed's all-reduce (losses, norms, bytes)
     python tests/engine_probe.py syncs OUT CORPUS # train 6 steps (log every 3): where Kiln reads device values
     python tests/engine_probe.py accum 1 2 3 + syncs OUT CORPUS   # several in one process (one start-up)
 """
@@ -51,6 +54,7 @@ def accum(stages: list[int]) -> None:
                           "param_dtype": str(next(ds.module.parameters()).dtype),
                           "grad_dtypes": sorted({str(g.dtype) for g in grads if g is not None}),
                           "grads": sum(g is not None for g in grads), "params": len(grads),
+                          "bf16_grads_held": sum(p.grad is not None for p in ds.module.parameters()),
                           "nonzero": all(bool(g.abs().sum() > 0) for g in grads if g is not None)}), flush=True)
         engine.close()
 
@@ -104,6 +108,106 @@ def partition() -> None:
         engine.close()
 
 
+def zero3init() -> None:
+    """(2 ranks) ZeRO-3 built from the seed: the bytes broadcast while the engine is built, against the model's,
+    and whether each rank's partition of every parameter is that part of the 1-process model's value."""
+    import torch.distributed as dist
+
+    from pipeline.model.init import initial_slice
+    from pipeline.parallel.materialize import local_slices, parts
+
+    init_distributed()
+    cfg = load_config("train", TINY, ["parallel.zero_stage=3", f"model.vocab_size={VOCAB}"])
+    sent, real = [0], dist.broadcast
+
+    def counting(tensor, *a, **k):
+        sent[0] += tensor.numel() * tensor.element_size()
+        return real(tensor, *a, **k)
+
+    dist.broadcast = counting
+    engine = Engine(cfg, make_layout(cfg))
+    dist.broadcast = real
+    module = engine.engine.module
+    plans = {part.kiln_part[1] + n: (k, s, shape) for part in parts(module) for n, k, s, shape in part.kiln_part[2]}
+    exact = all(torch.equal(t.float(), initial_slice(*plans[name][:2], plans[name][2], f"{cfg.train.seed}:{name}")
+                            .flatten()[slice(*spec["flat"])]) for name, t, spec in local_slices(module, engine.layout, True))
+    row = {"zero3_rank": dist.get_rank(), "broadcast_bytes": sent[0], "exact": exact,
+           "param_bytes": sum(p.ds_numel * p.element_size() for p in module.parameters()),
+           "slices": len(local_slices(module, engine.layout, True))}
+    rows = [None] * dist.get_world_size()
+    dist.all_gather_object(rows, row)
+    if dist.get_rank() == 0:
+        print("\n".join(json.dumps(r) for r in rows), flush=True)
+    engine.close()
+
+
+def scatter() -> None:
+    """(2 ranks) bf16 with fp32 gradient sums (2 micro-batches a step, clipping active), at DP=2 ZeRO-1 and at
+    PP=2: 3 steps with Kiln's reduce-scatter (grad_scatter.py) and 3 with DeepSpeed's own all-reduce, from the
+    same weights and batches: per-step losses and grad norms, the final weights, and the bytes each rank
+    handed to all_reduce / reduce_scatter during the steps."""
+    import torch.distributed as dist
+
+    from pipeline.parallel import grad_scatter
+
+    init_distributed()
+    sent = {"all_reduce": 0, "reduce_scatter_in": 0, "reduce_scatter_out": 0}
+    real = {"all_reduce": dist.all_reduce, "reduce_scatter": dist.reduce_scatter_single}
+
+    def all_reduce(tensor, *a, **k):
+        sent["all_reduce"] += tensor.numel() * tensor.element_size()
+        return real["all_reduce"](tensor, *a, **k)
+
+    def reduce_scatter(output, input, *a, **k):
+        sent["reduce_scatter_in"] += input.numel() * input.element_size()
+        sent["reduce_scatter_out"] += output.numel() * output.element_size()
+        return real["reduce_scatter"](output, input, *a, **k)
+
+    import pipeline.parallel.engine as engine_mod
+
+    install, config = grad_scatter.install, engine_mod.ds_config
+
+    def deepspeeds_own(*a, **k):  # DeepSpeed's defaults: every bf16 gradient kept until the step
+        out = config(*a, **k)
+        out["bf16"]["immediate_grad_update"] = False
+        return out
+    for layout in ("parallel.pp=1", "parallel.pp=2", "parallel.tp=2"):
+        cfg = load_config("train", TINY, [layout, "parallel.zero_stage=1", "train.precision=bf16", "train.grad_accum=2",
+                                          "train.grad_clip=0.05",
+                                          f"model.vocab_size={VOCAB}"])
+        runs = {}
+        for way in ("kiln", "deepspeed"):
+            grad_scatter.install = install if way == "kiln" else (lambda engine: False)
+            engine_mod.ds_config = config if way == "kiln" else deepspeeds_own
+            engine = Engine(cfg, make_layout(cfg))
+            scattering = getattr(engine.engine, "kiln_reduce_scatter", False)
+            dist.all_reduce, dist.reduce_scatter_single = all_reduce, reduce_scatter
+            for k in sent:
+                sent[k] = 0
+            losses, norms = [], []
+            for step in range(3):
+                rank_batches = [batch(cfg, 100 * step + 10 * dist.get_rank() + m) for m in range(2)]
+                loss, norm = engine.train_step(rank_batches)
+                got = engine.read(loss, norm)
+                losses.append(got[0])
+                norms.append(got[1])
+            dist.all_reduce, dist.reduce_scatter_single = real["all_reduce"], real["reduce_scatter"]
+            weights = torch.cat([p.detach().float().flatten() for p in engine.engine.module.parameters()])
+            runs[way] = {"losses": losses, "norms": norms, "bytes": dict(sent), "weights": weights,
+                         "scattering": scattering, "param_bytes": sum(p.numel() * 4 for p in engine.engine.module.parameters())}
+            engine.close()
+        grad_scatter.install, engine_mod.ds_config = install, config
+        a, b = runs["kiln"], runs["deepspeed"]
+        row = {"scatter_layout": layout, "rank": dist.get_rank(), "kiln_scatters": a["scattering"],
+               "deepspeed_scatters": b["scattering"], "losses": [a["losses"], b["losses"]],
+               "norms": [a["norms"], b["norms"]], "weights_max_diff": float((a["weights"] - b["weights"]).abs().max()),
+               "kiln_bytes": a["bytes"], "deepspeed_bytes": b["bytes"], "fp32_grad_bytes": a["param_bytes"]}
+        rows = [None] * dist.get_world_size()
+        dist.all_gather_object(rows, row)
+        if dist.get_rank() == 0:
+            print("\n".join(json.dumps(r) for r in rows), flush=True)
+
+
 def syncs(out: str, corpus: str) -> None:
     """Count the device-to-host reads (Tensor.item / float(tensor)) made by Kiln's training code, per step."""
     import pipeline.parallel.engine as engine_mod
@@ -148,7 +252,7 @@ if __name__ == "__main__":
     # then skip them
     gc.freeze()
     probes = {"accum": lambda *stages: accum([int(s) for s in stages]), "pipe": pipe, "syncs": syncs,
-              "partition": partition}
+              "partition": partition, "zero3init": zero3init, "scatter": scatter}
     argv = sys.argv[1:]
     while argv:  # several probes in one process: `accum 1 2 + syncs OUT CORPUS`
         cut = argv.index("+") if "+" in argv else len(argv)

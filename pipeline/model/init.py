@@ -33,19 +33,24 @@ def _generator(key: str, i: int, j: int, device: torch.device) -> torch.Generato
 
 
 def initial_slice(kind: str, std: float, shape, key: str, span: tuple[int, int, int] | None = None,
-                  device: torch.device | str = "cpu") -> torch.Tensor:
+                  device: torch.device | str = "cpu", rows: tuple[int, int] | None = None) -> torch.Tensor:
     """Rows [start, stop) along `dim` (`span` = (dim, start, stop), dim 0 or 1; None: all of it) of the
-    starting value of the parameter `key` names (with the seed in it) — fp32, on `device`."""
+    starting value of the parameter `key` names (with the seed in it) — fp32, on `device`. `rows` (with a
+    dim-1 span): of those columns, only rows [r0, r1) (a ZeRO-3 partition of a column slice)."""
     shape, device = tuple(shape), torch.device(device)
     dim, start, stop = span or (0, 0, shape[0] if shape else 0)
+    if rows is not None and dim != 1:
+        raise ValueError(f"{key}: `rows` restricts a dim-1 span; cut dim 0 with the span itself")
     size = list(shape)
     if shape:
         size[dim] = stop - start
+    if rows is not None:
+        size[0] = rows[1] - rows[0]
     if kind != "normal":
         return (torch.ones if kind == "ones" else torch.zeros)(size, device=device)
     if dim > 1:
         raise ValueError(f"{key}: slices along dim {dim}: only dims 0 and 1 are drawn by blocks")
-    rows = (start, stop) if dim == 0 else (0, shape[0])
+    rows = (start, stop) if dim == 0 else rows or (0, shape[0])
     cols = ((start, stop) if dim == 1 else (0, shape[1])) if len(shape) > 1 else (0, 1)
     out = torch.empty(size, device=device)
     flat = out if len(shape) > 1 else out.unsqueeze(1)  # (1-D: one column)

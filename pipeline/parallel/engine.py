@@ -27,6 +27,7 @@ import torch.distributed as dist
 from pipeline.config import KilnError, RunConfig, grad_accum
 from pipeline.model.io import weights_only_loads
 from pipeline.model.weights import SHARDS_DIR, Weights, write_shard
+from pipeline.parallel import grad_scatter
 from pipeline.parallel.materialize import build_gpt, local_slices
 from pipeline.parallel.topology import Layout
 
@@ -79,7 +80,10 @@ def ds_config(cfg: RunConfig, dp: int, gpu: bool = False) -> dict:
         "train_batch_size": t.micro_batch_size * accum * dp,
         "gradient_clipping": t.grad_clip,
         "zero_optimization": zero,
-        "bf16": {"enabled": t.precision == "bf16"},
+        # immediate_grad_update: BF16_Optimizer adds each parameter's bf16 gradient into its fp32 sum as soon as
+        # backward has it, and frees it (by default every bf16 gradient lives until the step: 2 more bytes a
+        # parameter than the fp32 sum alone, which is Megatron's distributed optimizer's 4)
+        "bf16": {"enabled": t.precision == "bf16", "immediate_grad_update": True},
         "fp16": {"enabled": t.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,
@@ -90,9 +94,11 @@ def ds_config(cfg: RunConfig, dp: int, gpu: bool = False) -> dict:
     }
     if t.precision == "bf16":
         # bf16 weights, fp32 master weights, gradients reduced over DP in fp32 (as Megatron does), and summed over
-        # micro-batches in fp32: stage 1 -> DeepSpeed's BF16_Optimizer (a whole fp32 gradient buffer per rank),
-        # 2/3 -> ZeRO's fp32 accumulation. With one micro-batch a step there is no sum (`bf16_grads`): the
-        # gradients stay bf16, and after the reduction each rank keeps its 1/dp partition of them. Stage 0 has no such path in DeepSpeed; RunConfig refuses bf16 there.
+        # micro-batches in fp32: stage 1 and PP -> DeepSpeed's BF16_Optimizer (a whole fp32 gradient buffer per
+        # rank, as Megatron's; reduce-scattered: grad_scatter.py), 2/3 -> ZeRO's fp32 partitions. With one
+        # micro-batch a step there is no sum (`bf16_grads`): the gradients stay bf16, and after the reduction
+        # each rank keeps its 1/dp partition of them. Stage 0 has no such path in DeepSpeed; RunConfig refuses
+        # bf16 there.
         config["data_types"] = {"grad_accum_dtype": "bf16" if bf16_grads(cfg, dp) else "fp32"}
         config["communication_data_type"] = "fp32"
     if p.sequence_parallel and p.pp > 1:
@@ -178,6 +184,7 @@ class Engine:
         )
         self.optimizer = self.engine.basic_optimizer  # the torch optimizer whose groups set_lr sets
         share_fp32_master(self.engine.optimizer)
+        grad_scatter.install(self.engine)
         self.grad_norm: torch.Tensor | float | None = None
         if not self.pipe and cfg.parallel.zero_stage == 0 and layout.dp == 1:
             self.engine.enable_backward_allreduce = False  # nothing to average: skip flatten/copy/unflatten

@@ -12,8 +12,9 @@ each rank allocates and fills only its own slice of each parameter. The values c
                slices; of a checkpoint's per-rank files, only those holding those rows).
 
 No full tensor is ever made (a TP-whole parameter aside), so init memory is the rank's share plus one
-parameter's slice. Under ZeRO-3 each parameter is handed to DeepSpeed's partitioner
-as soon as it is filled (data-parallel rank 0 fills it; DeepSpeed broadcasts and keeps 1/dp per rank).
+parameter's slice. Under ZeRO-3 each parameter is handed to DeepSpeed's partitioner as soon as it is
+filled: from the seed, each data-parallel rank draws just the rows its 1/dp partition covers (nothing is
+broadcast); from weights, data-parallel rank 0 reads the slice and DeepSpeed broadcasts it.
 
 `local_slices` is the way back: the slices this rank holds, named by the plain model, for its weight shard
 in a checkpoint (pipeline/model/weights.py reassembles them).
@@ -79,37 +80,55 @@ def _allocate(module: nn.Module, device, dtype: torch.dtype, params: bool = True
             m.reset_buffers()
 
 
-def _slice(key: str, kind: str, std: float, shape, seed: int, source: Weights | None, where: str, shard, device):
+def _slice(key: str, kind: str, std: float, shape, seed: int, source: Weights | None, where: str, shard, device,
+           rows: tuple[int, int] | None = None):
     """This rank's slice (`shard`: its TPShard, or None for the whole tensor) of the parameter `key` (its plain
     name): just those rows, drawn from the seed (pipeline/model/init.py) or read from `source`, with zero rows
-    past the real length (vocabulary padding)."""
+    past the real length (vocabulary padding). `rows` (seeded only): of that slice, only rows [r0, r1)."""
     if source is not None:
         if key not in source:
             raise KilnError(f"{where}: the weights have no {key}; the model config differs")
         if tuple(source.shape(key)) != tuple(shape):
             raise KilnError(f"{where}: {key} has shape {tuple(source.shape(key))}, the model config needs {tuple(shape)}")
     if shard is None:
-        return source.get(key) if source is not None else initial_slice(kind, std, shape, f"{seed}:{key}", None, device)
-    start, stop = min(shard.start, shard.length), min(shard.stop, shard.length)
+        if source is not None:
+            return source.get(key)
+        return initial_slice(kind, std, shape, f"{seed}:{key}", rows and (0, *rows), device)
+    lo, hi = (shard.start + rows[0], shard.start + rows[1]) if rows and shard.dim == 0 else (shard.start, shard.stop)
+    start, stop = min(lo, shard.length), min(hi, shard.length)
     if source is not None:
         got = source.rows(key, shard.dim, start, stop)
     else:
-        got = initial_slice(kind, std, shape, f"{seed}:{key}", (shard.dim, start, stop), device)
-    if (pad := shard.stop - shard.start - (stop - start)) > 0:  # vocabulary padding
+        got = initial_slice(kind, std, shape, f"{seed}:{key}", (shard.dim, start, stop), device,
+                            rows if shard.dim == 1 else None)
+    if (pad := hi - lo - (stop - start)) > 0:  # vocabulary padding
         size = list(got.shape)
         size[shard.dim] = pad
         got = torch.cat([got, got.new_zeros(size)], dim=shard.dim)
     return got
 
 
+def _partition_rows(p: nn.Parameter, zero3) -> tuple[int, int]:
+    """The rows of `p` (dim 0; a 1-D one: its elements) that hold this rank's ZeRO-3 partition: DeepSpeed
+    keeps elements [r * ceil(n / dp), (r + 1) * ceil(n / dp)) of the flattened parameter on rank r."""
+    import torch.distributed as dist
+
+    group = zero3.get_partition_dp_group(p)
+    size = -(-p.numel() // dist.get_world_size(group=group))
+    start = min(p.numel(), dist.get_rank(group=group) * size)
+    stop = min(p.numel(), start + size)
+    row = p[0].numel() if p.dim() > 1 else 1
+    return start // row, -(-stop // row)
+
+
 def materialize(module: nn.Module, seed: int, device, dtype: torch.dtype, source: Weights | None = None,
                 where: str = "train.init_from", zero3=None) -> nn.Module:
     """Allocate and fill this rank's slice of every parameter of every marked part under `module`.
 
-    `zero3`: a `deepspeed.zero.Init` (not entered) to partition each parameter as soon as it is filled;
-    then only data-parallel rank 0 computes values (the others' are overwritten by its broadcast).
+    `zero3`: a `deepspeed.zero.Init` (not entered) to partition each parameter as soon as it is filled. Drawn
+    from the seed, each data-parallel rank fills only the rows its partition covers and nothing is sent; read
+    from `source`, data-parallel rank 0 reads the slice and DeepSpeed broadcasts it.
     """
-    fills = zero3 is None or zero3.rank == 0
     _allocate(module, device, dtype, params=zero3 is None)
     holders: dict[int, list[tuple[nn.Module, str]]] = {}  # ZeRO-3 swaps parameters: every holder of a tied one
     for m in module.modules():
@@ -128,12 +147,18 @@ def materialize(module: nn.Module, seed: int, device, dtype: torch.dtype, source
                 for holder, key in holders[id(p)]:
                     holder._parameters[key] = new
                 p = new
-            if fills:
-                value = _slice(prefix + name, kind, std, shape, seed, source, where, getattr(p, "tp_shard", None),
-                               p.device)
+            shard = getattr(p, "tp_shard", None)
+            if zero3 is not None and source is None:  # only this rank's partition, drawn here: no broadcast
+                zero3._convert_to_deepspeed_param(p)
+                r0, r1 = _partition_rows(p, zero3)
                 with torch.no_grad():
-                    p.copy_(value.to(dtype))
-                del value
+                    p[r0:r1].copy_(_slice(prefix + name, kind, std, shape, seed, None, where, shard, p.device,
+                                          (r0, r1)).to(dtype))
+                p.partition()  # keep 1/dp (the rows drawn), free the rest
+                continue
+            if zero3 is None or zero3.rank == 0:
+                with torch.no_grad():
+                    p.copy_(_slice(prefix + name, kind, std, shape, seed, source, where, shard, p.device).to(dtype))
             if zero3 is not None:
                 zero3._convert_to_zero_parameters([p])  # broadcast from DP rank 0, keep 1/dp, free the rest
     return module
