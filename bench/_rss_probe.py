@@ -19,20 +19,25 @@ import sys  # noqa: E402
 import threading  # noqa: E402
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
-STATE = {"phases": ["start"], "peak": {}, "seconds": {}, "local_params": None, "first_step_s": None}
+STATE = {"phases": ["start"], "peak": {}, "anon_peak": {}, "seconds": {}, "local_params": None, "first_step_s": None}
 
 
-def rss() -> int:
+def rss(anon: bool = False) -> int:
+    """Resident bytes; `anon`: less the file-backed ones (pages of mapped files read, e.g. safetensors: the
+    kernel drops them under pressure, so they are cache, not memory the process needs)."""
     with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * PAGE
+        fields = f.read().split()
+    return (int(fields[1]) - (int(fields[2]) if anon else 0)) * PAGE
 
 
 def sample() -> None:
     while True:
-        value = rss()
+        value, anon = rss(), rss(anon=True)
         for phase in STATE["phases"][1:] or ["start"]:  # a nested phase (build inside init) counts for both
             if value > STATE["peak"].get(phase, 0):
                 STATE["peak"][phase] = value
+            if anon > STATE["anon_peak"].get(phase, 0):
+                STATE["anon_peak"][phase] = anon
         time.sleep(0.002)
 
 
@@ -93,7 +98,8 @@ def main() -> None:
     threading.Thread(target=sample, daemon=True).start()
 
     def dump() -> None:
-        record = {"rank": int(os.environ.get("RANK", "0")), "peak_bytes": STATE["peak"], "seconds": STATE["seconds"],
+        record = {"rank": int(os.environ.get("RANK", "0")), "peak_bytes": STATE["peak"],
+                  "anon_peak_bytes": STATE["anon_peak"], "seconds": STATE["seconds"],
                   "local_params": STATE["local_params"], "first_step_s": STATE["first_step_s"]}
         with open(f"{out}.rank{record['rank']}", "w") as f:
             json.dump(record, f)
