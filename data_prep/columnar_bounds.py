@@ -23,12 +23,22 @@ nothing is decompressed), and refuses the file if they add up past its budget.
 
 from __future__ import annotations
 
+import re
 import struct
 
 MAX_PAGE_HEADER = 16 << 20  # pyarrow's own limit on one page header
 MAX_DEPTH = 16  # nested structs/lists skipped inside a page header (statistics nest two deep)
 WINDOW = 16 << 10  # bytes first read for one page header
 DATA_PAGES = (0, 3)  # PageType DATA_PAGE, DATA_PAGE_V2 (DICTIONARY_PAGE 2 and INDEX_PAGE 1 hold no row's values)
+MAX_DICT_HEADER = 100  # PARQUET-816: what readers add to an old parquet-mr chunk's length (Arrow's kMaxDictHeaderSize)
+
+
+def parquet_816_slack(created_by: str | None) -> int:
+    """Bytes a column chunk may run past its declared length in a file `created_by` this writer: parquet-mr
+    before 1.2.9 left the dictionary page header out of `total_compressed_size` (PARQUET-816), and readers,
+    pyarrow included, read up to 100 bytes further for such files. 0 for every other writer."""
+    m = re.match(r"parquet-mr version (\d+)\.(\d+)\.(\d+)", created_by or "", re.IGNORECASE)
+    return MAX_DICT_HEADER if m and tuple(int(v) for v in m.groups()) < (1, 2, 9) else 0
 
 
 class _Short(Exception):
@@ -132,9 +142,11 @@ def _read_header(f, pos: int, end: int):
             window *= 4
 
 
-def parquet_pages_refusal(path: str, group, size: int, budget: int) -> str | None:
+def parquet_pages_refusal(path: str, group, size: int, budget: int, slack: int = 0) -> str | None:
     """Why row group `group` (pyarrow RowGroupMetaData) of the `size`-byte Parquet file at `path` must not be
-    read, by its page headers, or None: all its pages' uncompressed sizes must add up to at most `budget`."""
+    read, by its page headers, or None: all its pages' uncompressed sizes must add up to at most `budget`.
+    `slack`: how far a chunk may run past its declared length (`parquet_816_slack`). Like pyarrow, a chunk's
+    walk stops once its pages hold all its values."""
     total = 0
     with open(path, "rb") as f:
         for i in range(group.num_columns):
@@ -145,7 +157,8 @@ def parquet_pages_refusal(path: str, group, size: int, budget: int) -> str | Non
             end, pos, seen, pages = start + col.total_compressed_size, start, 0, 0
             if start < 0 or not start < end <= size:
                 return f"corrupt_stream: column chunk {col.path_in_schema} lies outside the file"
-            while pos < end:
+            end += min(slack, size - end)
+            while pos < end and seen < col.num_values:
                 pages += 1  # every data page holds a value; a dictionary and an index page, and an empty chunk's
                 if pages > col.num_values + 3:  # (so a chunk of millions of empty 7-byte pages is not walked)
                     return (f"corrupt_stream: column chunk {col.path_in_schema} has more pages than its "
@@ -153,8 +166,6 @@ def parquet_pages_refusal(path: str, group, size: int, budget: int) -> str | Non
                 try:
                     kind, raw, packed, values, length = _read_header(f, pos, end)
                 except ValueError as err:
-                    if seen >= col.num_values:  # trailing bytes after the chunk's last value: pyarrow stops too
-                        break
                     return f"corrupt_stream: column chunk {col.path_in_schema}, byte {pos}: {err}"
                 if raw < 0 or packed < 0 or values < 0 or pos + length + packed > end:
                     return (f"corrupt_stream: a page of {packed} bytes at byte {pos} runs past its column chunk "

@@ -260,3 +260,36 @@ def test_a_chunk_of_many_empty_pages_is_refused_without_walking_them(tmp_path):
     group = SimpleNamespace(num_columns=1, column=lambda i: col)
     reason = parquet_pages_refusal(str(path), group, path.stat().st_size, 1 << 30)
     assert reason and reason.startswith("corrupt_stream") and "more pages than its 1 values" in reason
+
+
+def test_an_old_parquet_mr_chunk_missing_its_dictionary_header_is_read_as_pyarrow_reads_it(tmp_path):
+    """PARQUET-816: parquet-mr before 1.2.9 left the dictionary page header out of a chunk's
+    total_compressed_size. Readers (pyarrow too) read up to 100 bytes past such a chunk; so does the walk, for
+    that writer only (for any other, running past the chunk is corrupt). The walk stops at the chunk's last
+    value, as pyarrow does, so the next chunk's pages inside the slack are not taken for this one's."""
+    from types import SimpleNamespace
+
+    import pyarrow.parquet as pq
+
+    from data_prep.columnar_bounds import parquet_816_slack, parquet_pages_refusal
+
+    assert parquet_816_slack("parquet-mr version 1.2.8 (build 2a1b)") == 100
+    assert [parquet_816_slack(w) for w in ("parquet-mr version 1.2.9", "parquet-mr version 1.12.3 (build x)",
+                                           "parquet-cpp-arrow version 1.2.0", "", None)] == [0] * 5
+    path = tmp_path / "old.parquet"
+    pq.write_table(table(400, "old"), path, row_group_size=400, use_dictionary=True, data_page_size=1024)
+    meta, size = pq.read_metadata(path), path.stat().st_size
+    with open(path, "rb") as f:  # each dictionary chunk as parquet-mr 1.2.8 described it: minus the header
+        real = meta.row_group(0)
+        cols = []
+        for i in range(real.num_columns):
+            col = real.column(i)
+            header = columnar_bounds._read_header(f, col.dictionary_page_offset, size)[4] if col.has_dictionary_page else 0
+            cols.append(SimpleNamespace(**{k: getattr(col, k) for k in ("data_page_offset", "has_dictionary_page",
+                                           "dictionary_page_offset", "num_values", "path_in_schema")},
+                                        total_compressed_size=col.total_compressed_size - header))
+    assert any(c.has_dictionary_page for c in cols)
+    old = SimpleNamespace(num_columns=len(cols), column=lambda i: cols[i])
+    assert parquet_pages_refusal(str(path), old, size, 1 << 20, slack=100) is None
+    assert parquet_pages_refusal(str(path), real, size, 1 << 20, slack=100) is None  # the slack takes no next chunk
+    assert parquet_pages_refusal(str(path), old, size, 1 << 20).startswith("corrupt_stream")
