@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -141,6 +142,14 @@ def zero3init() -> None:
     engine.close()
 
 
+def _scatter_step(engine, cfg, step: int) -> list[float]:
+    """One step of the scatter probe on this rank's 2 micro-batches of that step: [loss, grad norm]."""
+    import torch.distributed as dist
+
+    loss, norm = engine.train_step([batch(cfg, 100 * step + 10 * dist.get_rank() + m) for m in range(2)])
+    return list(engine.read(loss, norm))
+
+
 def scatter() -> None:
     """(2 ranks) bf16 with fp32 gradient sums (2 micro-batches a step, clipping active), at DP=2 ZeRO-1 and at
     PP=2: 3 steps with Kiln's reduce-scatter (grad_scatter.py) and 3 with DeepSpeed's own all-reduce, from the
@@ -166,6 +175,9 @@ def scatter() -> None:
     import pipeline.parallel.engine as engine_mod
 
     install, config = grad_scatter.install, engine_mod.ds_config
+    work = [tempfile.mkdtemp(prefix="kiln-probe-") if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(work)
+    work = Path(work[0])
 
     def deepspeeds_own(*a, **k):  # DeepSpeed's defaults: every bf16 gradient kept until the step
         out = config(*a, **k)
@@ -175,7 +187,7 @@ def scatter() -> None:
         cfg = load_config("train", TINY, [layout, "parallel.zero_stage=1", "train.precision=bf16", "train.grad_accum=2",
                                           "train.grad_clip=0.05",
                                           f"model.vocab_size={VOCAB}"])
-        runs = {}
+        runs, ckpt = {}, work / layout
         for way in ("kiln", "deepspeed"):
             grad_scatter.install = install if way == "kiln" else (lambda engine: False)
             engine_mod.ds_config = config if way == "kiln" else deepspeeds_own
@@ -186,26 +198,37 @@ def scatter() -> None:
                 sent[k] = 0
             losses, norms = [], []
             for step in range(3):
-                rank_batches = [batch(cfg, 100 * step + 10 * dist.get_rank() + m) for m in range(2)]
-                loss, norm = engine.train_step(rank_batches)
-                got = engine.read(loss, norm)
-                losses.append(got[0])
-                norms.append(got[1])
+                if way == "kiln" and step == 2:  # Kiln's way is saved here, and resumed below
+                    engine.save(ckpt)
+                loss, norm = _scatter_step(engine, cfg, step)
+                losses.append(loss)
+                norms.append(norm)
             dist.all_reduce, dist.reduce_scatter_single = real["all_reduce"], real["reduce_scatter"]
             weights = torch.cat([p.detach().float().flatten() for p in engine.engine.module.parameters()])
             runs[way] = {"losses": losses, "norms": norms, "bytes": dict(sent), "weights": weights,
                          "scattering": scattering, "param_bytes": sum(p.numel() * 4 for p in engine.engine.module.parameters())}
             engine.close()
         grad_scatter.install, engine_mod.ds_config = install, config
+        engine = Engine(cfg, make_layout(cfg))  # a fresh engine from Kiln's step-2 checkpoint
+        engine.load(ckpt)
+        resumed_loss, _ = _scatter_step(engine, cfg, 2)
+        resumed = torch.cat([p.detach().float().flatten() for p in engine.engine.module.parameters()])
+        engine.close()
         a, b = runs["kiln"], runs["deepspeed"]
         row = {"scatter_layout": layout, "rank": dist.get_rank(), "kiln_scatters": a["scattering"],
                "deepspeed_scatters": b["scattering"], "losses": [a["losses"], b["losses"]],
                "norms": [a["norms"], b["norms"]], "weights_max_diff": float((a["weights"] - b["weights"]).abs().max()),
+               "resumed_loss": [resumed_loss, a["losses"][2]], "resumed_weights_equal": torch.equal(resumed, a["weights"]),
                "kiln_bytes": a["bytes"], "deepspeed_bytes": b["bytes"], "fp32_grad_bytes": a["param_bytes"]}
         rows = [None] * dist.get_world_size()
         dist.all_gather_object(rows, row)
         if dist.get_rank() == 0:
             print("\n".join(json.dumps(r) for r in rows), flush=True)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        import shutil
+
+        shutil.rmtree(work)
 
 
 def syncs(out: str, corpus: str) -> None:

@@ -87,7 +87,8 @@ def test_bf16_fp32_sums_are_reduce_scattered_into_each_ranks_partition(two_ranks
     step; PP=2; TP=2), each rank receives only its partition of the sum (reduce-scatter: half of what
     DeepSpeed's all-reduce moved; at DP=1 nothing), and trains as DeepSpeed's own path does: the same losses,
     grad norms (clipping active; each parameter counted once over TP and pipeline stages) and weights, to
-    fp32 summation order (bf16 weights may round one unit apart) over 3 steps."""
+    fp32 summation order (bf16 weights may round one unit apart) over 3 steps; saved after step 2 and resumed
+    in a fresh engine, step 3 is the same to the bit."""
     rows = {(r["scatter_layout"], r["rank"]): r for r in two_ranks if "scatter_layout" in r}
     assert sorted(rows) == [(f"parallel.{k}", r) for k in ("pp=1", "pp=2", "tp=2") for r in (0, 1)]
     for (layout, _), r in rows.items():
@@ -97,11 +98,12 @@ def test_bf16_fp32_sums_are_reduce_scattered_into_each_ranks_partition(two_ranks
         assert kiln_norm[0] == pytest.approx(ds_norm[0], rel=2e-6), r  # step 1: the same weights, so closer
         assert max(kiln_norm) > 0.1  # above train.grad_clip=0.05: clipped
         assert r["weights_max_diff"] <= 5e-4, r
+        assert r["resumed_loss"][0] == r["resumed_loss"][1] and r["resumed_weights_equal"], r  # saved at step 2
         grads, ours, theirs = r["fp32_grad_bytes"], r["kiln_bytes"], r["deepspeed_bytes"]
         assert theirs["all_reduce"] >= 3 * grads and theirs["reduce_scatter_in"] == 0, r  # the whole buffer a step
         if layout == "parallel.pp=1":  # DP=2: the whole buffer in, this rank's half out; all-reduces: scalars
             assert 3 * grads <= ours["reduce_scatter_in"] <= 3 * grads + 4096, r
-            assert ours["reduce_scatter_out"] * 2 == ours["reduce_scatter_in"] and ours["all_reduce"] <= 64, r
+            assert ours["reduce_scatter_out"] * 2 == ours["reduce_scatter_in"] and ours["all_reduce"] < grads / 100, r
         elif layout == "parallel.pp=2":  # DP=1: no gradient reduction; left: the tied embedding's sum over stages
             assert ours["reduce_scatter_in"] == 0 and ours["all_reduce"] < grads / 2, r
         else:  # DP=1 (TP's own all-reduces of activations are the same in both)

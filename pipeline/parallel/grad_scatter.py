@@ -28,6 +28,11 @@ import types
 import torch
 import torch.distributed as dist
 
+# what BF16_Optimizer must have (DeepSpeed 0.19's names; constraints.txt pins it): else DeepSpeed's own path
+NEEDED = ("fp32_groups_gradients_flat", "fp32_groups_gradient_flat_partition", "fp32_groups_gradients", "bf16_groups",
+          "fp32_groups_flat_partition", "real_dp_process_group", "has_moe_layers", "mpu", "clip_grad",
+          "clear_hp_grads", "clear_lp_grads", "update_lp_params", "_lazy_init_hp_params_optimizer_state")
+
 
 def install(engine) -> bool:
     """Make `engine` (DeepSpeed's, plain or pipe) reduce-scatter its BF16_Optimizer's fp32 gradients and step on
@@ -35,7 +40,9 @@ def install(engine) -> bool:
     from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
 
     opt = engine.optimizer
-    if not isinstance(opt, BF16_Optimizer) or opt.has_moe_layers or getattr(opt, "_uses_muon", False):
+    if not isinstance(opt, BF16_Optimizer) or not all(hasattr(opt, a) for a in NEEDED):  # (another DeepSpeed)
+        return False
+    if opt.has_moe_layers or getattr(opt, "_uses_muon", False):
         return False
     if len({id(g) for g in opt.real_dp_process_group}) != 1:
         return False
@@ -81,11 +88,12 @@ def _counted_fragments(opt) -> list[torch.Tensor]:
 def _reduce_scatter(opt) -> None:
     """Each group's fp32 buffer, summed over data-parallel ranks into each rank's partition (in place), then
     averaged (DeepSpeed's all-reduce averages too). The rest of the buffer is left as it was, never read."""
+    op = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor  # (its name before torch 2.13)
     for flat, part, group in zip(opt.fp32_groups_gradients_flat, opt.fp32_groups_gradient_flat_partition,
                                  opt.real_dp_process_group, strict=True):
         world = dist.get_world_size(group=group)
         if world > 1:
-            dist.reduce_scatter_single(part, flat, group=group)
+            op(part, flat, group=group)  # in place: part is this rank's slice of flat (as Megatron)
             part.mul_(1.0 / world)
 
 
