@@ -23,22 +23,17 @@ nothing is decompressed), and refuses the file if they add up past its budget.
 
 from __future__ import annotations
 
-import re
 import struct
 
 MAX_PAGE_HEADER = 16 << 20  # pyarrow's own limit on one page header
 MAX_DEPTH = 16  # nested structs/lists skipped inside a page header (statistics nest two deep)
 WINDOW = 16 << 10  # bytes first read for one page header
 DATA_PAGES = (0, 3)  # PageType DATA_PAGE, DATA_PAGE_V2 (DICTIONARY_PAGE 2 and INDEX_PAGE 1 hold no row's values)
-MAX_DICT_HEADER = 100  # PARQUET-816: what readers add to an old parquet-mr chunk's length (Arrow's kMaxDictHeaderSize)
-
-
-def parquet_816_slack(created_by: str | None) -> int:
-    """Bytes a column chunk may run past its declared length in a file `created_by` this writer: parquet-mr
-    before 1.2.9 left the dictionary page header out of `total_compressed_size` (PARQUET-816), and readers,
-    pyarrow included, read up to 100 bytes further for such files. 0 for every other writer."""
-    m = re.match(r"parquet-mr version (\d+)\.(\d+)\.(\d+)", created_by or "", re.IGNORECASE)
-    return MAX_DICT_HEADER if m and tuple(int(v) for v in m.groups()) < (1, 2, 9) else 0
+# PARQUET-816: parquet-mr before 1.2.9 left the dictionary page header out of a chunk's total_compressed_size, and
+# pyarrow reads up to this many bytes past the chunk of a file whose `created_by` it parses as such a writer
+# (Arrow's kMaxDictHeaderSize). The walk covers them for every file: a superset of what pyarrow reads, whatever
+# a writer's name says.
+MAX_DICT_HEADER = 100
 
 
 class _Short(Exception):
@@ -108,25 +103,29 @@ class _Compact:
                 self.skip(kind, depth + 1, in_list=True)
 
 
+SUB_HEADER = {0: 5, 2: 7, 3: 8}  # page type -> the PageHeader field of its own header (data, dictionary, v2)
+
+
 def _page_header(buf: bytes) -> tuple[int, int, int, int, int]:
     """(type, uncompressed_page_size, compressed_page_size, num_values, header length) of the PageHeader
-    at the start of `buf`: fields 1-3, and field 1 (num_values) of its data (5), dictionary (7) or v2 (8)
-    page header; every other field is skipped."""
-    r, head = _Compact(buf), {}
+    at the start of `buf`: fields 1-3, and field 1 (num_values) of the sub-header its type names (data 5,
+    dictionary 7, v2 8), as pyarrow counts them: another sub-header's count is ignored. Every other field
+    is skipped."""
+    r, head, values = _Compact(buf), {}, {}
     for fid, kind in r.fields():
         if fid in (1, 2, 3) and kind == 5:
             head[fid] = r.int()
         elif fid in (5, 7, 8) and kind == 12:
             for sub, sub_kind in r.fields():
                 if sub == 1 and sub_kind == 5:
-                    head["values"] = r.int()
+                    values[fid] = r.int()
                 else:
                     r.skip(sub_kind, 2)
         else:
             r.skip(kind, 1)
     if not {1, 2, 3} <= head.keys():
         raise ValueError("a page header without its type and sizes")
-    return head[1], head[2], head[3], head.get("values", 0), r.pos
+    return head[1], head[2], head[3], values.get(SUB_HEADER.get(head[1]), 0), r.pos
 
 
 def _read_header(f, pos: int, end: int):
@@ -142,11 +141,11 @@ def _read_header(f, pos: int, end: int):
             window *= 4
 
 
-def parquet_pages_refusal(path: str, group, size: int, budget: int, slack: int = 0) -> str | None:
+def parquet_pages_refusal(path: str, group, size: int, budget: int) -> str | None:
     """Why row group `group` (pyarrow RowGroupMetaData) of the `size`-byte Parquet file at `path` must not be
     read, by its page headers, or None: all its pages' uncompressed sizes must add up to at most `budget`.
-    `slack`: how far a chunk may run past its declared length (`parquet_816_slack`). Like pyarrow, a chunk's
-    walk stops once its pages hold all its values."""
+    Like pyarrow, a chunk's walk stops once its data pages hold all its values; it may run MAX_DICT_HEADER
+    bytes past the chunk's declared end (PARQUET-816)."""
     total = 0
     with open(path, "rb") as f:
         for i in range(group.num_columns):
@@ -157,7 +156,7 @@ def parquet_pages_refusal(path: str, group, size: int, budget: int, slack: int =
             end, pos, seen, pages = start + col.total_compressed_size, start, 0, 0
             if start < 0 or not start < end <= size:
                 return f"corrupt_stream: column chunk {col.path_in_schema} lies outside the file"
-            end += min(slack, size - end)
+            end += min(MAX_DICT_HEADER, size - end)
             while pos < end and seen < col.num_values:
                 pages += 1  # every data page holds a value; a dictionary and an index page, and an empty chunk's
                 if pages > col.num_values + 3:  # (so a chunk of millions of empty 7-byte pages is not walked)

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import zstandard
 
-from data_prep.columnar_bounds import ipc_refusal, parquet_816_slack, parquet_pages_refusal
+from data_prep.columnar_bounds import ipc_refusal, parquet_pages_refusal
 from data_prep.confine import escapes, read_confined
 from data_prep.document import BadRecord, Document
 from data_prep.errors import ConfigError, KilnError
@@ -327,8 +327,7 @@ def _arrow_groups(part: dict, fields: tuple[str, ...]):
         declared = max(group.total_byte_size, sum(group.column(i).total_uncompressed_size for i in range(group.num_columns)))
         if declared > budget:  # by its own metadata: refused before pyarrow allocates it
             yield f"decompression_bomb: a row group of {declared} bytes from {_packed(group)}", rows, None
-        elif refused := parquet_pages_refusal(part["path"], group, size, budget,  # by its pages' headers
-                                              parquet_816_slack(pf.metadata.created_by)):
+        elif refused := parquet_pages_refusal(part["path"], group, size, budget):  # by its pages' headers
             yield refused, rows, None
         elif (decoded := _dictionary_decoded(pf, g, strings, budget)) > budget:
             yield f"decompression_bomb: a row group decoding to {decoded}+ bytes from {_packed(group)}", rows, None

@@ -148,7 +148,9 @@ def materialize(module: nn.Module, seed: int, device, dtype: torch.dtype, source
                     holder._parameters[key] = new
                 p = new
             shard = getattr(p, "tp_shard", None)
-            if zero3 is not None and source is None:  # only this rank's partition, drawn here: no broadcast
+            # only this rank's partition, drawn here: no broadcast (ZeRO++'s hierarchical partitions, which Kiln does
+            # not configure, would copy more than the partition: DeepSpeed's own path then)
+            if zero3 is not None and source is None and getattr(zero3, "zero_param_process_group", None) is None:
                 zero3._convert_to_deepspeed_param(p)
                 r0, r1 = _partition_rows(p, zero3)
                 with torch.no_grad():
