@@ -33,7 +33,7 @@ import zstandard
 from data_prep.columnar_bounds import ipc_refusal, parquet_pages_refusal
 from data_prep.confine import escapes, read_confined
 from data_prep.document import BadRecord, Document
-from data_prep.errors import ConfigError, KilnError
+from data_prep.errors import ConfigError, KilnError, first_line
 
 BLOCK = 1 << 20
 BATCH_ROWS = 8192  # Parquet/Arrow rows per record batch
@@ -351,12 +351,14 @@ def _row_range(batches, lo: int, hi: int | None):
 def _dictionary_decoded(pf, g: int, cols: list[str], budget: int) -> int:
     """What row group `g`'s dictionary-encoded columns among `cols` decode to, counted from their indices
     (stopping past `budget`): a dictionary page holds each value once, so a few KB of metadata can stand
-    for one large value repeated on every row. Columns stored plain are bounded by their metadata."""
+    for one large value repeated on every row. Columns stored plain are bounded by their metadata. What
+    pyarrow cannot decode is counted up to there (reading the group's rows then meets the same error)."""
     group = pf.metadata.row_group(g)
     paths = {group.column(i).path_in_schema: group.column(i) for i in range(group.num_columns)}
     encoded = [c for c in cols if c in paths and paths[c].has_dictionary_page]
     total = 0
-    for batch in pf.iter_batches(row_groups=[g], columns=encoded, batch_size=BATCH_ROWS) if encoded else ():
+    for batch in _until_error(pf.iter_batches(row_groups=[g], columns=encoded, batch_size=BATCH_ROWS), []) \
+            if encoded else ():
         total += int(_decoded_sizes(batch, tuple(encoded)).sum())
         if total > budget:
             break
@@ -429,8 +431,8 @@ def _budgeted_batches(part: dict, fields: tuple[str, ...]):
             yield BadRecord(f"{rel}:{row}", budget.split(":")[0], budget)
             row += rows
             continue
-        start, spent = row, 0
-        for batch in batches:
+        start, spent, failed = row, 0, []
+        for batch in _until_error(batches, failed):
             sizes = _decoded_sizes(batch, fields)
             if spent + int(sizes.sum()) > budget:  # the rest of the group is not decoded
                 over = int(np.argmax(spent + np.cumsum(sizes) > budget))
@@ -444,6 +446,19 @@ def _budgeted_batches(part: dict, fields: tuple[str, ...]):
             spent += int(sizes.sum())
             yield row, batch, sizes
             row += batch.num_rows
+        if failed:  # a page (or IPC body) pyarrow cannot decode: the rest of the group, one record
+            yield BadRecord(f"{rel}:{row}", "corrupt_stream", f"corrupt_stream: rows from here on: {first_line(failed[0])}")
+            row = start + rows if rows is not None else row + 1
+
+
+def _until_error(batches, failed: list):
+    """`batches` up to the first error pyarrow raises decoding them, which goes into `failed`."""
+    import pyarrow as pa
+
+    try:
+        yield from batches
+    except (pa.ArrowException, OSError) as err:  # (pyarrow's decompression errors are OSErrors)
+        failed.append(err)
 
 
 def _arrow_records(rel: str, batch, row: int, text_field: str, id_field: str, sizes: np.ndarray):

@@ -302,3 +302,27 @@ def test_a_page_counts_only_the_values_of_its_own_kind_of_header():
     assert columnar_bounds._page_header(header) == (0, 10, 10, 500, len(header))
     v2 = _i32(3) + _i32(10) + _i32(10) + b"\x2c" + lie + b"\x3c" + sub + b"\x00"  # fields 5 (ignored) and 8
     assert columnar_bounds._page_header(v2)[3] == 500
+
+
+@pytest.mark.parametrize("dictionary", [False, True])
+def test_a_page_pyarrow_cannot_decode_quarantines_the_rest_of_its_row_group_not_the_job(tmp_path, dictionary):
+    """A zstd page body garbled in the middle row group of three: the other groups' rows come out, the rest of
+    that group is one corrupt_stream record per partition naming where it starts, and nothing raises (it stopped `kiln
+    prep` with pyarrow's OSError). A dictionary-encoded column fails already while its decoded size is counted."""
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "garbled.parquet"
+    tbl = table(3000, "g")
+    pq.write_table(tbl, path, row_group_size=1000, compression="zstd", use_dictionary=dictionary)
+    col = pq.read_metadata(path).row_group(1).column(1)
+    with open(path, "rb") as f:
+        header = columnar_bounds._read_header(f, col.data_page_offset, path.stat().st_size)[4]
+    data = bytearray(path.read_bytes())
+    data[col.data_page_offset + header:col.data_page_offset + header + 8] = b"\xff" * 8  # no zstd frame
+    path.write_bytes(bytes(data))
+    got = records(path)
+    docs, bad = [r for r in got if not isinstance(r, BadRecord)], [r for r in got if isinstance(r, BadRecord)]
+    assert [(d.id, d.text) for d in docs] == rows_of(tbl)[:1000] + rows_of(tbl)[2000:]
+    # (records() reads partitions of 250 rows: each of the group's four says where its rows start, 1-based)
+    assert [(b.source, b.reason) for b in bad] == [(f"garbled.parquet:{1001 + 250 * i}", "corrupt_stream")
+                                                   for i in range(4)], bad
