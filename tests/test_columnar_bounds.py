@@ -304,6 +304,7 @@ def test_a_page_counts_only_the_values_of_its_own_kind_of_header():
     assert columnar_bounds._page_header(v2)[3] == 500
 
 
+@pytest.mark.fault
 @pytest.mark.parametrize("dictionary", [False, True])
 def test_a_page_pyarrow_cannot_decode_quarantines_the_rest_of_its_row_group_not_the_job(tmp_path, dictionary):
     """A zstd page body garbled in the middle row group of three: the other groups' rows come out, the rest of
