@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -81,7 +82,7 @@ def run(case: str, width: str, corpus: Path, work: Path) -> list[dict]:
 
 def export(case: str, width: str, work: Path) -> dict:
     """`kiln export --format hf` of the run's MODEL dir, in one process under the RSS probe: its peak, and
-    the bytes of the largest tensor it holds (read from the safetensors headers)."""
+    the bytes of the largest tensor it holds."""
     model = work / f"{case}-{width}" / "model"
     probe = work / f"{case}-{width}.export"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -91,17 +92,10 @@ def export(case: str, width: str, work: Path) -> dict:
                          text=True)
     if res.returncode:
         sys.exit(f"{case} {width}: kiln export failed\n{res.stderr[-4000:]}")
-    from safetensors import safe_open
+    from pipeline.model.weights import open_model_weights
 
-    largest = 0
-    for f in model.glob("*.safetensors"):
-        with safe_open(f, "pt") as st:
-            for key in st.keys():
-                sl = st.get_slice(key)
-                n = 1
-                for d in sl.get_shape():
-                    n *= d
-                largest = max(largest, n * {"F32": 4, "BF16": 2, "F16": 2}[sl.get_dtype()])
+    weights = open_model_weights(model)
+    largest = max(math.prod(weights.shape(n)) * weights.dtype(n).itemsize for n in weights.names())
     record = json.loads(Path(f"{probe}.rank0").read_text())
     return {"peak": record["peak_bytes"]["start"], "anon": record["anon_peak_bytes"]["start"], "largest": largest}
 

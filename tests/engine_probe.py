@@ -37,6 +37,21 @@ def batch(cfg, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x[:, :-1], x[:, 1:]
 
 
+def print_all(row: dict) -> None:
+    """Collective: every rank's `row`, printed by rank 0 as JSON lines in rank order."""
+    import torch.distributed as dist
+
+    rows = [None] * dist.get_world_size()
+    dist.all_gather_object(rows, row)
+    if dist.get_rank() == 0:
+        print("\n".join(json.dumps(r) for r in rows), flush=True)
+
+
+def flat_weights(engine) -> torch.Tensor:
+    """This rank's weights, all of them as one fp32 vector."""
+    return torch.cat([p.detach().float().flatten() for p in engine.engine.module.parameters()])
+
+
 def accum(stages: list[int]) -> None:
     from deepspeed.utils import safe_get_full_grad
 
@@ -101,10 +116,7 @@ def partition() -> None:
                                                                                  if p.grad is not None}),
                           "fp32_accum_buffers": sum(hasattr(p, "grad_accum") and p.grad_accum is not None for p in params),
                           "throughput_timer": ds.tput_timer.config.enabled})
-        rows = [None] * dist.get_world_size()
-        dist.all_gather_object(rows, row)
-        if dist.get_rank() == 0:
-            print("\n".join(json.dumps(r) for r in rows), flush=True)
+        print_all(row)
         ds.step()
         engine.close()
 
@@ -135,10 +147,7 @@ def zero3init() -> None:
     row = {"zero3_rank": dist.get_rank(), "broadcast_bytes": sent[0], "exact": exact,
            "param_bytes": sum(p.ds_numel * p.element_size() for p in module.parameters()),
            "slices": len(local_slices(module, engine.layout, True))}
-    rows = [None] * dist.get_world_size()
-    dist.all_gather_object(rows, row)
-    if dist.get_rank() == 0:
-        print("\n".join(json.dumps(r) for r in rows), flush=True)
+    print_all(row)
     engine.close()
 
 
@@ -204,7 +213,7 @@ def scatter() -> None:
                 losses.append(loss)
                 norms.append(norm)
             dist.all_reduce, dist.reduce_scatter_single = real["all_reduce"], real["reduce_scatter"]
-            weights = torch.cat([p.detach().float().flatten() for p in engine.engine.module.parameters()])
+            weights = flat_weights(engine)
             runs[way] = {"losses": losses, "norms": norms, "bytes": dict(sent), "weights": weights,
                          "scattering": scattering, "param_bytes": sum(p.numel() * 4 for p in engine.engine.module.parameters())}
             engine.close()
@@ -212,7 +221,7 @@ def scatter() -> None:
         engine = Engine(cfg, make_layout(cfg))  # a fresh engine from Kiln's step-2 checkpoint
         engine.load(ckpt)
         resumed_loss, _ = _scatter_step(engine, cfg, 2)
-        resumed = torch.cat([p.detach().float().flatten() for p in engine.engine.module.parameters()])
+        resumed = flat_weights(engine)
         engine.close()
         a, b = runs["kiln"], runs["deepspeed"]
         row = {"scatter_layout": layout, "rank": dist.get_rank(), "kiln_scatters": a["scattering"],
@@ -220,10 +229,7 @@ def scatter() -> None:
                "norms": [a["norms"], b["norms"]], "weights_max_diff": float((a["weights"] - b["weights"]).abs().max()),
                "resumed_loss": [resumed_loss, a["losses"][2]], "resumed_weights_equal": torch.equal(resumed, a["weights"]),
                "kiln_bytes": a["bytes"], "deepspeed_bytes": b["bytes"], "fp32_grad_bytes": a["param_bytes"]}
-        rows = [None] * dist.get_world_size()
-        dist.all_gather_object(rows, row)
-        if dist.get_rank() == 0:
-            print("\n".join(json.dumps(r) for r in rows), flush=True)
+        print_all(row)
     dist.barrier()
     if dist.get_rank() == 0:
         import shutil

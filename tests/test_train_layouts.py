@@ -222,16 +222,21 @@ def test_muon_checkpoint_at_tp2_continues_at_one_process(runs):
     assert all(abs(a["loss"] - b["loss"]) < 0.1 for a, b in zip(before[6:], after[6:], strict=True))  # fresh momentum
 
 
+def continues_from_step_5(before_run: Path, after_run: Path) -> None:
+    """`after_run` resumed `before_run`'s step-5 checkpoint at another layout: step 6's loss is computed with
+    the step-5 weights, so the checkpoint is exact; later steps differ only by the optimizer state starting
+    fresh, so the curve stays continuous."""
+    before, after = metrics(before_run), metrics(after_run)
+    assert [m["step"] for m in after] == list(range(1, 11))
+    assert after[5]["loss"] == pytest.approx(before[5]["loss"], abs=2e-5)
+    for b, a in zip(before[6:], after[6:], strict=True):
+        assert abs(a["loss"] - b["loss"]) < 0.05
+
+
 @pytest.mark.slow
 @pytest.mark.fault
 def test_checkpoint_from_tp2_pp2_continues_at_tp1(runs):
-    before, after = metrics(runs / "tp2_pp2"), metrics(runs / "moved")
-    assert [m["step"] for m in after] == list(range(1, 11))
-    # step 6's loss is computed with the step-5 weights: the consolidated checkpoint is exact
-    assert after[5]["loss"] == pytest.approx(before[5]["loss"], abs=2e-5)
-    # later steps differ only by the optimizer state starting fresh: the curve stays continuous
-    for b, a in zip(before[6:], after[6:], strict=True):
-        assert abs(a["loss"] - b["loss"]) < 0.05
+    continues_from_step_5(runs / "tp2_pp2", runs / "moved")
     state = json.loads((runs / "moved/checkpoints/step_0000010/kiln_state.json").read_text())
     assert state["layout"]["tp"] == 1 and state["consumed_samples"] == 80
     # and the user was told, once, for that checkpoint only
@@ -245,11 +250,7 @@ def test_checkpoint_from_tp2_pp2_continues_at_tp1(runs):
 @pytest.mark.fault
 def test_checkpoint_from_tp2_pp2_continues_at_tp2(runs):
     """Its ranks rebuild their slices from the rows they hold alone (Weights.rows), vocabulary padding too."""
-    before, after = metrics(runs / "tp2_pp2"), metrics(runs / "tp2_pp2_at_tp2")
-    assert [m["step"] for m in after] == list(range(1, 11))
-    assert after[5]["loss"] == pytest.approx(before[5]["loss"], abs=2e-5)
-    for b, a in zip(before[6:], after[6:], strict=True):
-        assert abs(a["loss"] - b["loss"]) < 0.05
+    continues_from_step_5(runs / "tp2_pp2", runs / "tp2_pp2_at_tp2")
 
 
 @pytest.mark.slow
